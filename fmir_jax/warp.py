@@ -1,0 +1,342 @@
+"""Spatial transforms on voxel grids: sampling, resizing, composition, integration.
+
+Pure ``jax.numpy`` functions, jit-able and differentiable with respect to images and
+displacements.
+
+Conventions (see DESIGN.md):
+  * Volumes are channels-last, ``(H, W, D, C)`` or batched ``(B, H, W, D, C)``.
+  * Displacements ``disp_vox`` are ``(H, W, D, 3)`` or ``(B, H, W, D, 3)`` in voxels of the
+    array's own grid; component ``k`` moves along array axis ``k``.
+  * Warping pulls: ``out[x] = vol[x + disp_vox(x)]``. Sampling positions outside the volume
+    read zeros, corner by corner, exactly like ``torch.nn.functional.grid_sample(...,
+    align_corners=True, padding_mode='zeros')`` and ``scipy.ndimage.map_coordinates(...,
+    order=1, mode='grid-constant', cval=0)``.
+  * Resizing is trilinear with aligned corners: output voxel ``j`` of an axis of length
+    ``n_out`` samples input position ``j * (n_in - 1) / (n_out - 1)`` (position 0 when
+    ``n_out == 1``), like ``torch.nn.functional.interpolate(..., mode='trilinear',
+    align_corners=True)``.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Shape3 = tuple[int, int, int]
+
+# Offsets of the 8 corners of a voxel cell, in array-axis order.
+_CORNERS = tuple((a, b, c) for a in (0, 1) for b in (0, 1) for c in (0, 1))
+
+
+def identity_grid(shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+  """Voxel coordinates of a grid.
+
+  Args:
+    shape: spatial shape ``(H, W, D)``.
+    dtype: floating dtype of the result.
+
+  Returns:
+    ``(H, W, D, 3)`` array with ``grid[i, j, k] == (i, j, k)``.
+  """
+  shape = _check_shape3(shape, 'shape')
+  axes = [jnp.arange(n, dtype=dtype) for n in shape]
+  return jnp.stack(jnp.meshgrid(*axes, indexing='ij'), axis=-1)
+
+
+def _check_shape3(shape: Sequence[int], name: str) -> Shape3:
+  """Validates a spatial shape of 3 positive ints."""
+  try:
+    out = tuple(int(n) for n in shape)
+  except TypeError as e:
+    raise ValueError(f'{name} must be 3 positive ints, got {shape!r}.') from e
+  if len(out) != 3 or any(n < 1 for n in out):
+    raise ValueError(f'{name} must be 3 positive ints, got {shape!r}.')
+  return out  # type: ignore[return-value]
+
+
+def _check_pair(vol: jax.Array, disp_vox: jax.Array, vol_name: str,
+                vol_rank: int) -> None:
+  """Checks that ``vol`` (rank vol_rank or vol_rank+1) and ``disp_vox`` agree."""
+  if vol.ndim not in (vol_rank, vol_rank + 1):
+    raise ValueError(
+        f'{vol_name} must have rank {vol_rank} (unbatched) or {vol_rank + 1} (batched), '
+        f'got shape {vol.shape}.')
+  batched = vol.ndim == vol_rank + 1
+  want_rank = 5 if batched else 4
+  if disp_vox.ndim != want_rank or disp_vox.shape[-1] != 3:
+    raise ValueError(
+        f'disp_vox must have shape {"(B, H, W, D, 3)" if batched else "(H, W, D, 3)"} to '
+        f'match {vol_name} of shape {vol.shape}, got {disp_vox.shape}.')
+  lead = 1 if batched else 0
+  vol_sp = vol.shape[:lead + 3]
+  disp_sp = disp_vox.shape[:lead + 3]
+  if vol_sp != disp_sp:
+    raise ValueError(
+        f'{vol_name} leading/spatial shape {vol_sp} differs from disp_vox {disp_sp}; '
+        'resize the field to the volume grid first (resize_field).')
+
+
+def _sample_coords(coords: jax.Array, shape: Shape3) -> tuple[list[jax.Array],
+                                                                list[jax.Array]]:
+  """Flat corner indices and trilinear weights (zero for outside corners).
+
+  Args:
+    coords: ``(N, 3)`` floating voxel positions.
+    shape: spatial shape of the sampled grid.
+
+  Returns:
+    Two lists of 8 arrays ``(N,)``: int32 flat indices (clipped into range) and weights.
+  """
+  lo = jnp.floor(coords)
+  frac = coords - lo
+  lo = lo.astype(jnp.int32)
+  sizes = jnp.asarray(shape, dtype=jnp.int32)
+  strides = (shape[1] * shape[2], shape[2], 1)
+  indices, weights = [], []
+  for corner in _CORNERS:
+    flat = jnp.zeros(coords.shape[:1], jnp.int32)
+    weight = jnp.ones(coords.shape[:1], coords.dtype)
+    valid = jnp.ones(coords.shape[:1], bool)
+    for k in range(3):
+      idx = lo[:, k] + corner[k]
+      valid &= (idx >= 0) & (idx < sizes[k])
+      flat += jnp.clip(idx, 0, shape[k] - 1) * strides[k]
+      weight *= frac[:, k] if corner[k] else 1.0 - frac[:, k]
+    indices.append(flat)
+    weights.append(jnp.where(valid, weight, 0.0))
+  return indices, weights
+
+
+def _warp_single(vol: jax.Array, disp_vox: jax.Array) -> jax.Array:
+  """Trilinear warp of one ``(H, W, D, C)`` volume by ``(H, W, D, 3)``."""
+  shape = vol.shape[:3]
+  dtype = jnp.result_type(vol.dtype, disp_vox.dtype)
+  coords = (identity_grid(shape, disp_vox.dtype) + disp_vox).reshape(-1, 3)
+  indices, weights = _sample_coords(coords, shape)
+  flat = vol.reshape(-1, vol.shape[-1]).astype(dtype)
+  out = jnp.zeros((coords.shape[0], vol.shape[-1]), dtype)
+  for idx, w in zip(indices, weights):
+    out += jnp.take(flat, idx, axis=0, mode='clip') * w[:, None].astype(dtype)
+  return out.reshape(vol.shape[:3] + (vol.shape[-1],))
+
+
+@jax.jit
+def warp(vol: jax.Array, disp_vox: jax.Array) -> jax.Array:
+  """Trilinear backward warp with zero padding.
+
+  Args:
+    vol: ``(H, W, D, C)`` or ``(B, H, W, D, C)`` floating image.
+    disp_vox: ``(H, W, D, 3)`` or ``(B, H, W, D, 3)`` displacement in voxels, component k
+      along array axis k; same leading/spatial shape as ``vol``.
+
+  Returns:
+    Array shaped like ``vol`` (dtype promoted with ``disp_vox``):
+    ``out[x] = trilinear(vol, x + disp_vox[x])``, outside corners contributing zero.
+  """
+  vol = jnp.asarray(vol)
+  disp_vox = jnp.asarray(disp_vox)
+  _check_pair(vol, disp_vox, 'vol', 4)
+  if not jnp.issubdtype(disp_vox.dtype, jnp.floating):
+    disp_vox = disp_vox.astype(jnp.float32)
+  if vol.ndim == 5:
+    return jax.vmap(_warp_single)(vol, disp_vox)
+  return _warp_single(vol, disp_vox)
+
+
+def _warp_nearest_single(labels: jax.Array, disp_vox: jax.Array) -> jax.Array:
+  """Nearest-neighbour warp of one ``(H, W, D)`` label map."""
+  shape = labels.shape
+  coords = jnp.round(identity_grid(shape, disp_vox.dtype) + disp_vox).astype(jnp.int32)
+  valid = jnp.all((coords >= 0) & (coords < jnp.asarray(shape, jnp.int32)), axis=-1)
+  coords = jnp.clip(coords, 0, jnp.asarray(shape, jnp.int32) - 1)
+  flat = (coords[..., 0] * shape[1] + coords[..., 1]) * shape[2] + coords[..., 2]
+  out = jnp.take(labels.reshape(-1), flat, mode='clip')
+  return jnp.where(valid, out, jnp.zeros((), labels.dtype))
+
+
+@jax.jit
+def warp_nearest(labels: jax.Array, disp_vox: jax.Array) -> jax.Array:
+  """Nearest-neighbour backward warp of a label map, zero outside.
+
+  The sampling position ``x + disp_vox(x)`` is rounded with ``jnp.round`` (round half to
+  even, as torch ``grid_sample(mode='nearest')``; scipy ``order=0`` rounds half up — the
+  two differ only on exact .5 ties).
+
+  Args:
+    labels: ``(H, W, D)`` or ``(B, H, W, D)`` integer (or any dtype) label map.
+    disp_vox: ``(H, W, D, 3)`` or ``(B, H, W, D, 3)`` displacement in voxels.
+
+  Returns:
+    Array shaped and typed like ``labels``; positions outside the volume get 0.
+  """
+  labels = jnp.asarray(labels)
+  disp_vox = jnp.asarray(disp_vox)
+  _check_pair(labels, disp_vox, 'labels', 3)
+  if not jnp.issubdtype(disp_vox.dtype, jnp.floating):
+    disp_vox = disp_vox.astype(jnp.float32)
+  if labels.ndim == 4:
+    return jax.vmap(_warp_nearest_single)(labels, disp_vox)
+  return _warp_nearest_single(labels, disp_vox)
+
+
+def _axis_lerp(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Static indices and weights of an align-corners linear resize of one axis.
+
+  Returns:
+    ``(i0, i1, w)`` each ``(n_out,)``: output j = (1 - w[j]) * x[i0[j]] + w[j] * x[i1[j]].
+  """
+  if n_out == 1 or n_in == 1:
+    pos = np.zeros(n_out, np.float64)
+  else:
+    pos = np.arange(n_out, dtype=np.float64) * ((n_in - 1) / (n_out - 1))
+  i0 = np.clip(np.floor(pos).astype(np.int32), 0, n_in - 1)
+  i1 = np.minimum(i0 + 1, n_in - 1)
+  w = pos - i0
+  return i0, i1, w
+
+
+def resize(vol: jax.Array, out_shape: Sequence[int]) -> jax.Array:
+  """Trilinear align-corners resize of the 3 spatial axes (separable gather + lerp).
+
+  Args:
+    vol: ``(H, W, D, C)`` or ``(B, H, W, D, C)`` floating array.
+    out_shape: target spatial shape ``(H', W', D')``; any positive sizes, up or down.
+
+  Returns:
+    ``(H', W', D', C)`` or ``(B, H', W', D', C)``, matching torch
+    ``F.interpolate(mode='trilinear', align_corners=True)``.
+  """
+  return _resize(jnp.asarray(vol), _check_shape3(out_shape, 'out_shape'))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _resize(vol: jax.Array, out_shape: Shape3) -> jax.Array:
+  """Jitted body of ``resize`` (``out_shape`` static)."""
+  if vol.ndim not in (4, 5):
+    raise ValueError(
+        f'vol must be (H, W, D, C) or (B, H, W, D, C), got shape {vol.shape}.')
+  if not jnp.issubdtype(vol.dtype, jnp.floating):
+    raise ValueError(f'vol must be floating for resize, got dtype {vol.dtype}.')
+  first = vol.ndim - 4
+  out = vol
+  for k in range(3):
+    axis = first + k
+    n_in, n_out = out.shape[axis], out_shape[k]
+    if n_in == n_out:
+      continue
+    i0, i1, w = _axis_lerp(n_in, n_out)
+    bshape = [1] * out.ndim
+    bshape[axis] = n_out
+    w = jnp.asarray(w.reshape(bshape), out.dtype)
+    a = jnp.take(out, jnp.asarray(i0), axis=axis)
+    b = jnp.take(out, jnp.asarray(i1), axis=axis)
+    out = a + w * (b - a)
+  return out
+
+
+def resize_field(disp_vox: jax.Array, out_shape: Sequence[int],
+                 component_scale: Sequence[float]) -> jax.Array:
+  """Resizes a displacement field and rescales its components to the new voxel units.
+
+  Args:
+    disp_vox: ``(H, W, D, 3)`` or ``(B, H, W, D, 3)`` displacement in input voxels.
+    out_shape: target spatial shape ``(H', W', D')``.
+    component_scale: 3 factors; component k is multiplied by ``component_scale[k]``
+      (the pyramid factor ``s_k`` when upsampling, ``1 / s_k`` when downsampling).
+
+  Returns:
+    ``(H', W', D', 3)`` or ``(B, H', W', D', 3)`` displacement in output voxels.
+  """
+  disp_vox = jnp.asarray(disp_vox)
+  if disp_vox.shape[-1:] != (3,):
+    raise ValueError(f'disp_vox must end in 3 components, got shape {disp_vox.shape}.')
+  scale = tuple(float(s) for s in component_scale)
+  if len(scale) != 3:
+    raise ValueError(f'component_scale must have 3 entries, got {component_scale!r}.')
+  out = resize(disp_vox, out_shape)
+  return out * jnp.asarray(scale, out.dtype)
+
+
+def _per_level_factors(factors, levels: int) -> list[Shape3]:
+  """Normalises ``factors`` to ``levels - 1`` integer triples."""
+  def triple(f) -> Shape3:
+    t = tuple(f)
+    if len(t) != 3 or any(int(s) != s or int(s) < 1 for s in t):
+      raise ValueError(
+          f'pyramid factors must be triples of positive ints, got {f!r} in {factors!r}.')
+    return tuple(int(s) for s in t)  # type: ignore[return-value]
+
+  seq = list(factors)
+  if len(seq) == 3 and all(np.isscalar(s) for s in seq):
+    return [triple(seq)] * (levels - 1)
+  if len(seq) != levels - 1:
+    raise ValueError(
+        f'factors must be one (sx, sy, sz) or a list of levels-1={levels - 1} triples, '
+        f'got {len(seq)} entries: {factors!r}.')
+  return [triple(f) for f in seq]
+
+
+def pyramid_shapes(shape: Sequence[int], factors, levels: int) -> tuple[Shape3, ...]:
+  """Spatial shapes of a resolution pyramid.
+
+  Args:
+    shape: level-0 spatial shape ``(H, W, D)``.
+    factors: one per-axis downsampling triple ``(sx, sy, sz)`` used between all levels,
+      or a list of ``levels - 1`` triples (entry i maps level i to level i + 1).
+    levels: number of levels (>= 1).
+
+  Returns:
+    Tuple of ``levels`` shapes; level i + 1 = ``ceil(level_i / s_i)`` per axis.
+  """
+  if int(levels) < 1:
+    raise ValueError(f'levels must be >= 1, got {levels}.')
+  levels = int(levels)
+  shapes = [_check_shape3(shape, 'shape')]
+  for f in _per_level_factors(factors, levels):
+    shapes.append(tuple(math.ceil(n / s) for n, s in zip(shapes[-1], f)))
+  return tuple(shapes)
+
+
+def compose(u_up: jax.Array, u_res: jax.Array) -> jax.Array:
+  """Composes two displacement fields: phi = phi_up o phi_res.
+
+  Args:
+    u_up: ``(..., H, W, D, 3)`` outer displacement (applied second to points).
+    u_res: same shape, inner displacement.
+
+  Returns:
+    ``u_res + warp(u_up, u_res)``, so that ``x + u(x) = y + u_up(y)`` with
+    ``y = x + u_res(x)``.
+  """
+  u_up = jnp.asarray(u_up)
+  u_res = jnp.asarray(u_res)
+  if u_up.shape != u_res.shape:
+    raise ValueError(
+        f'compose needs equal shapes, got u_up {u_up.shape} and u_res {u_res.shape}.')
+  return u_res + warp(u_up, u_res)
+
+
+@functools.partial(jax.jit, static_argnames='steps')
+def integrate(v: jax.Array, steps: int = 7) -> jax.Array:
+  """Scaling and squaring: displacement of the flow exp(v) of a stationary field.
+
+  Args:
+    v: ``(H, W, D, 3)`` or ``(B, H, W, D, 3)`` velocity in voxels.
+    steps: number of squarings (static); 0 returns ``v`` unchanged.
+
+  Returns:
+    Displacement shaped like ``v``: ``u = v / 2**steps``, then ``steps`` times
+    ``u = u + warp(u, u)``.
+  """
+  v = jnp.asarray(v)
+  steps = int(steps)
+  if steps < 0:
+    raise ValueError(f'steps must be >= 0, got {steps}.')
+  if steps == 0:
+    return v
+  u = v / (2.0 ** steps)
+  return jax.lax.fori_loop(0, steps, lambda _, u: u + warp(u, u), u)
