@@ -1,0 +1,249 @@
+"""Tests for fmir_jax.store: format round trip, resume, corruption, workers, geometry."""
+import json
+import os
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from feature_extract.datasets.base import Volume
+from fmir_jax import store
+
+C = 5
+
+
+def _header(**overrides):
+  header = {
+      'backbone': {'name': 'test', 'weights': None, 'weights_sha256': 'abc'},
+      'layer': 2, 'input_size': 16, 'resize': 'upsample',
+      'normalisation': {'mean': [0.5, 0.5, 0.5], 'std': [0.25, 0.25, 0.25]},
+      'feature_dtype': 'float16', 'channels': C, 'patch_size': 4,
+      'dataset': {'name': 'toy', 'options': {}},
+  }
+  header.update(overrides)
+  return header
+
+
+def _volume(i, labels=True):
+  rng = np.random.default_rng(i)
+  shape = (6, 5, 3 + i % 2)
+  return Volume(
+      key=f'v{i:02d}', dataset='toy', subject=f's{i}', frame='', split='train' if i < 4 else 'val',
+      image=rng.random(shape, dtype=np.float32),
+      labels=rng.integers(0, 4, shape, dtype=np.uint8) if labels else None,
+      spacing_mm=(1.5, 1.5, 3.0), affine=np.diag([1.5, 1.5, 3.0, 1.0]) + 0.1 * i,
+      meta={'source': f'/data/v{i}.nii.gz', 'crop': [i, 0]})
+
+
+def _features(vol):
+  rng = np.random.default_rng(100 + int(vol.key[1:]))
+  return rng.standard_normal((vol.image.shape[2], 3, 2, C)).astype(np.float32)
+
+
+GEOM = {'offset': [-0.125, 0.25], 'scale': [0.5, 0.5]}
+VOLS = [_volume(i, labels=i != 2) for i in range(6)]
+PAIRS = {'train': [['v00', 'v01'], ['v01', 'v00']], 'val': [['v04', 'v05']]}
+KEYS = [v.key for v in VOLS]
+
+
+def _write(out, vols=VOLS, header=None, **kw):
+  writer = store.StoreWriter(str(out), header or _header(), volumes_per_shard=2, keys=KEYS,
+                             pairs=PAIRS, **kw)
+  for v in vols:
+    if v.key not in writer.done_keys:
+      writer.add(v, _features(v), GEOM, seconds=0.5, device='cpu')
+  return writer
+
+
+def test_write_read_round_trip(tmp_path):
+  _write(tmp_path).close()
+  fs = store.FeatureStore(str(tmp_path), verify_checksums=True)
+  assert fs.keys() == KEYS
+  assert fs.keys('val') == ['v04', 'v05']
+  assert fs.pairs('train') == [('v00', 'v01'), ('v01', 'v00')]
+  assert fs.pairs('test') == []
+  assert fs.header['layer'] == 2 and fs.header['channels'] == C
+  for v in VOLS:
+    feats = fs.features(v.key)
+    assert feats.dtype == np.float16 and isinstance(feats, np.memmap)
+    np.testing.assert_array_equal(feats, _features(v).astype(np.float16))
+    np.testing.assert_array_equal(fs.image(v.key), v.image)
+    if v.labels is None:
+      assert fs.labels(v.key) is None
+    else:
+      np.testing.assert_array_equal(fs.labels(v.key), v.labels)
+    info = fs.info(v.key)
+    assert info.shape == v.image.shape and info.grid == (v.image.shape[2], 3, 2)
+    np.testing.assert_array_equal(info.affine, v.affine)
+    assert info.meta == v.meta and info.geometry == GEOM
+    assert fs.timing(v.key) == {'seconds': 0.5, 'device': 'cpu'}
+  # 6 volumes, 2 per shard -> 3 shards, readable by the reference safetensors reader.
+  shards = sorted(f for f in os.listdir(tmp_path) if f.endswith('.safetensors'))
+  assert shards == [store.shard_name(0, 1, s) for s in range(3)]
+  with safe_open(str(tmp_path / shards[0]), framework='numpy') as f:
+    assert json.loads(f.metadata()['keys']) == ['v00', 'v01']
+    assert f.metadata()['format_version'] == str(store.FORMAT_VERSION)
+    np.testing.assert_array_equal(f.get_tensor('v01/image'), VOLS[1].image)
+  # Timings are not in the manifest.
+  assert 'seconds' not in (tmp_path / 'index.json').read_text()
+
+
+def test_same_inputs_give_byte_identical_manifest_and_shards(tmp_path):
+  _write(tmp_path / 'a').close()
+  _write(tmp_path / 'b').close()
+  for name in ['index.json', store.shard_name(0, 1, 0)]:
+    assert (tmp_path / 'a' / name).read_bytes() == (tmp_path / 'b' / name).read_bytes()
+
+
+def test_kill_mid_write_then_resume(tmp_path, monkeypatch):
+  _write(tmp_path / 'ref').close()
+  out = tmp_path / 'run'
+  real_replace = os.replace
+  calls = []
+
+  def dying_replace(src, dst):
+    if dst.endswith('.safetensors'):
+      calls.append(dst)
+      if len(calls) == 2:  # killed while the second shard is being renamed into place
+        raise KeyboardInterrupt
+    real_replace(src, dst)
+
+  monkeypatch.setattr(os, 'replace', dying_replace)
+  with pytest.raises(KeyboardInterrupt):
+    _write(out)
+  monkeypatch.setattr(os, 'replace', real_replace)
+  assert any('.tmp-' in f for f in os.listdir(out))           # half-written shard left behind
+  assert not (out / 'index.json').exists()
+  # A reader never accepts the partial store.
+  with pytest.raises(store.StoreError, match='not finished'):
+    store.FeatureStore(str(out))
+  writer = _write(out, vols=[])
+  assert writer.done_keys == {'v00', 'v01'}                      # only the complete shard
+  assert not any('.tmp-' in f for f in os.listdir(out))
+  _write(out).close()
+  assert (out / 'index.json').read_bytes() == (tmp_path / 'ref' / 'index.json').read_bytes()
+  fs = store.FeatureStore(str(out), verify_checksums=True)
+  np.testing.assert_array_equal(fs.features('v03'), _features(VOLS[3]).astype(np.float16))
+
+
+def test_header_mismatch_refuses_resume(tmp_path):
+  _write(tmp_path, vols=VOLS[:2])
+  with pytest.raises(store.StoreError, match=r'different header: layer: 2 != .last.'):
+    _write(tmp_path, header=_header(layer='last'))
+  with pytest.raises(store.StoreError, match='--num-shards 1, not 2'):
+    _write(tmp_path, num_shards=2, shard_index=0)
+
+
+def test_corrupted_shard_is_reported_by_name(tmp_path):
+  _write(tmp_path).close()
+  name = store.shard_name(0, 1, 1)
+  path = tmp_path / name
+  data = bytearray(path.read_bytes())
+  data[-3] ^= 0xFF                                                 # flip bits in the payload
+  path.write_bytes(bytes(data))
+  store.FeatureStore(str(tmp_path))                                # size/header still valid
+  with pytest.raises(store.StoreError, match=f'{name}: sha256 mismatch'):
+    store.FeatureStore(str(tmp_path), verify_checksums=True)
+  path.write_bytes(bytes(data[:-10]))                              # truncated
+  with pytest.raises(store.StoreError, match=f'{name}: corrupt or truncated'):
+    store.FeatureStore(str(tmp_path))
+  path.write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{not json......' + bytes(data[24:]))
+  with pytest.raises(store.StoreError, match=f'{name}: corrupt shard'):
+    store.FeatureStore(str(tmp_path))
+  path.unlink()
+  with pytest.raises(store.StoreError, match=f'{name}: shard file is missing'):
+    store.FeatureStore(str(tmp_path))
+
+
+def test_two_workers_and_merge_equal_single_worker(tmp_path):
+  _write(tmp_path / 'one').close()
+  out = tmp_path / 'two'
+  for i in range(2):
+    mine = store.assign_keys(KEYS, 2, i)
+    assert mine == KEYS[i::2]
+    w = _write(out, vols=[v for v in VOLS if v.key in mine], num_shards=2, shard_index=i)
+    assert w.close() is None
+  # The reader joins the partial manifests when index.json is absent.
+  joined = store.FeatureStore(str(out))
+  store.merge(str(out))
+  merged = json.loads((out / 'index.json').read_text())
+  single = json.loads((tmp_path / 'one' / 'index.json').read_text())
+  for m in (merged, single):
+    for v in m['volumes']:
+      v.pop('shard')
+    m.pop('shards')
+    m.pop('num_workers')
+  assert merged == single
+  one = store.FeatureStore(str(tmp_path / 'one'))
+  for fs in (joined, store.FeatureStore(str(out))):
+    assert fs.keys() == one.keys()
+    for k in KEYS:
+      np.testing.assert_array_equal(fs.features(k), one.features(k))
+      assert fs.timing(k) == one.timing(k)
+
+
+def test_merge_reports_missing_and_duplicated_keys(tmp_path):
+  w0 = _write(tmp_path, vols=[v for v in VOLS if v.key in KEYS[0::2]], num_shards=2)
+  w0.close()
+  with pytest.raises(store.StoreError, match=r'workers \[1\] of 2'):
+    store.merge(str(tmp_path))
+  # Worker 1 "forgets" v05 (closing with a known key list refuses; simulate without keys).
+  w1 = store.StoreWriter(str(tmp_path), _header(), shard_index=1, num_shards=2, pairs=PAIRS)
+  for v in VOLS:
+    if v.key in ('v01', 'v03', 'v02'):  # v02 also belongs to worker 0 -> duplicate
+      w1.add(v, _features(v), GEOM, 0.1)
+  w1.close()
+  with pytest.raises(store.StoreError, match=r"written more than once: v02"):
+    store.merge(str(tmp_path))
+
+
+def test_merge_reports_missing_keys(tmp_path):
+  for i in range(2):
+    w = store.StoreWriter(str(tmp_path), _header(), shard_index=i, num_shards=2, pairs=PAIRS)
+    for v in VOLS[i:4:2]:
+      w.add(v, _features(v), GEOM, 0.1)
+    w.close()
+  with pytest.raises(store.StoreError, match=r"missing from the store: \['v04', 'v05'\]"):
+    store.merge(str(tmp_path))
+
+
+def test_close_refuses_incomplete_worker(tmp_path):
+  w = _write(tmp_path, vols=VOLS[:3])
+  with pytest.raises(store.StoreError, match=r"without volumes \['v03', 'v04', 'v05'\]"):
+    w.close()
+
+
+def test_bad_features_and_check_compatible(tmp_path):
+  w = store.StoreWriter(str(tmp_path), _header())
+  with pytest.raises(store.StoreError, match=r'features must be \(D=3, h, w, c=5\)'):
+    w.add(VOLS[0], np.zeros((3, 2, 2, 4), np.float32), GEOM, 0.0)
+  store.check_compatible(_header(), _header(input_size=32, dataset={'name': 'other'}))
+  with pytest.raises(store.StoreError, match=r'backbone.name: .test. != .sam.*channels: 5 != 256'):
+    store.check_compatible(_header(), _header(backbone={'name': 'sam'}, channels=256),
+                           source='features/acdc')
+
+
+def test_interp_matrix_reproduces_linear_functions():
+  # Patch-grid feature linear in the patch coordinate -> exactly linear at the voxels.
+  n_in, n_out = 7, 20
+  offset, scale = -0.3, 0.31
+  grid = np.arange(n_in, dtype=np.float64)
+  w = store.interp_matrix(n_out, n_in, offset, scale)
+  assert w.shape == (n_out, n_in) and w.dtype == np.float32
+  np.testing.assert_allclose(w.sum(1), 1.0, atol=1e-6)
+  coords = offset + scale * np.arange(n_out)
+  inside = (coords >= 0) & (coords <= n_in - 1)
+  np.testing.assert_allclose((w @ (3.0 - 2.0 * grid))[inside], 3.0 - 2.0 * coords[inside],
+                             atol=1e-5)
+  # Outside the grid, coordinates clamp to the edge patches.
+  np.testing.assert_allclose((w @ grid)[~inside], np.clip(coords[~inside], 0, n_in - 1))
+  # Oracle: numpy's linear interpolation.
+  f = np.random.default_rng(0).standard_normal(n_in)
+  np.testing.assert_allclose(w @ f, np.interp(coords, grid, f), atol=1e-5)
+
+
+def test_patch_geometry_closed_form():
+  g = store.patch_geometry(pad_px=(8, 0), resize_factor=(4.0, 2.0), patch_size=16)
+  # offset = (pad + r/2)/p - 1/2, scale = r/p
+  np.testing.assert_allclose(g['offset'], [(8 + 2) / 16 - 0.5, 1 / 16 - 0.5])
+  np.testing.assert_allclose(g['scale'], [0.25, 0.125])
