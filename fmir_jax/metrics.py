@@ -271,8 +271,19 @@ def sdlogj(disp_vox: np.ndarray, crop: int = BORDER_CROP_VOX) -> float:
   evaluation script; since d log(J + 3) = dJ / (J + 3), for J near 1 this is roughly 1/4
   of `std_log_jacdet`. Numbers comparable to the paper's Table 1 use this function.
   """
-  jac_det = crop_border(jacobian_determinant(disp_vox), crop)
+  return _sdlogj_of(crop_border(jacobian_determinant(disp_vox), crop))
+
+
+def _sdlogj_of(jac_det: np.ndarray) -> float:
   return float(np.std(np.log(np.clip(jac_det + L2R_JACDET_OFFSET, *LOG_CLIP))))
+
+
+def _std_log_of(jac_det: np.ndarray) -> float:
+  return float(np.std(np.log(np.clip(jac_det, *LOG_CLIP))))
+
+
+def _folding_of(jac_det: np.ndarray) -> float:
+  return float(np.mean(jac_det <= 0.0))
 
 
 def std_log_jacdet(disp_vox: np.ndarray, crop: int = BORDER_CROP_VOX) -> float:
@@ -281,8 +292,7 @@ def std_log_jacdet(disp_vox: np.ndarray, crop: int = BORDER_CROP_VOX) -> float:
   This is the textbook definition; folded voxels (J <= 0) are clipped to 1e-9 and so
   dominate it (log 1e-9 ≈ -20.7), unlike `sdlogj`.
   """
-  jac_det = crop_border(jacobian_determinant(disp_vox), crop)
-  return float(np.std(np.log(np.clip(jac_det, *LOG_CLIP))))
+  return _std_log_of(crop_border(jacobian_determinant(disp_vox), crop))
 
 
 def folding_fraction(disp_vox: np.ndarray, crop: int = BORDER_CROP_VOX) -> float:
@@ -291,8 +301,7 @@ def folding_fraction(disp_vox: np.ndarray, crop: int = BORDER_CROP_VOX) -> float
   The crop is the Learn2Reg SDlogJ crop, so both regularity numbers describe the same
   voxels; pass ``crop=0`` to count the whole volume (border J from one-sided differences).
   """
-  jac_det = crop_border(jacobian_determinant(disp_vox), crop)
-  return float(np.mean(jac_det <= 0.0))
+  return _folding_of(crop_border(jacobian_determinant(disp_vox), crop))
 
 
 # --------------------------------------------------------------------------- per pair
@@ -400,13 +409,14 @@ def evaluate_pair(disp_vox: np.ndarray, moving_labels: np.ndarray,
   scored = [c for c in classes if np.any(fix == c) and np.any(mov == c)]
   dice, hd = _score_labels(warped, fix, scored, classes, spacing, connectivity, hd_mode)
   dice0, hd0 = _score_labels(mov, fix, scored, classes, spacing, connectivity, hd_mode)
+  jac_det = crop_border(jacobian_determinant(disp), crop)
   return PairMetrics(
       moving=moving, fixed=fixed, subject=subject, classes=classes,
       dice=dice, dice_mean=mean_dice(dice), hd95=hd, hd95_mean=_nanmean(list(hd.values())),
       initial_dice=dice0, initial_dice_mean=mean_dice(dice0),
       initial_hd95=hd0, initial_hd95_mean=_nanmean(list(hd0.values())),
-      sdlogj=sdlogj(disp, crop), std_log_jacdet=std_log_jacdet(disp, crop),
-      folding_fraction=folding_fraction(disp, crop), time_s=float(time_s))
+      sdlogj=_sdlogj_of(jac_det), std_log_jacdet=_std_log_of(jac_det),
+      folding_fraction=_folding_of(jac_det), time_s=float(time_s))
 
 
 # --------------------------------------------------------------------------- aggregation
