@@ -19,6 +19,9 @@ Reference implementation followed: the Learn2Reg evaluation script
   * the Jacobian is built from central differences ([-0.5, 0, 0.5]) of the voxel
     displacement, a 2-voxel border is cropped, and
     SDlogJ = std(log(clip(J + 3, 1e-9, 1e9))).
+Deliberate difference: that script calls DeepMind ``surface-distance`` with spacing
+``np.ones(3)`` (HD95 in voxels); SPEC §7 and the paper report mm, so `hd95` takes
+``spacing_mm`` (see `hd95` for the symmetric variant).
 """
 from __future__ import annotations
 
