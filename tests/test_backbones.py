@@ -1,0 +1,159 @@
+"""Tests for feature_extract.backbones with tiny random models (no downloads)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from scipy import ndimage
+
+from feature_extract import backbones
+
+K = 32
+
+
+@pytest.fixture(scope='module')
+def tiny_dinov3(tmp_path_factory):
+  torch.manual_seed(0)
+  cfg = transformers.DINOv3ViTConfig(
+      hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+      patch_size=8, image_size=32, num_register_tokens=3)
+  model = transformers.DINOv3ViTModel(cfg).eval()
+  path = tmp_path_factory.mktemp('dinov3')
+  model.save_pretrained(path)
+  (path / 'preprocessor_config.json').write_text(json.dumps(
+      {'image_mean': [0.1, 0.2, 0.3], 'image_std': [0.5, 0.6, 0.7]}))
+  return model, str(path)
+
+
+def _slices(n=2, seed=0):
+  return torch.randn(n, 3, K, K, generator=torch.Generator().manual_seed(seed))
+
+
+def _patch_tokens(hidden, n_prefix, grid):
+  """Oracle: token n_prefix + gy * grid + gx is patch (gy, gx)."""
+  out = np.zeros((hidden.shape[0], grid, grid, hidden.shape[-1]), np.float32)
+  for gy in range(grid):
+    for gx in range(grid):
+      out[:, gy, gx] = hidden[:, n_prefix + gy * grid + gx].numpy()
+  return out
+
+
+@pytest.mark.parametrize('layer', [0, 2, 'last'])
+def test_dinov3_features_equal_model_hidden_states(tiny_dinov3, layer):
+  model, path = tiny_dinov3
+  bb = backbones.load('dinov3', path, layer, device='cpu')
+  assert (bb.patch_size, bb.channels, bb.num_prefix_tokens) == (8, 32, 1 + 3)
+  assert bb.mean == (0.1, 0.2, 0.3) and bb.std == (0.5, 0.6, 0.7)
+  assert bb.norm_source == 'preprocessor_config.json'
+  x = _slices()
+  feats = bb(x)
+  assert feats.shape == (2, 4, 4, 32) and feats.dtype == np.float32
+  with torch.no_grad():
+    out = model(pixel_values=x, output_hidden_states=True)
+  hidden = out.last_hidden_state if layer == 'last' else out.hidden_states[layer]
+  np.testing.assert_allclose(feats, _patch_tokens(hidden, 4, 4), atol=1e-5)
+  np.testing.assert_array_equal(bb(x), feats)                       # deterministic
+  rec = bb.describe()
+  assert rec['weights'] == path and len(rec['weights_sha256']) == 64
+  assert rec['num_prefix_tokens'] == 4 and bb.layer == layer
+
+
+def test_dinov3_layer_truncation_keeps_only_needed_blocks(tiny_dinov3):
+  _, path = tiny_dinov3
+  bb = backbones.load('dinov3', path, 1, device='cpu')
+  # The truncated encoder runs 1 block; later blocks cannot change hidden_states[1].
+  assert len(bb.module.model.layer) == 1
+  with pytest.raises(backbones.BackboneError, match=r'--layer 4 out of range.*0\.\.3'):
+    backbones.load('dinov3', path, 4, device='cpu')
+
+
+def test_dinov2_and_registers_variant(tmp_path):
+  torch.manual_seed(1)
+  x = _slices(1, seed=1)
+  for cls, cfg_cls, n_reg in [(transformers.Dinov2Model, transformers.Dinov2Config, 0),
+                              (transformers.Dinov2WithRegistersModel,
+                               transformers.Dinov2WithRegistersConfig, 2)]:
+    kw = {'num_register_tokens': n_reg} if n_reg else {}
+    cfg = cfg_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, patch_size=8, image_size=32, **kw)
+    model = cls(cfg).eval()
+    path = tmp_path / cfg.model_type
+    model.save_pretrained(path)
+    bb = backbones.load('dinov2', str(path), 2, device='cpu')
+    assert bb.num_prefix_tokens == 1 + n_reg
+    assert bb.norm_source.startswith('spec default') and bb.mean == backbones.IMAGENET_MEAN
+    with torch.no_grad():
+      hidden = model(pixel_values=x, output_hidden_states=True).hidden_states[2]
+    np.testing.assert_allclose(bb(x), _patch_tokens(hidden, 1 + n_reg, 4), atol=1e-5)
+
+
+def test_sam_neck_features(tmp_path):
+  torch.manual_seed(2)
+  vision = transformers.SamVisionConfig(
+      hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2,
+      image_size=64, patch_size=8, window_size=4, global_attn_indexes=[1], mlp_dim=64)
+  full = transformers.SamModel(transformers.SamConfig(vision_config=vision.to_dict())).eval()
+  full.save_pretrained(tmp_path)
+  bb = backbones.load('sam', str(tmp_path), device='cpu')
+  assert (bb.patch_size, bb.channels, bb.num_prefix_tokens) == (8, 16, 0)
+  assert bb.mean == (0.5, 0.5, 0.5)                                 # SPEC fallback for sam
+  x = torch.randn(1, 3, 64, 64)
+  with torch.no_grad():
+    ref = full.get_image_embeddings(x)                               # (1, 16, 8, 8)
+  np.testing.assert_allclose(bb(x), ref.permute(0, 2, 3, 1).numpy(), atol=1e-5)
+  with pytest.raises(backbones.BackboneError, match='K must be 64'):
+    bb(_slices(1))
+  with pytest.raises(backbones.BackboneError, match='neck output'):
+    backbones.load('sam', str(tmp_path), 3, device='cpu')
+
+
+def test_missing_weights_give_clear_errors(tmp_path, monkeypatch):
+  with pytest.raises(backbones.BackboneError, match='local weights directory does not exist'):
+    backbones.load('dinov2', str(tmp_path / 'no' / 'such'), device='cpu')
+  with pytest.raises(backbones.BackboneError, match='has no config.json'):
+    backbones.load('dinov2', str(tmp_path), device='cpu')
+  monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+  monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path / 'cache'))
+  with pytest.raises(backbones.BackboneError,
+                     match=r'(?s)HF_HUB_OFFLINE is set.*gated.*huggingface-cli login.*'
+                     r'huggingface-cli download facebook/dinov3-vitb16-pretrain-lvd1689m'):
+    backbones.load('dinov3', device='cpu')
+
+
+def test_device_and_dtype_checks(tiny_dinov3):
+  _, path = tiny_dinov3
+  if not torch.cuda.is_available():
+    with pytest.raises(backbones.BackboneError, match='no CUDA GPU'):
+      backbones.load('mind', device='cuda')
+  with pytest.raises(backbones.BackboneError, match='float16 is not supported on CPU'):
+    backbones.load('mind', device='cpu', dtype='float16')
+  with pytest.raises(backbones.BackboneError, match='--backbone must be one of'):
+    backbones.load('resnet', device='cpu')
+  x = _slices()
+  ref = backbones.load('dinov3', path, 'last', device='cpu')(x)
+  bf16 = backbones.load('dinov3', path, 'last', device='cpu', dtype='bfloat16')(x)
+  assert not np.array_equal(ref, bf16)                               # autocast is active
+  np.testing.assert_allclose(bf16, ref, atol=0.15)
+
+
+def _smooth_image(seed, size=K):
+  rng = np.random.default_rng(seed)
+  img = ndimage.gaussian_filter(rng.random((size, size)), 2.0)
+  img = (img - img.min()) / (img.max() - img.min())
+  return torch.from_numpy(img.astype(np.float32))[None, None].expand(1, 3, size, size)
+
+
+def test_mind_shapes_label_and_intensity_invariance():
+  bb = backbones.load('mind', device='cpu')
+  assert bb.label == 'mind (offline, not a foundation model)'
+  assert bb.describe()['label'] == bb.label and bb.channels == 36 and bb.patch_size == 4
+  x = _smooth_image(0)
+  f = bb(x)
+  assert f.shape == (1, K // 4, K // 4, 36)
+  assert f.min() >= 0 and f.max() <= 1
+  np.testing.assert_allclose(bb(2.5 * x - 0.7), f, atol=1e-4)       # affine: exact
+  gamma = np.abs(bb(x ** 1.3) - f).mean()
+  other = np.abs(bb(_smooth_image(1)) - f).mean()
+  assert gamma < 0.15 * other, (gamma, other)                       # monotonic: close
+  assert backbones.mind_ssc_2d(x[:, :1], (1, 2)).shape == (1, 24, K, K)
