@@ -5,8 +5,8 @@ brought to K x K by one of two modes:
 
 * ``upsample``: bilinear resize by K / max(H, W) (aspect kept), then centred zero padding of
   the short side (authors' cardiac practice: 128 x 128 -> 256 or 512).
-* ``pad``: centred zero padding to a max(H, W) square, then bilinear resize to K (authors'
-  abdomen practice: 96 x 80 -> 128 x 128 -> 256).
+* ``pad``: centred zero padding to a square canvas (``pad_to``, default max(H, W)), then
+  bilinear resize to K (authors' abdomen practice: 96 x 80 -> 128 x 128 -> 256).
 
 Then each channel is normalised ((x - mean) / std) and multiplied by the non-padding mask, so
 padding is exactly zero after normalisation (authors' practice).
@@ -71,8 +71,17 @@ class SliceLayout:
     return dataclasses.asdict(self)
 
 
-def slice_layout(in_shape: Sequence[int], input_size: int, mode: str) -> SliceLayout:
-  """Computes the placement of an (H, W) plane inside the K x K input for a resize mode."""
+def slice_layout(in_shape: Sequence[int], input_size: int, mode: str,
+                 pad_to: int | None = None) -> SliceLayout:
+  """Placement of an (H, W) plane inside the K x K input.
+
+  Args:
+    in_shape: (H, W) voxels.
+    input_size: K pixels.
+    mode: "upsample" or "pad".
+    pad_to: ``pad`` mode only: side of the square zero-padded canvas in voxels (>= max(H, W));
+      default max(H, W).
+  """
   if mode not in RESIZE_MODES:
     raise SlicingError(f'--resize must be one of {RESIZE_MODES}, got {mode!r}.')
   if input_size < 1:
@@ -81,13 +90,18 @@ def slice_layout(in_shape: Sequence[int], input_size: int, mode: str) -> SliceLa
   if h < 1 or w < 1:
     raise SlicingError(f'Slice shape must be positive, got {(h, w)}.')
   k = int(input_size)
+  if pad_to is not None and mode != 'pad':
+    raise SlicingError(f'--pad-to only applies to --resize pad (got --resize {mode}).')
+  if pad_to is not None and pad_to < max(h, w):
+    raise SlicingError(f'--pad-to {pad_to} is smaller than the slice ({h}x{w}); use at least '
+                       f'{max(h, w)} or leave it unset.')
   if mode == 'upsample':
     r = k / max(h, w)
     resized = (min(k, max(1, round(h * r))), min(k, max(1, round(w * r))))
     pad = ((k - resized[0]) // 2, (k - resized[1]) // 2)
     return SliceLayout((h, w), k, mode, resized, (float(pad[0]), float(pad[1])),
                        (resized[0] / h, resized[1] / w), (0, 0))
-  side = max(h, w)
+  side = int(pad_to) if pad_to is not None else max(h, w)
   square_pad = ((side - h) // 2, (side - w) // 2)
   r = k / side
   return SliceLayout((h, w), k, mode, (round(h * r), round(w * r)),
@@ -102,7 +116,8 @@ def _resize(planes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def volume_to_slices(image: np.ndarray, input_size: int, mode: str, mean: Sequence[float],
-                     std: Sequence[float]) -> tuple[torch.Tensor, SliceLayout]:
+                     std: Sequence[float], pad_to: int | None = None
+                     ) -> tuple[torch.Tensor, SliceLayout]:
   """Turns a volume into normalised, masked encoder inputs.
 
   Args:
@@ -110,6 +125,7 @@ def volume_to_slices(image: np.ndarray, input_size: int, mode: str, mean: Sequen
     input_size: K, encoder input size in pixels.
     mode: "upsample" or "pad" (see module docstring).
     mean, std: (3,) per-channel normalisation.
+    pad_to: ``pad`` mode canvas side in voxels (see slice_layout).
 
   Returns:
     slices: (D, 3, K, K) float32 torch tensor, zero outside the content mask.
@@ -123,12 +139,12 @@ def volume_to_slices(image: np.ndarray, input_size: int, mode: str, mean: Sequen
   if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
     raise SlicingError(f'Normalisation needs 3 means and 3 positive stds, got {mean}, {std}.')
   h, w, d = image.shape
-  layout = slice_layout((h, w), input_size, mode)
+  layout = slice_layout((h, w), input_size, mode, pad_to)
   k = layout.input_size
   planes = torch.from_numpy(np.ascontiguousarray(np.moveaxis(image, -1, 0), np.float32))
   planes = planes[:, None]                                                  # (D, 1, H, W)
   if mode == 'pad':
-    side = max(h, w)
+    side = round(k / layout.resize_factor[0])
     sy, sx = layout.square_pad
     planes = F.pad(planes, (sx, side - w - sx, sy, side - h - sy))
     planes = _resize(planes, (k, k))

@@ -45,7 +45,7 @@ INDEX_NAME = 'index.json'
 TIMINGS_NAME = 'timings.json'
 # Header fields that must agree between a store and a model trained on another store.
 COMPAT_FIELDS = ('backbone.name', 'backbone.weights_sha256', 'layer', 'channels', 'patch_size',
-                 'normalisation')
+                 'normalisation.mean', 'normalisation.std')
 # Header fields every writer must provide.
 REQUIRED_HEADER_FIELDS = ('backbone', 'layer', 'input_size', 'resize', 'normalisation',
                           'feature_dtype', 'channels', 'patch_size', 'dataset')

@@ -48,6 +48,19 @@ def test_pad_mode_matches_manual_pad_then_zoom():
   np.testing.assert_allclose(slices[1, 0].numpy(), oracle, atol=1e-5)
 
 
+def test_pad_to_canvas_like_the_authors_abdomen():
+  # 96 x 80 -> centred zero pad to 128 x 128 -> x2 -> 256 (scaled down 8x here: 12 x 10 -> 16).
+  vol = _rand((12, 10, 1), seed=4)
+  slices, layout = slicing.volume_to_slices(vol, 32, 'pad', ID_MEAN, ID_STD, pad_to=16)
+  assert layout.square_pad == (2, 3) and layout.pad_px == (4.0, 6.0)
+  assert layout.resize_factor == (2.0, 2.0)
+  oracle = ndimage.zoom(np.pad(vol[:, :, 0], ((2, 2), (3, 3))), 2, order=1, mode='nearest',
+                        grid_mode=True) * layout.mask()
+  np.testing.assert_allclose(slices[0, 0].numpy(), oracle, atol=1e-5)
+  with pytest.raises(slicing.SlicingError, match='--pad-to 11 is smaller'):
+    slicing.slice_layout((12, 10), 32, 'pad', pad_to=11)
+
+
 @pytest.mark.parametrize('mode', ['upsample', 'pad'])
 def test_padding_is_zero_after_normalisation(mode):
   vol = _rand((12, 7, 3), seed=3)
