@@ -490,3 +490,23 @@ def save_nifti(path: str, data: np.ndarray, affine: np.ndarray, *,
       os.remove(tmp)
     raise
   return path
+
+
+def disp_vox_to_mm(disp_vox: np.ndarray, affine: np.ndarray) -> np.ndarray:
+  """Voxel displacements (..., 3), component k along array axis k -> world mm (RAS).
+
+  Args:
+    disp_vox: (..., 3) displacement in voxels of the grid of ``affine``.
+    affine: 4x4 voxel -> world (mm) of that grid.
+
+  Returns:
+    (..., 3) float32 displacement in world millimetres.
+  """
+  m = np.asarray(affine, np.float64)[:3, :3]
+  return (np.asarray(disp_vox, np.float64) @ m.T).astype(np.float32)
+
+
+def disp_mm_to_vox(disp_mm: np.ndarray, affine: np.ndarray) -> np.ndarray:
+  """Inverse of ``disp_vox_to_mm``: world-mm displacements (..., 3) -> voxels (float32)."""
+  m = np.linalg.inv(np.asarray(affine, np.float64)[:3, :3])
+  return (np.asarray(disp_mm, np.float64) @ m.T).astype(np.float32)

@@ -188,3 +188,16 @@ def test_check_same_grid():
   b[0, 3] += 0.5
   with pytest.raises(io.NiftiError, match="l.nii: label affine differs .* by up to 0.5 mm"):
     io.check_same_grid("i.nii", a, (4, 4, 2), "l.nii", b, (4, 4, 2))
+
+
+def test_displacement_units_round_trip():
+  aff = _affine((1.8, 1.8, 10.0), origin=(5, 6, 7), rot_deg=90, flip=True)
+  disp_vox = np.zeros((2, 2, 1, 3), np.float32)
+  disp_vox[..., 0] = 1.0  # one voxel along array axis 0
+  disp_vox[1, 1, 0] = (0.0, 0.0, 0.5)  # half a slice
+  mm = io.disp_vox_to_mm(disp_vox, aff)
+  # Closed form: a one-voxel step along axis 0 moves by the affine's first column.
+  np.testing.assert_allclose(mm[0, 0, 0], aff[:3, 0], atol=1e-6)
+  np.testing.assert_allclose(np.linalg.norm(mm[0, 0, 0]), 1.8, rtol=1e-6)
+  np.testing.assert_allclose(mm[1, 1, 0], (0.0, 0.0, 5.0), atol=1e-6)
+  np.testing.assert_allclose(io.disp_mm_to_vox(mm, aff), disp_vox, atol=1e-6)
