@@ -1,0 +1,177 @@
+"""End-to-end tests of feature_extract/run.py on tiny in-test datasets (no downloads)."""
+import functools
+import re
+import json
+import types
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from feature_extract import backbones
+from feature_extract import datasets
+from feature_extract import run
+from feature_extract import slicing
+from feature_extract.datasets.base import DatasetError, Pair, Volume, VolumeSource
+from fmir_jax import store
+
+SHAPE = (12, 10, 3)
+
+
+def _load(key, subject, frame, split, fail=None):
+  if fail is not None and key in fail:
+    raise KeyboardInterrupt(f'simulated kill while loading {key}')
+  seed = int(subject[1:]) * 2 + (frame == 'es')
+  rng = np.random.default_rng(seed)
+  z = np.linspace(0, 1, SHAPE[0])[:, None, None]
+  image = np.clip(z + 0.3 * rng.random(SHAPE), 0, 1).astype(np.float32)
+  return Volume(key=key, dataset='toy', subject=subject, frame=frame, split=split, image=image,
+                labels=(image > 0.6).astype(np.uint8), spacing_mm=(1.8, 1.8, 10.0),
+                affine=np.diag([1.8, 1.8, 10.0, 1.0]), meta={'seed': seed})
+
+
+def _toy_module(fail=None):
+  """A dataset reader with the feature_extract.datasets contract (3 subjects x ed/es)."""
+
+  def scan(root, *, n=3):
+    if root == 'missing':
+      raise DatasetError(f'{root}: toy root folder does not exist.')
+    out = []
+    for i in range(n):
+      split = ('train', 'val', 'test')[i % 3]
+      for frame in ('ed', 'es'):
+        key = f's{i}_{frame}'
+        out.append(VolumeSource(key, 'toy', f's{i}', frame, split, (f'{root}/{key}',),
+                                functools.partial(_load, key, f's{i}', frame, split, fail)))
+    return out
+
+  def pairs(sources):
+    subjects = sorted({s.subject for s in sources})
+    split = {s.subject: s.split for s in sources}
+    return [p for s in subjects for p in (Pair(f'{s}_ed', f'{s}_es', split[s]),
+                                          Pair(f'{s}_es', f'{s}_ed', split[s]))]
+
+  return types.SimpleNamespace(scan=scan, pairs=pairs)
+
+
+@pytest.fixture
+def toy(monkeypatch):
+  monkeypatch.setattr(datasets, 'get', lambda name: _toy_module(), raising=False)
+
+
+def _argv(out, *extra):
+  return ['--backbone', 'mind', '--dataset', 'toy', '--data-root', 'toyroot', '--out', str(out),
+          '--input-size', '24', '--resize', 'upsample', '--batch-size', '2', '--device', 'cpu',
+          '--volumes-per-shard', '2', '--no-progress', *extra]
+
+
+def test_mind_end_to_end_and_features_match_direct_computation(toy, tmp_path, capsys):
+  assert run.main(_argv(tmp_path)) == 0
+  err = capsys.readouterr().err
+  assert 'mind (offline, not a foundation model)' in err and 'done: 6 volumes' in err
+  fs = store.FeatureStore(str(tmp_path), verify_checksums=True)
+  assert fs.keys() == ['s0_ed', 's0_es', 's1_ed', 's1_es', 's2_ed', 's2_es']
+  assert fs.pairs('val') == [('s1_ed', 's1_es'), ('s1_es', 's1_ed')]
+  h = fs.header
+  assert h['backbone']['label'] == 'mind (offline, not a foundation model)'
+  assert (h['channels'], h['patch_size'], h['input_size'], h['layer']) == (36, 4, 24, 'last')
+  bb = backbones.load('mind', device='cpu')
+  vol = _load('s2_es', 's2', 'es', 'test')
+  slices, layout = slicing.volume_to_slices(vol.image, 24, 'upsample', bb.mean, bb.std)
+  direct = bb(slices)                                                     # all 3 slices at once
+  np.testing.assert_array_equal(fs.features('s2_es'), direct.astype(np.float16))
+  assert fs.info('s2_es').geometry == layout.geometry(4)
+  assert fs.info('s2_es').grid == (3, 6, 6)
+  np.testing.assert_array_equal(fs.labels('s2_es'), vol.labels)
+  assert fs.timing('s2_es')['seconds'] > 0
+  # Re-running is a no-op that leaves a byte-identical manifest.
+  before = (tmp_path / 'index.json').read_bytes()
+  assert run.main(_argv(tmp_path)) == 0
+  assert 'done: 0 volumes (6 already done)' in capsys.readouterr().err
+  assert (tmp_path / 'index.json').read_bytes() == before
+
+
+def test_kill_and_rerun_completes_with_identical_manifest(monkeypatch, tmp_path):
+  monkeypatch.setattr(datasets, 'get', lambda name: _toy_module(), raising=False)
+  assert run.main(_argv(tmp_path / 'ref')) == 0
+  monkeypatch.setattr(datasets, 'get', lambda name: _toy_module(fail={'s1_es'}), raising=False)
+  with pytest.raises(KeyboardInterrupt):
+    run.main(_argv(tmp_path / 'run'))
+  assert not (tmp_path / 'run' / 'index.json').exists()
+  part = json.loads((tmp_path / 'run' / store.partial_name(0, 1)).read_text())
+  assert [v['key'] for v in part['volumes']] == ['s0_ed', 's0_es']       # s1_ed lost with kill
+  monkeypatch.setattr(datasets, 'get', lambda name: _toy_module(), raising=False)
+  assert run.main(_argv(tmp_path / 'run')) == 0
+  assert ((tmp_path / 'run' / 'index.json').read_bytes()
+          == (tmp_path / 'ref' / 'index.json').read_bytes())
+
+
+def test_workers_then_merge(toy, tmp_path):
+  for i in range(2):
+    assert run.main(_argv(tmp_path / 'w', '--num-shards', '2', '--shard-index', str(i))) == 0
+  assert not (tmp_path / 'w' / 'index.json').exists()
+  assert run.main(['--out', str(tmp_path / 'w'), '--merge']) == 0
+  assert run.main(_argv(tmp_path / 'one')) == 0
+  a, b = store.FeatureStore(str(tmp_path / 'w')), store.FeatureStore(str(tmp_path / 'one'))
+  assert a.keys() == b.keys() and a.header == b.header
+  for k in a.keys():
+    np.testing.assert_array_equal(a.features(k), b.features(k))
+
+
+@pytest.mark.parametrize('extra,message', [
+    (['--layer', '2'], 'has no layers'),
+    (['--device', 'cuda'] if not torch.cuda.is_available() else ['--dtype', 'float16',
+                                                                  '--device', 'cpu'],
+     'CUDA|float16'),
+    (['--input-size', '30'], 'not a multiple of the patch size 4; use 28 or 32'),
+    (['--splits', 'train,dev'], "unknown splits \\['dev'\\]"),
+    (['--dataset-option', 'n'], 'expected key=value'),
+    (['--dataset-option', 'm=3'], "unexpected keyword argument 'm'"),
+    (['--resize', 'pad', '--pad-to', '8'], '--pad-to 8 is smaller'),
+])
+def test_bad_input_exits_2_with_one_message(toy, tmp_path, capsys, extra, message):
+  assert run.main(_argv(tmp_path / 'out', *extra)) == 2
+  err = capsys.readouterr().err
+  lines = err.strip().splitlines()
+  assert lines[-1].startswith('error: ') and 'Traceback' not in err, err
+  assert sum(line.startswith('error') for line in lines) == 1
+  assert re.search(message, lines[-1]), err
+
+
+def test_bad_root_and_resume_mismatch_exit_2(toy, tmp_path, capsys):
+  argv = _argv(tmp_path)
+  argv[argv.index('toyroot')] = 'missing'
+  assert run.main(argv) == 2
+  assert 'toy root folder does not exist' in capsys.readouterr().err
+  assert run.main(_argv(tmp_path, '--splits', 'train')) == 0
+  assert run.main(_argv(tmp_path, '--splits', 'train', '--feature-dtype', 'float32')) == 2
+  err = capsys.readouterr().err
+  assert "refusing to resume" in err and "feature_dtype: 'float16' != 'float32'" in err
+  assert store.FeatureStore(str(tmp_path)).keys() == ['s0_ed', 's0_es']  # nothing lost
+
+
+def test_tiny_dinov3_saved_locally_end_to_end(toy, tmp_path):
+  torch.manual_seed(0)
+  cfg = transformers.DINOv3ViTConfig(
+      hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+      patch_size=8, image_size=32, num_register_tokens=4)
+  model = transformers.DINOv3ViTModel(cfg).eval()
+  model.save_pretrained(tmp_path / 'w')
+  argv = _argv(tmp_path / 'feat', '--splits', 'val')
+  argv[argv.index('mind')] = 'dinov3'
+  argv += ['--weights', str(tmp_path / 'w'), '--layer', '1', '--input-size', '32']
+  assert run.main(argv) == 0
+  fs = store.FeatureStore(str(tmp_path / 'feat'))
+  assert fs.keys() == ['s1_ed', 's1_es'] and fs.header['layer'] == 1
+  assert fs.header['backbone']['num_prefix_tokens'] == 5
+  assert fs.header['normalisation']['source'].startswith('spec default')
+  vol = _load('s1_ed', 's1', 'ed', 'val')
+  slices, _ = slicing.volume_to_slices(vol.image, 32, 'upsample', backbones.IMAGENET_MEAN,
+                                       backbones.IMAGENET_STD)
+  with torch.no_grad():
+    hidden = model(pixel_values=slices, output_hidden_states=True).hidden_states[1]
+  expect = hidden[:, 5:].reshape(3, 4, 4, 16).numpy()
+  np.testing.assert_allclose(fs.features('s1_ed').astype(np.float32), expect, atol=2e-2,
+                             rtol=1e-2)
+  assert fs.info('s1_ed').grid == (3, 4, 4)
