@@ -80,8 +80,7 @@ def _check_pair(vol: jax.Array, disp_vox: jax.Array, vol_name: str,
         'resize the field to the volume grid first (resize_field).')
 
 
-def _sample_coords(coords: jax.Array, shape: Shape3) -> tuple[list[jax.Array],
-                                                                list[jax.Array]]:
+def _sample_coords(coords: jax.Array, shape: Shape3) -> tuple[jax.Array, jax.Array]:
   """Flat corner indices and trilinear weights (zero for outside corners).
 
   Args:
@@ -89,26 +88,21 @@ def _sample_coords(coords: jax.Array, shape: Shape3) -> tuple[list[jax.Array],
     shape: spatial shape of the sampled grid.
 
   Returns:
-    Two lists of 8 arrays ``(N,)``: int32 flat indices (clipped into range) and weights.
+    ``(indices, weights)``, each ``(8, N)``: int32 flat indices (clipped into range) and
+    weights, one row per cell corner.
   """
   lo = jnp.floor(coords)
   frac = coords - lo
   lo = lo.astype(jnp.int32)
-  sizes = jnp.asarray(shape, dtype=jnp.int32)
-  strides = (shape[1] * shape[2], shape[2], 1)
-  indices, weights = [], []
-  for corner in _CORNERS:
-    flat = jnp.zeros(coords.shape[:1], jnp.int32)
-    weight = jnp.ones(coords.shape[:1], coords.dtype)
-    valid = jnp.ones(coords.shape[:1], bool)
-    for k in range(3):
-      idx = lo[:, k] + corner[k]
-      valid &= (idx >= 0) & (idx < sizes[k])
-      flat += jnp.clip(idx, 0, shape[k] - 1) * strides[k]
-      weight *= frac[:, k] if corner[k] else 1.0 - frac[:, k]
-    indices.append(flat)
-    weights.append(jnp.where(valid, weight, 0.0))
-  return indices, weights
+  corners = jnp.asarray(_CORNERS, jnp.int32)                 # (8, 3)
+  idx = lo[None] + corners[:, None, :]                       # (8, N, 3)
+  sizes = jnp.asarray(shape, jnp.int32)
+  valid = jnp.all((idx >= 0) & (idx < sizes), axis=-1)       # (8, N)
+  idx = jnp.clip(idx, 0, sizes - 1)
+  flat = (idx[..., 0] * shape[1] + idx[..., 1]) * shape[2] + idx[..., 2]
+  on = corners[:, None, :].astype(coords.dtype)              # (8, 1, 3)
+  w = jnp.prod(on * frac[None] + (1 - on) * (1 - frac[None]), axis=-1)
+  return flat, jnp.where(valid, w, 0.0)
 
 
 def _warp_single(vol: jax.Array, disp_vox: jax.Array) -> jax.Array:
@@ -118,9 +112,8 @@ def _warp_single(vol: jax.Array, disp_vox: jax.Array) -> jax.Array:
   coords = (identity_grid(shape, disp_vox.dtype) + disp_vox).reshape(-1, 3)
   indices, weights = _sample_coords(coords, shape)
   flat = vol.reshape(-1, vol.shape[-1]).astype(dtype)
-  out = jnp.zeros((coords.shape[0], vol.shape[-1]), dtype)
-  for idx, w in zip(indices, weights):
-    out += jnp.take(flat, idx, axis=0, mode='clip') * w[:, None].astype(dtype)
+  vals = jnp.take(flat, indices, axis=0, mode='clip')        # (8, N, C): one gather
+  out = jnp.sum(weights.astype(dtype)[..., None] * vals, axis=0)  # no matmul: exact f32
   return out.reshape(vol.shape[:3] + (vol.shape[-1],))
 
 
