@@ -1,0 +1,115 @@
+"""Tests for fmir_jax.channel_reg against numpy oracles (np.cov, np.linalg.svd)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fmir_jax import channel_reg as CR
+
+
+def test_draw_channels_distinct_deterministic_and_random():
+  key = jax.random.key(0)
+  draw = jax.jit(CR.draw_channels, static_argnums=(1, 2))
+  idx = np.asarray(draw(key, 768, 256))
+  assert idx.dtype == np.int32 and idx.shape == (256,)
+  assert len(set(idx.tolist())) == 256 and idx.min() >= 0 and idx.max() < 768
+  np.testing.assert_array_equal(idx, np.asarray(draw(key, 768, 256)))
+  other = np.asarray(draw(jax.random.key(1), 768, 256))
+  assert not np.array_equal(np.sort(idx), np.sort(other))
+  full = np.asarray(CR.draw_channels(key, 5, 5))
+  np.testing.assert_array_equal(np.sort(full), np.arange(5))
+  # uniform: every channel is kept with probability c'/c
+  keys = jax.random.split(jax.random.key(2), 2000)
+  draws = np.asarray(jax.vmap(lambda k: CR.draw_channels(k, 8, 2))(keys))
+  freq = np.bincount(draws.ravel(), minlength=8) / draws.size
+  np.testing.assert_allclose(freq, 1 / 8, atol=0.03)
+  with pytest.raises(ValueError, match='c_prime=256'):
+    CR.draw_channels(key, 128, 256)
+
+
+def test_select_channels_same_indices_for_both():
+  rng = np.random.default_rng(0)
+  mov, fix = rng.standard_normal((2, 3, 4, 2, 10)).astype(np.float32)
+  idx = CR.draw_channels(jax.random.key(3), 10, 4)
+  sm, sf = jax.jit(CR.select_channels)(mov, idx), CR.select_channels(fix, idx)
+  np.testing.assert_array_equal(sm, mov[..., np.asarray(idx)])
+  np.testing.assert_array_equal(sf, fix[..., np.asarray(idx)])
+
+
+def _anisotropic(n, c, seed):
+  rng = np.random.default_rng(seed)
+  q, _ = np.linalg.qr(rng.standard_normal((c, c)))
+  std = np.array([6.0, 4.0, 2.5, 1.0, 0.6, 0.3, 0.2, 0.1])[:c]
+  x = (rng.standard_normal((n, c)) * std) @ q.T + rng.standard_normal(c) * 3
+  return x, q, std
+
+
+def test_pca_recovers_known_axes_and_variances():
+  x, q, std = _anisotropic(40000, 8, 1)
+  basis = CR.PCAAccumulator(8).update(x.astype(np.float32)).finalize(4)
+  cos = np.abs(np.sum(basis.components * q[:, :4], axis=0))
+  assert np.all(cos > 0.99), cos
+  np.testing.assert_allclose(basis.explained_variance, std[:4] ** 2, rtol=0.05)
+  np.testing.assert_allclose(basis.components.T @ basis.components, np.eye(4), atol=1e-12)
+  assert np.all(np.diff(basis.explained_variance) < 0)
+  # sign convention: the largest-magnitude entry of each component is positive
+  comp = basis.components
+  assert np.all(comp[np.argmax(np.abs(comp), 0), np.arange(4)] > 0)
+
+
+def test_pca_streaming_equals_one_shot_and_numpy_oracles():
+  x, _, _ = _anisotropic(3000, 8, 2)
+  x = x.reshape(10, 30, 10, 8)  # leading axes are flattened
+  one = CR.PCAAccumulator(8).update(x).finalize(8)
+  acc = CR.PCAAccumulator(8)
+  for chunk in np.array_split(x.reshape(-1, 8), 7):
+    acc.update(chunk)
+  streamed = acc.finalize(8)
+  assert streamed.n_samples == one.n_samples == 3000
+  np.testing.assert_allclose(streamed.mean, one.mean, atol=1e-12)
+  np.testing.assert_allclose(streamed.components, one.components, atol=1e-9)
+  flat = x.reshape(-1, 8)
+  np.testing.assert_allclose(one.mean, flat.mean(0), atol=1e-10)
+  evals = np.sort(np.linalg.eigvalsh(np.cov(flat, rowvar=False, bias=True)))[::-1]
+  np.testing.assert_allclose(one.explained_variance, evals, rtol=1e-9)
+  _, s, vt = np.linalg.svd(flat - flat.mean(0), full_matrices=False)
+  np.testing.assert_allclose(one.explained_variance, s ** 2 / 3000, rtol=1e-9)
+  np.testing.assert_allclose(np.abs(np.sum(one.components * vt.T, 0)), 1.0, atol=1e-9)
+
+
+def test_pca_project_jit_and_decreasing_variances():
+  x, _, _ = _anisotropic(5000, 8, 3)
+  basis = CR.PCAAccumulator(8).update(x).finalize(5)
+  feat = x.astype(np.float16).reshape(50, 100, 8)
+  proj = jax.jit(CR.pca_project)(feat, basis.mean, basis.components)
+  assert proj.dtype == jnp.float32 and proj.shape == (50, 100, 5)
+  ref = (feat.astype(np.float64).reshape(-1, 8) - basis.mean) @ basis.components
+  np.testing.assert_allclose(np.asarray(proj).reshape(-1, 5), ref, atol=1e-4)
+  var = np.asarray(proj).reshape(-1, 5).var(0)
+  assert np.all(np.diff(var) < 0)
+  np.testing.assert_allclose(var, basis.explained_variance, rtol=0.02)
+  np.testing.assert_allclose(np.asarray(proj).reshape(-1, 5).mean(0), 0.0, atol=0.02)
+
+
+def test_pca_basis_roundtrip_and_bad_inputs():
+  x, _, _ = _anisotropic(500, 8, 4)
+  basis = CR.PCAAccumulator(8).update(x).finalize(3)
+  d = basis.to_dict()
+  assert all(isinstance(v, np.ndarray) for v in d.values())
+  back = CR.PCABasis.from_dict(d)
+  for f in ('mean', 'components', 'explained_variance'):
+    np.testing.assert_array_equal(getattr(back, f), getattr(basis, f))
+  assert back.n_samples == 500 and back.c == 8 and back.c_prime == 3
+  with pytest.raises(ValueError, match='lacks'):
+    CR.PCABasis.from_dict({'mean': d['mean']})
+  with pytest.raises(ValueError, match='components'):
+    CR.PCABasis.from_dict(dict(d, components=d['components'][:5]))
+  with pytest.raises(ValueError, match=r'\(\.\.\., 8\)'):
+    CR.PCAAccumulator(8).update(np.zeros((4, 7)))
+  with pytest.raises(ValueError, match='non-finite'):
+    CR.PCAAccumulator(2).update(np.array([[0.0, np.nan]]))
+  with pytest.raises(ValueError, match='c_prime'):
+    CR.PCAAccumulator(8).update(x).finalize(9)
+  with pytest.raises(ValueError, match='no samples'):
+    CR.PCAAccumulator(8).covariance()
