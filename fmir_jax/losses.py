@@ -80,8 +80,9 @@ def _ncc_map(a: jax.Array, b: jax.Array, window: tuple[int, int, int],
              eps: float) -> jax.Array:
   """Jitted body of ``ncc_map``."""
   n = float(np.prod(window))
-  sa, sb = box_sum(a, window), box_sum(b, window)
-  saa, sbb, sab = box_sum(a * a, window), box_sum(b * b, window), box_sum(a * b, window)
+  # One box filter over the 5 stacked quantities (fewer ops: faster compile and run).
+  stacked = jnp.concatenate([a, b, a * a, b * b, a * b], axis=-1)
+  sa, sb, saa, sbb, sab = jnp.split(box_sum(stacked, window), 5, axis=-1)
   ma, mb = sa / n, sb / n
   cross = sab - mb * sa - ma * sb + ma * mb * n
   var_a = saa - 2 * ma * sa + ma * ma * n

@@ -105,16 +105,22 @@ def _sample_coords(coords: jax.Array, shape: Shape3) -> tuple[jax.Array, jax.Arr
   return flat, jnp.where(valid, w, 0.0)
 
 
-def _warp_single(vol: jax.Array, disp_vox: jax.Array) -> jax.Array:
-  """Trilinear warp of one ``(H, W, D, C)`` volume by ``(H, W, D, 3)``."""
-  shape = vol.shape[:3]
+def _warp_batched(vol: jax.Array, disp_vox: jax.Array) -> jax.Array:
+  """Trilinear warp of ``(B, H, W, D, C)`` by ``(B, H, W, D, 3)``.
+
+  The batch is folded into the flat index (one plain gather, no vmap), which keeps the
+  gather/scatter-add pair simple to compile.
+  """
+  b, *shape, c = vol.shape
+  n = int(np.prod(shape))
   dtype = jnp.result_type(vol.dtype, disp_vox.dtype)
   coords = (identity_grid(shape, disp_vox.dtype) + disp_vox).reshape(-1, 3)
-  indices, weights = _sample_coords(coords, shape)
-  flat = vol.reshape(-1, vol.shape[-1]).astype(dtype)
-  vals = jnp.take(flat, indices, axis=0, mode='clip')        # (8, N, C): one gather
+  indices, weights = _sample_coords(coords, tuple(shape))    # (8, B*N)
+  indices = indices + jnp.repeat(jnp.arange(b, dtype=jnp.int32) * n, n)[None]
+  flat = vol.reshape(b * n, c).astype(dtype)
+  vals = jnp.take(flat, indices, axis=0, mode='clip')        # (8, B*N, C): one gather
   out = jnp.sum(weights.astype(dtype)[..., None] * vals, axis=0)  # no matmul: exact f32
-  return out.reshape(vol.shape[:3] + (vol.shape[-1],))
+  return out.reshape(vol.shape)
 
 
 @jax.jit
@@ -136,8 +142,8 @@ def warp(vol: jax.Array, disp_vox: jax.Array) -> jax.Array:
   if not jnp.issubdtype(disp_vox.dtype, jnp.floating):
     disp_vox = disp_vox.astype(jnp.float32)
   if vol.ndim == 5:
-    return jax.vmap(_warp_single)(vol, disp_vox)
-  return _warp_single(vol, disp_vox)
+    return _warp_batched(vol, disp_vox)
+  return _warp_batched(vol[None], disp_vox[None])[0]
 
 
 def _warp_nearest_single(labels: jax.Array, disp_vox: jax.Array) -> jax.Array:
