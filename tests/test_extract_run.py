@@ -175,3 +175,31 @@ def test_tiny_dinov3_saved_locally_end_to_end(toy, tmp_path):
   np.testing.assert_allclose(fs.features('s1_ed').astype(np.float32), expect, atol=2e-2,
                              rtol=1e-2)
   assert fs.info('s1_ed').grid == (3, 4, 4)
+
+
+def test_real_acdc_reader_on_phantoms(tmp_path, capsys):
+  from feature_extract.datasets import acdc, phantoms  # pylint: disable=g-import-not-at-top
+  phantoms.write_acdc_phantoms(str(tmp_path / 'acdc'), 1, seed=0, first_id=19,
+                               inplane_size=(40, 60))
+  argv = ['--backbone', 'mind', '--dataset', 'acdc', '--data-root', str(tmp_path / 'acdc'),
+          '--out', str(tmp_path / 'feat'), '--input-size', '32', '--device', 'cpu',
+          '--no-progress']
+  assert run.main(argv) == 0
+  err = capsys.readouterr().err
+  assert "K=32, resize=upsample; note: authors' release: K=256 for training" in err
+  fs = store.FeatureStore(str(tmp_path / 'feat'))
+  keys = ['patient019_ed', 'patient019_es']
+  assert fs.keys() == keys and fs.keys('val') == keys
+  assert fs.pairs('val') == [('patient019_ed', 'patient019_es'), ('patient019_es', 'patient019_ed')]
+  assert fs.pairs('train') == []
+  src = {s.key: s for s in acdc.scan(str(tmp_path / 'acdc'))}
+  vol = src['patient019_es'].load()
+  np.testing.assert_array_equal(fs.image('patient019_es'), vol.image)
+  np.testing.assert_array_equal(fs.labels('patient019_es'), vol.labels)
+  info = fs.info('patient019_es')
+  h, w, d = vol.image.shape
+  assert info.shape == (h, w, d) and info.grid == (d, 8, 8)
+  # 128 voxels -> 32 pixels: r = 1/4, so scale = r/p = 1/16, offset = (0 + r/2)/p - 1/2.
+  assert info.geometry == {'offset': [0.125 / 4 - 0.5] * 2, 'scale': [1 / 16] * 2}
+  assert info.spacing_mm == pytest.approx(vol.spacing_mm)
+  assert fs.header['layer'] == 'last' and fs.header['dataset']['name'] == 'acdc'
