@@ -189,6 +189,17 @@ def _looks_like_path(weights: str) -> bool:
           or '\\' in weights)
 
 
+def _from_pretrained(cls: Any, source: str, weights: str, **kwargs: Any) -> Any:
+  """from_pretrained that refuses checkpoints leaving parameters randomly initialised."""
+  model, info = cls.from_pretrained(source, output_loading_info=True, **kwargs)
+  missing = sorted(info.get('missing_keys') or [])
+  if missing:
+    raise BackboneError(f'--weights {weights}: the checkpoint lacks {len(missing)} parameters '
+                        f'of {cls.__name__} (e.g. {missing[:3]}); refusing to run with random '
+                        'weights. Check that --weights matches --backbone.')
+  return model
+
+
 def _load_pretrained(cls: Any, name: str, weights: str) -> tuple[Any, str]:
   """Loads a frozen model from a local dir or a Hub id; returns (model, model directory)."""
   import transformers  # pylint: disable=g-import-not-at-top
@@ -200,7 +211,7 @@ def _load_pretrained(cls: Any, name: str, weights: str) -> tuple[Any, str]:
       raise BackboneError(f'--weights {weights}: directory has no config.json; point it at a '
                           'directory written by save_pretrained / huggingface-cli download.')
     try:
-      return cls.from_pretrained(model_dir, local_files_only=True), model_dir
+      return _from_pretrained(cls, model_dir, weights, local_files_only=True), model_dir
     except (OSError, ValueError) as e:
       raise BackboneError(f'--weights {weights}: cannot load {name} from this directory: '
                           f'{str(e).splitlines()[0]}') from e
@@ -208,7 +219,7 @@ def _load_pretrained(cls: Any, name: str, weights: str) -> tuple[Any, str]:
     raise BackboneError(f'--weights {weights}: local weights directory does not exist. '
                         + _download_help(name, DEFAULT_WEIGHTS.get(name, weights)))
   try:  # the Hugging Face cache first: no network, no retries
-    model = cls.from_pretrained(weights, local_files_only=True)
+    model = _from_pretrained(cls, weights, weights, local_files_only=True)
   except (OSError, ValueError) as cache_error:
     if _offline():
       raise BackboneError(f'{name}: weights {weights!r} are not in the Hugging Face cache and '
@@ -218,7 +229,7 @@ def _load_pretrained(cls: Any, name: str, weights: str) -> tuple[Any, str]:
       raise BackboneError(f'{name}: weights {weights!r} are not cached and the Hugging Face Hub '
                           'cannot be reached. ' + _download_help(name, weights)) from cache_error
     try:
-      model = cls.from_pretrained(weights)
+      model = _from_pretrained(cls, weights, weights)
     except (OSError, ValueError) as e:
       raise BackboneError(f'{name}: cannot download {weights!r}: {str(e).splitlines()[0]} '
                           + _download_help(name, weights)) from e

@@ -157,3 +157,17 @@ def test_mind_shapes_label_and_intensity_invariance():
   other = np.abs(bb(_smooth_image(1)) - f).mean()
   assert gamma < 0.15 * other, (gamma, other)                       # monotonic: close
   assert backbones.mind_ssc_2d(x[:, :1], (1, 2)).shape == (1, 24, K, K)
+
+
+def test_checkpoint_missing_parameters_is_refused(tmp_path):
+  cfg = transformers.Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=2, patch_size=8, image_size=32)
+  transformers.Dinov2Model(cfg).save_pretrained(tmp_path / 'ok')
+  bigger = transformers.Dinov2Config(**{**cfg.to_dict(), 'num_hidden_layers': 3})
+  bigger.save_pretrained(tmp_path / 'ok')           # config now claims a 3rd, absent block
+  with pytest.raises(backbones.BackboneError, match='refusing to run with random weights'):
+    backbones.load('dinov2', str(tmp_path / 'ok'), device='cpu')
+  (tmp_path / 'noweights').mkdir()
+  cfg.save_pretrained(tmp_path / 'noweights')
+  with pytest.raises(backbones.BackboneError, match='cannot load dinov2 from this directory'):
+    backbones.load('dinov2', str(tmp_path / 'noweights'), device='cpu')
