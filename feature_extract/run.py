@@ -149,7 +149,7 @@ def extract(sources: Sequence[VolumeSource], pairs: Sequence[Pair],
   if batch_size < 1:
     raise backbones.BackboneError(f'--batch-size must be >= 1, got {batch_size}.')
   backbone.check_input_size(input_size)
-  slicing.slice_layout((1, 1), input_size, resize, None)  # validates K and the mode early
+  slicing.slice_layout((1, 1), input_size, resize, pad_to)  # validates K/mode/pad_to early
   by_key: dict[str, VolumeSource] = {}
   for s in sources:
     if s.key in by_key:
