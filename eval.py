@@ -1,0 +1,87 @@
+"""Evaluate trained FMIR runs on feature stores (Dice, HD95, SDlogJ, folding, time).
+
+One run, one store (Table 1 row):
+  python eval.py --workdir=runs/acdc --features=features/acdc_dinov3 --split=test
+Any backbone (the head is backbone-agnostic; a new backbone needs its own PCA basis, fitted
+on that backbone's training features):
+  python eval.py --workdir=runs/acdc --features=features/acdc_sam \
+      --pca_store=features/acdc_sam
+Cross-domain grid (Table 2): comma-separated runs x stores:
+  python eval.py --workdir=runs/acdc_un,runs/acdc_ws --features=f/acdc_dino,f/abd_dino \
+      --table2=results/table2.md
+"""
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from tqdm import tqdm
+
+from fmir_jax import evaluation
+from fmir_jax import report
+from fmir_jax import store as store_lib
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list('workdir', None, 'Training run directory (or several, comma-separated).')
+flags.DEFINE_list('features', None, 'Feature store(s) to evaluate on.')
+flags.DEFINE_list('pca_store', [], 'Per --features entry (or one for all): a store of the '
+                  'same backbone on training data, to fit a PCA basis for a new backbone.')
+flags.DEFINE_string('split', 'test', 'Split of the store to evaluate.')
+flags.DEFINE_string('checkpoint', 'best', "'best', 'last' or a step number.")
+flags.DEFINE_string('out', '', 'Output directory (default: WORKDIR/eval/STORE_SPLIT).')
+flags.DEFINE_integer('figures', 3, 'Per-pair figures to draw.')
+flags.DEFINE_integer('limit', 0, 'Evaluate only the first N pairs (0 = all).')
+flags.DEFINE_string('table2', '', 'Write the cross-domain Markdown table here.')
+flags.mark_flags_as_required(['workdir', 'features'])
+
+
+def _test_set_name(header) -> str:
+  ds = header.get('dataset')
+  return (ds.get('name') if isinstance(ds, dict) else str(ds)) or '?'
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  pca = FLAGS.pca_store
+  if pca and len(pca) not in (1, len(FLAGS.features)):
+    print('error: --pca_store needs one entry or one per --features entry', file=sys.stderr)
+    sys.exit(2)
+  grid, initial = {}, {}
+  try:
+    for workdir in FLAGS.workdir:
+      for i, store_path in enumerate(FLAGS.features):
+        out = FLAGS.out
+        if out and (len(FLAGS.workdir) > 1 or len(FLAGS.features) > 1):
+          out = os.path.join(out, os.path.basename(os.path.normpath(workdir)),
+                             os.path.basename(os.path.normpath(store_path)))
+        summary = evaluation.evaluate_run(
+            workdir, store_path, split=FLAGS.split, checkpoint=FLAGS.checkpoint,
+            pca_store=(pca[i] if len(pca) > 1 else (pca[0] if pca else '')), out_dir=out,
+            figures=FLAGS.figures, limit=FLAGS.limit,
+            progress=lambda xs: tqdm(xs, desc=f'eval {os.path.basename(store_path)}'))
+        print(f'\n{workdir} on {store_path} [{FLAGS.split}]')
+        print(summary['table1'])
+        print(f"head {summary['head_s_mean']:.3f} s/pair, features "
+              f"{summary['feature_s_mean']:.3f} s/pair; files in "
+              f"{os.path.dirname(summary['files']['summary_json'])}")
+        header = store_lib.FeatureStore(store_path).header
+        run = evaluation.load_run_info(workdir)
+        key = (run['config']['name'], run['mode'], _test_set_name(header),
+               evaluation._backbone_name(header))
+        grid[key] = summary['metrics']
+        initial[key[2]] = summary['metrics']
+  except (ValueError, FileNotFoundError, store_lib.StoreError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  if FLAGS.table2:
+    table = report.markdown_table2(grid, initial)
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.table2)), exist_ok=True)
+    with open(FLAGS.table2, 'w') as f:
+      f.write(table)
+    print(table)
+
+
+if __name__ == '__main__':
+  app.run(main)

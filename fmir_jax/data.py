@@ -1,0 +1,123 @@
+"""Feature store -> registration pair batches (host side, numpy), loaded with Grain.
+
+The order of training pairs is a pure function of (seed, step): epoch e visits the pairs in
+the permutation ``default_rng([seed, e]).permutation(n)``, and step s takes the next
+``batch_size`` of that endless sequence. A resumed run starting at step s therefore sees
+exactly the pairs an uninterrupted run would. Grain does the threaded reading and prefetch.
+
+Features stay on the patch grid and in the store's dtype (float16 by default); the
+interpolation matrices that upsample them on device travel with each item.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Sequence
+
+import grain
+import numpy as np
+
+from fmir_jax import store as store_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class PairRef:
+  store: int        # index into the list of stores
+  moving: str       # volume key
+  fixed: str
+
+
+def volume_item(st: store_lib.FeatureStore, key: str) -> dict[str, np.ndarray]:
+  """One volume's arrays: image (H,W,D) f32, feat (D,h,w,c), interp_h (H,h), interp_w (W,w),
+  labels (H,W,D) uint8 (zeros when the store has none) and has_labels () bool."""
+  info = st.info(key)
+  feat = np.asarray(st.features(key))
+  image = np.asarray(st.image(key), np.float32)
+  labels = st.labels(key)
+  h_vox, w_vox, _ = image.shape
+  _, h_p, w_p, _ = feat.shape
+  geo = info.geometry
+  return {
+      'image': image,
+      'feat': feat,
+      'interp_h': store_lib.interp_matrix(h_vox, h_p, geo['offset'][0], geo['scale'][0]),
+      'interp_w': store_lib.interp_matrix(w_vox, w_p, geo['offset'][1], geo['scale'][1]),
+      'labels': (np.zeros(image.shape, np.uint8) if labels is None
+                 else np.asarray(labels, np.uint8)),
+      'has_labels': np.asarray(labels is not None),
+  }
+
+
+def pair_item(stores: Sequence[store_lib.FeatureStore], ref: PairRef) -> dict:
+  st = stores[ref.store]
+  return {'moving': volume_item(st, ref.moving), 'fixed': volume_item(st, ref.fixed)}
+
+
+def list_pairs(stores: Sequence[store_lib.FeatureStore], split: str) -> list[PairRef]:
+  """Every pair of `split` in every store, in store order. Errors when there are none."""
+  refs = [PairRef(i, m, f) for i, st in enumerate(stores) for m, f in st.pairs(split)]
+  if not refs:
+    paths = ', '.join(str(st.path) for st in stores)
+    raise ValueError(f'no {split!r} pairs in feature store(s) {paths}: extract features for '
+                     f'that split (feature_extract/run.py --splits ...)')
+  return refs
+
+
+def pair_order(num_pairs: int, seed: int, start: int, count: int) -> np.ndarray:
+  """Indices into the pair list for positions [start, start + count) of the endless,
+  per-epoch reshuffled sequence."""
+  out = np.empty(count, np.int64)
+  for j in range(count):
+    epoch, pos = divmod(start + j, num_pairs)
+    out[j] = np.random.default_rng([seed, epoch]).permutation(num_pairs)[pos]
+  return out
+
+
+def _stack(items: list[dict]) -> dict:
+  """Stacks a list of nested dicts of arrays along a new leading batch axis."""
+  first = items[0]
+  if isinstance(first, dict):
+    return {k: _stack([it[k] for it in items]) for k in first}
+  shapes = {np.shape(it) for it in items}
+  if len(shapes) != 1:
+    raise ValueError(f'cannot batch volumes of different shapes {sorted(shapes)}: use '
+                     'batch_size 1 (or one store per run) when grids differ')
+  return np.stack(items)
+
+
+class _TrainSource:
+  """Random-access source for Grain: global step -> batch (pure function of the step)."""
+
+  def __init__(self, stores, refs, batch_size, seed, bidirectional):
+    self.stores, self.refs = stores, refs
+    self.batch_size, self.seed, self.bidirectional = batch_size, seed, bidirectional
+
+  def __len__(self):
+    return 2**31 - 1
+
+  def __getitem__(self, step):
+    idx = pair_order(len(self.refs), self.seed, step * self.batch_size, self.batch_size)
+    items = [pair_item(self.stores, self.refs[i]) for i in idx]
+    if self.bidirectional:
+      items += [{'moving': it['fixed'], 'fixed': it['moving']} for it in items]
+    return _stack(items)
+
+
+def train_batches(stores: Sequence[store_lib.FeatureStore], *, split: str = 'train',
+                  batch_size: int, seed: int, start_step: int, num_steps: int,
+                  bidirectional: bool = False, prefetch: int = 2) -> Iterator[dict]:
+  """Batches for steps [start_step, num_steps), read ahead by background threads.
+
+  Each batch: {'moving': {...}, 'fixed': {...}} with a leading batch axis (2x batch_size
+  when bidirectional: the swapped pairs follow).
+  """
+  refs = list_pairs(stores, split)
+  source = _TrainSource(stores, refs, batch_size, seed, bidirectional)
+  ds = grain.MapDataset.source(source)[start_step:num_steps]
+  options = grain.ReadOptions(num_threads=max(1, prefetch), prefetch_buffer_size=max(1, prefetch))
+  return iter(ds.to_iter_dataset(options))
+
+
+def eval_pairs(stores: Sequence[store_lib.FeatureStore], split: str,
+               limit: int = 0) -> list[PairRef]:
+  refs = list_pairs(stores, split)
+  return refs[:limit] if limit else refs

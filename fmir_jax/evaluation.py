@@ -1,0 +1,212 @@
+"""Evaluate a trained head on the pairs of a feature store (SPEC §7)."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fmir_jax import data as data_lib
+from fmir_jax import metrics as metrics_lib
+from fmir_jax import train_lib
+from fmir_jax import warp as W
+
+
+@dataclasses.dataclass
+class PairResult:
+  ref: data_lib.PairRef
+  metrics: metrics_lib.PairMetrics
+  head_s: float          # head time (device, synchronised), seconds
+  feature_s: float       # feature extraction of both volumes, seconds (from the store)
+  disp_vox: np.ndarray | None = None
+
+
+_warp_nearest = jax.jit(W.warp_nearest)
+
+
+def warp_labels_nearest(labels: np.ndarray, disp_vox: np.ndarray) -> np.ndarray:
+  """Host wrapper of the JAX nearest-neighbour label warp (H,W,D) x (H,W,D,3)."""
+  return np.asarray(_warp_nearest(jnp.asarray(labels.astype(np.int32)),
+                                  jnp.asarray(disp_vox, jnp.float32)))
+
+
+def _feature_seconds(store, key: str) -> float:
+  t = store.timing(key)
+  if not t:
+    return float('nan')
+  return float(t.get('seconds', float('nan')))
+
+
+def evaluate_pairs(predict: Callable, params, stores: Sequence, refs: Sequence[data_lib.PairRef],
+                   pca, classes: Sequence[int], *, keep_disp: int = 0,
+                   progress=None) -> list[PairResult]:
+  """Registers every pair, scores it, and times the head (after one warm-up call).
+
+  predict: ``train_lib.make_predict(...)``; params: model params; pca: device PCA dict.
+  keep_disp: keep the displacement of the first N pairs (for figures).
+  """
+  results = []
+  warm = set()
+  it = progress(list(enumerate(refs))) if progress else enumerate(refs)
+  for i, ref in it:
+    st = stores[ref.store]
+    item = data_lib.pair_item(stores, ref)
+    moving = {k: jnp.asarray(v)[None] for k, v in train_lib.model_inputs(item['moving']).items()}
+    fixed = {k: jnp.asarray(v)[None] for k, v in train_lib.model_inputs(item['fixed']).items()}
+    shape_key = (ref.store, moving['image'].shape, moving['feat'].shape)
+    if shape_key not in warm:       # compile outside the timed call
+      jax.block_until_ready(predict(params, moving, fixed, pca))
+      warm.add(shape_key)
+    t0 = time.perf_counter()
+    disp = jax.block_until_ready(predict(params, moving, fixed, pca))
+    head_s = time.perf_counter() - t0
+    disp = np.asarray(disp[0])
+    feat_s = _feature_seconds(st, ref.moving) + _feature_seconds(st, ref.fixed)
+    info = st.info(ref.fixed)
+    if not (item['moving']['has_labels'] and item['fixed']['has_labels']):
+      raise ValueError(f'pair {ref.moving} -> {ref.fixed} in {st.path} has no labels: Dice '
+                       'and HD95 need labels for both volumes')
+    m = metrics_lib.evaluate_pair(
+        disp, item['moving']['labels'], item['fixed']['labels'], classes, info.spacing_mm,
+        warp_labels_nearest, moving=ref.moving, fixed=ref.fixed, subject=info.subject,
+        time_s=head_s + (feat_s if np.isfinite(feat_s) else 0.0))
+    results.append(PairResult(ref, m, head_s, feat_s, disp if i < keep_disp else None))
+  return results
+
+
+# ------------------------------------------------------------------------------- whole runs
+
+def is_bidirectional(refs: Sequence[data_lib.PairRef], stores) -> bool:
+  """True when every pair's reverse is also listed within one subject (cardiac protocol)."""
+  pairs = {(r.store, r.moving, r.fixed) for r in refs}
+  if not all((r.store, r.fixed, r.moving) in pairs for r in refs):
+    return False
+  return all(stores[r.store].info(r.moving).subject == stores[r.store].info(r.fixed).subject
+             for r in refs)
+
+
+def load_run(workdir: str, checkpoint: str = 'best'):
+  """(config, graphdef, params, run_info, step) of a training run."""
+  import ml_collections
+  from fmir_jax import checkpoint as ckpt
+  info = ckpt.read_run_info(workdir)
+  config = ml_collections.ConfigDict(info['config'])
+  graphdef, state, _, _ = train_lib.create(config, int(info['store_header']['channels']),
+                                           int(info['total_steps']))
+  mgr, step = ckpt.best_or_latest(workdir, checkpoint)
+  restored = ckpt.restore(mgr, state, step)
+  params = restored.params if hasattr(restored, 'params') else restored[1]
+  return config, graphdef, params, info, step
+
+
+def pca_for_store(workdir: str, run_info: dict, store, pca_store_path: str = '',
+                  progress=None):
+  """The PCA basis that maps ``store``'s features to the head's c' channels.
+
+  The run's own basis when the store comes from the training backbone; else a basis for
+  this backbone saved in the run (``pca/``), or fitted now on the training split of
+  ``pca_store_path`` (a store of the same backbone) and saved. Refuses otherwise.
+  """
+  from fmir_jax import checkpoint as ckpt
+  from fmir_jax import store as store_lib
+  c_prime = int(run_info['config']['feature_channels'])
+  basis = ckpt.load_pca(workdir, store.header)
+  if basis is not None:
+    return basis
+  if not pca_store_path:
+    raise ValueError(
+        f'{store.path}: features of backbone {store.header.get("backbone")} (layer '
+        f'{store.header.get("layer")}) have no PCA basis in {workdir}/pca. Pass '
+        '--pca_store=PATH, a feature store of the same backbone on training data, to fit one '
+        '(SPEC §3: each backbone gets its own basis).')
+  src = store_lib.FeatureStore(pca_store_path)
+  store_lib.check_compatible(store.header, src.header)
+  if int(store.header['channels']) < c_prime:
+    raise ValueError(f'{store.path}: {store.header["channels"]} channels < c\'={c_prime}')
+  basis = train_lib.fit_pca([src], c_prime, progress=progress)
+  ckpt.save_pca(workdir, store.header, basis, source=pca_store_path)
+  return basis
+
+
+def evaluate_run(workdir: str, store_path: str, *, split: str = 'test',
+                 checkpoint: str = 'best', pca_store: str = '', out_dir: str = '',
+                 figures: int = 3, limit: int = 0, factors=None, progress=None,
+                 label_names: Sequence[str] | None = None) -> dict:
+  """Evaluates a run on a store's split; writes CSV, JSON, Markdown and figures.
+
+  Returns the summary dict (also written to ``out_dir/summary.json``).
+  """
+  import os
+  from fmir_jax import report
+  from fmir_jax import store as store_lib
+  config, graphdef, params, info, step = load_run(workdir, checkpoint)
+  st = store_lib.FeatureStore(store_path)
+  basis = pca_for_store(workdir, info, st, pca_store, progress)
+  pca = train_lib.pca_to_device(basis)
+  refs = data_lib.eval_pairs([st], split, limit)
+  num_classes = int(st.header.get('num_classes', 0) or config.data.num_classes)
+  classes = tuple(range(1, num_classes + 1))
+  predict = train_lib.make_predict(graphdef, c_prime=int(config.feature_channels),
+                                   factors=factors)
+  results = evaluate_pairs(predict, params, [st], refs, pca, classes, keep_disp=figures,
+                           progress=progress)
+  per_pair = [r.metrics for r in results]
+  bidir = is_bidirectional(refs, [st])
+  summary = (metrics_lib.aggregate_bidirectional(per_pair) if bidir
+             else metrics_lib.aggregate(per_pair))
+  summary.update({
+      'workdir': workdir, 'checkpoint_step': int(step), 'store': store_path, 'split': split,
+      'backbone': st.header.get('backbone'), 'mode': info['mode'],
+      'bidirectional_average': bidir, 'n_directed_pairs': len(results),
+      'head_s_mean': float(np.mean([r.head_s for r in results])),
+      'feature_s_mean': float(np.nanmean([r.feature_s for r in results]))
+      if any(np.isfinite(r.feature_s) for r in results) else float('nan'),
+  })
+  tag = os.path.basename(os.path.normpath(store_path))
+  out_dir = out_dir or os.path.join(workdir, 'eval', f'{tag}_{split}')
+  os.makedirs(out_dir, exist_ok=True)
+  rows = []
+  for r in results:
+    row = r.metrics.to_row()
+    row.update(head_s=r.head_s, feature_s=r.feature_s)
+    rows.append(row)
+  report.write_pair_csv(os.path.join(out_dir, 'pairs.csv'), rows)
+  report.write_summary_json(os.path.join(out_dir, 'summary.json'), summary)
+  name = f'FMIR ({info["mode"]}, {_backbone_name(st.header)})'
+  table = report.markdown_table1({name: summary['metrics']})
+  with open(os.path.join(out_dir, 'table1.md'), 'w') as f:
+    f.write(table)
+  figs = []
+  for r in results[:figures]:
+    item = data_lib.pair_item([st], r.ref)
+    m, fx = item['moving'], item['fixed']
+    disp = r.disp_vox
+    warped = np.asarray(W.warp(jnp.asarray(m['image'])[..., None], jnp.asarray(disp)))[..., 0]
+    warped_lab = warp_labels_nearest(m['labels'], disp)
+    path = os.path.join(out_dir, f'pair_{r.ref.moving}_to_{r.ref.fixed}.png')
+    report.pair_figure(path, fx['image'], m['image'], warped, fx['labels'], m['labels'],
+                       warped_lab, disp, title=f'{r.ref.moving} -> {r.ref.fixed}')
+    figs.append(path)
+  names = list(label_names) if label_names else [f'label {c}' for c in classes]
+  box = os.path.join(out_dir, 'dice_boxplot.png')
+  report.dice_boxplot(box, {n: [p.dice[c] for p in per_pair] for n, c in zip(names, classes)})
+  summary['files'] = {'pairs_csv': os.path.join(out_dir, 'pairs.csv'),
+                      'summary_json': os.path.join(out_dir, 'summary.json'),
+                      'table1_md': os.path.join(out_dir, 'table1.md'),
+                      'figures': figs + [box]}
+  report.write_summary_json(os.path.join(out_dir, 'summary.json'), summary)
+  summary['table1'] = table
+  return summary
+
+
+def _backbone_name(header) -> str:
+  bb = header.get('backbone')
+  return bb.get('name', '?') if isinstance(bb, dict) else str(bb)
+
+
+def load_run_info(workdir: str) -> dict:
+  from fmir_jax import checkpoint as ckpt
+  return ckpt.read_run_info(workdir)

@@ -1,0 +1,184 @@
+"""FMIR network (SPEC §4): feature compressor + 5-level pyramid registration head.
+
+Flax NNX modules hold the parameters; the geometry (pyramid shapes, warps, integration) is
+the pure functions of ``fmir_jax.warp``. Arrays are channels-last: images (B, H, W, D),
+features (B, H, W, D, C), displacements (B, H, W, D, 3) in voxels of their level's grid,
+component k along array axis k.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fmir_jax import features as feats
+from fmir_jax import warp as W
+
+Factors = tuple[tuple[int, int, int], ...]
+
+# PyTorch's default Conv3d weight init (kaiming_uniform with a=sqrt(5)), as the authors used.
+_torch_default_init = nnx.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+ACTIVATIONS = {
+    'leaky_relu': lambda x: jax.nn.leaky_relu(x, 0.2),
+    'relu': jax.nn.relu,
+}
+
+
+def _conv(cin, cout, rngs):
+  return nnx.Conv(cin, cout, (3, 3, 3), padding='SAME', kernel_init=_torch_default_init,
+                  rngs=rngs)
+
+
+def instance_norm(x, eps=1e-5):
+  """Per-sample, per-channel normalisation over the spatial axes (InstanceNorm3d, no affine)."""
+  mean = jnp.mean(x, axis=(1, 2, 3), keepdims=True)
+  var = jnp.var(x, axis=(1, 2, 3), keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+def level_factors(factors, levels: int) -> Factors:
+  """Normalises per-axis pyramid factors to one (sx, sy, sz) per level transition.
+
+  ``factors`` is either one triple used for every transition, or ``levels - 1`` triples.
+  """
+  f = tuple(tuple(int(v) for v in t) for t in (factors if isinstance(factors[0], (tuple, list))
+                                               else (factors,)))
+  if len(f) == 1:
+    f = f * (levels - 1)
+  if len(f) != levels - 1 or any(len(t) != 3 or min(t) < 1 for t in f):
+    raise ValueError(f'pyramid factors {factors!r}: need one positive (sx, sy, sz) triple or '
+                     f'{levels - 1} of them for {levels} levels')
+  return f
+
+
+@dataclasses.dataclass(frozen=True)
+class FMIRConfig:
+  """Architecture hyper-parameters (static; part of the checkpoint)."""
+  feature_channels: int = 256         # c' (after channel regularisation)
+  n: int = 32                         # compressor width
+  levels: int = 5
+  factors: tuple = (2, 2, 1)          # per-axis pyramid factors (one triple or levels-1)
+  integration_steps: int = 7          # scaling-and-squaring steps; 0 = no integration
+  activation: str = 'leaky_relu'      # compressor activation
+  head_instance_norm: bool = False    # authors' release: InstanceNorm after the 1st head conv
+  exact_feature_path: bool = True     # first conv on the patch grid (no c'-channel volume)
+
+
+class FMIROutput(NamedTuple):
+  disp: jax.Array                  # (B, H, W, D, 3) final displacement, level-0 voxels
+  v_levels: tuple                  # per level (0 finest): pre-integration residual field
+  u_levels: tuple                  # per level: composed displacement at that level
+
+
+class Compressor(nnx.Module):
+  """Three 3x3x3 conv blocks c'+1 -> n -> 2n -> n (shared by moving and fixed)."""
+
+  def __init__(self, cfg: FMIRConfig, *, rngs: nnx.Rngs):
+    n = cfg.n
+    self.act_name = cfg.activation
+    self.exact = cfg.exact_feature_path
+    self.conv0 = _conv(cfg.feature_channels + 1, n, rngs)
+    self.conv1 = _conv(n, 2 * n, rngs)
+    self.conv2 = _conv(2 * n, n, rngs)
+
+  def first_layer(self, image, feat, interp_h, interp_w):
+    """conv0(concat(image, upsample(feat))) before the activation.
+
+    image: (B, H, W, D); feat: (B, D, h, w, c') patch grid; interp_*: (B, N, n).
+    Channel 0 of the conv input is the intensity, channels 1.. the features.
+    """
+    kernel = self.conv0.kernel.get_value()
+    bias = self.conv0.bias.get_value()
+    img = image[..., None].astype(jnp.float32)
+    out = jax.lax.conv_general_dilated(
+        img, kernel[:, :, :, :1], (1, 1, 1), 'SAME',
+        dimension_numbers=('NHWDC', 'HWDIO', 'NHWDC'))
+    feat = feat.astype(jnp.float32)
+    if self.exact:
+      out = out + feats.conv3_of_upsampled(feat, kernel[:, :, :, 1:], interp_h, interp_w)
+    else:
+      out = out + feats.conv3_of_upsampled_reference(feat, kernel[:, :, :, 1:], interp_h,
+                                                     interp_w)
+    return out + bias
+
+  def __call__(self, image, feat, interp_h, interp_w):
+    act = ACTIVATIONS[self.act_name]
+    x = act(self.first_layer(image, feat, interp_h, interp_w))
+    x = act(self.conv1(x))
+    return act(self.conv2(x))
+
+
+class LevelBlock(nnx.Module):
+  """Per-level head: residual field from (fixed + moving, fixed - moving) features."""
+
+  def __init__(self, cfg: FMIRConfig, *, rngs: nnx.Rngs):
+    n = cfg.n
+    self.instance_norm = cfg.head_instance_norm
+    self.conv0 = _conv(2 * n, 2 * n, rngs)
+    self.conv1 = _conv(2 * n, 27, rngs)
+    self.flow = _conv(27, 3, rngs)
+
+  def __call__(self, x_moving, y_fixed):
+    h = self.conv0(jnp.concatenate([y_fixed + x_moving, y_fixed - x_moving], axis=-1))
+    if self.instance_norm:
+      h = instance_norm(h)
+    h = jax.nn.relu(h)
+    h = jax.nn.relu(self.conv1(h))
+    return self.flow(h)
+
+
+class FMIR(nnx.Module):
+  """Compressor + pyramid head. Inputs are channel-regularised patch-grid features."""
+
+  def __init__(self, cfg: FMIRConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.compressor = Compressor(cfg, rngs=rngs)
+    self.blocks = nnx.List([LevelBlock(cfg, rngs=rngs) for _ in range(cfg.levels)])
+
+  def encode(self, image, feat, interp_h, interp_w):
+    """Level-0 features (B, H, W, D, n) of one batch of images."""
+    return self.compressor(image, feat, interp_h, interp_w)
+
+  def __call__(self, moving, fixed, *, factors=None) -> FMIROutput:
+    """Predicts the displacement that warps moving onto fixed.
+
+    Args:
+      moving, fixed: dicts with 'image' (B, H, W, D), 'feat' (B, D, h, w, c'),
+        'interp_h' (B, H, h), 'interp_w' (B, W, w). Both volumes share one grid.
+      factors: optional override of the per-axis pyramid factors (inference only).
+
+    Returns:
+      FMIROutput; ``disp`` samples moving at x + disp(x).
+    """
+    cfg = self.cfg
+    if moving['image'].shape != fixed['image'].shape:
+      raise ValueError(f'moving {moving["image"].shape} and fixed {fixed["image"].shape} '
+                       'images must share one grid')
+    fac = level_factors(cfg.factors if factors is None else factors, cfg.levels)
+    shapes = W.pyramid_shapes(tuple(moving['image'].shape[1:4]), fac, cfg.levels)
+    both = {k: jnp.concatenate([moving[k], fixed[k]], axis=0)
+            for k in ('image', 'feat', 'interp_h', 'interp_w')}
+    f0 = self.encode(both['image'], both['feat'], both['interp_h'], both['interp_w'])
+    pyramid = [f0]
+    for i in range(1, cfg.levels):
+      pyramid.append(W.resize(pyramid[-1], shapes[i]))
+    b = moving['image'].shape[0]
+
+    v_levels, u_levels = [None] * cfg.levels, [None] * cfg.levels
+    u_up = None
+    for i in reversed(range(cfg.levels)):
+      x, y = pyramid[i][:b], pyramid[i][b:]
+      if u_up is not None:
+        x = W.warp(x, u_up)
+      v = self.blocks[i](x, y)
+      u = W.integrate(v, cfg.integration_steps) if cfg.integration_steps else v
+      if u_up is not None:
+        u = W.compose(u_up, u)
+      v_levels[i], u_levels[i] = v, u
+      if i > 0:
+        u_up = W.resize_field(u, shapes[i - 1], fac[i - 1])
+    return FMIROutput(disp=u_levels[0], v_levels=tuple(v_levels), u_levels=tuple(u_levels))

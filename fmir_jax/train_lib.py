@@ -1,0 +1,255 @@
+"""Training library: model/optimiser construction, channel regularisation, the jit-compiled
+train step (data-parallel over a device mesh), evaluation forward, checkpoints.
+
+``train.py`` and ``eval.py`` are thin absl mains over this module; the notebook and the
+``register`` command call the same functions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from fmir_jax import channel_reg
+from fmir_jax import losses
+from fmir_jax import model as model_lib
+from fmir_jax import warp as W
+
+MODES = ('UN', 'WS', '-CR')
+
+
+# ----------------------------------------------------------------------------- config -> objects
+
+def model_config(config, feature_channels_in: int) -> model_lib.FMIRConfig:
+  """FMIRConfig from an ml_collections config; checks c' against the store's channels."""
+  c_prime = int(config.feature_channels)
+  if feature_channels_in < c_prime:
+    raise ValueError(
+        f'the feature store has {feature_channels_in} channels but the config asks for '
+        f"c'={c_prime}: set --config.feature_channels<={feature_channels_in} (channel "
+        'regularisation selects or projects c\' of the c store channels)')
+  m = config.model
+  return model_lib.FMIRConfig(
+      feature_channels=c_prime, n=int(m.n), levels=int(m.levels),
+      factors=tuple(m.factors), integration_steps=int(m.integration_steps),
+      activation=str(m.activation), head_instance_norm=bool(m.head_instance_norm),
+      exact_feature_path=bool(m.exact_feature_path))
+
+
+def check_mode(mode: str) -> str:
+  if mode not in MODES:
+    raise ValueError(f'unknown mode {mode!r}: use one of {MODES}')
+  return mode
+
+
+def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
+  """Adam (or AMSGrad) with polynomial decay (power 0.9) and global-norm clipping."""
+  o = config.optim
+  schedule = optax.polynomial_schedule(init_value=float(o.lr), end_value=0.0,
+                                       power=float(o.decay_power),
+                                       transition_steps=max(int(total_steps), 1))
+  opt = optax.amsgrad(schedule) if o.amsgrad else optax.adam(schedule)
+  if o.grad_clip and o.grad_clip > 0:
+    opt = optax.chain(optax.clip_by_global_norm(float(o.grad_clip)), opt)
+  return opt
+
+
+# ------------------------------------------------------------------------- channel regularisation
+
+def regularise_channels(feat_m, feat_f, *, key, c_prime: int, random_selection: bool,
+                        pca: dict | None):
+  """c -> c' on the patch grid, identically for moving and fixed.
+
+  random_selection: draw c' of c channels from ``key`` (training in UN/WS modes);
+  otherwise project on the PCA basis ``pca`` ({'mean': (c,), 'components': (c, c')}).
+  When c == c' and no PCA is given, the features pass unchanged.
+  """
+  c = feat_m.shape[-1]
+  feat_m = feat_m.astype(jnp.float32)
+  feat_f = feat_f.astype(jnp.float32)
+  if random_selection:
+    idx = channel_reg.draw_channels(key, c, c_prime)
+    return (channel_reg.select_channels(feat_m, idx),
+            channel_reg.select_channels(feat_f, idx))
+  if pca is None:
+    if c == c_prime:
+      return feat_m, feat_f
+    raise ValueError(f'a PCA basis is needed to reduce {c} channels to {c_prime}')
+  return (channel_reg.pca_project(feat_m, pca['mean'], pca['components']),
+          channel_reg.pca_project(feat_f, pca['mean'], pca['components']))
+
+
+# -------------------------------------------------------------------------------------- losses
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+  """Static loss settings (hashable, part of the compiled step)."""
+  ncc: float = 1.0
+  dice: float = 0.0
+  smooth: float = 1.0
+  windows: tuple = (9, 5, 3, 3, 3)
+  blur_sigma: float = 1.0
+  blur_in_plane_only: bool = True
+  num_classes: int = 3
+
+  @classmethod
+  def from_config(cls, config, mode: str, num_classes: int | None = None,
+                  blur_in_plane_only: bool | None = None) -> 'LossSpec':
+    lc = config.loss
+    return cls(ncc=float(lc.ncc), dice=float(lc.dice) if mode == 'WS' else 0.0,
+               smooth=float(lc.smooth), windows=tuple(int(w) for w in lc.ncc_windows),
+               blur_sigma=float(lc.blur_sigma),
+               blur_in_plane_only=bool(lc.blur_in_plane_only if blur_in_plane_only is None
+                                       else blur_in_plane_only),
+               num_classes=int(config.data.num_classes if num_classes is None
+                               else num_classes))
+
+
+def registration_loss(out: model_lib.FMIROutput, moving, fixed, spec: LossSpec):
+  """Multi-level NCC + Dice + diffusion (SPEC §5) for a model output."""
+  shapes = tuple(tuple(v.shape[1:4]) for v in out.v_levels)
+  img_m = losses.image_pyramid(moving['image'][..., None], shapes, spec.blur_sigma,
+                               spec.blur_in_plane_only)
+  img_f = losses.image_pyramid(fixed['image'][..., None], shapes, spec.blur_sigma,
+                               spec.blur_in_plane_only)
+  lab_m = lab_f = None
+  if spec.dice > 0:
+    k = spec.num_classes + 1
+    lab_m = losses.label_pyramid(jax.nn.one_hot(moving['labels'], k), shapes)
+    lab_f = losses.label_pyramid(jax.nn.one_hot(fixed['labels'], k), shapes)
+  return losses.multilevel_loss(
+      v_levels=out.v_levels, u_levels=out.u_levels, moving_levels=img_m,
+      fixed_levels=img_f, moving_label_levels=lab_m, fixed_label_levels=lab_f,
+      windows=spec.windows, lambdas=(spec.ncc, spec.dice, spec.smooth))
+
+
+# ---------------------------------------------------------------------------------- train state
+
+class TrainState(NamedTuple):
+  step: jax.Array          # () int32
+  params: Any              # nnx.State of the model's Params
+  opt_state: Any
+  key: jax.Array           # base PRNG key; the step's key is fold_in(key, step)
+
+
+def create(config, feature_channels_in: int, total_steps: int):
+  """(graphdef, TrainState, optimizer, FMIRConfig) for a fresh run."""
+  mcfg = model_config(config, feature_channels_in)
+  seed = int(config.train.seed)
+  model = model_lib.FMIR(mcfg, rngs=nnx.Rngs(seed))
+  graphdef, params = nnx.split(model, nnx.Param)
+  tx = make_optimizer(config, total_steps)
+  state = TrainState(step=jnp.asarray(0, jnp.int32), params=params,
+                     opt_state=tx.init(params),
+                     key=jax.random.key_data(jax.random.PRNGKey(seed + 1)))
+  return graphdef, state, tx, mcfg
+
+
+def make_mesh(devices=None) -> Mesh:
+  """A 1-D mesh over all local devices (data parallelism over the batch axis)."""
+  devices = np.asarray(jax.local_devices() if devices is None else devices)
+  return Mesh(devices, ('data',))
+
+
+def _step_fn(graphdef, tx, spec: LossSpec, c_prime: int, random_selection: bool,
+             factors, state: TrainState, batch, pca):
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+
+  def loss_fn(params):
+    model = nnx.merge(graphdef, params)
+    fm, ff = regularise_channels(batch['moving']['feat'], batch['fixed']['feat'], key=key,
+                                 c_prime=c_prime, random_selection=random_selection, pca=pca)
+    moving = dict(batch['moving'], feat=fm)
+    fixed = dict(batch['fixed'], feat=ff)
+    out = model(moving, fixed, factors=factors)
+    total, parts = registration_loss(out, moving, fixed, spec)
+    return total, parts
+
+  (total, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+  metrics = dict(parts, loss=total, grad_norm=grad_norm)
+  new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, key=state.key)
+  # A non-finite step changes nothing: the caller gets the last good state back to save.
+  new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+  return new, metrics, finite
+
+
+def make_train_step(graphdef, tx, spec: LossSpec, *, c_prime: int, mode: str, mesh: Mesh,
+                    factors=None):
+  """jit-compiled ``step(state, batch, pca) -> (state, metrics, finite)``.
+
+  The batch is sharded over the mesh's 'data' axis; parameters, optimiser state and PCA
+  basis are replicated. The same program runs on 1 CPU, several GPUs or a TPU slice.
+  """
+  check_mode(mode)
+  fn = functools.partial(_step_fn, graphdef, tx, spec, c_prime, mode != '-CR', factors)
+  replicated = NamedSharding(mesh, P())
+  batch_sharded = NamedSharding(mesh, P('data'))
+  return jax.jit(fn, in_shardings=(replicated, batch_sharded, replicated),
+                 out_shardings=(replicated, replicated, replicated), donate_argnums=(0,))
+
+
+def shard_batch(batch, mesh: Mesh):
+  """Places a host batch on the mesh, split along the leading (batch) axis."""
+  n = mesh.devices.size
+  b = jax.tree.leaves(batch)[0].shape[0]
+  if b % n:
+    raise ValueError(f'batch of {b} pairs does not split over {n} devices: set '
+                     f'--config.train.batch_size to a multiple of {n}')
+  return jax.device_put(batch, NamedSharding(mesh, P('data')))
+
+
+# ------------------------------------------------------------------------------ inference
+
+def make_predict(graphdef, *, c_prime: int, factors=None):
+  """jit-compiled ``predict(params, moving, fixed, pca) -> disp (B,H,W,D,3)`` (PCA path)."""
+
+  def fn(params, moving, fixed, pca):
+    model = nnx.merge(graphdef, params)
+    fm, ff = regularise_channels(moving['feat'], fixed['feat'], key=None, c_prime=c_prime,
+                                 random_selection=False, pca=pca)
+    out = model(dict(moving, feat=fm), dict(fixed, feat=ff), factors=factors)
+    return out.disp
+
+  return jax.jit(fn)
+
+
+def model_inputs(volume_item: dict) -> dict:
+  """The arrays the model reads from a data.volume_item (adds nothing, drops labels)."""
+  return {k: volume_item[k] for k in ('image', 'feat', 'interp_h', 'interp_w')}
+
+
+# ------------------------------------------------------------------------------- PCA on stores
+
+def fit_pca(stores, c_prime: int, split: str = 'train', max_volumes: int = 0,
+            progress=None) -> channel_reg.PCABasis:
+  """Centred PCA of the training stores' patch-grid features (float64 streaming sums)."""
+  c = stores[0].header['channels']
+  acc = channel_reg.PCAAccumulator(c)
+  keys = [(st, k) for st in stores for k in st.keys(split)]
+  if max_volumes:
+    keys = keys[:max_volumes]
+  if not keys:
+    raise ValueError(f'no {split!r} volumes to fit the PCA basis on')
+  for st, k in (progress(keys) if progress else keys):
+    acc.update(np.asarray(st.features(k)))
+  return acc.finalize(c_prime)
+
+
+def pca_to_device(basis: channel_reg.PCABasis | None):
+  if basis is None:
+    return None
+  return {'mean': jnp.asarray(basis.mean, jnp.float32),
+          'components': jnp.asarray(basis.components, jnp.float32)}

@@ -1,0 +1,168 @@
+"""The training loop (what ``train.py`` runs): resumable, logged, data-parallel."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+from fmir_jax import checkpoint as ckpt
+from fmir_jax import data as data_lib
+from fmir_jax import evaluation
+from fmir_jax import metrics as metrics_lib
+from fmir_jax import store as store_lib
+from fmir_jax import train_lib
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+def open_stores(paths) -> list[store_lib.FeatureStore]:
+  paths = [p for p in (paths if isinstance(paths, (list, tuple)) else [paths]) if p]
+  if not paths:
+    raise ValueError('no feature store given: set --config.data.train_stores=PATH '
+                     '(written by feature_extract/run.py)')
+  stores = [store_lib.FeatureStore(p) for p in paths]
+  for st in stores[1:]:
+    if st.header['channels'] != stores[0].header['channels']:
+      raise store_lib.StoreError(
+          f'{st.path}: {st.header["channels"]} channels but {stores[0].path} has '
+          f'{stores[0].header["channels"]}: stores trained together must share a backbone')
+  return stores
+
+
+def total_steps(config, num_pairs: int) -> int:
+  if config.train.num_steps:
+    return int(config.train.num_steps)
+  per_epoch = math.ceil(num_pairs / int(config.train.batch_size))
+  return int(config.train.epochs) * per_epoch
+
+
+def _classes(config):
+  return tuple(range(1, int(config.data.num_classes) + 1))
+
+
+@dataclasses.dataclass
+class TrainResult:
+  step: int
+  losses: dict[int, float]            # step -> total loss (this invocation's steps)
+  val_dice: dict[int, float]
+  workdir: str
+
+
+def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
+                       mesh=None, quiet: bool = False) -> TrainResult:
+  """Trains (or resumes) the run in ``workdir``.
+
+  stop_after_steps: leave after this many steps of this invocation (a time slice on a
+    preemptible machine); the next call resumes from the last checkpoint.
+  """
+  mode = train_lib.check_mode(config.mode)
+  stores = open_stores(list(config.data.train_stores))
+  eval_stores = open_stores([config.data.eval_store]) if config.data.eval_store else stores
+  header = stores[0].header
+  refs = data_lib.list_pairs(stores, 'train')
+  n_steps = total_steps(config, len(refs))
+  c_prime = int(config.feature_channels)
+  graphdef, state, tx, mcfg = train_lib.create(config, int(header['channels']), n_steps)
+  mesh = mesh or train_lib.make_mesh()
+  spec = train_lib.LossSpec.from_config(config, mode)
+
+  os.makedirs(workdir, exist_ok=True)
+  run_info = json.loads(json.dumps({
+      'config': config.to_dict(), 'model': dataclasses.asdict(mcfg), 'mode': mode,
+      'store_header': header, 'train_stores': list(config.data.train_stores),
+      'total_steps': n_steps, 'num_devices': int(mesh.devices.size)}))
+  if os.path.exists(os.path.join(workdir, ckpt.RUN_FILE)):
+    old = ckpt.read_run_info(workdir)
+    if old['model'] != run_info['model'] or old['mode'] != mode:
+      raise ValueError(f'{workdir} holds a run with another model/mode ({old["mode"]}, '
+                       f'{old["model"]}); use a new --workdir')
+    store_lib.check_compatible(old['store_header'], header)
+  ckpt.write_run_info(workdir, run_info)
+
+  # PCA basis on the training features: inference for UN/WS, training and inference for -CR.
+  basis = ckpt.load_pca(workdir, header)
+  if basis is None:
+    logging.info('fitting PCA (c=%d -> c\'=%d) on the training features', header['channels'],
+                 c_prime)
+    basis = train_lib.fit_pca(stores, c_prime, max_volumes=int(config.train.pca_max_volumes))
+    ckpt.save_pca(workdir, header, basis, source=','.join(st.path for st in stores))
+  pca = train_lib.pca_to_device(basis)
+
+  last_mgr, best_mgr = ckpt.managers(workdir, int(config.train.keep_checkpoints))
+  restored = ckpt.restore(last_mgr, state)
+  if restored is not None:
+    state = train_lib.TrainState(*restored) if not isinstance(restored, train_lib.TrainState) \
+        else restored
+    logging.info('resumed from step %d', int(state.step))
+  start = int(state.step)
+  step_fn = train_lib.make_train_step(graphdef, tx, spec, c_prime=c_prime, mode=mode,
+                                      mesh=mesh)
+  predict = train_lib.make_predict(graphdef, c_prime=c_prime)
+  val_refs = data_lib.eval_pairs(eval_stores, 'val', int(config.train.eval_pairs))
+  end = n_steps if not stop_after_steps else min(n_steps, start + int(stop_after_steps))
+
+  writer = SummaryWriter(os.path.join(workdir, 'tb'))
+  batches = data_lib.train_batches(
+      stores, batch_size=int(config.train.batch_size), seed=int(config.train.seed),
+      start_step=start, num_steps=end, bidirectional=bool(config.train.bidirectional),
+      prefetch=int(config.data.prefetch))
+  losses, val_dice = {}, {}
+  bar = tqdm(total=n_steps, initial=start, desc=f'train {config.name} [{mode}]',
+             disable=quiet, dynamic_ncols=True, unit='step')
+  t_start = time.perf_counter()
+  try:
+    for step in range(start, end):
+      batch = train_lib.shard_batch(next(batches), mesh)
+      state, metrics, finite = step_fn(state, batch, pca)
+      if not bool(finite):
+        # The step kept the last good parameters: save them before stopping.
+        train_lib_step = int(state.step)
+        ckpt.save(last_mgr, train_lib_step, state)
+        last_mgr.wait_until_finished()
+        raise NonFiniteLossError(
+            f'non-finite loss or gradient at step {step + 1} '
+            f'(loss={float(metrics["loss"])}, grad_norm={float(metrics["grad_norm"])}); '
+            f'the last good state is saved in {workdir}/checkpoints (step {train_lib_step}). '
+            'Check the feature store for NaN/inf, or lower --config.optim.lr.')
+      done = step + 1
+      loss = float(metrics['loss'])
+      losses[done] = loss
+      if done % int(config.train.log_every) == 0 or done == end:
+        for k, v in metrics.items():
+          writer.add_scalar(f'train/{k}', float(v), done)
+        writer.add_scalar('train/steps_per_s', (done - start) / (time.perf_counter() - t_start),
+                          done)
+      bar.set_postfix(loss=f'{loss:.4f}', refresh=False)
+      bar.update(1)
+      if done % int(config.train.eval_every) == 0 or done == n_steps:
+        results = evaluation.evaluate_pairs(predict, state.params, eval_stores, val_refs, pca,
+                                            _classes(config))
+        summary = metrics_lib.aggregate([r.metrics for r in results])
+        dice = float(summary['metrics']['dice_mean']['mean'])
+        val_dice[done] = dice
+        writer.add_scalar('val/dice', dice, done)
+        writer.add_scalar('val/initial_dice', float(summary['metrics']['initial_dice_mean']['mean']), done)
+        writer.add_scalar('val/folding_fraction', float(summary['metrics']['folding_fraction']['mean']),
+                          done)
+        logging.info('step %d: val Dice %.4f (initial %.4f)', done, dice,
+                     summary['metrics']['initial_dice_mean']['mean'])
+        ckpt.save(best_mgr, done, state, metrics={'val_dice': dice})
+      if done % int(config.train.checkpoint_every) == 0 or done == end:
+        ckpt.save(last_mgr, done, state)
+  finally:
+    bar.close()
+    writer.close()
+    last_mgr.wait_until_finished()
+    best_mgr.wait_until_finished()
+  return TrainResult(step=int(state.step), losses=losses, val_dice=val_dice, workdir=workdir)

@@ -1,0 +1,14 @@
+"""Test-session setup: CPU only, and a persistent XLA compilation cache shared by the tests
+of one session, so identical programs (the same tiny model trained by several tests) compile
+once."""
+import os
+import tempfile
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import jax  # noqa: E402
+
+_CACHE = os.environ.get('FMIR_TEST_JAX_CACHE') or tempfile.mkdtemp(prefix='fmir-jax-cache-')
+jax.config.update('jax_compilation_cache_dir', _CACHE)
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)

@@ -1,0 +1,130 @@
+"""Training: modes run, loss goes down, kill-and-resume equals an uninterrupted run,
+sharded (2 host devices) step equals the single-device step, NaN stops cleanly."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import demo
+from fmir_jax import data as data_lib
+from fmir_jax import evaluation
+from fmir_jax import store as store_lib
+from fmir_jax import train_lib
+from fmir_jax import trainer
+from tests import synth
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def store_dir(tmp_path_factory):
+  return synth.write_store(str(tmp_path_factory.mktemp('store') / 'features'))
+
+
+def tiny_config(store_dir, **train):
+  c = demo.get_config()
+  c.data.train_stores = (store_dir,)
+  c.feature_channels = 4
+  c.model.n = 4
+  c.model.levels = 3
+  c.model.integration_steps = 2
+  c.loss.ncc_windows = (5, 3, 3)
+  c.train.num_steps = 6
+  c.train.log_every = 1
+  c.train.checkpoint_every = 2
+  c.train.eval_every = 6
+  c.train.eval_pairs = 2
+  c.optim.lr = 3e-3
+  c.data.prefetch = 1
+  for k, v in train.items():
+    setattr(c.train, k, v)
+  return c
+
+
+def test_kill_and_resume_equals_uninterrupted(store_dir, tmp_path):
+  cfg = tiny_config(store_dir)
+  full = trainer.train_and_evaluate(cfg, str(tmp_path / 'full'), quiet=True)
+  assert sorted(full.losses) == [1, 2, 3, 4, 5, 6]
+  # "Killed" after 3 steps: the last checkpoint is step 2, so the resumed run redoes step 3.
+  part = trainer.train_and_evaluate(cfg, str(tmp_path / 'cut'), stop_after_steps=3, quiet=True)
+  assert part.step == 3
+  # Drop the step-3 checkpoint so the resume really starts from an older state (step 2),
+  # as after a kill between checkpoints.
+  import shutil
+  shutil.rmtree(tmp_path / 'cut' / 'checkpoints' / '3')
+  resumed = trainer.train_and_evaluate(cfg, str(tmp_path / 'cut'), quiet=True)
+  assert sorted(resumed.losses) == [3, 4, 5, 6]
+  for s in (3, 4, 5, 6):
+    np.testing.assert_allclose(resumed.losses[s], full.losses[s], rtol=1e-5)
+  np.testing.assert_allclose(part.losses[3], full.losses[3], rtol=1e-5)
+  assert full.val_dice and all(np.isfinite(list(full.val_dice.values())))
+
+
+@pytest.mark.parametrize('mode', ['WS', '-CR'])
+def test_modes_train_and_lower_the_loss(store_dir, tmp_path, mode):
+  cfg = tiny_config(store_dir, num_steps=12, eval_every=12, checkpoint_every=12)
+  cfg.mode = mode
+  res = trainer.train_and_evaluate(cfg, str(tmp_path / mode), quiet=True)
+  first = np.mean([res.losses[s] for s in (1, 2, 3)])
+  last = np.mean([res.losses[s] for s in (10, 11, 12)])
+  assert last < first, (mode, res.losses)
+
+
+def test_non_finite_stops_with_last_good_state(store_dir, tmp_path, monkeypatch):
+  cfg = tiny_config(store_dir, num_steps=4)
+  real = data_lib.train_batches
+
+  def poisoned(*args, **kwargs):
+    for i, batch in enumerate(real(*args, **kwargs)):
+      if kwargs['start_step'] + i == 2:          # the third step sees a NaN voxel
+        batch['moving']['image'][0, 3, 3, 1] = np.nan
+      yield batch
+
+  monkeypatch.setattr(data_lib, 'train_batches', poisoned)
+  with pytest.raises(FloatingPointError, match='last good state') as err:
+    trainer.train_and_evaluate(cfg, str(tmp_path / 'nan'), quiet=True)
+  assert 'step 3' in str(err.value)
+  from fmir_jax import checkpoint as ckpt
+  graphdef, state, _, _ = train_lib.create(cfg, 6, 4)
+  last, _ = ckpt.managers(str(tmp_path / 'nan'), 3)
+  assert last.latest_step() == 2                  # the state after the last good step
+  restored = ckpt.restore(last, state)
+  assert int(restored.step) == 2
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(restored.params))
+
+
+def test_sharded_step_equals_single_device(store_dir):
+  script = textwrap.dedent(f"""
+      import os
+      os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+      import sys; sys.path.insert(0, {ROOT!r})
+      import jax, numpy as np
+      from tests.test_train import tiny_config
+      from fmir_jax import train_lib, trainer, data as data_lib
+      assert len(jax.devices()) == 2
+      cfg = tiny_config({store_dir!r}, batch_size=2)
+      stores = trainer.open_stores([{store_dir!r}])
+      graphdef, state, tx, _ = train_lib.create(cfg, 6, 4)
+      spec = train_lib.LossSpec.from_config(cfg, 'UN')
+      batch = next(data_lib.train_batches(stores, batch_size=2, seed=0, start_step=0,
+                                          num_steps=1, prefetch=1))
+      out = {{}}
+      for n in (1, 2):
+        mesh = train_lib.make_mesh(jax.devices()[:n])
+        step = train_lib.make_train_step(graphdef, tx, spec, c_prime=4, mode='UN', mesh=mesh)
+        s = jax.tree.map(lambda x: x.copy(), state)
+        new, metrics, finite = step(s, train_lib.shard_batch(batch, mesh), None)
+        out[n] = (float(metrics['loss']), jax.tree.map(np.asarray, new.params))
+      assert abs(out[1][0] - out[2][0]) <= 1e-5 * abs(out[1][0]), out
+      for a, b in zip(jax.tree.leaves(out[1][1]), jax.tree.leaves(out[2][1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+      print('SHARDED_OK', out[1][0], out[2][0])
+      """)
+  r = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                     cwd=ROOT, timeout=600)
+  assert 'SHARDED_OK' in r.stdout, r.stdout + r.stderr
