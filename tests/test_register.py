@@ -1,0 +1,283 @@
+"""`fmir register`: outputs on the fixed grid, world-space displacement checked with an
+independent scipy resampler, Learn2Reg export, instance optimisation raising Dice on a pair
+with a known world translation, bad input -> exit 2 with nothing written.
+
+A tiny run is built once per module: ACDC-style phantoms (write_acdc_phantoms) on a small
+"custom" model grid, offline `mind` features (feature_extract.run.extract), a few training
+steps (trainer.train_and_evaluate). Fixed and moving differ in shape, spacing and
+orientation.
+"""
+import glob
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from configs import demo
+from feature_extract import backbones
+from feature_extract import run as extract_run
+from feature_extract.datasets import pairs as custom_pairs
+from feature_extract.datasets import phantoms
+from fmir_jax import cli
+from fmir_jax import io
+from fmir_jax import register
+from fmir_jax import trainer
+
+GRID = dict(shape=(32, 32, 8), spacing_mm=(3.5, 3.5, 10.0))
+INPLANE = (80, 96)
+
+
+@pytest.fixture(scope='module')
+def run_dir(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp('data'))
+  rows = ['moving,fixed,moving_label,fixed_label,split']
+  for pid in (1, 2, 18):
+    phantoms.write_acdc_phantoms(root, 1, seed=0, first_id=pid, inplane_size=INPLANE)
+    imgs = sorted(glob.glob(f'{root}/training/patient{pid:03d}/*frame??.nii.gz'))
+    labs = [p.replace('.nii.gz', '_gt.nii.gz') for p in imgs]
+    split = 'val' if pid == 18 else 'train'
+    rows += [f'{imgs[0]},{imgs[1]},{labs[0]},{labs[1]},{split}',
+             f'{imgs[1]},{imgs[0]},{labs[1]},{labs[0]},{split}']
+  with open(f'{root}/pairs.csv', 'w') as f:
+    f.write('\n'.join(rows) + '\n')
+  sources = custom_pairs.scan(f'{root}/pairs.csv', **GRID)
+  store = f'{root}/features'
+  extract_run.extract(sources, custom_pairs.pairs(sources), backbones.load('mind', device='cpu'),
+                      store, input_size=64, resize='upsample', dataset='custom',
+                      dataset_options=dict(GRID), progress=False)
+  c = demo.get_config()
+  c.data.train_stores = (store,)
+  c.feature_channels = 8
+  c.model.n = 4
+  c.model.levels = 2
+  c.model.integration_steps = 2
+  c.loss.ncc_windows = (5, 3)
+  c.train.num_steps = 4
+  c.train.eval_every = 4
+  c.train.checkpoint_every = 4
+  c.train.eval_pairs = 1
+  c.optim.lr = 3e-3
+  c.data.prefetch = 1
+  workdir = str(tmp_path_factory.mktemp('run'))
+  trainer.train_and_evaluate(c, workdir, quiet=True)
+  return workdir
+
+
+def _rot_z(angle):
+  c, s = np.cos(angle), np.sin(angle)
+  return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]])
+
+
+def other_grid(shape_f, affine_f, shape_m, angle, zoom):
+  """A grid rotated in-plane by `angle` and scaled by `zoom`, sharing the fixed centre."""
+  m3 = affine_f[:3, :3] @ _rot_z(angle) @ np.diag([zoom, zoom, 1.0])
+  centre = affine_f[:3, :3] @ ((np.asarray(shape_f) - 1) / 2) + affine_f[:3, 3]
+  a = np.eye(4)
+  a[:3, :3] = m3
+  a[:3, 3] = centre - m3 @ ((np.asarray(shape_m) - 1) / 2)
+  return a
+
+
+def translate(t_mm):
+  a = np.eye(4)
+  a[:3, 3] = t_mm
+  return a
+
+
+@pytest.fixture(scope='module')
+def pair(tmp_path_factory):
+  """Fixed: phantom 101 ED as written. Moving: its ES frame, and the ED frame translated by
+  a known world vector, both resampled onto a rotated, rescaled, differently shaped grid."""
+  root = str(tmp_path_factory.mktemp('pair'))
+  phantoms.write_acdc_phantoms(root, 1, seed=3, first_id=101, inplane_size=INPLANE)
+  ed, es = sorted(glob.glob(f'{root}/testing/patient101/*frame??.nii.gz'))
+  img_f, aff_f, hdr_f = io.load_nifti(ed)
+  shape_m = (hdr_f.shape[0] - 7, hdr_f.shape[1] + 5, hdr_f.shape[2])
+  aff_m = other_grid(hdr_f.shape, aff_f, shape_m, np.deg2rad(17.0), 1.15)
+  out = {'fixed': ed, 'fixed_labels': ed.replace('.nii.gz', '_gt.nii.gz'), 'root': root}
+  shift_vox = np.array([2.5, -2.0, 0.0])                 # in-plane, fixed voxel axes
+  out['t_mm'] = aff_f[:3, :3] @ shift_vox
+  for name, src, src_aff in (('es', es, aff_f), ('shift', ed, translate(out['t_mm']) @ aff_f)):
+    img, _, _ = io.load_nifti(src)
+    lab, _, _ = io.load_nifti(src.replace('.nii.gz', '_gt.nii.gz'), what='label')
+    out[name] = io.save_nifti(f'{root}/{name}.nii.gz',
+                              io.resample_to_grid(img, src_aff, aff_m, shape_m, 1), aff_m)
+    out[name + '_labels'] = io.save_nifti(
+        f'{root}/{name}_gt.nii.gz', io.resample_to_grid(lab, src_aff, aff_m, shape_m, 0), aff_m)
+  return out
+
+
+def _load(path):
+  img = nib.load(path)
+  return np.asarray(img.dataobj), img.affine
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+def test_disp_to_fixed_world_is_the_affine_image_of_the_voxel_field():
+  reg_aff = other_grid((20, 20, 6), np.diag([2.0, 2.0, 8.0, 1.0]), (20, 20, 6), 0.3, 1.0)
+  u = np.broadcast_to(np.array([1.5, -0.5, 0.25], np.float32), (20, 20, 6, 3))
+  fixed_aff = np.diag([-1.5, 1.7, 8.0, 1.0])
+  centre = reg_aff[:3, :3] @ [9.5, 9.5, 2.5] + reg_aff[:3, 3]
+  fixed_aff[:3, 3] = centre + [7.0, -8.0, -8.0]        # (10, 9, 3) voxels fit inside
+  d = register.disp_to_fixed_world(u, reg_aff, (10, 9, 3), fixed_aff)
+  np.testing.assert_allclose(d, np.broadcast_to(reg_aff[:3, :3] @ u[0, 0, 0], d.shape),
+                             atol=1e-5)
+
+
+def test_native_grid_is_padded_to_pyramid_multiples_and_keeps_the_centre():
+  aff = np.diag([1.3, 1.3, 7.0, 1.0])
+  shape, new = register.native_grid((101, 90, 9), aff, (1.3, 1.3, 7.0), (2.0, 2.0, 7.0),
+                                    (4, 4, 1))
+  assert shape == (68, 60, 9) and all(n % m == 0 for n, m in zip(shape, (4, 4, 1)))
+  centre = lambda s, a: a[:3, :3] @ ((np.asarray(s) - 1) / 2) + a[:3, 3]  # noqa: E731
+  # An odd padding cannot be split evenly: the centre moves by at most half a voxel.
+  shift = np.linalg.solve(new[:3, :3], centre(shape, new) - centre((101, 90, 9), aff))
+  np.testing.assert_allclose(np.abs(shift), [0.0, 0.5, 0.0], atol=1e-9)
+  np.testing.assert_allclose(io.voxel_spacing(new), (2.0, 2.0, 7.0))
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_cli_native_grid_outputs_match_independent_resampler_and_l2r(run_dir, pair, tmp_path,
+                                                                      capsys):
+  out, l2r = tmp_path / 'out', tmp_path / 'l2r'
+  rc = cli.main(['register', '--fixed', pair['fixed'], '--moving', pair['es'],
+                 '--fixed-labels', pair['fixed_labels'], '--moving-labels',
+                 pair['es_labels'], '--checkpoint', run_dir, '--out', str(out),
+                 '--grid', 'native', '--spacing', '3,3,10', '--pyramid-factors', '2,2,1',
+                 '--l2r-export', str(l2r), '--l2r-fixed-id', '0101', '--l2r-moving-id', '0102'])
+  assert rc == 0, capsys.readouterr().err
+  assert 'Dice: before' in capsys.readouterr().out
+  fixed, aff_f = _load(pair['fixed'])
+  moving, aff_m = _load(pair['es'])
+  moving_lab, _ = _load(pair['es_labels'])
+  report = json.loads((out / 'report.json').read_text())
+  assert all(n % m == 0 for n, m in zip(report['grid']['shape'], (2, 2, 1)))
+  assert set(report['times_s']) == {'load_resample_s', 'features_s', 'head_s', 'io_s',
+                                    'write_s'}
+  assert 0.0 <= report['dice']['mean_before'] <= 1.0
+  assert np.isfinite(report['jacobian']['sdlogj'])
+  # Output grids are the fixed image's.
+  warped, aff_w = _load(out / 'warped_moving.nii.gz')
+  warped_lab, aff_wl = _load(out / 'warped_moving_labels.nii.gz')
+  disp_img = nib.load(out / 'disp_mm.nii.gz')
+  disp = np.asarray(disp_img.dataobj)
+  assert warped.shape == warped_lab.shape == fixed.shape
+  assert disp.shape == fixed.shape + (1, 3)
+  assert int(disp_img.header['intent_code']) == 1006
+  for a in (aff_w, aff_wl, disp_img.affine):
+    np.testing.assert_allclose(a, aff_f, atol=1e-4)
+  assert np.abs(disp).max() > 1e-3      # the network moved something
+  # Independent resampler: moving(p + disp_mm(p)) from the saved files and affines only.
+  idx = np.stack(np.meshgrid(*[np.arange(n) for n in fixed.shape], indexing='ij'), -1)
+  p = idx @ aff_f[:3, :3].T + aff_f[:3, 3] + disp[:, :, :, 0, :]
+  inv = np.linalg.inv(aff_m)
+  coords = np.moveaxis(p @ inv[:3, :3].T + inv[:3, 3], -1, 0)
+  expect = ndimage.map_coordinates(moving.astype(np.float64), coords, order=1, cval=0.0)
+  np.testing.assert_allclose(warped, expect, atol=1e-3 * np.abs(moving).max())
+  expect_lab = ndimage.map_coordinates(moving_lab, coords, order=0, cval=0)
+  assert np.mean(expect_lab == warped_lab) > 0.999
+  # Learn2Reg export: the challenge script's warp (identity + disp, in moving voxels).
+  l2r_img = nib.load(l2r / 'disp_0101_0102.nii.gz')
+  field = np.asarray(l2r_img.dataobj)
+  assert field.shape == fixed.shape + (3,) and field.dtype == np.float32
+  l2r_lab = ndimage.map_coordinates(moving_lab, np.moveaxis(idx + field.astype(float), -1, 0),
+                                    order=0)
+  assert np.mean(l2r_lab == warped_lab) > 0.995
+
+
+def test_instance_optimisation_recovers_a_known_translation(run_dir, pair, tmp_path):
+  out = tmp_path / 'out'
+  rep = register.register(
+      pair['fixed'], pair['shift'], run_dir, str(out), fixed_labels=pair['fixed_labels'],
+      moving_labels=pair['shift_labels'],
+      options=register.RegisterOptions(io_steps=60, io_lr=0.1))
+  assert rep['grid']['shape'] == list(GRID['shape'])          # the run's model grid
+  io_r = rep['instance_optimisation']
+  assert io_r['loss_after'] < io_r['loss_before']
+  assert rep['dice']['mean_after'] > rep['dice']['mean_before'] + 0.05, rep['dice']
+  # Closed form: moving(q) = fixed(q - t), so disp_mm = t; check it in the heart.
+  disp = np.asarray(nib.load(out / 'disp_mm.nii.gz').dataobj)[:, :, :, 0, :]
+  heart = _load(pair['fixed_labels'])[0] > 0
+  err = np.linalg.norm(np.median(disp[heart], axis=0) - pair['t_mm'])
+  assert err < 0.35 * np.linalg.norm(pair['t_mm']), (np.median(disp[heart], 0), pair['t_mm'])
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _write(path, data, affine=np.diag([1.5, 1.5, 8.0, 1.0])):
+  nib.save(nib.Nifti1Image(data, affine), path)
+  return str(path)
+
+
+@pytest.mark.parametrize('case', ['missing', 'corrupt', '2d', 'single_slice', 'nan',
+                                  'label_shape', 'label_affine', 'no_run', 'out_not_empty',
+                                  'bad_spacing'])
+def test_bad_input_exits_2_and_writes_nothing(run_dir, pair, tmp_path, capsys, case):
+  img = np.random.default_rng(0).random((12, 12, 4)).astype(np.float32)
+  good = _write(tmp_path / 'good.nii.gz', img)
+  args = {'--fixed': good, '--moving': pair['es'], '--checkpoint': run_dir}
+  extra = []
+  expect = ''
+  if case == 'missing':
+    args['--fixed'], expect = str(tmp_path / 'nope.nii.gz'), 'does not exist'
+  elif case == 'corrupt':
+    (tmp_path / 'bad.nii.gz').write_bytes(b'not a nifti file at all')
+    args['--moving'], expect = str(tmp_path / 'bad.nii.gz'), 'cannot read'
+  elif case == '2d':
+    args['--fixed'], expect = _write(tmp_path / 'flat.nii.gz', img[:, :, 0]), '3D'
+  elif case == 'single_slice':
+    args['--fixed'], expect = _write(tmp_path / 'one.nii.gz', img[:, :, :1]), '2D image'
+  elif case == 'nan':
+    bad = img.copy()
+    bad[3, 4, 1] = np.nan
+    args['--fixed'], expect = _write(tmp_path / 'nan.nii.gz', bad), 'NaN'
+  elif case == 'label_shape':
+    extra = ['--fixed-labels', _write(tmp_path / 'l.nii.gz', np.zeros((12, 11, 4), np.uint8))]
+    expect = 'label shape'
+  elif case == 'label_affine':
+    extra = ['--fixed-labels', _write(tmp_path / 'l.nii.gz', np.zeros((12, 12, 4), np.uint8),
+                                      np.diag([1.5, 1.5, 9.0, 1.0]))]
+    expect = 'label affine'
+  elif case == 'no_run':
+    args['--checkpoint'], expect = str(tmp_path / 'no_run'), '--checkpoint'
+  elif case == 'out_not_empty':
+    (tmp_path / 'out').mkdir()
+    (tmp_path / 'out' / 'keep.txt').write_text('x')
+    expect = '--overwrite'
+  elif case == 'bad_spacing':
+    extra, expect = ['--grid', 'native', '--spacing', '2,0,3'], '--spacing'
+  argv = ['register', '--out', str(tmp_path / 'out')] + extra
+  for k, v in args.items():
+    argv += [k, v]
+  before = sorted(os.listdir(tmp_path))
+  rc = cli.main(argv)
+  err = capsys.readouterr().err
+  assert rc == 2 and expect in err, err
+  assert 'Traceback' not in err
+  if case == 'out_not_empty':
+    assert os.listdir(tmp_path / 'out') == ['keep.txt']
+  else:
+    assert not (tmp_path / 'out').exists()
+  assert sorted(os.listdir(tmp_path)) == before      # no temp directories left behind
+
+
+def test_other_backbone_without_pca_basis_is_refused(run_dir, pair, tmp_path, capsys):
+  import transformers
+  cfg = transformers.Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, patch_size=4, image_size=32)
+  weights = str(tmp_path / 'tiny_dinov2')
+  transformers.Dinov2Model(cfg).save_pretrained(weights)
+  rc = cli.main(['register', '--fixed', pair['fixed'], '--moving', pair['es'],
+                 '--checkpoint', run_dir, '--out', str(tmp_path / 'out'),
+                 '--backbone', 'dinov2', '--weights', weights])
+  err = capsys.readouterr().err
+  assert rc == 2 and 'no PCA basis for backbone dinov2' in err and '--pca_store' in err, err
+  assert not (tmp_path / 'out').exists()
