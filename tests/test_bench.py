@@ -1,0 +1,131 @@
+"""bench/: the PyTorch reference equals the JAX model for the same weights (displacement,
+per-level fields, loss and a gradient), and a smoke run of bench/run.py writes finite JSON."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from bench import common
+from bench import torch_fmir
+from fmir_jax import model as model_lib
+from fmir_jax import train_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CASE = common.Case('t', (12, 10, 6), (3, 3), (0.0, 0.0), (2.0, 2.0), (2, 2, 1), channels=6,
+                   c_prime=5, n=3, levels=3, steps=3, patch_size=8)
+
+
+def _models(exact: bool):
+  cfg = model_lib.FMIRConfig(feature_channels=CASE.c_prime, n=CASE.n, levels=CASE.levels,
+                             factors=CASE.factors, integration_steps=CASE.steps,
+                             exact_feature_path=exact)
+  # 'rbg' keys: eager threefry init draws cost ~2 s of compile per conv shape on CPU.
+  rngs = nnx.Rngs(jax.random.key(3, impl='rbg'))
+  graphdef, params = nnx.split(model_lib.FMIR(cfg, rngs=rngs), nnx.Param)
+  # Scale each level's flow conv so that the displacements are a few voxels (default init
+  # gives ~0.1 voxel, which would leave the warps nearly untested).
+  for i in range(CASE.levels):
+    p = params['blocks'][i]['flow']
+    p['kernel'].set_value(p['kernel'].get_value() * 40.0)
+    p['bias'].set_value(jnp.asarray([0.8, -0.6, 0.3]))
+  tm = torch_fmir.TorchFMIR(CASE.c_prime, CASE.n, CASE.levels, CASE.factors, CASE.steps)
+  torch_fmir.load_jax_params(tm, params)
+  return graphdef, params, tm
+
+
+def _inputs():
+  batch = common.pair_batch(CASE, seed=5, channels=CASE.c_prime)
+  jx = {r: {k: jnp.asarray(np.asarray(batch[r][k], np.float32))
+            for k in ('image', 'feat', 'interp_h', 'interp_w')} for r in batch}
+  th = {r: torch_fmir.to_torch(batch[r]) for r in batch}
+  return jx, th
+
+
+def _cl(t: torch.Tensor) -> np.ndarray:
+  """torch (B, C, H, W, D) -> numpy (B, H, W, D, C)."""
+  return t.detach().numpy().transpose(0, 2, 3, 4, 1)
+
+
+@pytest.mark.parametrize('exact', [True, False])
+def test_torch_reference_equals_jax_model(exact):
+  graphdef, params, tm = _models(exact)
+  jx, th = _inputs()
+  out = jax.jit(lambda p, m, f: nnx.merge(graphdef, p)(m, f))(params, jx['moving'], jx['fixed'])
+  with torch.no_grad():
+    disp, v_levels, u_levels = tm(th['moving'], th['fixed'])
+  d_jax = np.asarray(out.disp)
+  assert d_jax.shape == (1, *CASE.shape, 3)
+  assert 0.5 < np.abs(d_jax).max() < 8.0        # real, in-volume displacements
+  np.testing.assert_allclose(_cl(disp), d_jax, atol=2e-4 * np.abs(d_jax).max())
+  for i in range(CASE.levels):
+    np.testing.assert_allclose(_cl(v_levels[i]), np.asarray(out.v_levels[i]), rtol=1e-4,
+                               atol=1e-4 * np.abs(np.asarray(out.v_levels[i])).max())
+    np.testing.assert_allclose(_cl(u_levels[i]), np.asarray(out.u_levels[i]), rtol=1e-4,
+                               atol=2e-4 * np.abs(np.asarray(out.u_levels[i])).max())
+
+
+def test_torch_loss_and_gradient_equal_jax():
+  graphdef, params, tm = _models(True)
+  jx, th = _inputs()
+  spec = train_lib.LossSpec(windows=(5, 3, 3), blur_in_plane_only=True)
+
+  def loss_fn(p):
+    out = nnx.merge(graphdef, p)(jx['moving'], jx['fixed'])
+    return train_lib.registration_loss(out, jx['moving'], jx['fixed'], spec)[0]
+
+  loss_j, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
+  loss_t = torch_fmir.registration_loss(tm, tm(th['moving'], th['fixed']), th['moving'],
+                                        th['fixed'], windows=(5, 3, 3), in_plane_only=True)
+  loss_t.backward()
+  np.testing.assert_allclose(float(loss_t.detach()), float(loss_j), rtol=1e-4)
+  for name, conv in (('conv0', tm.compressor.conv0), ('conv2', tm.compressor.conv2)):
+    g_j = np.asarray(grads['compressor'][name]['kernel'].get_value()).transpose(4, 3, 0, 1, 2)
+    g_t = conv.weight.grad.numpy()
+    np.testing.assert_allclose(g_t, g_j, rtol=1e-3, atol=1e-3 * np.abs(g_j).max())
+
+
+def test_torch_warp_matches_scipy():
+  """grid_sample convention check against scipy's trilinear map_coordinates."""
+  from scipy import ndimage
+  rng = np.random.default_rng(0)
+  vol = rng.normal(size=(5, 6, 4)).astype(np.float32)
+  disp = rng.uniform(-1.5, 1.5, size=(3, 5, 6, 4)).astype(np.float32)
+  got = torch_fmir.warp(torch.from_numpy(vol)[None, None], torch.from_numpy(disp)[None])
+  pos = np.indices(vol.shape).astype(np.float32) + disp
+  want = ndimage.map_coordinates(vol, pos, order=1, mode='grid-constant', cval=0.0)
+  np.testing.assert_allclose(got[0, 0].numpy(), want, atol=1e-5)
+
+
+def test_smoke_run_writes_finite_json(tmp_path):
+  path = tmp_path / 'smoke.json'
+  r = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'run.py'), '--suite',
+                      'smoke', '--json', str(path)], capture_output=True, text=True,
+                     cwd=ROOT, timeout=300, check=False)
+  assert r.returncode == 0, r.stdout + r.stderr
+  res = json.loads(path.read_text())
+  assert 'torch/jax_exact' in r.stdout
+  per = res['cases']['smoke']
+  for impl in ('jax_exact', 'jax_straight', 'torch'):
+    for what in ('infer', 'train'):
+      s = per[impl][what]
+      assert math.isfinite(s['median_s']) and s['median_s'] > 0, (impl, what, s)
+      assert s['peak_host_bytes'] > 1e7
+    assert math.isfinite(per[impl]['train']['loss'])
+  for impl in ('jax_exact', 'jax_straight'):
+    for what in ('infer', 'train'):
+      s = per[impl][what]
+      assert s['compile_s'] > 0 and s['flops'] > 0 and s['flop_per_s'] > 0
+  for key, value in res['ratios']['smoke'].items():
+    assert math.isfinite(value) and value > 0, key
+  assert res['store_read']['pairs_per_s'] > 0
+  assert res['store_read']['read_over_train'] > 0
+  assert res['extract']['slices_per_s'] > 0
+  assert len(res['load_average_start']) == 3
