@@ -145,11 +145,19 @@ def create(config, feature_channels_in: int, total_steps: int):
   """(graphdef, TrainState, optimizer, FMIRConfig) for a fresh run."""
   mcfg = model_config(config, feature_channels_in)
   seed = int(config.train.seed)
-  model = model_lib.FMIR(mcfg, rngs=nnx.Rngs(seed))
-  graphdef, params = nnx.split(model, nnx.Param)
   tx = make_optimizer(config, total_steps)
+
+  def init():
+    # 'rbg' keys draw with XLA's RngBitGenerator: the ~12 differently shaped threefry
+    # uniform draws of the conv initialisers took 25-33 s to compile on 2 CPU cores, this
+    # jitted init ~3 s. Same distributions; the values are backend-specific (CPU vs GPU).
+    model = model_lib.FMIR(mcfg, rngs=nnx.Rngs(jax.random.key(seed, impl='rbg')))
+    return nnx.split(model, nnx.Param)
+
+  graphdef = nnx.eval_shape(init)[0]
+  params = jax.jit(lambda: init()[1])()
   state = TrainState(step=jnp.asarray(0, jnp.int32), params=params,
-                     opt_state=tx.init(params),
+                     opt_state=jax.jit(tx.init)(params),
                      key=jax.random.key_data(jax.random.PRNGKey(seed + 1)))
   return graphdef, state, tx, mcfg
 
@@ -195,10 +203,14 @@ def make_train_step(graphdef, tx, spec: LossSpec, *, c_prime: int, mode: str, me
   """
   check_mode(mode)
   fn = functools.partial(_step_fn, graphdef, tx, spec, c_prime, mode != '-CR', factors)
-  replicated = NamedSharding(mesh, P())
+  repl = replicated(mesh)
   batch_sharded = NamedSharding(mesh, P('data'))
-  return jax.jit(fn, in_shardings=(replicated, batch_sharded, replicated),
-                 out_shardings=(replicated, replicated, replicated), donate_argnums=(0,))
+  return jax.jit(fn, in_shardings=(repl, batch_sharded, repl),
+                 out_shardings=(repl, repl, repl), donate_argnums=(0,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
 
 
 def shard_batch(batch, mesh: Mesh):
