@@ -126,8 +126,9 @@ def preprocessing_for(dataset: str, options: dict[str, Any] | None = None) -> Pr
   options = dict(options or {})
   if dataset == 'acdc':
     from feature_extract.datasets import acdc  # numpy-only reader module
-    return Preprocessing('acdc', acdc.TARGET_SHAPE, acdc.TARGET_SPACING_MM, 'percentile',
-                         acdc.PERCENTILES)
+    shape = tuple(int(v) for v in options.get('shape', acdc.TARGET_SHAPE))
+    spacing = tuple(float(v) for v in options.get('spacing_mm', acdc.TARGET_SPACING_MM))
+    return Preprocessing('acdc', shape, spacing, 'percentile', acdc.PERCENTILES)
   if dataset == 'abdomen':
     from feature_extract.datasets import abdomen
     half = options.get('resolution', 'half') == 'half'

@@ -106,6 +106,10 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
         else restored
     logging.info('resumed from step %d', int(state.step))
   start = int(state.step)
+  # Place the state as the step returns it (replicated over the mesh): a state with other
+  # shardings would make the second call compile the step again.
+  state = jax.device_put(state, train_lib.replicated(mesh))
+  pca = jax.device_put(pca, train_lib.replicated(mesh))
   step_fn = train_lib.make_train_step(graphdef, tx, spec, c_prime=c_prime, mode=mode,
                                       mesh=mesh)
   predict = train_lib.make_predict(graphdef, c_prime=c_prime)

@@ -23,7 +23,7 @@ import dataclasses
 import functools
 import os
 import re
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -192,7 +192,8 @@ def _check_headers(p: PatientFiles) -> PatientFiles:
 
 def scan(root: str, *, layout: str = "auto", subjects: Iterable[int | str] | None = None,
          splits: Iterable[str] | None = None, strict: bool = True,
-         require_labels: bool = True) -> list[VolumeSource]:
+         require_labels: bool = True, shape: Sequence[int] = TARGET_SHAPE,
+         spacing_mm: Sequence[float] = TARGET_SPACING_MM) -> list[VolumeSource]:
   """Lists and validates ACDC ED/ES volumes (headers only; no pixel data read).
 
   Args:
@@ -202,6 +203,8 @@ def scan(root: str, *, layout: str = "auto", subjects: Iterable[int | str] | Non
     splits: keep only these splits ("train", "val", "test"); each must be non-empty.
     strict: raise at the first bad patient; False checks all and raises one report.
     require_labels: a missing ``_gt`` / ``_seg`` file is an error (else labels=None).
+    shape, spacing_mm: the target grid (default the paper's 128x128x16 at 1.8x1.8x10 mm;
+      the offline demo uses a coarser grid to train in minutes on a CPU).
 
   Returns:
     Two sources per patient, keys "patientNNN_ed" and "patientNNN_es", sorted by patient.
@@ -209,6 +212,12 @@ def scan(root: str, *, layout: str = "auto", subjects: Iterable[int | str] | Non
   root = os.fspath(root)
   if not os.path.isdir(root):
     raise DatasetError(f"{root}: ACDC root folder does not exist.")
+  target_shape = tuple(int(v) for v in shape)
+  target_spacing = tuple(float(v) for v in spacing_mm)
+  if len(target_shape) != 3 or min(target_shape) < 1 or len(target_spacing) != 3 \
+      or min(target_spacing) <= 0:
+    raise DatasetError(f"ACDC target grid shape={shape!r} spacing_mm={spacing_mm!r}: need "
+                       "3 positive sizes and 3 positive spacings.")
   if layout == "auto":
     layout = detect_layout(root)
   if layout == "raw":
@@ -233,7 +242,7 @@ def scan(root: str, *, layout: str = "auto", subjects: Iterable[int | str] | Non
                         strict, NAME, root)
   sources = []
   for p in patients:
-    plan = _GridPlan(p)
+    plan = _GridPlan(p, target_shape, target_spacing)
     for frame in FRAMES:
       files = (p.images[frame],) + ((p.labels[frame],) if p.labels[frame] else ())
       sources.append(VolumeSource(
@@ -262,8 +271,10 @@ def pairs(sources: Iterable[VolumeSource]) -> list[Pair]:
 class _GridPlan:
   """The target grid of one patient, computed once from the ED frame and shared by ES."""
 
-  def __init__(self, patient: PatientFiles):
+  def __init__(self, patient: PatientFiles, shape: tuple[int, int, int],
+               spacing_mm: tuple[float, float, float]):
     self._patient = patient
+    self.shape, self.spacing_mm = shape, spacing_mm
     self._plan: tuple[np.ndarray, str, list[float]] | None = None
 
   def get(self) -> tuple[np.ndarray, str, list[float]]:
@@ -277,7 +288,7 @@ class _GridPlan:
     hdr = io.read_header(p.images["ed"])
     centre = (np.asarray(hdr.shape, float) - 1) / 2
     rule = "image_centre"
-    if _on_target_grid(hdr):
+    if _on_target_grid(hdr, self.shape, self.spacing_mm):
       return hdr.affine, "already_on_grid", centre.tolist()
     if p.labels["ed"] is not None:
       lab, _, _ = io.load_nifti(p.labels["ed"], what="label")
@@ -285,21 +296,22 @@ class _GridPlan:
       if len(heart):
         centre[:2] = heart.mean(axis=0)[:2]
         rule = "ed_label_centroid"
-    gm = io.target_grid(hdr.shape, hdr.affine, hdr.spacing_mm, TARGET_SPACING_MM,
-                        TARGET_SHAPE, centre)
+    gm = io.target_grid(hdr.shape, hdr.affine, hdr.spacing_mm, self.spacing_mm,
+                        self.shape, centre)
     return gm.dst_affine, rule, centre.tolist()
 
 
-def _on_target_grid(hdr: io.NiftiHeader) -> bool:
-  return (tuple(hdr.shape) == TARGET_SHAPE
-          and np.allclose(hdr.spacing_mm, TARGET_SPACING_MM, rtol=1e-3))
+def _on_target_grid(hdr: io.NiftiHeader, shape=TARGET_SHAPE, spacing_mm=TARGET_SPACING_MM
+                    ) -> bool:
+  return (tuple(hdr.shape) == tuple(shape)
+          and np.allclose(hdr.spacing_mm, spacing_mm, rtol=1e-3))
 
 
 def load_frame(patient: PatientFiles, frame: str, plan: _GridPlan) -> Volume:
   """Reads and preprocesses one frame onto the patient's target grid."""
   image, affine, hdr = io.load_nifti(patient.images[frame], what="image")
   dst_affine, rule, centre = plan.get()
-  gm = io.GridMap(hdr.shape, affine, TARGET_SHAPE, dst_affine)
+  gm = io.GridMap(hdr.shape, affine, plan.shape, dst_affine)
   resampled = gm.to_target(image, order=1, cval=0.0)
   scaled, intensity = ds.percentile_scale(resampled, image, *PERCENTILES,
                                           where=patient.images[frame])
