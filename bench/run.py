@@ -40,12 +40,17 @@ SUITES = {
     'smoke': {'cases': ('smoke',), 'repeats': {'smoke': 2}, 'extract': 'quick',
               'full_size': None, 'end_to_end': False,
               'xla_flags': '--xla_backend_optimization_level=0', 'parallel': True},
-    'cpu': {'cases': ('acdc', 'abdomen_half'), 'repeats': {'acdc': 3, 'abdomen_half': 1},
+    # cpu: one timed call per measurement after the AOT compile (no warm-up call): on this
+    # shared 2-core machine one ACDC train step takes 60-80 s, see the report.
+    'cpu': {'cases': ('acdc', 'abdomen_half'), 'repeats': {'acdc': 1, 'abdomen_half': 1},
+            'warmup': 0,
             'extract': 'dinov3-256', 'full_size': 'compile', 'end_to_end': False},
     'gpu': {'cases': ('acdc', 'abdomen_half'), 'repeats': {'acdc': 10, 'abdomen_half': 5},
             'extract': 'dinov3-512', 'full_size': 'run', 'end_to_end': True},
 }
 IMPLS = ('jax_exact', 'jax_straight', 'torch')
+WARMUP = 1        # untimed calls before the timed ones (--warmup)
+PARTS_DIR = ''    # set by main: each task's JSON is also written here when it ends
 
 
 # ============================================================================ worker: JAX
@@ -104,7 +109,7 @@ def jax_task(case: common.Case, exact: bool, *, infer: bool, train: bool, repeat
     lowered = predict.lower(*args)
     compiled, stats = _compiled_stats(lowered, time.perf_counter() - t0)
     if run:
-      stats.update(common.time_calls(lambda: compiled(*args).block_until_ready(), warmup=1,
+      stats.update(common.time_calls(lambda: compiled(*args).block_until_ready(), warmup=WARMUP,
                                      repeats=repeats))
       stats['flop_per_s'] = stats['flops'] / stats['median_s']
     stats['peak_host_bytes'] = common.peak_rss_bytes()
@@ -120,6 +125,10 @@ def jax_task(case: common.Case, exact: bool, *, infer: bool, train: bool, repeat
     lowered = step.lower(state, b, None)
     compiled, stats = _compiled_stats(lowered, time.perf_counter() - t0)
     holder = {'state': state}
+    if not run:
+      stats['peak_host_bytes'] = common.peak_rss_bytes()
+      out['train'] = stats
+      return out
 
     def one():
       new, metrics, _ = compiled(holder['state'], b, None)
@@ -127,7 +136,7 @@ def jax_task(case: common.Case, exact: bool, *, infer: bool, train: bool, repeat
       metrics['loss'].block_until_ready()
       holder['loss'] = float(metrics['loss'])
 
-    stats.update(common.time_calls(one, warmup=1, repeats=repeats))
+    stats.update(common.time_calls(one, warmup=WARMUP, repeats=repeats))
     stats['flop_per_s'] = stats['flops'] / stats['median_s']
     stats['loss'] = holder['loss']
     stats['peak_host_bytes'] = common.peak_rss_bytes()
@@ -168,7 +177,7 @@ def torch_task(case: common.Case, *, infer: bool, train: bool, repeats: int,
         model(mv, fx)
       sync()
 
-    stats = common.time_calls(predict, warmup=1, repeats=repeats)
+    stats = common.time_calls(predict, warmup=WARMUP, repeats=repeats)
     stats['peak_host_bytes'] = common.peak_rss_bytes()
     stats['peak_device_bytes'] = (int(torch.cuda.max_memory_allocated()) if dev == 'cuda'
                                   else None)
@@ -185,7 +194,7 @@ def torch_task(case: common.Case, *, infer: bool, train: bool, repeats: int,
           windows=(9, 5, 3, 3, 3)[:case.levels], in_plane_only=blur_in_plane)
       sync()
 
-    stats = common.time_calls(step, warmup=1, repeats=repeats)
+    stats = common.time_calls(step, warmup=WARMUP, repeats=repeats)
     stats['loss'] = holder['loss']
     stats['peak_host_bytes'] = common.peak_rss_bytes()
     stats['peak_device_bytes'] = (int(torch.cuda.max_memory_allocated()) if dev == 'cuda'
@@ -258,17 +267,25 @@ def extract_task(which: str, threads: int) -> dict:
           'dtype': 'float32', 'slices_per_s': rate}
 
 
-def end_to_end_task(threads: int) -> dict:
+def end_to_end_task(threads: int, quick: bool = False) -> dict:
   """GPU suite: seconds per ACDC pair, both directions, DINOv3 ViT-B/16 features at K=512
-  for both volumes (random weights), PCA projection, JAX head (exact path)."""
+  for both volumes (random weights), PCA projection, JAX head (exact path). ``quick``: tiny
+  DINOv3 at K=64 on the smoke size (checks the code path in seconds)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   from bench import extract  # pylint: disable=g-import-not-at-top
   from feature_extract import backbones  # pylint: disable=g-import-not-at-top
   from feature_extract import run as fe_run  # pylint: disable=g-import-not-at-top
+  from fmir_jax import store as store_lib  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(threads)
-  case = common.ACDC
+  transformers.utils.logging.disable_progress_bar()
+  torch.manual_seed(0)
+  dino_cfg = extract._dinov3_config(quick)  # pylint: disable=protected-access
+  case = dataclasses.replace(common.SMOKE if quick else common.ACDC,
+                             channels=dino_cfg.hidden_size)
+  k = 64 if quick else 512
   jax, train_lib, _, graphdef, state, _ = _jax_setup(case, True)
   predict = train_lib.make_predict(graphdef, c_prime=case.c_prime)
   pca = jax.device_put(common.pca_basis(case))
@@ -276,28 +293,27 @@ def end_to_end_task(threads: int) -> dict:
   images = [common.volume(case, rng)['image'] for _ in range(2)]
   with tempfile.TemporaryDirectory() as tmp:
     model_dir = os.path.join(tmp, 'dinov3')
-    transformers.DINOv3ViTModel(extract._dinov3_config(False)).save_pretrained(model_dir)  # pylint: disable=protected-access
+    transformers.DINOv3ViTModel(dino_cfg).save_pretrained(model_dir)
     bb = backbones.load('dinov3', model_dir, 'last', device='auto', dtype='float32')
 
     def pair():
       vols = []
       for img in images:
-        feat, geo = fe_run.encode_volume(img, bb, input_size=512, resize='upsample',
+        feat, geo = fe_run.encode_volume(img, bb, input_size=k, resize='upsample',
                                          pad_to=None, batch_size=16)
-        feat = np.asarray(feat)
-        ah = common.store_lib.interp_matrix(img.shape[0], feat.shape[1], geo['offset'][0],
-                                            geo['scale'][0])
-        aw = common.store_lib.interp_matrix(img.shape[1], feat.shape[2], geo['offset'][1],
-                                            geo['scale'][1])
-        vols.append({'image': img[None], 'feat': feat[None], 'interp_h': ah[None],
-                     'interp_w': aw[None]})
+        ah = store_lib.interp_matrix(img.shape[0], feat.shape[1], geo['offset'][0],
+                                     geo['scale'][0])
+        aw = store_lib.interp_matrix(img.shape[1], feat.shape[2], geo['offset'][1],
+                                     geo['scale'][1])
+        vols.append({'image': img[None], 'feat': np.asarray(feat)[None],
+                     'interp_h': ah[None], 'interp_w': aw[None]})
       d1 = predict(state.params, vols[0], vols[1], pca)
       d2 = predict(state.params, vols[1], vols[0], pca)
-      d1.block_until_ready()
-      d2.block_until_ready()
+      jax.block_until_ready((d1, d2))
 
     stats = common.time_calls(pair, warmup=1, repeats=3)
-  return {'seconds_per_pair_both_directions': stats['median_s'], **stats}
+  return {'seconds_per_pair_both_directions': stats['median_s'], 'K': k,
+          'backbone': 'dinov3-tiny' if quick else 'dinov3-vitb16', **stats}
 
 
 # ============================================================================= orchestration
@@ -306,7 +322,8 @@ def end_to_end_task(threads: int) -> dict:
 def _worker(args) -> dict:
   case = common.CASES.get(args.case)
   if args.task in ('jax_exact', 'jax_straight'):
-    return jax_task(case, args.task == 'jax_exact', infer=True, train=not args.infer_only,
+    return jax_task(case, args.task == 'jax_exact', infer=not args.train_only,
+                    train=not args.infer_only,
                     repeats=args.repeats, run=not args.compile_only)
   if args.task == 'torch':
     return torch_task(case, infer=True, train=True, repeats=args.repeats,
@@ -316,7 +333,7 @@ def _worker(args) -> dict:
   if args.task == 'extract':
     return extract_task(args.case, args.threads)
   if args.task == 'end_to_end':
-    return end_to_end_task(args.threads)
+    return end_to_end_task(args.threads, quick=args.case == 'smoke')
   raise ValueError(f'unknown --task {args.task!r}')
 
 
@@ -337,7 +354,8 @@ def _spawn(task: str, case: str, *, threads: int, repeats: int, timeout: float,
   """Runs one task in a fresh interpreter; returns its JSON result (or an 'error')."""
   with tempfile.NamedTemporaryFile('r', suffix='.json') as f:
     cmd = [sys.executable, os.path.abspath(__file__), '--task', task, '--case', case,
-           '--threads', str(threads), '--repeats', str(repeats), '--out', f.name, *extra]
+           '--threads', str(threads), '--repeats', str(repeats), '--warmup', str(WARMUP),
+           '--out', f.name, *extra]
     t0 = time.perf_counter()
     try:
       r = subprocess.run(cmd, env=_thread_env(threads, xla_flags), capture_output=True, text=True,
@@ -349,6 +367,9 @@ def _spawn(task: str, case: str, *, threads: int, repeats: int, timeout: float,
       return {'error': f'exit {r.returncode}: {r.stderr.strip()[-2000:]}'}
     res = json.load(f)
   res['task_wall_s'] = wall
+  if PARTS_DIR:
+    with open(os.path.join(PARTS_DIR, f'{task}_{case}.json'), 'w', encoding='utf-8') as f:
+      json.dump(res, f)
   return res
 
 
@@ -510,16 +531,21 @@ def main(argv=None) -> int:
   p.add_argument('--threads', type=int, default=os.cpu_count(),
                  help='threads for torch and XLA (default: all CPUs)')
   p.add_argument('--repeats', type=int, default=0, help='timed repeats (0 = suite default)')
+  p.add_argument('--warmup', type=int, default=-1,
+                 help='untimed calls before timing (-1 = suite default)')
   p.add_argument('--task-timeout', type=float, default=900.0)
   # Worker mode (one subprocess per measurement).
   p.add_argument('--task', default=None, help=argparse.SUPPRESS)
   p.add_argument('--case', default=None, help=argparse.SUPPRESS)
   p.add_argument('--out', default=None, help=argparse.SUPPRESS)
   p.add_argument('--infer-only', action='store_true', help=argparse.SUPPRESS)
+  p.add_argument('--train-only', action='store_true', help=argparse.SUPPRESS)
   p.add_argument('--compile-only', action='store_true', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.threads < 1:
     p.error(f'--threads must be >= 1, got {args.threads}')
+  global WARMUP
+  WARMUP = args.warmup if args.warmup >= 0 else SUITES[args.suite].get('warmup', 1)
   if args.task:
     if args.threads < (os.cpu_count() or 1) and hasattr(os, 'sched_setaffinity'):
       # Pin torch and XLA alike to the first `threads` CPUs (XLA has no thread-count flag).
@@ -528,10 +554,13 @@ def main(argv=None) -> int:
     with open(args.out, 'w', encoding='utf-8') as f:
       json.dump(res, f)
     return 0
-  res = orchestrate(args)
-  print_report(res)
   path = args.json or os.path.join(ROOT, 'bench_results', f'{args.suite}.json')
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  global PARTS_DIR
+  PARTS_DIR = path + '.parts'
+  os.makedirs(PARTS_DIR, exist_ok=True)
+  res = orchestrate(args)
+  print_report(res)
   with open(path, 'w', encoding='utf-8') as f:
     json.dump(res, f, indent=1)
   print(f'\nJSON: {path}')
