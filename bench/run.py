@@ -1,7 +1,8 @@
 """FMIR head benchmarks: JAX (exact and straightforward feature paths) against an eager
 PyTorch implementation of the authors' architecture, same machine, same thread count.
 
-  python bench/run.py --suite cpu            # ACDC + abdomen half size, < 10 min on 2 cores
+  python bench/run.py --suite cpu            # ACDC + abdomen half size (~40 min on 2 shared
+                                             # cores: one ACDC train step is 60-80 s)
   python bench/run.py --suite gpu            # same on a GPU + end-to-end ACDC pair (K=512)
   python bench/run.py --suite smoke          # tiny sizes, seconds (the test suite runs this)
 
@@ -326,7 +327,8 @@ def _worker(args) -> dict:
                     train=not args.infer_only,
                     repeats=args.repeats, run=not args.compile_only)
   if args.task == 'torch':
-    return torch_task(case, infer=True, train=True, repeats=args.repeats,
+    return torch_task(case, infer=not args.train_only, train=not args.infer_only,
+                      repeats=args.repeats,
                       threads=args.threads)
   if args.task == 'store':
     return store_task(case, args.repeats)
