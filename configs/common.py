@@ -29,6 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.activation = 'leaky_relu'
   c.model.head_instance_norm = False
   c.model.exact_feature_path = True
+  c.model.kernel_init = 'torch'        # authors' PyTorch default; 'he' learns faster
 
   c.loss = ml_collections.ConfigDict()
   c.loss.ncc = 1.0

@@ -42,7 +42,8 @@ def model_config(config, feature_channels_in: int) -> model_lib.FMIRConfig:
       feature_channels=c_prime, n=int(m.n), levels=int(m.levels),
       factors=tuple(m.factors), integration_steps=int(m.integration_steps),
       activation=str(m.activation), head_instance_norm=bool(m.head_instance_norm),
-      exact_feature_path=bool(m.exact_feature_path))
+      exact_feature_path=bool(m.exact_feature_path),
+      kernel_init=str(m.get('kernel_init', 'torch')))
 
 
 def check_mode(mode: str) -> str:
