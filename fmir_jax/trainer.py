@@ -67,6 +67,12 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
     preemptible machine); the next call resumes from the last checkpoint.
   """
   mode = train_lib.check_mode(config.mode)
+  if 'per_store' in config.data:
+    # Refuse rather than silently train every store with model.factors / one label count.
+    raise NotImplementedError(
+        'per-store pyramid factors / label counts (configs/hybrid.py) are not supported by '
+        'the trainer yet (issue #5): train on stores that share model.factors, or remove '
+        'data.per_store to use model.factors for all stores')
   stores = open_stores(list(config.data.train_stores))
   eval_stores = open_stores([config.data.eval_store]) if config.data.eval_store else stores
   header = stores[0].header
