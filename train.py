@@ -29,7 +29,7 @@ def main(argv):
   try:
     result = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir,
                                         stop_after_steps=FLAGS.stop_after_steps)
-  except (ValueError, FileNotFoundError, FloatingPointError, NotImplementedError) as e:
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   best = max(result.val_dice.values()) if result.val_dice else float('nan')

@@ -99,7 +99,13 @@ class _TrainSource:
     items = [pair_item(self.stores, self.refs[i]) for i in idx]
     if self.bidirectional:
       items += [{'moving': it['fixed'], 'fixed': it['moving']} for it in items]
-    return _stack(items)
+    batch = _stack(items)
+    sources = {self.refs[i].store for i in idx}
+    if len(sources) != 1:
+      raise ValueError(f'step {step} draws pairs from several stores {sorted(sources)}: with '
+                       'several training stores use batch_size 1')
+    batch['store'] = np.asarray(sources.pop(), np.int32)   # which store (host-side only)
+    return batch
 
 
 def train_batches(stores: Sequence[store_lib.FeatureStore], *, split: str = 'train',
@@ -108,7 +114,8 @@ def train_batches(stores: Sequence[store_lib.FeatureStore], *, split: str = 'tra
   """Batches for steps [start_step, num_steps), read ahead by background threads.
 
   Each batch: {'moving': {...}, 'fixed': {...}} with a leading batch axis (2x batch_size
-  when bidirectional: the swapped pairs follow).
+  when bidirectional: the swapped pairs follow), and 'store' (the index of the store the
+  pairs come from; the trainer pops it to pick that store's settings).
   """
   refs = list_pairs(stores, split)
   source = _TrainSource(stores, refs, batch_size, seed, bidirectional)

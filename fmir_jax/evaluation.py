@@ -147,7 +147,16 @@ def evaluate_run(workdir: str, store_path: str, *, split: str = 'test',
   basis = pca_for_store(workdir, info, st, pca_store, progress)
   pca = train_lib.pca_to_device(basis)
   refs = data_lib.eval_pairs([st], split, limit)
-  num_classes = int(st.header.get('num_classes', 0) or config.data.num_classes)
+  # Hybrid runs: the settings of the training store of the same dataset (else the first).
+  settings = info.get('store_settings') or []
+  if settings:
+    datasets = info.get('store_datasets') or []
+    name = st.header.get('dataset', {}).get('name') if isinstance(st.header.get('dataset'),
+                                                                  dict) else None
+    chosen = next((s for d, s in zip(datasets, settings) if d == name), settings[0])
+    factors = chosen['factors'] if factors is None else factors
+  num_classes = int(st.header.get('num_classes', 0)
+                    or (chosen['num_classes'] if settings else config.data.num_classes))
   classes = tuple(range(1, num_classes + 1))
   predict = train_lib.make_predict(graphdef, c_prime=int(config.feature_channels),
                                    factors=factors)

@@ -26,6 +26,15 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
+def _mean_of_stores(per_store) -> dict:
+  """Validation summary over several stores (label sets differ): each metric is the mean
+  of the per-store means, so every dataset weighs the same."""
+  summaries = [metrics_lib.aggregate([r.metrics for r in res]) for res in per_store]
+  names = ('dice_mean', 'initial_dice_mean', 'folding_fraction')
+  return {'metrics': {n: {'mean': float(np.mean([s['metrics'][n]['mean'] for s in summaries]))}
+                      for n in names}}
+
+
 def open_stores(paths) -> list[store_lib.FeatureStore]:
   paths = [p for p in (paths if isinstance(paths, (list, tuple)) else [paths]) if p]
   if not paths:
@@ -47,8 +56,34 @@ def total_steps(config, num_pairs: int) -> int:
   return int(config.train.epochs) * per_epoch
 
 
-def _classes(config):
-  return tuple(range(1, int(config.data.num_classes) + 1))
+def store_settings(config, num_stores: int) -> list[dict[str, Any]]:
+  """Pyramid factors, label count and blur rule per training store.
+
+  ``config.data.per_store`` (hybrid training) gives them per store, by position in
+  ``data.train_stores``; otherwise every store uses model.factors / data.num_classes /
+  loss.blur_in_plane_only.
+  """
+  ps = config.data.get('per_store')
+  if ps is None:
+    return [{'factors': tuple(tuple(f) if isinstance(f, (list, tuple)) else f
+                              for f in config.model.factors),
+             'num_classes': int(config.data.num_classes),
+             'blur_in_plane_only': bool(config.loss.blur_in_plane_only)}] * num_stores
+  out = []
+  for name in ('factors', 'num_classes', 'blur_in_plane_only'):
+    if len(ps[name]) != num_stores:
+      raise ValueError(f'data.per_store.{name} has {len(ps[name])} entries for {num_stores} '
+                       'training stores: give one per data.train_stores entry')
+  for i in range(num_stores):
+    out.append({'factors': tuple(int(v) for v in ps.factors[i]),
+                'num_classes': int(ps.num_classes[i]),
+                'blur_in_plane_only': bool(ps.blur_in_plane_only[i])})
+  return out
+
+
+def _dataset_name(header) -> str:
+  ds = header.get('dataset')
+  return ds.get('name', '') if isinstance(ds, dict) else str(ds or '')
 
 
 @dataclasses.dataclass
@@ -67,12 +102,6 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
     preemptible machine); the next call resumes from the last checkpoint.
   """
   mode = train_lib.check_mode(config.mode)
-  if 'per_store' in config.data:
-    # Refuse rather than silently train every store with model.factors / one label count.
-    raise NotImplementedError(
-        'per-store pyramid factors / label counts (configs/hybrid.py) are not supported by '
-        'the trainer yet (issue #5): train on stores that share model.factors, or remove '
-        'data.per_store to use model.factors for all stores')
   stores = open_stores(list(config.data.train_stores))
   eval_stores = open_stores([config.data.eval_store]) if config.data.eval_store else stores
   header = stores[0].header
@@ -81,13 +110,16 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
   c_prime = int(config.feature_channels)
   graphdef, state, tx, mcfg = train_lib.create(config, int(header['channels']), n_steps)
   mesh = mesh or train_lib.make_mesh()
-  spec = train_lib.LossSpec.from_config(config, mode)
+  settings = store_settings(config, len(stores))
+  eval_settings = settings if eval_stores is stores else store_settings(config, 1)
 
   os.makedirs(workdir, exist_ok=True)
   run_info = json.loads(json.dumps({
       'config': config.to_dict(), 'model': dataclasses.asdict(mcfg), 'mode': mode,
       'store_header': header, 'train_stores': list(config.data.train_stores),
-      'total_steps': n_steps, 'num_devices': int(mesh.devices.size)}))
+      'total_steps': n_steps, 'num_devices': int(mesh.devices.size),
+      'store_datasets': [_dataset_name(st.header) for st in stores],
+      'store_settings': settings}))
   if os.path.exists(os.path.join(workdir, ckpt.RUN_FILE)):
     old = ckpt.read_run_info(workdir)
     if old['model'] != run_info['model'] or old['mode'] != mode:
@@ -116,10 +148,28 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
   # shardings would make the second call compile the step again.
   state = jax.device_put(state, train_lib.replicated(mesh))
   pca = jax.device_put(pca, train_lib.replicated(mesh))
-  step_fn = train_lib.make_train_step(graphdef, tx, spec, c_prime=c_prime, mode=mode,
-                                      mesh=mesh)
-  predict = train_lib.make_predict(graphdef, c_prime=c_prime)
-  val_refs = data_lib.eval_pairs(eval_stores, 'val', int(config.train.eval_pairs))
+  # One compiled step per distinct store setting (hybrid: cardiac (2,2,1), abdomen (2,2,2)).
+  step_fns, step_of_store = {}, []
+  for st_set in settings:
+    spec = train_lib.LossSpec.from_config(config, mode, num_classes=st_set['num_classes'],
+                                          blur_in_plane_only=st_set['blur_in_plane_only'])
+    key = (st_set['factors'], spec)
+    if key not in step_fns:
+      step_fns[key] = train_lib.make_train_step(graphdef, tx, spec, c_prime=c_prime, mode=mode,
+                                                mesh=mesh, factors=st_set['factors'])
+    step_of_store.append(step_fns[key])
+  val_sets = []   # (predict, store, refs, classes) per validation store
+  for i, (st, st_set) in enumerate(zip(eval_stores, eval_settings)):
+    refs_i = [data_lib.PairRef(0, m, f) for m, f in st.pairs('val')]
+    if int(config.train.eval_pairs):
+      refs_i = refs_i[:int(config.train.eval_pairs)]
+    if refs_i:
+      val_sets.append((train_lib.make_predict(graphdef, c_prime=c_prime,
+                                              factors=st_set['factors']),
+                       st, refs_i, tuple(range(1, st_set['num_classes'] + 1))))
+  if not val_sets:
+    raise ValueError('no validation pairs in ' + ', '.join(st.path for st in eval_stores)
+                     + ': extract features for the val split (or set data.eval_store)')
   end = n_steps if not stop_after_steps else min(n_steps, start + int(stop_after_steps))
 
   writer = SummaryWriter(os.path.join(workdir, 'tb'))
@@ -133,8 +183,10 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
   t_start = time.perf_counter()
   try:
     for step in range(start, end):
-      batch = train_lib.shard_batch(next(batches), mesh)
-      state, metrics, finite = step_fn(state, batch, pca)
+      batch = next(batches)
+      store_index = int(batch.pop('store'))
+      batch = train_lib.shard_batch(batch, mesh)
+      state, metrics, finite = step_of_store[store_index](state, batch, pca)
       if not bool(finite):
         # The step kept the last good parameters: save them before stopping.
         train_lib_step = int(state.step)
@@ -156,9 +208,10 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
       bar.set_postfix(loss=f'{loss:.4f}', refresh=False)
       bar.update(1)
       if done % int(config.train.eval_every) == 0 or done == n_steps:
-        results = evaluation.evaluate_pairs(predict, state.params, eval_stores, val_refs, pca,
-                                            _classes(config))
-        summary = metrics_lib.aggregate([r.metrics for r in results])
+        per_store = [evaluation.evaluate_pairs(pred, state.params, [st], refs_i, pca, classes)
+                     for pred, st, refs_i, classes in val_sets]
+        summary = metrics_lib.aggregate([r.metrics for res in per_store for r in res]) \
+            if len(per_store) == 1 else _mean_of_stores(per_store)
         dice = float(summary['metrics']['dice_mean']['mean'])
         val_dice[done] = dice
         writer.add_scalar('val/dice', dice, done)

@@ -53,7 +53,7 @@ def test_bad_store_and_unsupported_config_exit_2(tmp_path):
   assert r.returncode == 2 and 'does not exist' in r.stderr
   r = _run(['train.py', '--config=configs/hybrid.py', f'--workdir={tmp_path / "h"}'],
            str(tmp_path / 'c'))
-  assert r.returncode == 2 and 'per-store' in r.stderr
+  assert r.returncode == 2 and 'no feature store given' in r.stderr
   r = _run(['eval.py', f'--workdir={tmp_path / "nothing"}', f'--features={tmp_path}'],
            str(tmp_path / 'c'))
   assert r.returncode == 2 and 'error:' in r.stderr
