@@ -18,6 +18,7 @@ from absl import flags
 from absl import logging
 from tqdm import tqdm
 
+from fmir_jax import checkpoint
 from fmir_jax import evaluation
 from fmir_jax import report
 from fmir_jax import store as store_lib
@@ -34,11 +35,6 @@ flags.DEFINE_integer('figures', 3, 'Per-pair figures to draw.')
 flags.DEFINE_integer('limit', 0, 'Evaluate only the first N pairs (0 = all).')
 flags.DEFINE_string('table2', '', 'Write the cross-domain Markdown table here.')
 flags.mark_flags_as_required(['workdir', 'features'])
-
-
-def _test_set_name(header) -> str:
-  ds = header.get('dataset')
-  return (ds.get('name') if isinstance(ds, dict) else str(ds)) or '?'
 
 
 def main(argv):
@@ -67,9 +63,9 @@ def main(argv):
               f"{summary['feature_s_mean']:.3f} s/pair; files in "
               f"{os.path.dirname(summary['files']['summary_json'])}")
         header = store_lib.FeatureStore(store_path).header
-        run = evaluation.load_run_info(workdir)
-        key = (run['config']['name'], run['mode'], _test_set_name(header),
-               evaluation._backbone_name(header))
+        run = checkpoint.read_run_info(workdir)
+        key = (run['config']['name'], run['mode'], store_lib.dataset_name(header) or '?',
+               store_lib.backbone_name(header))
         grid[key] = summary['metrics']
         initial[key[2]] = summary['metrics']
   except (ValueError, FileNotFoundError, store_lib.StoreError) as e:

@@ -95,21 +95,11 @@ def best_or_latest(workdir: str, which: str = 'best'):
 
 def backbone_tag(header: dict[str, Any]) -> str:
   """A file-name tag for a store's feature space: backbone name, weights and layer."""
-  bb = header.get('backbone', {})
-  name = bb.get('name', 'unknown') if isinstance(bb, dict) else str(bb)
-  ident = json.dumps({f: store_lib._get_field(header, f) if _has(header, f) else None
-                      for f in store_lib.COMPAT_FIELDS}, sort_keys=True)
+  name = store_lib.backbone_name(header)
+  ident = json.dumps({f: store_lib.get_field(header, f) for f in store_lib.COMPAT_FIELDS},
+                     sort_keys=True)
   digest = hashlib.sha256(ident.encode()).hexdigest()[:10]
   return re.sub(r'[^A-Za-z0-9._-]', '_', f'{name}-layer{header.get("layer")}-{digest}')
-
-
-def _has(header, dotted):
-  cur = header
-  for part in dotted.split('.'):
-    if not isinstance(cur, dict) or part not in cur:
-      return False
-    cur = cur[part]
-  return True
 
 
 def pca_path(workdir: str, header: dict[str, Any]) -> str:

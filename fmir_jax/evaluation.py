@@ -148,15 +148,13 @@ def evaluate_run(workdir: str, store_path: str, *, split: str = 'test',
   pca = train_lib.pca_to_device(basis)
   refs = data_lib.eval_pairs([st], split, limit)
   # Hybrid runs: the settings of the training store of the same dataset (else the first).
-  settings = info.get('store_settings') or []
-  if settings:
-    datasets = info.get('store_datasets') or []
-    name = st.header.get('dataset', {}).get('name') if isinstance(st.header.get('dataset'),
-                                                                  dict) else None
-    chosen = next((s for d, s in zip(datasets, settings) if d == name), settings[0])
-    factors = chosen['factors'] if factors is None else factors
-  num_classes = int(st.header.get('num_classes', 0)
-                    or (chosen['num_classes'] if settings else config.data.num_classes))
+  settings = info.get('store_settings') or [
+      {'factors': None, 'num_classes': int(config.data.num_classes)}]
+  name = store_lib.dataset_name(st.header)
+  chosen = next((s for d, s in zip(info.get('store_datasets') or [], settings) if d == name),
+                settings[0])
+  factors = chosen['factors'] if factors is None else factors
+  num_classes = int(st.header.get('num_classes', 0) or chosen['num_classes'])
   classes = tuple(range(1, num_classes + 1))
   predict = train_lib.make_predict(graphdef, c_prime=int(config.feature_channels),
                                    factors=factors)
@@ -184,7 +182,7 @@ def evaluate_run(workdir: str, store_path: str, *, split: str = 'test',
     rows.append(row)
   report.write_pair_csv(os.path.join(out_dir, 'pairs.csv'), rows)
   report.write_summary_json(os.path.join(out_dir, 'summary.json'), summary)
-  name = f'FMIR ({info["mode"]}, {_backbone_name(st.header)})'
+  name = f'FMIR ({info["mode"]}, {store_lib.backbone_name(st.header)})'
   table = report.markdown_table1({name: summary['metrics']})
   with open(os.path.join(out_dir, 'table1.md'), 'w') as f:
     f.write(table)
@@ -210,12 +208,3 @@ def evaluate_run(workdir: str, store_path: str, *, split: str = 'test',
   summary['table1'] = table
   return summary
 
-
-def _backbone_name(header) -> str:
-  bb = header.get('backbone')
-  return bb.get('name', '?') if isinstance(bb, dict) else str(bb)
-
-
-def load_run_info(workdir: str) -> dict:
-  from fmir_jax import checkpoint as ckpt
-  return ckpt.read_run_info(workdir)

@@ -160,7 +160,8 @@ def _read_json(path: str) -> dict[str, Any]:
                      're-run feature extraction (completed shards are reused).') from e
 
 
-def _get_field(header: Mapping[str, Any], dotted: str) -> Any:
+def get_field(header: Mapping[str, Any], dotted: str) -> Any:
+  """``header['a']['b']`` for ``'a.b'``; None when any part is missing."""
   value: Any = header
   for part in dotted.split('.'):
     if not isinstance(value, Mapping) or part not in value:
@@ -169,14 +170,26 @@ def _get_field(header: Mapping[str, Any], dotted: str) -> Any:
   return value
 
 
+def backbone_name(header: Mapping[str, Any]) -> str:
+  """The backbone's name recorded in a store header (e.g. 'dinov3', 'mind')."""
+  bb = header.get('backbone')
+  return str(bb.get('name', '?')) if isinstance(bb, Mapping) else str(bb)
+
+
+def dataset_name(header: Mapping[str, Any]) -> str:
+  """The dataset reader's name recorded in a store header (e.g. 'acdc'), '' if none."""
+  ds = header.get('dataset')
+  return str(ds.get('name', '')) if isinstance(ds, Mapping) else str(ds or '')
+
+
 def header_diff(a: Mapping[str, Any], b: Mapping[str, Any],
                 fields: Iterable[str] | None = None) -> list[str]:
   """Lists 'field: a != b' for differing header fields (all top-level fields by default)."""
   ca, cb = _canonical(a), _canonical(b)
   if fields is None:
     fields = sorted((set(ca) | set(cb)) - set(_RESERVED) - set(_PARTIAL_ONLY))
-  return [f'{f}: {_get_field(ca, f)!r} != {_get_field(cb, f)!r}' for f in fields
-          if _get_field(ca, f) != _get_field(cb, f)]
+  return [f'{f}: {get_field(ca, f)!r} != {get_field(cb, f)!r}' for f in fields
+          if get_field(ca, f) != get_field(cb, f)]
 
 
 def check_compatible(expected: Mapping[str, Any], actual: Mapping[str, Any], *,

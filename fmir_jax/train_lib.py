@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 from typing import Any, NamedTuple
 
 import jax
@@ -22,7 +20,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from fmir_jax import channel_reg
 from fmir_jax import losses
 from fmir_jax import model as model_lib
-from fmir_jax import warp as W
 
 MODES = ('UN', 'WS', '-CR')
 

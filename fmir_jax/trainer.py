@@ -81,11 +81,6 @@ def store_settings(config, num_stores: int) -> list[dict[str, Any]]:
   return out
 
 
-def _dataset_name(header) -> str:
-  ds = header.get('dataset')
-  return ds.get('name', '') if isinstance(ds, dict) else str(ds or '')
-
-
 @dataclasses.dataclass
 class TrainResult:
   step: int
@@ -118,7 +113,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
       'config': config.to_dict(), 'model': dataclasses.asdict(mcfg), 'mode': mode,
       'store_header': header, 'train_stores': list(config.data.train_stores),
       'total_steps': n_steps, 'num_devices': int(mesh.devices.size),
-      'store_datasets': [_dataset_name(st.header) for st in stores],
+      'store_datasets': [store_lib.dataset_name(st.header) for st in stores],
       'store_settings': settings}))
   if os.path.exists(os.path.join(workdir, ckpt.RUN_FILE)):
     old = ckpt.read_run_info(workdir)
@@ -189,13 +184,13 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
       state, metrics, finite = step_of_store[store_index](state, batch, pca)
       if not bool(finite):
         # The step kept the last good parameters: save them before stopping.
-        train_lib_step = int(state.step)
-        ckpt.save(last_mgr, train_lib_step, state)
+        good_step = int(state.step)
+        ckpt.save(last_mgr, good_step, state)
         last_mgr.wait_until_finished()
         raise NonFiniteLossError(
             f'non-finite loss or gradient at step {step + 1} '
             f'(loss={float(metrics["loss"])}, grad_norm={float(metrics["grad_norm"])}); '
-            f'the last good state is saved in {workdir}/checkpoints (step {train_lib_step}). '
+            f'the last good state is saved in {workdir}/checkpoints (step {good_step}). '
             'Check the feature store for NaN/inf, or lower --config.optim.lr.')
       done = step + 1
       loss = float(metrics['loss'])

@@ -6,14 +6,12 @@ import sys
 import textwrap
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import demo
 from fmir_jax import data as data_lib
 from fmir_jax import evaluation
-from fmir_jax import store as store_lib
 from fmir_jax import train_lib
 from fmir_jax import trainer
 from tests import synth
