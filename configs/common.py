@@ -30,6 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.head_instance_norm = False
   c.model.exact_feature_path = True
   c.model.kernel_init = 'torch'        # authors' PyTorch default; 'he' learns faster
+  c.model.conv_impl = 'auto'           # 'split2d' on CPU (fast XLA:CPU path), 'xla' elsewhere
 
   c.loss = ml_collections.ConfigDict()
   c.loss.ncc = 1.0

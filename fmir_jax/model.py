@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fmir_jax import conv as conv_lib
 from fmir_jax import features as feats
 from fmir_jax import warp as W
 
@@ -34,11 +35,11 @@ _he_init = nnx.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal')
 KERNEL_INITS = {'torch': _torch_default_init, 'he': _he_init}
 
 
-def _conv(cin, cout, rngs, init='torch'):
+def _conv(cin, cout, rngs, init='torch', impl='auto'):
   if init not in KERNEL_INITS:
     raise ValueError(f'unknown kernel init {init!r}: use one of {sorted(KERNEL_INITS)}')
   return nnx.Conv(cin, cout, (3, 3, 3), padding='SAME', kernel_init=KERNEL_INITS[init],
-                  rngs=rngs)
+                  conv_general_dilated=conv_lib.nnx_conv_fn(impl), rngs=rngs)
 
 
 def instance_norm(x, eps=1e-5):
@@ -75,6 +76,7 @@ class FMIRConfig:
   head_instance_norm: bool = False    # authors' release: InstanceNorm after the 1st head conv
   exact_feature_path: bool = True     # first conv on the patch grid (no c'-channel volume)
   kernel_init: str = 'torch'          # 'torch' (authors: PyTorch default) or 'he' (hidden convs)
+  conv_impl: str = 'auto'             # 3D conv kernels: 'auto' | 'split2d' | 'xla' (conv.py)
 
 
 class FMIROutput(NamedTuple):
@@ -90,9 +92,10 @@ class Compressor(nnx.Module):
     n = cfg.n
     self.act_name = cfg.activation
     self.exact = cfg.exact_feature_path
-    self.conv0 = _conv(cfg.feature_channels + 1, n, rngs, cfg.kernel_init)
-    self.conv1 = _conv(n, 2 * n, rngs, cfg.kernel_init)
-    self.conv2 = _conv(2 * n, n, rngs, cfg.kernel_init)
+    self.conv_impl = cfg.conv_impl
+    self.conv0 = _conv(cfg.feature_channels + 1, n, rngs, cfg.kernel_init, cfg.conv_impl)
+    self.conv1 = _conv(n, 2 * n, rngs, cfg.kernel_init, cfg.conv_impl)
+    self.conv2 = _conv(2 * n, n, rngs, cfg.kernel_init, cfg.conv_impl)
 
   def first_layer(self, image, feat, interp_h, interp_w):
     """conv0(concat(image, upsample(feat))) before the activation.
@@ -103,9 +106,7 @@ class Compressor(nnx.Module):
     kernel = self.conv0.kernel.get_value()
     bias = self.conv0.bias.get_value()
     img = image[..., None].astype(jnp.float32)
-    out = jax.lax.conv_general_dilated(
-        img, kernel[:, :, :, :1], (1, 1, 1), 'SAME',
-        dimension_numbers=('NHWDC', 'HWDIO', 'NHWDC'))
+    out = conv_lib.conv3d_same(img, kernel[:, :, :, :1], self.conv_impl)
     feat = feat.astype(jnp.float32)
     if self.exact:
       out = out + feats.conv3_of_upsampled(feat, kernel[:, :, :, 1:], interp_h, interp_w)
@@ -127,9 +128,9 @@ class LevelBlock(nnx.Module):
   def __init__(self, cfg: FMIRConfig, *, rngs: nnx.Rngs):
     n = cfg.n
     self.instance_norm = cfg.head_instance_norm
-    self.conv0 = _conv(2 * n, 2 * n, rngs, cfg.kernel_init)
-    self.conv1 = _conv(2 * n, 27, rngs, cfg.kernel_init)
-    self.flow = _conv(27, 3, rngs)
+    self.conv0 = _conv(2 * n, 2 * n, rngs, cfg.kernel_init, cfg.conv_impl)
+    self.conv1 = _conv(2 * n, 27, rngs, cfg.kernel_init, cfg.conv_impl)
+    self.flow = _conv(27, 3, rngs, impl=cfg.conv_impl)
 
   def __call__(self, x_moving, y_fixed):
     h = self.conv0(jnp.concatenate([y_fixed + x_moving, y_fixed - x_moving], axis=-1))

@@ -40,7 +40,8 @@ def model_config(config, feature_channels_in: int) -> model_lib.FMIRConfig:
       factors=tuple(m.factors), integration_steps=int(m.integration_steps),
       activation=str(m.activation), head_instance_norm=bool(m.head_instance_norm),
       exact_feature_path=bool(m.exact_feature_path),
-      kernel_init=str(m.get('kernel_init', 'torch')))
+      kernel_init=str(m.get('kernel_init', 'torch')),
+      conv_impl=str(m.get('conv_impl', 'auto')))
 
 
 def check_mode(mode: str) -> str:
