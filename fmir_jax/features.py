@@ -66,13 +66,33 @@ def conv3_of_upsampled(feat, kernel, interp_h, interp_w):
   Returns:
     (B, H, W, D, n) = conv(upsample(feat)) with zero 'SAME' padding, no bias.
   """
-  g = jnp.einsum('bdhwc,yxzcn->bdhwyxzn', feat, kernel.astype(feat.dtype))
+  return upsample_taps(project_taps(feat, kernel), interp_h, interp_w)
+
+
+def project_taps(feat, kernel):
+  """Patch-grid half of ``conv3_of_upsampled``: channel contraction per in-plane tap, with the
+  slice-axis taps already summed. (B, D, h, w, c) -> (B, D, h, w, 3, 3, n).
+
+  The three slice-axis taps are contracted one at a time so that the 27-tap tensor is
+  never materialised.
+  """
+  kernel = kernel.astype(feat.dtype)
+  depth = feat.shape[1]
+  fp = jnp.pad(feat, ((0, 0), (1, 1), (0, 0), (0, 0), (0, 0)))
   # Slice-axis taps: out[d] reads in[d + dz - 1]; zero outside.
-  depth = g.shape[1]
-  gp = jnp.pad(g, ((0, 0), (1, 1), (0, 0), (0, 0), (0, 0), (0, 0), (0, 0), (0, 0)))
-  g = sum(gp[:, dz:dz + depth, :, :, :, :, dz] for dz in range(3))   # (B, D, h, w, 3, 3, n)
-  ah = shifted_interp(interp_h).astype(feat.dtype)                   # (B, 3, H, h)
-  aw = shifted_interp(interp_w).astype(feat.dtype)                   # (B, 3, W, w)
+  return sum(jnp.einsum('bdhwc,yxcn->bdhwyxn', fp[:, dz:dz + depth], kernel[:, :, dz])
+             for dz in range(3))
+
+
+def upsample_taps(g, interp_h, interp_w):
+  """Volume half of ``conv3_of_upsampled``: in-plane taps as row-shifted interpolation.
+
+  g: (B, D, h, w, 3, 3, n) from ``project_taps``; interp_h (B, H, h); interp_w (B, W, w).
+  Rows of interp_h may be any contiguous block of the volume's rows plus one row of context
+  per side (slab-wise inference); the result then holds those rows.
+  """
+  ah = shifted_interp(interp_h).astype(g.dtype)                     # (B, 3, H, h)
+  aw = shifted_interp(interp_w).astype(g.dtype)                     # (B, 3, W, w)
   t = jnp.einsum('byHh,bdhwyxn->bdHwxn', ah, g)
   return jnp.einsum('bxWw,bdHwxn->bHWdn', aw, t)
 

@@ -79,6 +79,71 @@ class FMIRConfig:
   conv_impl: str = 'auto'             # 3D conv kernels: 'auto' | 'split2d' | 'xla' (conv.py)
 
 
+# Rows of halo per side for a stack of three 3x3x3 convs (compressor; level head).
+SLAB_HALO = 3
+
+
+def slab_map(fn, arrays, rows: int, halo: int = SLAB_HALO):
+  """Applies a stack of SAME convs ``fn`` to row slabs (array axis 1) and reassembles.
+
+  ``fn`` must act on rows like a stack of at most ``halo`` 3-tap zero-padded convs. Slab
+  ``i`` produces rows ``[s, s + rows)`` with ``s = min(i * rows, H - rows)`` from a window
+  of ``rows + 2 halo`` rows placed around them and shifted inside the volume at its ends:
+  each window edge is either the volume's own edge (where SAME padding is the truth) or at
+  least ``halo`` rows away from the rows kept, so every kept row equals the whole-volume
+  result exactly. Only one window's activations are alive at a time (``lax.fori_loop``),
+  and no padded or full-size copy of the inputs is made.
+
+  Args:
+    fn: function of a tuple of arrays with rows on axis 1, returning an array or a tuple
+      of arrays with rows on axis 1.
+    arrays: tuple of arrays (B, H, ...) sharing H.
+    rows: rows per slab.
+    halo: rows of context per side.
+
+  Returns:
+    ``fn``'s output(s) on the whole volume.
+  """
+  h = arrays[0].shape[1]
+  window = rows + 2 * halo
+  if window >= h:
+    return fn(arrays)
+  n_slabs = -(-h // rows)
+
+  def run(i):
+    start = jnp.minimum(i * rows, h - rows)
+    w0 = jnp.clip(start - halo, 0, h - window)
+    part = tuple(jax.lax.dynamic_slice_in_dim(a, w0, window, axis=1) for a in arrays)
+    keep = lambda y: jax.lax.dynamic_slice_in_dim(y, start - w0, rows, axis=1)
+    return start, jax.tree.map(keep, fn(part))
+
+  def body(i, out):
+    start, ys = run(i)
+    return jax.tree.map(lambda o, y: jax.lax.dynamic_update_slice_in_dim(o, y, start, axis=1),
+                        out, ys)
+
+  _, first = run(0)
+  out = jax.tree.map(lambda y: jax.lax.dynamic_update_slice_in_dim(
+      jnp.zeros((y.shape[0], h) + y.shape[2:], y.dtype), y, 0, axis=1), first)
+  return jax.lax.fori_loop(1, n_slabs, body, out)
+
+
+SLAB_BUDGET_BYTES = 2**29   # 'auto' slab mode: widest level-0 activation per slab
+
+
+def auto_slab_rows(shape, batch: int, n: int, budget_bytes: int = SLAB_BUDGET_BYTES):
+  """Rows per slab for inference on a (H, W, D) grid, or None when the whole volume fits.
+
+  The widest level-0 activation is the compressor's 2n channels for moving and fixed
+  (2 * batch volumes): slabs keep it under ``budget_bytes``.
+  """
+  h, w, d = (int(v) for v in shape)
+  row_bytes = 2 * batch * w * d * 2 * n * 4
+  if h * row_bytes <= budget_bytes:
+    return None
+  return max(8, budget_bytes // row_bytes - 2 * SLAB_HALO)
+
+
 class FMIROutput(NamedTuple):
   disp: jax.Array                  # (B, H, W, D, 3) final displacement, level-0 voxels
   v_levels: tuple                  # per level (0 finest): pre-integration residual field
@@ -97,27 +162,35 @@ class Compressor(nnx.Module):
     self.conv1 = _conv(n, 2 * n, rngs, cfg.kernel_init, cfg.conv_impl)
     self.conv2 = _conv(2 * n, n, rngs, cfg.kernel_init, cfg.conv_impl)
 
-  def first_layer(self, image, feat, interp_h, interp_w):
+  def feature_taps(self, feat):
+    """Patch-grid projection of the exact path (``features.project_taps``), or None."""
+    if not self.exact:
+      return None
+    return feats.project_taps(feat.astype(jnp.float32),
+                              self.conv0.kernel.get_value()[:, :, :, 1:])
+
+  def first_layer(self, image, feat, interp_h, interp_w, taps=None):
     """conv0(concat(image, upsample(feat))) before the activation.
 
     image: (B, H, W, D); feat: (B, D, h, w, c') patch grid; interp_*: (B, N, n).
-    Channel 0 of the conv input is the intensity, channels 1.. the features.
+    Channel 0 of the conv input is the intensity, channels 1.. the features. ``taps``:
+    ``feature_taps(feat)`` when already computed (slab-wise inference reuses it).
     """
     kernel = self.conv0.kernel.get_value()
     bias = self.conv0.bias.get_value()
     img = image[..., None].astype(jnp.float32)
     out = conv_lib.conv3d_same(img, kernel[:, :, :, :1], self.conv_impl)
-    feat = feat.astype(jnp.float32)
     if self.exact:
-      out = out + feats.conv3_of_upsampled(feat, kernel[:, :, :, 1:], interp_h, interp_w)
+      taps = self.feature_taps(feat) if taps is None else taps
+      out = out + feats.upsample_taps(taps, interp_h, interp_w)
     else:
-      out = out + feats.conv3_of_upsampled_reference(feat, kernel[:, :, :, 1:], interp_h,
-                                                     interp_w)
+      out = out + feats.conv3_of_upsampled_reference(feat.astype(jnp.float32),
+                                                     kernel[:, :, :, 1:], interp_h, interp_w)
     return out + bias
 
-  def __call__(self, image, feat, interp_h, interp_w):
+  def __call__(self, image, feat, interp_h, interp_w, taps=None):
     act = ACTIVATIONS[self.act_name]
-    x = act(self.first_layer(image, feat, interp_h, interp_w))
+    x = act(self.first_layer(image, feat, interp_h, interp_w, taps))
     x = act(self.conv1(x))
     return act(self.conv2(x))
 
@@ -149,17 +222,32 @@ class FMIR(nnx.Module):
     self.compressor = Compressor(cfg, rngs=rngs)
     self.blocks = nnx.List([LevelBlock(cfg, rngs=rngs) for _ in range(cfg.levels)])
 
-  def encode(self, image, feat, interp_h, interp_w):
-    """Level-0 features (B, H, W, D, n) of one batch of images."""
-    return self.compressor(image, feat, interp_h, interp_w)
+  def encode(self, image, feat, interp_h, interp_w, slab_rows=None, split=None):
+    """Level-0 features (B, H, W, D, n) of one batch of images.
 
-  def __call__(self, moving, fixed, *, factors=None) -> FMIROutput:
+    slab_rows: run over row slabs (``slab_map``); split: then return the batch as two
+    arrays ``[:split]`` and ``[split:]`` (no full-size slice copies afterwards).
+    """
+    if slab_rows is None:
+      return self.compressor(image, feat, interp_h, interp_w)
+    taps = self.compressor.feature_taps(feat)      # once, not per slab
+
+    def fn(a):
+      out = self.compressor(a[0], feat, a[1], interp_w, taps)
+      return out if split is None else (out[:split], out[split:])
+
+    return slab_map(fn, (image, interp_h), slab_rows)
+
+  def __call__(self, moving, fixed, *, factors=None, slab_rows=None) -> FMIROutput:
     """Predicts the displacement that warps moving onto fixed.
 
     Args:
       moving, fixed: dicts with 'image' (B, H, W, D), 'feat' (B, D, h, w, c'),
         'interp_h' (B, H, h), 'interp_w' (B, W, w). Both volumes share one grid.
       factors: optional override of the per-axis pyramid factors (inference only).
+      slab_rows: inference on large volumes: run the compressor and the level-0 head over
+        slabs of this many rows (array axis 0) with a 3-row halo, so that their full-size
+        activations are never alive at once; same result (``slab_map``).
 
     Returns:
       FMIROutput; ``disp`` samples moving at x + disp(x).
@@ -172,19 +260,39 @@ class FMIR(nnx.Module):
     shapes = W.pyramid_shapes(tuple(moving['image'].shape[1:4]), fac, cfg.levels)
     both = {k: jnp.concatenate([moving[k], fixed[k]], axis=0)
             for k in ('image', 'feat', 'interp_h', 'interp_w')}
-    f0 = self.encode(both['image'], both['feat'], both['interp_h'], both['interp_w'])
-    pyramid = [f0]
-    for i in range(1, cfg.levels):
-      pyramid.append(W.resize(pyramid[-1], shapes[i]))
     b = moving['image'].shape[0]
+    if slab_rows is None:
+      f0 = self.encode(both['image'], both['feat'], both['interp_h'], both['interp_w'])
+      joint = [f0]
+      for i in range(1, cfg.levels):
+        joint.append(W.resize(joint[-1], shapes[i]))
+      pyramid = [(f[:b], f[b:]) for f in joint]
+    else:
+      pyramid = [self.encode(both['image'], both['feat'], both['interp_h'], both['interp_w'],
+                             slab_rows, split=b)]
+      for i in range(1, cfg.levels):
+        pyramid.append(tuple(W.resize(f, shapes[i]) for f in pyramid[-1]))
 
     v_levels, u_levels = [None] * cfg.levels, [None] * cfg.levels
     u_up = None
     for i in reversed(range(cfg.levels)):
-      x, y = pyramid[i][:b], pyramid[i][b:]
-      if u_up is not None:
-        x = W.warp(x, u_up)
-      v = self.blocks[i](x, y)
+      x, y = pyramid[i]
+      if i == 0 and slab_rows is not None:
+        if cfg.head_instance_norm:
+          raise ValueError('slab-wise inference needs head_instance_norm=False (instance '
+                           'norm takes statistics over the whole volume): slab_rows=None')
+        # Each slab warps its own rows of the moving features (no full-size warped copy).
+        rows_id = jnp.arange(x.shape[1], dtype=jnp.int32)[None]
+
+        def head0(a, x=x, blk=self.blocks[0]):
+          xs = a[1] if u_up is None else W.warp_rows(x, a[1], a[2][0, 0])
+          return blk(xs, a[0])
+
+        v = slab_map(head0, (y, x if u_up is None else u_up, rows_id), slab_rows)
+      else:
+        if u_up is not None:
+          x = W.warp(x, u_up)
+        v = self.blocks[i](x, y)
       u = W.integrate(v, cfg.integration_steps) if cfg.integration_steps else v
       if u_up is not None:
         u = W.compose(u_up, u)

@@ -224,14 +224,26 @@ def shard_batch(batch, mesh: Mesh):
 
 # ------------------------------------------------------------------------------ inference
 
-def make_predict(graphdef, *, c_prime: int, factors=None):
-  """jit-compiled ``predict(params, moving, fixed, pca) -> disp (B,H,W,D,3)`` (PCA path)."""
+def make_predict(graphdef, *, c_prime: int, factors=None, slab_rows='auto'):
+  """jit-compiled ``predict(params, moving, fixed, pca) -> disp (B,H,W,D,3)`` (PCA path).
+
+  slab_rows: rows per slab for the level-0 compressor and head (``model.slab_map``; same
+  result, bounded memory), None for whole volumes, or 'auto' (``model.auto_slab_rows``:
+  slabs only when the level-0 activations of the volume pair would pass 512 MiB).
+  """
 
   def fn(params, moving, fixed, pca):
     model = nnx.merge(graphdef, params)
     fm, ff = regularise_channels(moving['feat'], fixed['feat'], key=None, c_prime=c_prime,
                                  random_selection=False, pca=pca)
-    out = model(dict(moving, feat=fm), dict(fixed, feat=ff), factors=factors)
+    rows = slab_rows
+    if rows == 'auto':
+      rows = model_lib.auto_slab_rows(moving['image'].shape[1:4], moving['image'].shape[0],
+                                      model.cfg.n)
+      if model.cfg.head_instance_norm:
+        rows = None
+    out = model(dict(moving, feat=fm), dict(fixed, feat=ff), factors=factors,
+                slab_rows=rows)
     return out.disp
 
   return jax.jit(fn)

@@ -31,6 +31,8 @@ Shape3 = tuple[int, int, int]
 # Warps whose 8 gathered corners fit in this many bytes gather them at once (one gather and
 # one scatter-add in the gradient compile fastest); larger ones go corner by corner, which
 # bounds memory but compiles ~50% slower (train step, measured on 2 CPU cores).
+_RESIZE_CHUNK_BYTES = 2**28   # resize: above this, one axis at a time in row chunks
+_CHUNK_GATHER_BYTES = 2**27   # corner values per chunk of points (big warps)
 _ONE_GATHER_MAX_BYTES = 1 << 29
 
 # Offsets of the 8 corners of a voxel cell, in array-axis order.
@@ -110,31 +112,62 @@ def _sample_coords(coords: jax.Array, shape: Shape3) -> tuple[jax.Array, jax.Arr
   return flat, jnp.where(valid, w, 0.0)
 
 
-def _warp_batched(vol: jax.Array, disp_vox: jax.Array) -> jax.Array:
+def _warp_batched(vol: jax.Array, disp_vox: jax.Array, row0=None) -> jax.Array:
   """Trilinear warp of ``(B, H, W, D, C)`` by ``(B, H, W, D, 3)``.
 
   The batch is folded into the flat index (one plain gather, no vmap), which keeps the
-  gather/scatter-add pair simple to compile.
+  gather/scatter-add pair simple to compile. With ``row0`` (a traced scalar), ``disp_vox``
+  is ``(B, R, W, D, 3)`` for the grid rows ``[row0, row0 + R)`` only, and so is the result.
   """
   b, *shape, c = vol.shape
   n = int(np.prod(shape))
   dtype = jnp.result_type(vol.dtype, disp_vox.dtype)
-  coords = (identity_grid(shape, disp_vox.dtype) + disp_vox).reshape(-1, 3)
-  indices, weights = _sample_coords(coords, tuple(shape))    # (8, B*N)
-  indices = indices + jnp.repeat(jnp.arange(b, dtype=jnp.int32) * n, n)[None]
+  out_shape = (b, *disp_vox.shape[1:4], c)
+  grid = identity_grid(disp_vox.shape[1:4], disp_vox.dtype)
+  if row0 is not None:
+    grid = grid + jnp.asarray([1, 0, 0], disp_vox.dtype) * row0
+  coords = (grid + disp_vox).reshape(-1, 3)
+  m = int(np.prod(disp_vox.shape[1:4]))                     # points per batch element
+  indices, weights = _sample_coords(coords, tuple(shape))    # (8, B*M)
+  indices = indices + jnp.repeat(jnp.arange(b, dtype=jnp.int32) * n, m)[None]
   flat = vol.reshape(b * n, c).astype(dtype)
   weights = weights.astype(dtype)
-  if 8 * b * n * c * jnp.dtype(dtype).itemsize <= _ONE_GATHER_MAX_BYTES:
+  if 8 * b * m * c * jnp.dtype(dtype).itemsize <= _ONE_GATHER_MAX_BYTES:
     vals = jnp.take(flat, indices, axis=0, mode='clip')      # (8, B*N, C): one gather
     out = jnp.sum(weights[..., None] * vals, axis=0)          # no matmul: exact f32
   else:
-    # Corner by corner: no (8, B*N, C) buffer (8 GB for a 32-channel level-0 map at
-    # 192x160x256; XLA buffers of full-size abdomen inference 12.5 GB -> 7.7 GB).
-    out = None
-    for k in range(8):
-      term = weights[k][:, None] * jnp.take(flat, indices[k], axis=0, mode='clip')
-      out = term if out is None else out + term
-  return out.reshape(vol.shape)
+    # Points in chunks (lax.map), corner by corner inside a chunk: no (8, B*N, C) buffer
+    # and no eight full-size corner gathers alive at once (a 32-channel level-0 map at
+    # 192x160x256 is 1 GB per corner).
+    total = b * m
+    chunk = max(1, _CHUNK_GATHER_BYTES // (8 * c * jnp.dtype(dtype).itemsize))
+    n_chunks = -(-total // chunk)
+    pad = n_chunks * chunk - total
+    idx = jnp.pad(indices, ((0, 0), (0, pad))).reshape(8, n_chunks, chunk).swapaxes(0, 1)
+    wts = jnp.pad(weights, ((0, 0), (0, pad))).reshape(8, n_chunks, chunk).swapaxes(0, 1)
+
+    def one(args):
+      ix, wt = args
+      acc = wt[0][:, None] * jnp.take(flat, ix[0], axis=0, mode='clip')
+      for k in range(1, 8):
+        acc = acc + wt[k][:, None] * jnp.take(flat, ix[k], axis=0, mode='clip')
+      return acc
+
+    out = jax.lax.map(one, (idx, wts)).reshape(n_chunks * chunk, c)[:total]
+  return out.reshape(out_shape)
+
+
+def warp_rows(vol: jax.Array, disp_rows: jax.Array, row0) -> jax.Array:
+  """``warp(vol, disp)[:, row0:row0 + R]`` from ``disp[:, row0:row0 + R]`` alone.
+
+  vol: (B, H, W, D, C); disp_rows: (B, R, W, D, 3) displacement (voxels) of grid rows
+  ``[row0, row0 + R)``; row0 may be traced. Slab-wise inference warps one slab at a time.
+  """
+  if vol.ndim != 5 or disp_rows.ndim != 5 or disp_rows.shape[2:4] != vol.shape[2:4]:
+    raise ValueError(f'warp_rows: vol (B, H, W, D, C) {vol.shape} and disp_rows '
+                     f'(B, R, W, D, 3) {disp_rows.shape} must share B, W and D')
+  return _warp_batched(vol, disp_rows.astype(jnp.result_type(disp_rows.dtype, jnp.float32)),
+                       row0)
 
 
 @jax.jit
@@ -245,10 +278,45 @@ def _resize(vol: jax.Array, out_shape: Shape3) -> jax.Array:
     bshape = [1] * out.ndim
     bshape[axis] = n_out
     w = jnp.asarray(w.reshape(bshape), out.dtype)
-    a = jnp.take(out, jnp.asarray(i0), axis=axis)
-    b = jnp.take(out, jnp.asarray(i1), axis=axis)
-    out = a + w * (b - a)
+    if out.size * out.dtype.itemsize > _RESIZE_CHUNK_BYTES and n_out > 1:
+      out = _lerp_axis_chunked(out, axis, i0, i1, w)
+    else:
+      a = jnp.take(out, jnp.asarray(i0), axis=axis)
+      b = jnp.take(out, jnp.asarray(i1), axis=axis)
+      out = a + w * (b - a)
   return out
+
+
+def _lerp_axis_chunked(x, axis, i0, i1, w):
+  """``take(x, i0) + w * (take(x, i1) - take(x, i0))`` along ``axis`` in chunks of output
+  rows (``lax.fori_loop``): only one chunk's gathered rows are alive, not the pair of
+  full-size gathers XLA makes otherwise (1 GB each for a 32-channel level-0 map at
+  192x160x256). Same arithmetic."""
+  n_out = len(i0)
+  row_bytes = x.size // x.shape[axis] * x.dtype.itemsize
+  rows = int(max(1, min(n_out, _RESIZE_CHUNK_BYTES // (4 * row_bytes))))
+  n_chunks = -(-n_out // rows)
+  starts = np.minimum(np.arange(n_chunks) * rows, n_out - rows)
+  # Input rows a chunk reads: [lo, lo + span), span static (clamped inside the array).
+  lo = np.minimum(i0[starts], x.shape[axis] - 1)
+  span = int(max(i1[s + rows - 1] - l + 1 for s, l in zip(starts, lo)))
+  lo = np.minimum(lo, x.shape[axis] - span)
+  starts_j, lo_j = jnp.asarray(starts, jnp.int32), jnp.asarray(lo, jnp.int32)
+  i0_j, i1_j = jnp.asarray(i0, jnp.int32), jnp.asarray(i1, jnp.int32)
+
+  def chunk(k, out):
+    s, l = starts_j[k], lo_j[k]
+    part = jax.lax.dynamic_slice_in_dim(x, l, span, axis=axis)
+    a_idx = jax.lax.dynamic_slice_in_dim(i0_j, s, rows) - l
+    b_idx = jax.lax.dynamic_slice_in_dim(i1_j, s, rows) - l
+    wk = jax.lax.dynamic_slice_in_dim(w, s, rows, axis=axis)
+    a = jnp.take(part, a_idx, axis=axis)
+    b = jnp.take(part, b_idx, axis=axis)
+    return jax.lax.dynamic_update_slice_in_dim(out, a + wk * (b - a), s, axis=axis)
+
+  shape = list(x.shape)
+  shape[axis] = n_out
+  return jax.lax.fori_loop(0, n_chunks, chunk, jnp.zeros(shape, x.dtype))
 
 
 def resize_field(disp_vox: jax.Array, out_shape: Sequence[int],
