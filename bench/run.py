@@ -41,10 +41,14 @@ SUITES = {
     'smoke': {'cases': ('smoke',), 'repeats': {'smoke': 2}, 'extract': 'quick',
               'full_size': None, 'end_to_end': False,
               'xla_flags': '--xla_backend_optimization_level=0', 'parallel': True},
-    # cpu: one timed call per measurement after the AOT compile (no warm-up call): on this
-    # shared 2-core machine one ACDC train step takes 60-80 s, see the report.
+    # cpu (under 10 min on 2 cores): one timed call per measurement after the AOT compile
+    # (no warm-up call). Abdomen half size: inference timed for all three; the JAX train
+    # step compiled only (compile time, FLOPs, XLA buffers: the 8 GB memory target).
     'cpu': {'cases': ('acdc', 'abdomen_half'), 'repeats': {'acdc': 1, 'abdomen_half': 1},
             'warmup': 0,
+            'extra': {('abdomen_half', 'jax_exact'): ('--train-compile-only',),
+                      ('abdomen_half', 'jax_straight'): ('--infer-only',),
+                      ('abdomen_half', 'torch'): ('--infer-only',)},
             'extract': 'dinov3-256', 'full_size': 'compile', 'end_to_end': False},
     'gpu': {'cases': ('acdc', 'abdomen_half'), 'repeats': {'acdc': 10, 'abdomen_half': 5},
             'extract': 'dinov3-512', 'full_size': 'run', 'end_to_end': True},
@@ -95,7 +99,7 @@ def _device_peak(jax) -> int | None:
 
 
 def jax_task(case: common.Case, exact: bool, *, infer: bool, train: bool, repeats: int,
-             run: bool = True) -> dict:
+             run: bool = True, run_train: bool = True) -> dict:
   """Inference and/or train step of the JAX model; see the module docstring."""
   jax, train_lib, cfg, graphdef, state, tx = _jax_setup(case, exact)
   batch = common.pair_batch(case)
@@ -126,7 +130,7 @@ def jax_task(case: common.Case, exact: bool, *, infer: bool, train: bool, repeat
     lowered = step.lower(state, b, None)
     compiled, stats = _compiled_stats(lowered, time.perf_counter() - t0)
     holder = {'state': state}
-    if not run:
+    if not (run and run_train):
       stats['peak_host_bytes'] = common.peak_rss_bytes()
       out['train'] = stats
       return out
@@ -325,7 +329,8 @@ def _worker(args) -> dict:
   if args.task in ('jax_exact', 'jax_straight'):
     return jax_task(case, args.task == 'jax_exact', infer=not args.train_only,
                     train=not args.infer_only,
-                    repeats=args.repeats, run=not args.compile_only)
+                    repeats=args.repeats, run=not args.compile_only,
+                    run_train=not args.train_compile_only)
   if args.task == 'torch':
     return torch_task(case, infer=not args.train_only, train=not args.infer_only,
                       repeats=args.repeats,
@@ -390,7 +395,7 @@ def summarise(res: dict) -> list[str]:
   lines = []
   hdr = (f'{"size":<13} {"impl":<13} {"infer s":>8} {"train s":>8} {"compile inf":>11} '
          f'{"compile trn":>11} {"peak host":>9} {"dev peak":>8} {"GFLOP inf":>9} '
-         f'{"GFLOP/s inf":>11} {"GFLOP/s trn":>11}')
+         f'{"GFLOP/s inf":>11} {"GFLOP/s trn":>11} {"XLA inf":>8} {"XLA trn":>8}')
   lines.append(hdr)
   lines.append('-' * len(hdr))
   for case, per in res['cases'].items():
@@ -409,7 +414,9 @@ def summarise(res: dict) -> list[str]:
           f'{_fmt(dev or None, ".2f", "G"):>8} '
           f'{_fmt(inf.get("flops", 0) / 1e9 if inf.get("flops") else None, ".1f"):>9} '
           f'{_fmt(inf.get("flop_per_s", 0) / 1e9 if inf.get("flop_per_s") else None, ".1f"):>11} '
-          f'{_fmt(trn.get("flop_per_s", 0) / 1e9 if trn.get("flop_per_s") else None, ".1f"):>11}')
+          f'{_fmt(trn.get("flop_per_s", 0) / 1e9 if trn.get("flop_per_s") else None, ".1f"):>11} '
+          f'{_fmt(inf.get("xla_bytes", 0) / 2**30 if inf.get("xla_bytes") else None, ".2f", "G"):>8} '
+          f'{_fmt(trn.get("xla_bytes", 0) / 2**30 if trn.get("xla_bytes") else None, ".2f", "G"):>8}')
     rat = res['ratios'].get(case, {})
     lines.append(f'{"":<13} torch/jax_exact: infer {_fmt(rat.get("infer_torch_over_exact"), ".2f")}x'
                  f'  train {_fmt(rat.get("train_torch_over_exact"), ".2f")}x;  '
@@ -460,7 +467,7 @@ def orchestrate(args) -> dict:
         continue
       print(f'[{time.perf_counter() - t_start:6.0f}s] {case} {impl} ...', flush=True)
       per[impl] = _spawn(impl, case, threads=threads, repeats=reps, timeout=args.task_timeout,
-                         xla_flags=flags)
+                         xla_flags=flags, extra=suite.get('extra', {}).get((case, impl), ()))
     res['cases'][case] = per
     res['ratios'][case] = _ratios(per)
   if suite['full_size']:
@@ -543,6 +550,7 @@ def main(argv=None) -> int:
   p.add_argument('--infer-only', action='store_true', help=argparse.SUPPRESS)
   p.add_argument('--train-only', action='store_true', help=argparse.SUPPRESS)
   p.add_argument('--compile-only', action='store_true', help=argparse.SUPPRESS)
+  p.add_argument('--train-compile-only', action='store_true', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.threads < 1:
     p.error(f'--threads must be >= 1, got {args.threads}')

@@ -81,6 +81,7 @@ def test_nnx_conv_uses_conv3d_same_and_refuses_other_convs():
 
 def test_impl_names():
   assert conv.resolve_impl('auto') == ('split2d' if jax.default_backend() == 'cpu' else 'xla')
+  assert conv.resolve_impl('auto', work=conv.AUTO_MIN_WORK - 1) == 'xla'
   with pytest.raises(ValueError, match='unknown conv implementation'):
     conv.resolve_impl('cudnn')
   with pytest.raises(ValueError, match='odd kernel'):
