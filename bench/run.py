@@ -49,7 +49,7 @@ SUITES = {
             'extra': {('abdomen_half', 'jax_exact'): ('--train-compile-only',),
                       ('abdomen_half', 'jax_straight'): ('--infer-only',),
                       ('abdomen_half', 'torch'): ('--infer-only',)},
-            'extract': 'dinov3-256', 'full_size': 'compile', 'end_to_end': False},
+            'extract': 'dinov3-256', 'full_size': 'run', 'end_to_end': False},
     'gpu': {'cases': ('acdc', 'abdomen_half'), 'repeats': {'acdc': 10, 'abdomen_half': 5},
             'extract': 'dinov3-512', 'full_size': 'run', 'end_to_end': True},
 }
@@ -110,6 +110,9 @@ def jax_task(case: common.Case, exact: bool, *, infer: bool, train: bool, repeat
     fixed = train_lib.model_inputs(batch['fixed'])
     pca = common.pca_basis(case)
     args = jax.device_put((state.params, moving, fixed, pca))
+    del moving, fixed
+    if not train:
+      del batch     # host copies: only the device arrays count against the memory target
     t0 = time.perf_counter()
     lowered = predict.lower(*args)
     compiled, stats = _compiled_stats(lowered, time.perf_counter() - t0)

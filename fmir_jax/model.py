@@ -123,22 +123,24 @@ def slab_map(fn, arrays, rows: int, halo: int = SLAB_HALO):
                         out, ys)
 
   _, first = run(0)
-  out = jax.tree.map(lambda y: jax.lax.dynamic_update_slice_in_dim(
-      jnp.zeros((y.shape[0], h) + y.shape[2:], y.dtype), y, 0, axis=1), first)
+  # The output buffer grows from slab 0 (a pad, not a zeros broadcast XLA would allocate
+  # at the program's start).
+  out = jax.tree.map(
+      lambda y: jnp.pad(y, ((0, 0), (0, h - rows)) + ((0, 0),) * (y.ndim - 2)), first)
   return jax.lax.fori_loop(1, n_slabs, body, out)
 
 
-SLAB_BUDGET_BYTES = 2**29   # 'auto' slab mode: widest level-0 activation per slab
+SLAB_BUDGET_BYTES = 2**28   # 'auto' slab mode: widest level-0 activation per slab
 
 
 def auto_slab_rows(shape, batch: int, n: int, budget_bytes: int = SLAB_BUDGET_BYTES):
   """Rows per slab for inference on a (H, W, D) grid, or None when the whole volume fits.
 
-  The widest level-0 activation is the compressor's 2n channels for moving and fixed
-  (2 * batch volumes): slabs keep it under ``budget_bytes``.
+  The widest level-0 activation is the compressor's 2n channels (moving and fixed are
+  encoded one after the other in slab mode): slabs keep it under ``budget_bytes``.
   """
   h, w, d = (int(v) for v in shape)
-  row_bytes = 2 * batch * w * d * 2 * n * 4
+  row_bytes = batch * w * d * 2 * n * 4
   if h * row_bytes <= budget_bytes:
     return None
   return max(8, budget_bytes // row_bytes - 2 * SLAB_HALO)
@@ -225,18 +227,21 @@ class FMIR(nnx.Module):
   def encode(self, image, feat, interp_h, interp_w, slab_rows=None, split=None):
     """Level-0 features (B, H, W, D, n) of one batch of images.
 
-    slab_rows: run over row slabs (``slab_map``); split: then return the batch as two
-    arrays ``[:split]`` and ``[split:]`` (no full-size slice copies afterwards).
+    slab_rows: run over row slabs (``slab_map``); split: then encode ``[:split]`` and
+    ``[split:]`` of the batch one after the other and return the two arrays.
     """
     if slab_rows is None:
       return self.compressor(image, feat, interp_h, interp_w)
+    if split is not None:    # one slab loop per part: half the taps and slab activations
+      first = self.encode(image[:split], feat[:split], interp_h[:split], interp_w[:split],
+                          slab_rows)
+      # The barrier keeps XLA from starting the second part (its taps) before the first.
+      first, rest = jax.lax.optimization_barrier(
+          (first, (image[split:], feat[split:], interp_h[split:], interp_w[split:])))
+      return first, self.encode(*rest, slab_rows)
     taps = self.compressor.feature_taps(feat)      # once, not per slab
-
-    def fn(a):
-      out = self.compressor(a[0], feat, a[1], interp_w, taps)
-      return out if split is None else (out[:split], out[split:])
-
-    return slab_map(fn, (image, interp_h), slab_rows)
+    return slab_map(lambda a: self.compressor(a[0], feat, a[1], interp_w, taps),
+                    (image, interp_h), slab_rows)
 
   def __call__(self, moving, fixed, *, factors=None, slab_rows=None) -> FMIROutput:
     """Predicts the displacement that warps moving onto fixed.

@@ -229,7 +229,7 @@ def make_predict(graphdef, *, c_prime: int, factors=None, slab_rows='auto'):
 
   slab_rows: rows per slab for the level-0 compressor and head (``model.slab_map``; same
   result, bounded memory), None for whole volumes, or 'auto' (``model.auto_slab_rows``:
-  slabs only when the level-0 activations of the volume pair would pass 512 MiB).
+  slabs only when a volume's widest level-0 activation would pass 256 MiB).
   """
 
   def fn(params, moving, fixed, pca):

@@ -312,11 +312,15 @@ def _lerp_axis_chunked(x, axis, i0, i1, w):
     wk = jax.lax.dynamic_slice_in_dim(w, s, rows, axis=axis)
     a = jnp.take(part, a_idx, axis=axis)
     b = jnp.take(part, b_idx, axis=axis)
+    if out is None:
+      return a + wk * (b - a)
     return jax.lax.dynamic_update_slice_in_dim(out, a + wk * (b - a), s, axis=axis)
 
-  shape = list(x.shape)
-  shape[axis] = n_out
-  return jax.lax.fori_loop(0, n_chunks, chunk, jnp.zeros(shape, x.dtype))
+  # The output grows from chunk 0 (a pad, not a zeros broadcast XLA would allocate early).
+  first = chunk(0, None)
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, n_out - rows)
+  return jax.lax.fori_loop(1, n_chunks, chunk, jnp.pad(first, widths))
 
 
 def resize_field(disp_vox: jax.Array, out_shape: Sequence[int],
