@@ -96,6 +96,8 @@ def _split2d_forward(x, kernel, chunk_bytes=None):
                   for t in range(kd))
     hi = size + 2 * r if hi is None else hi
     contrib = contrib[:, :, :, lo:hi]
+    if acc is None:   # first chunk (s = 0, lo = r): the output grows from it
+      return jnp.pad(contrib, ((0, 0), (0, 0), (0, 0), (0, d - (hi - lo)), (0, 0)))
     window = lax.dynamic_slice_in_dim(acc, s - r + lo, hi - lo, axis=3)
     return lax.dynamic_update_slice_in_dim(acc, window + contrib, s - r + lo, axis=3)
 
@@ -103,7 +105,9 @@ def _split2d_forward(x, kernel, chunk_bytes=None):
   # volume's ends) run on their own with the window clipped statically.
   starts = range(0, d, k)
   interior = [s0 for s0 in starts if s0 >= r and s0 + k + r <= d]
-  acc = jnp.zeros((b, h, w, d, o), x.dtype)
+  # The output buffer grows from the first chunk (a pad, not a zeros broadcast that XLA
+  # would allocate at the program's start).
+  acc = None
   for s0 in starts:
     if s0 not in interior:
       size = min(k, d - s0)
