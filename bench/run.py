@@ -1,8 +1,8 @@
 """FMIR head benchmarks: JAX (exact and straightforward feature paths) against an eager
 PyTorch implementation of the authors' architecture, same machine, same thread count.
 
-  python bench/run.py --suite cpu            # ACDC + abdomen half size (~40 min on 2 shared
-                                             # cores: one ACDC train step is 60-80 s)
+  python bench/run.py --suite cpu            # ACDC + abdomen half size + full-size inference
+                                             # (about 6 min on 2 shared cores)
   python bench/run.py --suite gpu            # same on a GPU + end-to-end ACDC pair (K=512)
   python bench/run.py --suite smoke          # tiny sizes, seconds (the test suite runs this)
 
