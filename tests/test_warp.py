@@ -235,3 +235,16 @@ def test_warp_rows_and_chunked_gather_match_scipy(monkeypatch):
                              atol=1e-5)
   rows = W.warp_rows(jnp.asarray(vol), jnp.asarray(disp[:, 2:5]), jnp.int32(2))
   np.testing.assert_allclose(rows, ref[:, 2:5], atol=1e-5)
+
+
+def test_chunked_gather_gradients_equal_one_gather(monkeypatch):
+  vol = jnp.asarray(_rand((1,) + SHAPE + (2,), 16))
+  disp = jnp.asarray(_rand((1,) + SHAPE + (3,), 17, scale=1.5))
+  w = jnp.asarray(_rand((1,) + SHAPE + (2,), 18))
+  loss = lambda v, d: jnp.sum(W._warp_batched(v, d) * w)
+  want = jax.grad(loss, (0, 1))(vol, disp)
+  monkeypatch.setattr(W, '_ONE_GATHER_MAX_BYTES', 0)
+  monkeypatch.setattr(W, '_CHUNK_GATHER_BYTES', 8 * 2 * 4 * 25)
+  got = jax.grad(loss, (0, 1))(vol, disp)
+  for g, r in zip(got, want):
+    np.testing.assert_allclose(g, r, atol=1e-5)
