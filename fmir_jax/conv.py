@@ -23,7 +23,6 @@ Layout: x (B, H, W, D, C) channels-last, kernel (kh, kw, kd, C, O) as ``nnx.Conv
 """
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -32,8 +31,6 @@ IMPLS = ('auto', 'split2d', 'xla')
 _DN3 = ('NHWDC', 'HWDIO', 'NHWDC')
 SLAB_BYTES = 64 * 2**20     # unfolded-input budget per row slab (kernel gradient)
 CHUNK_BYTES = 48 * 2**20    # per-tap output budget per chunk of D planes (forward)
-
-
 # 'auto' keeps XLA's conv for small convolutions (output elements x input channels below
 # this): there it is as fast and compiles quicker than the chunked split-2D program.
 AUTO_MIN_WORK = 2**24

@@ -95,8 +95,9 @@ def slab_map(fn, arrays, rows: int, halo: int = SLAB_HALO):
   and no padded or full-size copy of the inputs is made.
 
   Args:
-    fn: function of a tuple of arrays with rows on axis 1, returning an array or a tuple
-      of arrays with rows on axis 1.
+    fn: ``fn(part, row0)`` of a tuple of arrays with rows on axis 1 (the window) and the
+      window's first row in the volume (traced); returns an array or a tuple of arrays
+      with rows on axis 1.
     arrays: tuple of arrays (B, H, ...) sharing H.
     rows: rows per slab.
     halo: rows of context per side.
@@ -107,7 +108,7 @@ def slab_map(fn, arrays, rows: int, halo: int = SLAB_HALO):
   h = arrays[0].shape[1]
   window = rows + 2 * halo
   if window >= h:
-    return fn(arrays)
+    return fn(arrays, 0)
   n_slabs = -(-h // rows)
 
   def run(i):
@@ -115,7 +116,7 @@ def slab_map(fn, arrays, rows: int, halo: int = SLAB_HALO):
     w0 = jnp.clip(start - halo, 0, h - window)
     part = tuple(jax.lax.dynamic_slice_in_dim(a, w0, window, axis=1) for a in arrays)
     keep = lambda y: jax.lax.dynamic_slice_in_dim(y, start - w0, rows, axis=1)
-    return start, jax.tree.map(keep, fn(part))
+    return start, jax.tree.map(keep, fn(part, w0))
 
   def body(i, out):
     start, ys = run(i)
@@ -233,14 +234,10 @@ class FMIR(nnx.Module):
     if slab_rows is None:
       return self.compressor(image, feat, interp_h, interp_w)
     if split is not None:    # one slab loop per part: half the taps and slab activations
-      first = self.encode(image[:split], feat[:split], interp_h[:split], interp_w[:split],
-                          slab_rows)
-      # The barrier keeps XLA from starting the second part (its taps) before the first.
-      first, rest = jax.lax.optimization_barrier(
-          (first, (image[split:], feat[split:], interp_h[split:], interp_w[split:])))
-      return first, self.encode(*rest, slab_rows)
+      return tuple(self.encode(image[sl], feat[sl], interp_h[sl], interp_w[sl], slab_rows)
+                   for sl in (slice(None, split), slice(split, None)))
     taps = self.compressor.feature_taps(feat)      # once, not per slab
-    return slab_map(lambda a: self.compressor(a[0], feat, a[1], interp_w, taps),
+    return slab_map(lambda a, _: self.compressor(a[0], feat, a[1], interp_w, taps),
                     (image, interp_h), slab_rows)
 
   def __call__(self, moving, fixed, *, factors=None, slab_rows=None) -> FMIROutput:
@@ -287,13 +284,11 @@ class FMIR(nnx.Module):
           raise ValueError('slab-wise inference needs head_instance_norm=False (instance '
                            'norm takes statistics over the whole volume): slab_rows=None')
         # Each slab warps its own rows of the moving features (no full-size warped copy).
-        rows_id = jnp.arange(x.shape[1], dtype=jnp.int32)[None]
-
-        def head0(a, x=x, blk=self.blocks[0]):
-          xs = a[1] if u_up is None else W.warp_rows(x, a[1], a[2][0, 0])
+        def head0(a, row0, x=x, blk=self.blocks[0]):
+          xs = a[1] if u_up is None else W.warp_rows(x, a[1], row0)
           return blk(xs, a[0])
 
-        v = slab_map(head0, (y, x if u_up is None else u_up, rows_id), slab_rows)
+        v = slab_map(head0, (y, x if u_up is None else u_up), slab_rows)
       else:
         if u_up is not None:
           x = W.warp(x, u_up)

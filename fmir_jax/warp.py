@@ -29,11 +29,11 @@ import numpy as np
 Shape3 = tuple[int, int, int]
 
 # Warps whose 8 gathered corners fit in this many bytes gather them at once (one gather and
-# one scatter-add in the gradient compile fastest); larger ones go corner by corner, which
-# bounds memory but compiles ~50% slower (train step, measured on 2 CPU cores).
-_RESIZE_CHUNK_BYTES = 2**28   # resize: above this, one axis at a time in row chunks
-_CHUNK_GATHER_BYTES = 2**27   # corner values per chunk of points (big warps)
+# one scatter-add in the gradient compile fastest); larger ones go by chunks of points,
+# corner by corner, which bounds memory but compiles slower.
 _ONE_GATHER_MAX_BYTES = 1 << 29
+_CHUNK_GATHER_BYTES = 2**27   # corner values per chunk of points (big warps)
+_RESIZE_CHUNK_BYTES = 2**28   # resize: above this, one axis at a time in row chunks
 
 # Offsets of the 8 corners of a voxel cell, in array-axis order.
 _CORNERS = tuple((a, b, c) for a in (0, 1) for b in (0, 1) for c in (0, 1))
@@ -165,7 +165,8 @@ def warp_rows(vol: jax.Array, disp_rows: jax.Array, row0) -> jax.Array:
   vol: (B, H, W, D, C); disp_rows: (B, R, W, D, 3) displacement (voxels) of grid rows
   ``[row0, row0 + R)``; row0 may be traced. Slab-wise inference warps one slab at a time.
   """
-  if vol.ndim != 5 or disp_rows.ndim != 5 or disp_rows.shape[2:4] != vol.shape[2:4]:
+  if (vol.ndim != 5 or disp_rows.ndim != 5 or disp_rows.shape[-1] != 3
+      or disp_rows.shape[0] != vol.shape[0] or disp_rows.shape[2:4] != vol.shape[2:4]):
     raise ValueError(f'warp_rows: vol (B, H, W, D, C) {vol.shape} and disp_rows '
                      f'(B, R, W, D, 3) {disp_rows.shape} must share B, W and D')
   return _warp_batched(vol, disp_rows.astype(jnp.result_type(disp_rows.dtype, jnp.float32)),

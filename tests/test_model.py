@@ -95,7 +95,7 @@ def test_optimisation_on_a_known_deformation_raises_dice():
   assert dices[-1] > dices[0] + 0.05, (dices[0], dices[-1])
 
 
-@pytest.mark.parametrize('shape,rows', [((13, 11, 6), 4), ((9, 8, 4), 2), ((16, 12, 5), 16)])
+@pytest.mark.parametrize('shape,rows', [((13, 11, 6), 4), ((9, 8, 4), 2), ((16, 12, 5), 1)])
 def test_slab_wise_inference_equals_whole_volume(shape, rows):
   """Slab mode (compressor + level-0 head over row slabs with a 3-row halo, each slab
   warping its own rows) reproduces the whole-volume forward pass (float32 rounding only;

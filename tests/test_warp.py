@@ -235,6 +235,8 @@ def test_warp_rows_and_chunked_gather_match_scipy(monkeypatch):
                              atol=1e-5)
   rows = W.warp_rows(jnp.asarray(vol), jnp.asarray(disp[:, 2:5]), jnp.int32(2))
   np.testing.assert_allclose(rows, ref[:, 2:5], atol=1e-5)
+  with pytest.raises(ValueError, match='must share B, W and D'):
+    W.warp_rows(jnp.asarray(vol), jnp.asarray(disp[:1, 2:5]), 2)
 
 
 def test_chunked_gather_gradients_equal_one_gather(monkeypatch):
