@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
   r.add_argument('--fixed', required=True, help='fixed image (.nii/.nii.gz)')
   r.add_argument('--moving', required=True, help='moving image')
   r.add_argument('--checkpoint', required=True, help='training run directory (--workdir)')
-  r.add_argument('--out', required=True, help='output directory (created atomically)')
+  r.add_argument('--out', required=True, help='output folder: created whole when new; in an existing folder only '
+                      "register's own files are written (other files are never touched)")
   r.add_argument('--fixed-labels', help='fixed label map (for Dice)')
   r.add_argument('--moving-labels', help='moving label map (warped with nearest neighbour)')
   r.add_argument('--grid', choices=('model', 'native'), default='model',
@@ -52,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     'basis in the run (eval.py --pca_store)')
   r.add_argument('--weights', help='encoder weights: Hub id or local directory')
   r.add_argument('--layer', type=_layer, help='encoder layer: int or "last"')
-  r.add_argument('--checkpoint-step', default='best', help='best | last | STEP')
+  r.add_argument('--checkpoint-step', default='best',
+                 help='best | last (alias latest) | STEP (default: best)')
   r.add_argument('--device', default='auto', help='encoder device: auto | cpu | cuda[:N]')
   r.add_argument('--dtype', default='float32', help='encoder compute dtype')
   r.add_argument('--batch-size', type=int, default=16, help='slices per encoder forward')
@@ -65,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
   r.add_argument('--l2r-fixed-id', help='Learn2Reg case id of the fixed scan (default: from '
                                         'the file name)')
   r.add_argument('--l2r-moving-id', help='Learn2Reg case id of the moving scan')
-  r.add_argument('--overwrite', action='store_true', help='replace an existing non-empty OUT')
+  r.add_argument('--overwrite', action='store_true', help="replace an earlier register result in OUT (its files only)")
   r.add_argument('--quiet', action='store_true', help='print nothing but errors')
   return parser
 
@@ -73,11 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type, ...]:
   from feature_extract import backbones
   from feature_extract.datasets.base import DatasetError
+  from fmir_jax import files
   from fmir_jax import io
   from fmir_jax import register
   from fmir_jax import store
   return (register.RegisterError, io.NiftiError, backbones.BackboneError, store.StoreError,
-          DatasetError)
+          DatasetError, files.OutputPathError)
 
 
 def run_register(args: argparse.Namespace) -> int:

@@ -11,10 +11,16 @@ evaluation.evaluate_run (eval.py) and the `fmir register` command.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
 import time
+
+from fmir_jax import files
+
+MARKER = '.fmir-demo.json'
+ENTRIES = ('acdc_phantoms', 'features', 'run', 'register')   # what a demo writes in OUT
 
 BANNER = """\
 ================================================================================
@@ -31,6 +37,40 @@ BANNER = """\
 ================================================================================"""
 
 
+class DemoError(ValueError):
+  """OUT cannot hold the demo: the message names the folder and the fix."""
+
+
+def prepare_out(out: str) -> None:
+  """Makes ``out`` ready for a demo run, deleting only what an earlier demo wrote there.
+
+  A new or empty folder is created and marked (``MARKER`` lists the demo's entries). A
+  folder an earlier demo marked gets those entries removed; the user's other files in it
+  stay. Any other non-empty folder is refused: the demo never deletes what it did not write.
+  """
+  files.check_writable_dir(out, '--out')
+  marker = os.path.join(out, MARKER)
+  if os.path.isdir(out) and os.listdir(out):
+    if not os.path.isfile(marker):
+      raise DemoError(f'--out {out}: folder exists, is not empty and was not made by the demo '
+                      f'(no {MARKER} in it); choose a new or empty folder.')
+    try:
+      with open(marker) as f:
+        listed = json.load(f)['entries']
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise DemoError(f'{marker}: unreadable demo marker ({e}); choose a new --out folder.') \
+          from None
+    for name in set(listed) & set(ENTRIES):
+      path = os.path.join(out, name)
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+      elif os.path.lexists(path):
+        os.remove(path)
+  os.makedirs(out, exist_ok=True)
+  with files.atomic_path(marker) as tmp, open(tmp, 'w') as f:
+    json.dump({'written_by': 'python -m fmir_jax.demo', 'entries': list(ENTRIES)}, f)
+
+
 def _stage(name: str):
   print(f'\n--- {name} ' + '-' * max(0, 70 - len(name)), flush=True)
   return time.perf_counter()
@@ -40,7 +80,8 @@ def run(out: str, *, patients: int = 20, test_patients: int = 4, steps: int = 10
         input_size: int = 64, seed: int = 0, eval_pairs: int = 0, figures: int = 2,
         register: bool = True, io_steps: int = 30, grid=(48, 48, 16),
         spacing_mm=(2.4, 2.4, 10.0)) -> dict:
-  """Runs the whole demo into ``out`` (created; an existing demo there is replaced).
+  """Runs the whole demo into ``out`` (see ``prepare_out``: an earlier demo there is replaced,
+  nothing else is deleted).
 
   The phantoms are preprocessed by the real ACDC reader onto ``grid`` at ``spacing_mm``
   (default 48x48x16 at 2.4x2.4x10 mm: a heart-centred crop, coarser and smaller than the
@@ -52,10 +93,9 @@ def run(out: str, *, patients: int = 20, test_patients: int = 4, steps: int = 10
   from fmir_jax import trainer
   from configs import demo as demo_config
 
+  prepare_out(out)
   print(BANNER, flush=True)
   t_all = time.perf_counter()
-  if os.path.exists(out):
-    shutil.rmtree(out)
   data_root = os.path.join(out, 'acdc_phantoms')
   features = os.path.join(out, 'features')
   workdir = os.path.join(out, 'run')
@@ -150,7 +190,11 @@ def main(argv=None) -> int:
               io_steps=3, eval_pairs=2)
   else:
     kw = dict(steps=a.steps or 100)
-  run(a.out, seed=a.seed, register=not a.no_register, **kw)
+  try:
+    run(a.out, seed=a.seed, register=not a.no_register, **kw)
+  except (DemoError, files.OutputPathError) as e:
+    print(f'demo: error: {e}', file=sys.stderr)
+    return 2
   return 0
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from typing import Any, Sequence
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+
+from fmir_jax import files
 
 _WHATS = ("image", "label")
 
@@ -211,7 +212,8 @@ def check_same_grid(img_path: str, img_affine: np.ndarray, img_shape: Sequence[i
     diff = float(np.abs(a - b).max())
     raise NiftiError(
         f"{lab_path}: label affine differs from its image {img_path} affine by up to "
-        f"{diff:.4g} mm (tolerance {atol_mm} mm):\nimage {a.tolist()}\nlabel {b.tolist()}. "
+        f"{diff:.4g} mm (tolerance {atol_mm} mm; image {a.round(4).tolist()}, label "
+        f"{b.round(4).tolist()}). "
         "Fix the label header (copy the image's sform/qform) or resample it onto the image "
         "grid.")
 
@@ -477,18 +479,8 @@ def save_nifti(path: str, data: np.ndarray, affine: np.ndarray, *,
   img.set_sform(affine, code=1)
   if intent is not None:
     img.header.set_intent(intent)
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  suffix = ".nii.gz" if path.endswith(".nii.gz") else ".nii"
-  fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=folder)
-  os.close(fd)
-  try:
+  with files.atomic_path(path) as tmp:
     nib.save(img, tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
   return path
 
 

@@ -45,7 +45,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import time
 from typing import Any, Callable, Sequence
 
@@ -53,6 +52,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from fmir_jax import files
 from fmir_jax import io
 from fmir_jax import metrics as metrics_lib
 
@@ -185,6 +185,13 @@ def native_grid(shape: Sequence[int], affine: np.ndarray, src_spacing_mm: Sequen
     (shape, affine) of the registration grid; each axis is a multiple of ``multiple``.
   """
   res_shape, res_affine = io.spacing_grid(shape, affine, src_spacing_mm, spacing_mm)
+  if min(res_shape) < 2:
+    fov_mm = [n * s for n, s in zip(shape[:3], src_spacing_mm)]
+    raise RegisterError(
+        f'--grid native: at {tuple(float(s) for s in spacing_mm)} mm the fixed image '
+        f'({" x ".join(f"{f:.1f}" for f in fov_mm)} mm) gives a {res_shape} grid, with an axis '
+        'of fewer than 2 voxels; pass a finer --spacing (at most '
+        f'{",".join(f"{f / 2:.3g}" for f in fov_mm)} mm).')
   out = tuple(int(math.ceil(n / m) * m) for n, m in zip(res_shape, multiple))
   start = [-((o - n) // 2) for o, n in zip(out, res_shape)]
   return out, io.translate_affine(res_affine, start)
@@ -421,8 +428,9 @@ def pca_basis(run: RunInfo, header: dict[str, Any]):
         f'--checkpoint {run.workdir}: no PCA basis for backbone {bb.get("name")} (layer '
         f'{header.get("layer")}) in {ckpt.pca_path(run.workdir, header)}. Extract features of '
         'some training images with this backbone (feature_extract/run.py --backbone ...) and '
-        f'fit one with: python eval.py --workdir={run.workdir} --store=STORE '
-        '--pca_store=STORE (SPEC §3: each backbone gets its own basis).')
+        f'fit one with: python eval.py --workdir={run.workdir} --features=STORE '
+        '--pca_store=STORE (STORE: features of training images with this backbone; each '
+        'backbone gets its own basis).')
   c_prime = int(run.config.feature_channels)
   if basis.components.shape != (int(header['channels']), c_prime):
     raise RegisterError(f'{run.workdir}: PCA basis has shape {basis.components.shape}, '
@@ -548,40 +556,63 @@ def save_dispvect(path: str, disp_mm: np.ndarray, affine: np.ndarray) -> None:
 
 def save_l2r(path: str, disp_vox: np.ndarray, affine: np.ndarray) -> None:
   """Learn2Reg field (X, Y, Z, 3) float32, written atomically (temp file + rename)."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix='.tmp_', suffix='.nii.gz', dir=folder)
-  os.close(fd)
-  try:
+  with files.atomic_path(path) as tmp:
     nib.save(nib.Nifti1Image(np.asarray(disp_vox, np.float32), affine), tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+
+
+def _tag(out: str) -> str:
+  return os.path.basename(out)
 
 
 def check_out_dir(out: str, overwrite: bool) -> None:
-  """Refuses an existing non-empty OUT unless ``overwrite``."""
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise RegisterError(f'--out {out}: exists and is not a directory; choose another path.')
-  if os.path.isdir(out) and os.listdir(out) and not overwrite:
-    raise RegisterError(f'--out {out}: directory exists and is not empty; pass --overwrite '
-                        'to replace it or choose a new --out.')
+  """Refuses, before any work, an OUT that cannot be written or holds an earlier result.
+
+  An existing OUT may hold other files: they are never touched. Earlier register outputs
+  (the names in ``OUT_FILES``) are replaced only with ``overwrite``.
+  """
+  files.check_writable_dir(out, '--out')
+  if not os.path.isdir(out) or overwrite:
+    return
+  taken = [n for n in OUT_FILES.values() if os.path.lexists(os.path.join(out, n))]
+  if taken:
+    raise RegisterError(f'--out {out}: holds an earlier result ({", ".join(taken)}); pass '
+                        '--overwrite to replace those files (other files in it are kept) or '
+                        'choose a new --out.')
+
+
+def _earlier_outputs(out: str) -> set[str]:
+  """Names of the files an earlier register run wrote in OUT, as its report.json lists them."""
+  try:
+    with open(os.path.join(out, OUT_FILES['report'])) as f:
+      listed = json.load(f).get('files', {})
+  except (OSError, ValueError, AttributeError):
+    return set()
+  names = {os.path.basename(str(p)) for p in listed.values()} if isinstance(listed, dict) \
+      else set()
+  return names & set(OUT_FILES.values())
 
 
 def publish(tmp_dir: str, out: str, overwrite: bool) -> None:
-  """Moves the finished temp directory to ``out`` (replacing it only when allowed)."""
+  """Moves the finished files of ``tmp_dir`` into ``out``.
+
+  A new OUT is the temp folder renamed (all or nothing). Into an existing OUT, register's
+  own files are moved one by one (report.json last); files of an earlier register result
+  that this run does not write again (e.g. warped labels) are removed, and nothing else in
+  OUT is touched.
+  """
+  if not os.path.exists(out):
+    os.replace(tmp_dir, out)
+    return
   check_out_dir(out, overwrite)
-  old = None
-  if os.path.isdir(out):
-    old = tempfile.mkdtemp(prefix=f'.{os.path.basename(out)}.old-',
-                           dir=os.path.dirname(out))
-    os.rmdir(old)
-    os.replace(out, old)
-  os.replace(tmp_dir, out)
-  if old is not None:
-    shutil.rmtree(old, ignore_errors=True)
+  earlier = _earlier_outputs(out)
+  names = sorted(os.listdir(tmp_dir), key=lambda n: n == OUT_FILES['report'])
+  for name in names:
+    os.replace(os.path.join(tmp_dir, name), os.path.join(out, name))
+  for name in earlier - set(names):
+    path = os.path.join(out, name)
+    if os.path.isfile(path) and not os.path.islink(path):
+      os.remove(path)
+  os.rmdir(tmp_dir)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -637,6 +668,10 @@ def register(fixed: str, moving: str, checkpoint: str, out: str, *,
                         'and a positive learning rate.')
   out = os.path.abspath(out)
   check_out_dir(out, opts.overwrite)
+  if opts.l2r_dir:
+    files.check_writable_dir(opts.l2r_dir, '--l2r-export')
+  for stale in files.remove_stale_temp_dirs(os.path.dirname(out), _tag(out)):
+    log(f'removed {stale} (left by a killed earlier run)')
   times: dict[str, float] = {}
 
   t0 = time.perf_counter()
@@ -730,9 +765,7 @@ def register(fixed: str, moving: str, checkpoint: str, out: str, *,
                     'ITK/ANTs LPS: negate components 0 and 1',
       'files': {},
   }
-  parent = os.path.dirname(out)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(out)}.tmp-', dir=parent)
+  tmp = files.make_temp_dir(os.path.dirname(out), _tag(out))
   try:
     io.save_nifti(os.path.join(tmp, OUT_FILES['warped']), warped, faff)
     report['files']['warped'] = os.path.join(out, OUT_FILES['warped'])

@@ -11,17 +11,15 @@ time in seconds (2 decimals), as in the paper's Tables 1 and 2. Missing values p
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
 import os
-import pathlib
-import tempfile
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from fmir_jax import files
 from fmir_jax import metrics as metrics_lib
 
 PathLike = str | os.PathLike
@@ -30,25 +28,8 @@ PathLike = str | os.PathLike
 # --------------------------------------------------------------------------- files
 
 
-@contextlib.contextmanager
-def _atomic_path(path: PathLike) -> Iterator[pathlib.Path]:
-  """Yields a temporary path next to ``path``; renames it onto ``path`` on success."""
-  target = pathlib.Path(path)
-  if target.is_dir():
-    raise IsADirectoryError(f"{target} is a directory; pass a file path.")
-  target.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-  os.close(fd)
-  try:
-    yield pathlib.Path(tmp)
-    os.replace(tmp, target)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def _write_text(path: PathLike, text: str) -> None:
-  with _atomic_path(path) as tmp:
+  with files.atomic_path(path) as tmp:
     with open(tmp, "w", encoding="utf-8", newline="") as f:
       f.write(text)
       f.flush()
@@ -81,7 +62,7 @@ def write_pair_csv(path: PathLike,
   for r in dict_rows:
     columns.update(dict.fromkeys(r))
   lines = [list(columns)] + [[_cell(r.get(c)) for c in columns] for r in dict_rows]
-  with _atomic_path(path) as tmp:
+  with files.atomic_path(path) as tmp:
     with open(tmp, "w", encoding="utf-8", newline="") as f:
       csv.writer(f, lineterminator="\n").writerows(lines)
 
@@ -232,7 +213,7 @@ def _new_figure(**kwargs):
 
 
 def _save_png(fig, path: PathLike) -> None:
-  with _atomic_path(path) as tmp:
+  with files.atomic_path(path) as tmp:
     fig.savefig(tmp, format="png")
 
 

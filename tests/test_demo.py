@@ -43,3 +43,46 @@ def test_demo_end_to_end_reduced(tmp_path):
   assert report['grid']['shape'] == [32, 32, 16]      # the run's (demo reader's) grid
   io_r = report['instance_optimisation']
   assert io_r['steps'] == 2 and io_r['loss_after'] <= io_r['loss_before'] + 1e-6
+
+
+def _tree(root):
+  """{relative path: bytes (files) or None (folders)} of everything under root."""
+  out = {}
+  for d, dirs, names in os.walk(root):
+    for n in dirs:
+      out[os.path.relpath(os.path.join(d, n), root)] = None
+    for n in names:
+      out[os.path.relpath(os.path.join(d, n), root)] = open(os.path.join(d, n), 'rb').read()
+  return out
+
+
+def test_demo_refuses_a_folder_it_did_not_make_and_keeps_every_file(tmp_path, capsys):
+  user = tmp_path / 'mine'
+  (user / 'sub').mkdir(parents=True)
+  (user / 'notes.txt').write_text('my notes')
+  (user / 'sub' / 'data.csv').write_bytes(b'a,b\n1,2\n')
+  (user / 'run').mkdir()                        # a name the demo uses, but not its own
+  (user / 'run' / 'ckpt.bin').write_bytes(b'\x00\x01')
+  (tmp_path / 'afile').write_text('x')
+  for out, expect in ((user, 'was not made by the demo'), (tmp_path / 'afile', 'is a file'),
+                      (tmp_path / 'afile' / 'out', 'no folder can be made under it')):
+    before = _tree(tmp_path)
+    assert demo.main(['--out', str(out), '--smoke']) == 2
+    err = capsys.readouterr().err
+    assert expect in err and str(out) in err and len(err.strip().splitlines()) == 1, err
+    assert _tree(tmp_path) == before
+
+
+def test_rerun_removes_only_what_the_earlier_demo_wrote(tmp_path):
+  out = tmp_path / 'demo'
+  demo.prepare_out(str(out))                    # a new folder: created and marked
+  for name in demo.ENTRIES:                     # what a demo run writes
+    (out / name).mkdir()
+    (out / name / 'x.bin').write_bytes(b'demo')
+  (out / 'notes.txt').write_text('added by the user afterwards')
+  (out / 'mine').mkdir()
+  (out / 'mine' / 'data.csv').write_text('1,2')
+  demo.prepare_out(str(out))
+  assert _tree(out) == {demo.MARKER: (out / demo.MARKER).read_bytes(),
+                        'notes.txt': b'added by the user afterwards', 'mine': None,
+                        os.path.join('mine', 'data.csv'): b'1,2'}

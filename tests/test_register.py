@@ -219,7 +219,8 @@ def _write(path, data, affine=np.diag([1.5, 1.5, 8.0, 1.0])):
 
 @pytest.mark.parametrize('case', ['missing', 'corrupt', '2d', 'single_slice', 'nan',
                                   'label_shape', 'label_affine', 'no_run', 'out_not_empty',
-                                  'bad_spacing'])
+                                  'bad_spacing', 'out_is_file', 'out_under_file',
+                                  'native_too_coarse', 'l2r_under_file'])
 def test_bad_input_exits_2_and_writes_nothing(run_dir, pair, tmp_path, capsys, case):
   img = np.random.default_rng(0).random((12, 12, 4)).astype(np.float32)
   good = _write(tmp_path / 'good.nii.gz', img)
@@ -248,25 +249,93 @@ def test_bad_input_exits_2_and_writes_nothing(run_dir, pair, tmp_path, capsys, c
     expect = 'label affine'
   elif case == 'no_run':
     args['--checkpoint'], expect = str(tmp_path / 'no_run'), '--checkpoint'
-  elif case == 'out_not_empty':
+  elif case == 'out_not_empty':         # an earlier result: refused without --overwrite
     (tmp_path / 'out').mkdir()
     (tmp_path / 'out' / 'keep.txt').write_text('x')
+    (tmp_path / 'out' / 'report.json').write_text('{"files": {}}')
     expect = '--overwrite'
   elif case == 'bad_spacing':
     extra, expect = ['--grid', 'native', '--spacing', '2,0,3'], '--spacing'
-  argv = ['register', '--out', str(tmp_path / 'out')] + extra
+  elif case == 'out_is_file':
+    (tmp_path / 'out').write_text('user data')
+    expect = 'is a file'
+  elif case == 'out_under_file':
+    (tmp_path / 'notes.txt').write_text('user data')
+    argv_out = str(tmp_path / 'notes.txt' / 'out')
+    expect = 'no folder can be made under it'
+  elif case == 'native_too_coarse':   # fixed: 12x12x4 voxels of 1.5x1.5x8 mm
+    extra, expect = ['--grid', 'native', '--spacing', '50,50,50'], 'finer --spacing'
+  elif case == 'l2r_under_file':
+    (tmp_path / 'notes.txt').write_text('user data')
+    extra, expect = ['--l2r-export', str(tmp_path / 'notes.txt' / 'l2r')], '--l2r-export'
+  argv = ['register', '--out', locals().get('argv_out', str(tmp_path / 'out'))] + extra
   for k, v in args.items():
     argv += [k, v]
-  before = sorted(os.listdir(tmp_path))
+  before = _snapshot(tmp_path)
   rc = cli.main(argv)
   err = capsys.readouterr().err
   assert rc == 2 and expect in err, err
-  assert 'Traceback' not in err
-  if case == 'out_not_empty':
-    assert os.listdir(tmp_path / 'out') == ['keep.txt']
-  else:
-    assert not (tmp_path / 'out').exists()
-  assert sorted(os.listdir(tmp_path)) == before      # no temp directories left behind
+  assert 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
+  assert _snapshot(tmp_path) == before   # nothing written, changed or left behind
+
+
+def _snapshot(root):
+  """{relative path: bytes (files) or None (folders)} of everything under root."""
+  out = {}
+  for d, dirs, names in os.walk(root):
+    for n in dirs:
+      out[os.path.relpath(os.path.join(d, n), root)] = None
+    for n in names:
+      path = os.path.join(d, n)
+      out[os.path.relpath(path, root)] = open(path, 'rb').read()
+  return out
+
+
+def test_overwrite_replaces_only_register_files_with_the_users_umask(run_dir, pair, tmp_path):
+  """--overwrite into a folder with the user's files: they stay byte for byte; the earlier
+  result is replaced (its warped labels, not written again, removed); modes follow the
+  umask; a temp folder of a killed run is removed, one of a live run kept."""
+  import subprocess
+  import sys
+  out = tmp_path / 'out'
+  base = ['register', '--fixed', pair['fixed'], '--moving', pair['es'],
+          '--checkpoint', run_dir, '--out', str(out), '--quiet']
+  assert cli.main(base + ['--moving-labels', pair['es_labels']]) == 0
+  assert (out / 'warped_moving_labels.nii.gz').exists()
+  (out / 'notes.txt').write_text('my notes')
+  (out / 'sub').mkdir()
+  (out / 'sub' / 'data.csv').write_bytes(b'a,b\n1,2\n')
+  (out / 'disp_mm.nii.gz.bak').write_bytes(b'user copy')
+  dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                        capture_output=True, text=True).stdout.strip()
+  (tmp_path / f'.out.tmp-{dead}-abc12').mkdir()            # left by a killed run
+  (tmp_path / f'.out.tmp-{os.getpid()}-live9').mkdir()     # a live run's
+  old_report = (out / 'report.json').read_bytes()
+  user = {k: v for k, v in _snapshot(out).items()
+          if k in ('notes.txt', 'sub', os.path.join('sub', 'data.csv'), 'disp_mm.nii.gz.bak')}
+  old_mask = os.umask(0o027)
+  try:
+    assert cli.main(base) == 2                              # earlier result: refused
+    assert (out / 'report.json').read_bytes() == old_report
+    assert cli.main(base + ['--overwrite']) == 0
+  finally:
+    os.umask(old_mask)
+  after = _snapshot(out)
+  assert {k: after.get(k, 'gone') for k in user} == user
+  assert set(after) == set(user) | {'warped_moving.nii.gz', 'disp_mm.nii.gz', 'report.json'}
+  assert after['report.json'] != old_report
+  for name in ('warped_moving.nii.gz', 'disp_mm.nii.gz', 'report.json'):
+    assert os.stat(out / name).st_mode & 0o777 == 0o640, name
+  assert not (tmp_path / f'.out.tmp-{dead}-abc12').exists()
+  assert (tmp_path / f'.out.tmp-{os.getpid()}-live9').exists()
+  # A new OUT is created whole with the umask's folder mode.
+  old_mask = os.umask(0o022)
+  try:
+    assert cli.main(base[:-3] + ['--out', str(tmp_path / 'new'), '--quiet']) == 0
+  finally:
+    os.umask(old_mask)
+  assert os.stat(tmp_path / 'new').st_mode & 0o777 == 0o755
+  assert os.stat(tmp_path / 'new' / 'warped_moving.nii.gz').st_mode & 0o777 == 0o644
 
 
 def test_other_backbone_without_pca_basis_is_refused(run_dir, pair, tmp_path, capsys):
@@ -280,4 +349,10 @@ def test_other_backbone_without_pca_basis_is_refused(run_dir, pair, tmp_path, ca
                  '--backbone', 'dinov2', '--weights', weights])
   err = capsys.readouterr().err
   assert rc == 2 and 'no PCA basis for backbone dinov2' in err and '--pca_store' in err, err
+  # The command it advises uses flags eval.py defines.
+  import re
+  defined = set(re.findall(r"DEFINE_\w+\('(\w+)'", open(os.path.join(
+      os.path.dirname(os.path.dirname(__file__)), 'eval.py')).read()))
+  advised = set(re.findall(r'--(\w+)=', err.split('python eval.py', 1)[1]))
+  assert advised and advised <= defined, (advised, defined)
   assert not (tmp_path / 'out').exists()
