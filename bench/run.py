@@ -241,7 +241,7 @@ def store_task(case: common.Case, steps: int) -> dict:
                    spacing_mm=(1.0, 1.0, 1.0), affine=np.eye(4), meta={})
       writer.add(vol, item['feat'], geo, seconds=0.0)
     writer.close()
-    stores = [store_lib.FeatureStore(path)]
+    stores = [store_lib.FeatureStore(path, verify=False)]   # steady-state reads (hash once)
     it = data_lib.train_batches(stores, batch_size=1, seed=0, start_step=0,
                                 num_steps=steps + 2, prefetch=2)
     next(it)                                                    # threads started

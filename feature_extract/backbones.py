@@ -10,6 +10,9 @@ Backbones (all frozen, eval mode, no_grad):
 * ``mind``: an offline, weight-free 2D MIND-SSC-style self-similarity descriptor. It is NOT a
   foundation model and is labelled so everywhere.
 
+Aliases (``ALIASES``): ``dino`` = ``dinov3``, ``sam-b`` = ``sam``; ``canonical_name`` resolves
+them and suggests the closest valid name for a typo.
+
 Patch size, hidden size, the number of CLS + register tokens, and the image normalisation come
 from the model config and its ``preprocessor_config.json``; the SPEC's defaults are used only
 when that file is absent, and the header records which (``normalisation.source``).
@@ -23,6 +26,7 @@ autocast on CUDA only (refused on CPU, where half matmuls are slow or unsupporte
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import os
@@ -35,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 BACKBONES = ('dinov3', 'dinov2', 'sam', 'mind')
+ALIASES = {'dino': 'dinov3', 'sam-b': 'sam'}   # what people call them -> BACKBONES name
 DEFAULT_WEIGHTS = {
     'dinov3': 'facebook/dinov3-vitb16-pretrain-lvd1689m',
     'dinov2': 'facebook/dinov2-base',
@@ -123,6 +128,28 @@ class Backbone:
     return feats.float().cpu().numpy()
 
 
+def canonical_name(name: str) -> str:
+  """A BACKBONES name for `name` or one of its ALIASES (case-insensitive).
+
+  Raises:
+    BackboneError: unknown name; the message suggests the closest valid one.
+  """
+  key = name.strip().lower()
+  if key in BACKBONES:
+    return key
+  if key in ALIASES:
+    return ALIASES[key]
+  close = difflib.get_close_matches(key, BACKBONES + tuple(ALIASES), n=1)
+  hint = f"Did you mean '{ALIASES.get(close[0], close[0])}'? " if close else ''
+  raise BackboneError(f"--backbone: unknown backbone {name!r}. {hint}Choose one of "
+                      f"{', '.join(BACKBONES)} (aliases: {alias_text()}).")
+
+
+def alias_text() -> str:
+  """'dino = dinov3, sam-b = sam' (for help and error messages)."""
+  return ', '.join(f'{a} = {n}' for a, n in ALIASES.items())
+
+
 # --------------------------------------------------------------------------- device / dtype
 
 
@@ -176,11 +203,12 @@ def _hub_reachable(timeout_s: float = 5.0) -> bool:
 
 
 def _download_help(name: str, weights: str) -> str:
+  """How to get the weights, with the `hf` CLI that huggingface_hub installs."""
   gated = ('The DINOv3 checkpoints are gated: accept the licence on the model page '
-           f'(https://huggingface.co/{weights}) and run `huggingface-cli login` first. '
+           f'(https://huggingface.co/{weights}) and run `hf auth login` first. '
            if name == 'dinov3' else '')
-  return (f'{gated}Download with `huggingface-cli download {weights} --local-dir DIR` on a '
-          'machine with internet and pass --weights DIR, or populate the Hugging Face cache.')
+  return (f'{gated}Download with `hf download {weights} --local-dir DIR` on a machine with '
+          'internet and pass --weights DIR, or populate the Hugging Face cache.')
 
 
 def _looks_like_path(weights: str) -> bool:
@@ -209,7 +237,8 @@ def _load_pretrained(cls: Any, name: str, weights: str) -> tuple[Any, str]:
     model_dir = os.path.expanduser(weights)
     if not os.path.exists(os.path.join(model_dir, 'config.json')):
       raise BackboneError(f'--weights {weights}: directory has no config.json; point it at a '
-                          'directory written by save_pretrained / huggingface-cli download.')
+                          'directory written by save_pretrained or by '
+                          '`hf download REPO_ID --local-dir DIR`.')
     try:
       return _from_pretrained(cls, model_dir, weights, local_files_only=True), model_dir
     except (OSError, ValueError) as e:
@@ -430,7 +459,7 @@ def load(name: str, weights: str | None = None, layer: int | str | None = None, 
   """Loads a frozen backbone.
 
   Args:
-    name: one of BACKBONES.
+    name: one of BACKBONES or ALIASES.
     weights: Hub id or local directory (default DEFAULT_WEIGHTS[name]); unused for mind.
     layer: int index into hidden_states or "last" (default "last").
     device: "auto" | "cpu" | "cuda[:N]".
@@ -441,8 +470,7 @@ def load(name: str, weights: str | None = None, layer: int | str | None = None, 
     BackboneError: unknown name, missing weights (with download instructions), bad layer,
       device or dtype.
   """
-  if name not in BACKBONES:
-    raise BackboneError(f'--backbone must be one of {BACKBONES}, got {name!r}.')
+  name = canonical_name(name)
   dev, _ = resolve_device(device)
   check_dtype(dtype, dev)
   if name == 'mind':

@@ -7,6 +7,8 @@ Example::
 
 Resumable (kill and re-run: completed shards are kept, the same inputs give a byte-identical
 index.json), splittable over workers (``--num-shards N --shard-index i``, then ``--merge``).
+Re-running also repairs the store in place: shards that are missing, truncated or fail their
+sha256 are reported (one line per volume), re-extracted and rewritten under the same names.
 Bad input prints one message and exits with code 2.
 
 Per-dataset defaults (SPEC §2, authors' release): acdc: --layer 2, --input-size 256,
@@ -35,6 +37,7 @@ from feature_extract import backbones  # pylint: disable=g-import-not-at-top
 from feature_extract import datasets  # pylint: disable=g-import-not-at-top
 from feature_extract import slicing  # pylint: disable=g-import-not-at-top
 from feature_extract.datasets.base import DatasetError, Pair, VolumeSource  # pylint: disable=g-import-not-at-top
+from fmir_jax import io as fmir_io  # pylint: disable=g-import-not-at-top
 from fmir_jax import store  # pylint: disable=g-import-not-at-top
 
 DATASET_DEFAULTS = {
@@ -52,7 +55,8 @@ PREPROCESSING = {
     'interpolation': 'torch bilinear, align_corners=False, antialias=False',
     'mask': 'normalised slices multiplied by the non-padding mask',
 }
-_USER_ERRORS = (DatasetError, backbones.BackboneError, store.StoreError, slicing.SlicingError)
+_USER_ERRORS = (DatasetError, backbones.BackboneError, store.StoreError, slicing.SlicingError,
+                fmir_io.NiftiError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +65,7 @@ class ExtractSummary:
   out_dir: str
   volumes: int          # volumes extracted in this call
   skipped: int          # volumes already complete (resume)
+  repaired: int         # of `volumes`: re-extracted because their shard was bad (resume)
   slices: int
   seconds: float        # wall time of this call
   bytes_written: int    # shard bytes written in this call
@@ -68,9 +73,10 @@ class ExtractSummary:
 
   def line(self) -> str:
     rate = self.slices / self.seconds if self.seconds > 0 else 0.0
-    return (f'{self.volumes} volumes ({self.skipped} already done), {self.slices} slices in '
-            f'{self.seconds:.1f} s ({rate:.1f} slices/s), {self.bytes_written / 1e9:.3f} GB '
-            f'written to {self.out_dir}')
+    repaired = f'; {self.repaired} to repair bad shards' if self.repaired else ''
+    return (f'{self.volumes} volumes ({self.skipped} already done{repaired}), {self.slices} '
+            f'slices in {self.seconds:.1f} s ({rate:.1f} slices/s), '
+            f'{self.bytes_written / 1e9:.3f} GB written to {self.out_dir}')
 
 
 def make_header(backbone: backbones.Backbone, *, input_size: int, resize: str,
@@ -117,11 +123,6 @@ def _pairs_by_split(pairs: Sequence[Pair], keys: set[str]) -> dict[str, list[lis
   return out
 
 
-def _shard_bytes(out_dir: str) -> dict[str, int]:
-  return {f: os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir)
-          if f.endswith('.safetensors')}
-
-
 def extract(sources: Sequence[VolumeSource], pairs: Sequence[Pair],
             backbone: backbones.Backbone, out_dir: str, *, input_size: int,
             resize: str = 'upsample', pad_to: int | None = None, dataset: str = 'custom',
@@ -166,7 +167,9 @@ def extract(sources: Sequence[VolumeSource], pairs: Sequence[Pair],
                              pairs=_pairs_by_split(pairs, set(by_key)))
   mine = store.assign_keys(by_key, num_shards, shard_index)
   todo = [k for k in mine if k not in writer.done_keys]
-  before = _shard_bytes(out_dir)
+  for repair in writer.repairs:
+    for key in repair.keys:
+      _log(f'repair: volume {key}: {repair.problem}; re-extracting it.')
   start = time.perf_counter()
   device = f'{backbone.device} ({backbone.dtype})'
   bar = tqdm.tqdm(total=None, unit='slice', desc=backbone.label, disable=not progress,
@@ -187,10 +190,9 @@ def extract(sources: Sequence[VolumeSource], pairs: Sequence[Pair],
       writer.add(volume, feats, geometry, seconds, device)
       n_slices += feats.shape[0]
     index_path = writer.close()
-  after = _shard_bytes(out_dir)
-  written = sum(size for f, size in after.items() if before.get(f) != size)
-  return ExtractSummary(out_dir, len(todo), len(mine) - len(todo), n_slices,
-                        time.perf_counter() - start, written, index_path)
+  return ExtractSummary(out_dir, len(todo), len(mine) - len(todo),
+                        sum(len(r.keys) for r in writer.repairs), n_slices,
+                        time.perf_counter() - start, writer.bytes_written, index_path)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -219,7 +221,9 @@ def _parse_layer(text: str | None) -> int | str | None:
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--backbone', choices=backbones.BACKBONES, default='dinov3')
+  p.add_argument('--backbone', default='dinov3', metavar='NAME',
+                 help=f'{" | ".join(backbones.BACKBONES)} (aliases: {backbones.alias_text()}); '
+                 'default dinov3')
   p.add_argument('--dataset', default='acdc', help='acdc | abdomen | custom')
   p.add_argument('--data-root', help='dataset folder (custom: the pair-list file)')
   p.add_argument('--out', required=True, help='feature store directory')
@@ -289,13 +293,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:
       raise store.StoreError(f'Need 0 <= --shard-index < --num-shards, got {args.shard_index}, '
                              f'{args.num_shards}.')
+    name = backbones.canonical_name(args.backbone)
     options = dict(_parse_option(o) for o in args.dataset_option)
     sources, pairs = _scan(args, options)
     user_layer = _parse_layer(args.layer)
-    probe = _resolve_defaults(args, args.backbone, None, None, options)
+    probe = _resolve_defaults(args, name, None, None, options)
     layer = user_layer if args.layer is not None else probe['layer']
-    bb = backbones.load(args.backbone, args.weights, layer, device=args.device, dtype=args.dtype)
-    cfg = _resolve_defaults(args, args.backbone, bb.patch_size, bb.required_input_size, options)
+    bb = backbones.load(name, args.weights, layer, device=args.device, dtype=args.dtype)
+    cfg = _resolve_defaults(args, name, bb.patch_size, bb.required_input_size, options)
     bb.check_input_size(cfg['input_size'])
     _, device_desc = backbones.resolve_device(str(bb.device))
     _log(f'backbone: {bb.label} ({bb.weights or "no weights"}), layer {bb.layer}, '

@@ -25,9 +25,19 @@ resize, normalisation, feature_dtype, channels, patch_size, dataset, preprocessi
 plus ``format_version``, ``num_workers``, ``volumes`` (sorted by key), ``pairs`` (per split,
 lists of [moving_key, fixed_key]) and ``shards`` (file, keys, bytes, sha256). It is written
 with sorted keys and canonical floats, so the same inputs give a byte-identical file.
+
+Integrity: ``FeatureStore`` checks every shard's size and safetensors header when it opens, and
+its sha256 against the manifest the first time one of its arrays is read (once per process:
+verified shards are remembered by absolute path, inode, size, mtime and digest). Opt out with
+``FeatureStore(path, verify=False)`` or the environment variable ``FMIR_SKIP_SHARD_VERIFY=1``
+(e.g. for a store on slow network storage you trust); ``FeatureStore.validate()`` hashes every
+shard at once. A corrupt, truncated or missing shard is repaired in place by re-running the
+extraction command that wrote the store: ``StoreWriter`` re-checks its shards on resume, drops
+the bad ones (``StoreWriter.repairs``) and rewrites them under the same names.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -36,6 +46,7 @@ import math
 import os
 import re
 import struct
+import threading
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -55,8 +66,12 @@ _DTYPE_TO_ST = {np.dtype(np.float32): 'F32', np.dtype(np.float16): 'F16',
 _ST_TO_DTYPE = {v: k for k, v in _DTYPE_TO_ST.items()}
 _FEATURE_DTYPES = ('float16', 'float32')
 _RESERVED = ('format_version', 'num_workers', 'volumes', 'pairs', 'shards')
-_PARTIAL_ONLY = ('worker', 'complete', 'all_keys')
+_PARTIAL_ONLY = ('worker', 'complete', 'all_keys', 'redo_shards')
 _PARTIAL_RE = re.compile(r'^index\.worker-(\d{5})-of-(\d{5})\.json$')
+SKIP_VERIFY_ENV = 'FMIR_SKIP_SHARD_VERIFY'
+REPAIR_HINT = ('Re-run the feature_extract/run.py command that wrote this store, with the same '
+               'arguments (then --merge if it used --num-shards): it re-extracts only these '
+               'volumes and repairs the store in place.')
 
 
 class StoreError(ValueError):
@@ -144,11 +159,32 @@ def dumps(obj: Any) -> str:
 
 def _atomic_write_bytes(path: str, data: bytes) -> None:
   tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, 'wb') as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except OSError as e:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise StoreError(f'{path}: cannot write ({e.strerror or e}). Make room or fix the permissions '
+                     'of the folder, then re-run: completed shards are kept.') from e
+
+
+def _make_store_dir(out_dir: str) -> None:
+  """Creates `out_dir` (and parents); StoreError naming it if it cannot hold a store."""
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise StoreError(f'{out_dir}: exists and is a file, not a folder. Pass --out a folder path '
+                     '(new or an existing feature store).')
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+  except OSError as e:
+    raise StoreError(f'{out_dir}: cannot create the feature store folder ({e.strerror or e}: '
+                     f'{e.filename}). Pass --out a path under a folder you can write to.') from e
+  if not os.access(out_dir, os.W_OK | os.X_OK):
+    raise StoreError(f'{out_dir}: the feature store folder is not writable. Fix its permissions '
+                     'or pass --out a folder you can write to.')
 
 
 def _read_json(path: str) -> dict[str, Any]:
@@ -246,12 +282,9 @@ def _parse_shard_header(path: str) -> tuple[dict[str, Any], int, int]:
         raise StoreError(f'{path}: corrupt shard (header length {n} exceeds file size {size}).')
       head = json.loads(f.read(n).decode('utf-8'))
   except FileNotFoundError as e:
-    raise StoreError(f'{path}: shard file is missing. Re-run feature extraction with the same '
-                     'arguments to rewrite it.') from e
+    raise StoreError(f'{path}: shard file is missing.') from e
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise StoreError(f'{path}: corrupt shard (unreadable safetensors header: {e}). Delete it '
-                     'and its worker manifest entry by re-running extraction into a new --out.'
-                     ) from e
+    raise StoreError(f'{path}: corrupt shard (unreadable safetensors header: {e}).') from e
   if not isinstance(head, dict):
     raise StoreError(f'{path}: corrupt shard (header is not a JSON object).')
   data_start = 8 + n
@@ -279,6 +312,60 @@ def _sha256(path: str) -> str:
     for block in iter(lambda: f.read(1 << 22), b''):
       digest.update(block)
   return digest.hexdigest()
+
+
+# (absolute path, inode, size in bytes, mtime in ns, sha256) of shards hashed in this process.
+_VERIFIED: set[tuple[str, int, int, int, str]] = set()
+_VERIFY_LOCK = threading.Lock()
+
+
+def _sha256_problem(path: str, expected_sha256: str) -> str | None:
+  """None if the file hashes to `expected_sha256` (hashed once per process per file state)."""
+  try:
+    st = os.stat(path)
+  except FileNotFoundError:
+    return f'{path}: shard file is missing'
+  token = (os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns, expected_sha256)
+  if token in _VERIFIED:
+    return None
+  with _VERIFY_LOCK:  # one thread hashes a shard; the others wait for its verdict
+    if token not in _VERIFIED:
+      if _sha256(path) != expected_sha256:
+        return f'{path}: sha256 mismatch with the manifest (the bytes changed on disk)'
+      _VERIFIED.add(token)
+  return None
+
+
+def shard_problem(path: str, shard: Mapping[str, Any], *, check_sha256: bool = True
+                  ) -> str | None:
+  """What is wrong with a shard file given its manifest record, or None if it is sound.
+
+  Args:
+    path: the shard file.
+    shard: its manifest record ({"file", "keys", "bytes", "sha256"}).
+    check_sha256: also compare the sha256 (reads the whole file, once per process).
+
+  Returns:
+    One sentence naming the file (missing, corrupt header, truncated, sha256 mismatch), or None.
+  """
+  try:
+    _, _, size = _parse_shard_header(path)
+  except StoreError as e:
+    return str(e).rstrip('.')
+  if size != shard['bytes']:
+    return (f'{path}: {size} bytes on disk, the manifest says {shard["bytes"]} (truncated, or '
+            'written by another run)')
+  return _sha256_problem(path, shard['sha256']) if check_sha256 else None
+
+
+def _bad_shard(problem: str, shard: Mapping[str, Any]) -> StoreError:
+  keys = shard['keys']
+  return StoreError(f'{problem}; it holds volumes {", ".join(keys[:20])}'
+                    f'{" ..." if len(keys) > 20 else ""}. {REPAIR_HINT}')
+
+
+def _skip_verify_from_env() -> bool:
+  return os.environ.get(SKIP_VERIFY_ENV, '').strip().lower() in ('1', 'true', 'yes', 'on')
 
 
 # --------------------------------------------------------------------------- naming / workers
@@ -320,12 +407,26 @@ def _check_header(header: Mapping[str, Any]) -> dict[str, Any]:
   return _canonical(header)
 
 
+@dataclasses.dataclass(frozen=True)
+class ShardRepair:
+  """A shard found missing, truncated or corrupt when a writer resumed: dropped, to be rewritten.
+
+  file: the shard file name; keys: the volumes it held (re-extracted); problem: what was wrong.
+  """
+  file: str
+  keys: tuple[str, ...]
+  problem: str
+
+
 class StoreWriter:
   """Writes one worker's share of a feature store, resumably and atomically.
 
   Each shard is written to a temporary name and renamed; the worker's partial manifest is
   rewritten atomically after each completed shard. A kill loses at most the shard in
-  progress; re-opening the writer with the same header resumes (``done_keys``).
+  progress; re-opening the writer with the same header resumes (``done_keys``). Resuming
+  re-checks this worker's shards (size, header, sha256): a missing, truncated or corrupt one is
+  dropped (listed in ``repairs``) and rewritten under its own name, with the same volumes, once
+  they have all been added again; no other file is touched.
 
   Args:
     out_dir: store directory (created if absent).
@@ -359,7 +460,11 @@ class StoreWriter:
     self._shards: list[dict[str, Any]] = []
     self._volumes: dict[str, dict[str, Any]] = {}
     self._timings: dict[str, Any] = {}
-    os.makedirs(out_dir, exist_ok=True)
+    self._redo: dict[str, list[str]] = {}      # dropped shard file -> its volume keys, in order
+    self._redo_pending: dict[str, dict[str, tuple[dict[str, Any], list]]] = {}
+    self.repairs: list[ShardRepair] = []
+    self.bytes_written = 0
+    _make_store_dir(out_dir)
     self._check_other_workers()
     self._resume()
 
@@ -393,14 +498,15 @@ class StoreWriter:
     if self.all_keys is not None and part.get('all_keys') not in (None, self.all_keys):
       raise StoreError(f'{self._partial_path}: the volume list differs from the one this store '
                        'was started with (dataset contents or options changed). Use a new --out.')
+    self._redo = {r['file']: list(r['keys']) for r in part.get('redo_shards', [])}
     for shard in part['shards']:
-      path = os.path.join(self.out_dir, shard['file'])
-      _, _, size = _parse_shard_header(path)
-      if size != shard['bytes']:
-        raise StoreError(f'{path}: size {size} != {shard["bytes"]} recorded in '
-                         f'{self._partial_path}; the shard is corrupt. Use a new --out.')
-    self._shards = part['shards']
-    self._volumes = {v['key']: v for v in part['volumes']}
+      problem = shard_problem(os.path.join(self.out_dir, shard['file']), shard)
+      if problem:
+        self.repairs.append(ShardRepair(shard['file'], tuple(shard['keys']), problem))
+        self._redo[shard['file']] = list(shard['keys'])
+      else:
+        self._shards.append(shard)
+    self._volumes = {v['key']: v for v in part['volumes'] if v['shard'] not in self._redo}
     if os.path.exists(self._timings_path):
       self._timings = _read_json(self._timings_path)
     self._timings = {k: v for k, v in self._timings.items() if k in self._volumes}
@@ -418,7 +524,8 @@ class StoreWriter:
       device: device description for the timings file.
     """
     key = volume.key
-    if key in self._volumes or any(v['key'] == key for v, _ in self._pending):
+    if key in self._volumes or any(v['key'] == key for v, _ in self._pending) or any(
+        key in group for group in self._redo_pending.values()):
       raise StoreError(f'Volume {key!r} was already added to {self.out_dir}.')
     if self.all_keys is not None and key not in self.all_keys:
       raise StoreError(f'Volume {key!r} is not in the key list given to StoreWriter.')
@@ -454,26 +561,39 @@ class StoreWriter:
         'spacing_mm': [float(s) for s in volume.spacing_mm], 'affine': affine,
         'geometry': geometry, 'has_labels': volume.labels is not None, 'meta': volume.meta,
     })
-    self._pending.append((info, tensors))
     self._pending_times[key] = {'seconds': float(seconds), 'device': device}
+    redo = next((f for f, keys in self._redo.items() if key in keys), None)
+    if redo is not None:  # a volume of a dropped shard: rewrite that shard once it is whole
+      group = self._redo_pending.setdefault(redo, {})
+      group[key] = (info, tensors)
+      if len(group) == len(self._redo[redo]):
+        self._write_shard(redo, [group[k] for k in self._redo.pop(redo)])
+        del self._redo_pending[redo]
+      return
+    self._pending.append((info, tensors))
     if len(self._pending) >= self.volumes_per_shard:
       self._flush()
 
   def _flush(self) -> None:
     if not self._pending:
       return
-    name = shard_name(self.shard_index, self.num_shards, len(self._shards))
-    path = os.path.join(self.out_dir, name)
-    keys = [info['key'] for info, _ in self._pending]
-    data = _shard_bytes([t for _, ts in self._pending for t in ts], keys)
-    _atomic_write_bytes(path, data)
-    for info, _ in self._pending:
+    # Shards are numbered 0.. in write order; dropped shards keep their numbers.
+    seq = len(self._shards) + len(self._redo)
+    entries, self._pending = self._pending, []
+    self._write_shard(shard_name(self.shard_index, self.num_shards, seq), entries)
+
+  def _write_shard(self, name: str, entries: list[tuple[dict[str, Any], list]]) -> None:
+    keys = [info['key'] for info, _ in entries]
+    data = _shard_bytes([t for _, ts in entries for t in ts], keys)
+    _atomic_write_bytes(os.path.join(self.out_dir, name), data)
+    self.bytes_written += len(data)
+    for info, _ in entries:
       info['shard'] = name
       self._volumes[info['key']] = info
-    self._shards.append({'file': name, 'keys': keys, 'bytes': len(data),
-                         'sha256': hashlib.sha256(data).hexdigest()})
-    self._timings.update(self._pending_times)
-    self._pending, self._pending_times = [], {}
+    self._shards = sorted(self._shards + [{'file': name, 'keys': keys, 'bytes': len(data),
+                                           'sha256': hashlib.sha256(data).hexdigest()}],
+                          key=lambda shard: shard['file'])
+    self._timings.update({k: self._pending_times.pop(k) for k in keys})
     self._write_partial(complete=False)
 
   def _write_partial(self, complete: bool) -> None:
@@ -484,6 +604,8 @@ class StoreWriter:
         'pairs': self.pairs, 'shards': self._shards,
         'volumes': [self._volumes[k] for k in sorted(self._volumes)],
     })
+    if self._redo:  # dropped shards not yet rewritten: their names and volumes survive a kill
+      part['redo_shards'] = [{'file': f, 'keys': k} for f, k in sorted(self._redo.items())]
     _atomic_write_bytes(self._timings_path, dumps(self._timings).encode())
     _atomic_write_bytes(self._partial_path, dumps(part).encode())
 
@@ -500,6 +622,12 @@ class StoreWriter:
         raise StoreError(f'{self.out_dir}: worker {self.shard_index} closes without volumes '
                          f'{missing[:20]}{" ..." if len(missing) > 20 else ""}; nothing was lost,'
                          ' re-run to complete them.')
+    missing = sorted(k for f, keys in self._redo.items() for k in keys
+                     if k not in self._redo_pending.get(f, {}))
+    if missing:
+      raise StoreError(f'{self.out_dir}: worker {self.shard_index} closes without re-adding '
+                       f'volumes {missing[:20]} of dropped shards {sorted(self._redo)}; re-run '
+                       'with all volumes to repair them.')
     self._flush()
     self._write_partial(complete=True)
     if self.num_shards == 1:
@@ -587,6 +715,20 @@ def merge(out_dir: str) -> str:
 # --------------------------------------------------------------------------- reader
 
 
+def _check_pairs(index_path: str, pairs: Mapping[str, Sequence[Sequence[str]]],
+                 volumes: Mapping[str, Any]) -> None:
+  """StoreError naming the first pair of the manifest whose volume the store does not hold."""
+  for split in sorted(pairs):
+    for pair in pairs[split]:
+      for key in pair:
+        if key not in volumes:
+          raise StoreError(
+              f'{index_path}: {split} pair {list(pair)} names volume {key!r}, which the store '
+              'does not hold. Re-run the feature_extract/run.py command that wrote this store '
+              '(it extracts missing volumes), or --merge the worker manifests again instead of '
+              'editing or mixing index.json files.')
+
+
 @dataclasses.dataclass(frozen=True)
 class VolumeInfo:
   """Manifest record of one volume.
@@ -612,12 +754,16 @@ class VolumeInfo:
 class FeatureStore:
   """Read-only, memory-mapped access to a feature store.
 
+  Opening checks the manifest (format, pairs naming held volumes) and every shard's size and
+  header; each shard's sha256 is checked the first time one of its arrays is read.
+
   Args:
     path: the store directory.
-    verify_checksums: also hash every shard against the manifest's sha256 (reads all bytes).
+    verify: check shard sha256 sums on first read (default: yes, unless the environment
+      variable FMIR_SKIP_SHARD_VERIFY=1 is set).
   """
 
-  def __init__(self, path: str, *, verify_checksums: bool = False):
+  def __init__(self, path: str, *, verify: bool | None = None):
     self.path = path
     index = os.path.join(path, INDEX_NAME)
     if not os.path.isdir(path):
@@ -635,19 +781,19 @@ class FeatureStore:
     self._manifest = manifest
     self.header = {k: v for k, v in manifest.items() if k not in _RESERVED}
     self._volumes = {v['key']: v for v in manifest['volumes']}
+    _check_pairs(index, manifest['pairs'], self._volumes)
+    self._verify = not _skip_verify_from_env() if verify is None else verify
+    self._shards = {shard['file']: shard for shard in manifest['shards']}
     self._arrays: dict[str, np.ndarray] = {}
     for shard in manifest['shards']:
-      self._open_shard(shard, verify_checksums)
+      self._open_shard(shard)
 
-  def _open_shard(self, shard: Mapping[str, Any], verify: bool) -> None:
+  def _open_shard(self, shard: Mapping[str, Any]) -> None:
     path = os.path.join(self.path, shard['file'])
-    head, data_start, size = _parse_shard_header(path)
-    if size != shard['bytes']:
-      raise StoreError(f'{path}: {size} bytes on disk, manifest says {shard["bytes"]}; the shard '
-                       'is corrupt or from another run. Re-extract into a new --out.')
-    if verify and _sha256(path) != shard['sha256']:
-      raise StoreError(f'{path}: sha256 mismatch with the manifest; the shard is corrupt. '
-                       'Re-extract into a new --out.')
+    problem = shard_problem(path, shard, check_sha256=False)
+    if problem:
+      raise _bad_shard(problem, shard)
+    head, data_start, _ = _parse_shard_header(path)
     meta = head.get('__metadata__', {})
     if meta.get('format_version') != str(FORMAT_VERSION) or \
         json.loads(meta.get('keys', '[]')) != shard['keys']:
@@ -675,6 +821,17 @@ class FeatureStore:
         begin, stop = (data_start + o for o in entry['data_offsets'])
         self._arrays[name] = buf[begin:stop].view(dtype.newbyteorder('<')).reshape(shape)
 
+  def _check_sha256(self, file: str) -> None:
+    shard = self._shards[file]
+    problem = _sha256_problem(os.path.join(self.path, file), shard['sha256'])
+    if problem:
+      raise _bad_shard(problem, shard)
+
+  def validate(self) -> None:
+    """Hashes every shard now; StoreError naming the first corrupt one (and the fix)."""
+    for file in sorted(self._shards):
+      self._check_sha256(file)
+
   def keys(self, split: str | None = None) -> list[str]:
     """Sorted volume keys, optionally of one split."""
     return [k for k in sorted(self._volumes)
@@ -693,19 +850,24 @@ class FeatureStore:
       raise KeyError(f'{self.path}: no volume {key!r} in the store.')
     return self._volumes[key]
 
+  def _array(self, key: str, what: str) -> np.ndarray:
+    """A tensor of a volume, its shard's sha256 checked on first read (unless verify=False)."""
+    v = self._volume(key)
+    if self._verify:
+      self._check_sha256(v['shard'])
+    return self._arrays[f'{key}/{what}']
+
   def features(self, key: str) -> np.ndarray:
     """(D, h, w, c) patch-grid features, read-only memory map."""
-    self._volume(key)
-    return self._arrays[f'{key}/features']
+    return self._array(key, 'features')
 
   def image(self, key: str) -> np.ndarray:
     """(H, W, D) float32 intensities in [0, 1], read-only memory map."""
-    self._volume(key)
-    return self._arrays[f'{key}/image']
+    return self._array(key, 'image')
 
   def labels(self, key: str) -> np.ndarray | None:
     """(H, W, D) uint8 labels, or None when the volume has none."""
-    return self._arrays.get(f'{key}/labels') if self._volume(key)['has_labels'] else None
+    return self._array(key, 'labels') if self._volume(key)['has_labels'] else None
 
   def pairs(self, split: str) -> list[tuple[str, str]]:
     """(moving_key, fixed_key) pairs of a split ([] when the split has none)."""

@@ -1,5 +1,9 @@
 """Tests for feature_extract.backbones with tiny random models (no downloads)."""
 import json
+import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -116,9 +120,49 @@ def test_missing_weights_give_clear_errors(tmp_path, monkeypatch):
   monkeypatch.setenv('HF_HUB_OFFLINE', '1')
   monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path / 'cache'))
   with pytest.raises(backbones.BackboneError,
-                     match=r'(?s)HF_HUB_OFFLINE is set.*gated.*huggingface-cli login.*'
-                     r'huggingface-cli download facebook/dinov3-vitb16-pretrain-lvd1689m'):
+                     match=r'(?s)HF_HUB_OFFLINE is set.*gated.*`hf auth login`.*'
+                     r'`hf download facebook/dinov3-vitb16-pretrain-lvd1689m --local-dir DIR`'):
     backbones.load('dinov3', device='cpu')
+
+
+def test_weight_errors_print_hf_commands_that_exist(tmp_path, monkeypatch):
+  """The commands in the advice parse with the `hf` CLI that huggingface_hub installs."""
+  monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+  monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path / 'cache'))
+  messages = []
+  for name, weights in [('dinov3', None), ('sam', str(tmp_path / 'no' / 'such')),
+                        ('dinov2', str(tmp_path))]:
+    with pytest.raises(backbones.BackboneError) as err:
+      backbones.load(name, weights, device='cpu')
+    messages.append(str(err.value))
+  text = ' '.join(messages)
+  assert 'huggingface-cli' not in text
+  commands = set(re.findall(r'`(hf [^`]+)`', text))
+  assert commands == {'hf auth login',
+                      'hf download facebook/dinov3-vitb16-pretrain-lvd1689m --local-dir DIR',
+                      'hf download facebook/sam-vit-base --local-dir DIR',
+                      'hf download REPO_ID --local-dir DIR'}, commands
+  hf = os.path.join(os.path.dirname(sys.executable), 'hf')
+  if not os.path.exists(hf):
+    pytest.skip('the hf CLI is not installed next to this python')
+  for command in commands:  # --help is eager: exit 0 iff the subcommand and options exist
+    done = subprocess.run([hf, *command.split()[1:], '--help'], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, (command, done.stderr)
+
+
+def test_backbone_aliases_and_suggestions(tiny_dinov3):
+  _, path = tiny_dinov3
+  assert backbones.load('dino', path, device='cpu').name == 'dinov3'
+  assert [backbones.canonical_name(n) for n in ('dino', 'sam-b', 'DINOv2', 'mind')] == [
+      'dinov3', 'sam', 'dinov2', 'mind']
+  assert set(backbones.ALIASES.values()) <= set(backbones.BACKBONES)
+  for name, hint in [('dinov4', "Did you mean 'dinov3'? "), ('sam-l', "Did you mean 'sam'? "),
+                     ('resnet', '')]:
+    with pytest.raises(backbones.BackboneError) as err:
+      backbones.canonical_name(name)
+    assert str(err.value) == (f"--backbone: unknown backbone '{name}'. {hint}Choose one of "
+                              'dinov3, dinov2, sam, mind (aliases: dino = dinov3, sam-b = sam).')
 
 
 def test_device_and_dtype_checks(tiny_dinov3):
@@ -128,7 +172,7 @@ def test_device_and_dtype_checks(tiny_dinov3):
       backbones.load('mind', device='cuda')
   with pytest.raises(backbones.BackboneError, match='float16 is not supported on CPU'):
     backbones.load('mind', device='cpu', dtype='float16')
-  with pytest.raises(backbones.BackboneError, match='--backbone must be one of'):
+  with pytest.raises(backbones.BackboneError, match="unknown backbone 'resnet'"):
     backbones.load('resnet', device='cpu')
   x = _slices()
   ref = backbones.load('dinov3', path, 'last', device='cpu')(x)

@@ -349,3 +349,35 @@ def test_custom_pairs_bad_inputs(tmp_path):
     custom.scan(str(p))
   with pytest.raises(DatasetError, match="nope.csv: pair list file does not exist"):
     custom.scan(str(tmp_path / "nope.csv"), **opts)
+
+
+def _truncated_source(tmp_path, reader):
+  """A scanned source of `reader` whose image file is cut in half after the scan."""
+  if reader == "acdc":
+    phantoms.write_acdc_phantoms(tmp_path, 1, seed=0, first_id=19, inplane_size=(40, 60))
+    source = acdc.scan(str(tmp_path))[0]
+  elif reader == "abdomen":
+    phantoms.write_abdomen_phantoms(tmp_path, 1, seed=0, shape=(20, 16, 12), first_id=24)
+    source = abdomen.scan(str(tmp_path))[0]
+  else:
+    _save(tmp_path / "a.nii.gz", np.ones((20, 18, 6), np.float32))
+    (tmp_path / "pairs.csv").write_text("moving,fixed\na.nii.gz,a.nii.gz\n")
+    source = custom.scan(str(tmp_path / "pairs.csv"), shape=(16, 16, 8),
+                         spacing_mm=(2.5, 2.5, 5.0))[0]
+  image = source.files[0]
+  with open(image, "rb") as f:
+    data = f.read()
+  with open(image, "wb") as f:
+    f.write(data[:len(data) // 2])
+  return source, image
+
+
+@pytest.mark.parametrize("reader", ["acdc", "abdomen", "custom"])
+def test_truncated_nifti_fails_load_with_one_line_naming_file_and_fix(tmp_path, reader):
+  # feature_extract/run.py turns exactly these errors (io.NiftiError, DatasetError) into exit 2.
+  source, image = _truncated_source(tmp_path, reader)
+  with pytest.raises((io.NiftiError, DatasetError)) as err:
+    source.load()
+  msg = str(err.value)
+  assert msg.startswith(f"{image}: cannot read the image ") and "\n" not in msg, msg
+  assert "re-download" in msg

@@ -1,5 +1,6 @@
 """End-to-end tests of feature_extract/run.py on tiny in-test datasets (no downloads)."""
 import functools
+import os
 import re
 import json
 import types
@@ -70,7 +71,8 @@ def test_mind_end_to_end_and_features_match_direct_computation(toy, tmp_path, ca
   assert run.main(_argv(tmp_path)) == 0
   err = capsys.readouterr().err
   assert 'mind (offline, not a foundation model)' in err and 'done: 6 volumes' in err
-  fs = store.FeatureStore(str(tmp_path), verify_checksums=True)
+  fs = store.FeatureStore(str(tmp_path))
+  fs.validate()
   assert fs.keys() == ['s0_ed', 's0_es', 's1_ed', 's1_es', 's2_ed', 's2_es']
   assert fs.pairs('val') == [('s1_ed', 's1_es'), ('s1_es', 's1_ed')]
   h = fs.header
@@ -129,6 +131,8 @@ def test_workers_then_merge(toy, tmp_path):
     (['--dataset-option', 'n'], 'expected key=value'),
     (['--dataset-option', 'm=3'], "unexpected keyword argument 'm'"),
     (['--resize', 'pad', '--pad-to', '8'], '--pad-to 8 is smaller'),
+    (['--backbone', 'dinv3'], "unknown backbone 'dinv3'. Did you mean 'dinov3'\\? Choose one of "
+     'dinov3, dinov2, sam, mind \\(aliases: dino = dinov3, sam-b = sam\\)'),
 ])
 def test_bad_input_exits_2_with_one_message(toy, tmp_path, capsys, extra, message):
   assert run.main(_argv(tmp_path / 'out', *extra)) == 2
@@ -151,7 +155,8 @@ def test_bad_root_and_resume_mismatch_exit_2(toy, tmp_path, capsys):
   assert store.FeatureStore(str(tmp_path)).keys() == ['s0_ed', 's0_es']  # nothing lost
 
 
-def test_tiny_dinov3_saved_locally_end_to_end(toy, tmp_path):
+@pytest.mark.parametrize('name', ['dinov3', 'dino'])
+def test_tiny_dinov3_saved_locally_end_to_end(toy, tmp_path, name):
   torch.manual_seed(0)
   cfg = transformers.DINOv3ViTConfig(
       hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -159,11 +164,12 @@ def test_tiny_dinov3_saved_locally_end_to_end(toy, tmp_path):
   model = transformers.DINOv3ViTModel(cfg).eval()
   model.save_pretrained(tmp_path / 'w')
   argv = _argv(tmp_path / 'feat', '--splits', 'val')
-  argv[argv.index('mind')] = 'dinov3'
+  argv[argv.index('mind')] = name
   argv += ['--weights', str(tmp_path / 'w'), '--layer', '1', '--input-size', '32']
   assert run.main(argv) == 0
   fs = store.FeatureStore(str(tmp_path / 'feat'))
   assert fs.keys() == ['s1_ed', 's1_es'] and fs.header['layer'] == 1
+  assert fs.header['backbone']['name'] == 'dinov3'
   assert fs.header['backbone']['num_prefix_tokens'] == 5
   assert fs.header['normalisation']['source'].startswith('spec default')
   vol = _load('s1_ed', 's1', 'ed', 'val')
@@ -203,3 +209,108 @@ def test_real_acdc_reader_on_phantoms(tmp_path, capsys):
   assert info.geometry == {'offset': [0.125 / 4 - 0.5] * 2, 'scale': [1 / 16] * 2}
   assert info.spacing_mm == pytest.approx(vol.spacing_mm)
   assert fs.header['layer'] == 'last' and fs.header['dataset']['name'] == 'acdc'
+
+
+def test_help_lists_backbone_aliases(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    run.main(['--help'])
+  assert exit_info.value.code == 0
+  out = ' '.join(capsys.readouterr().out.split())
+  assert 'dinov3 | dinov2 | sam | mind (aliases: dino = dinov3, sam-b = sam)' in out
+
+
+def _shard_files(out):
+  return {f: (out / f).read_bytes() for f in sorted(os.listdir(out)) if f.endswith('.safetensors')}
+
+
+def test_rerun_repairs_truncated_and_corrupt_shards_in_place(toy, tmp_path, capsys):
+  assert run.main(_argv(tmp_path)) == 0                             # 3 shards of 2 volumes
+  original, index = _shard_files(tmp_path), (tmp_path / 'index.json').read_bytes()
+  s0, s1, s2 = (tmp_path / store.shard_name(0, 1, s) for s in range(3))
+  s0.write_bytes(original[s0.name][:-64])                           # truncated
+  flipped = bytearray(original[s1.name])
+  flipped[-5] ^= 0x01                                               # one bit, same size
+  s1.write_bytes(bytes(flipped))
+  (tmp_path / 'notes.txt').write_text('mine')
+  s2_stat = s2.stat()
+  capsys.readouterr()
+  assert run.main(_argv(tmp_path)) == 0                             # the same command
+  err = capsys.readouterr().err
+  repairs = [line for line in err.splitlines() if line.startswith('repair: ')]
+  assert [line.split()[2] for line in repairs] == ['s0_ed:', 's0_es:', 's1_ed:', 's1_es:'], err
+  assert all(s0.name in line and 'truncated' in line for line in repairs[:2]), err
+  assert all(s1.name in line and 'sha256 mismatch' in line for line in repairs[2:]), err
+  assert 'done: 4 volumes (2 already done; 4 to repair bad shards)' in err
+  assert _shard_files(tmp_path) == original                         # byte for byte
+  assert (tmp_path / 'index.json').read_bytes() == index
+  assert s2.stat().st_mtime_ns == s2_stat.st_mtime_ns and s2.stat().st_ino == s2_stat.st_ino
+  assert (tmp_path / 'notes.txt').read_text() == 'mine'
+  store.FeatureStore(str(tmp_path)).validate()
+
+
+def _one_error_line(err):
+  lines = err.strip().splitlines()
+  assert 'Traceback' not in err and len(lines) >= 1 and lines[-1].startswith('error: '), err
+  assert sum(line.startswith('error') for line in lines) == 1, err
+  return lines[-1]
+
+
+def test_corrupt_nifti_exits_2_and_keeps_finished_volumes(tmp_path, capsys):
+  from feature_extract.datasets import phantoms  # pylint: disable=g-import-not-at-top
+  root = tmp_path / 'acdc'
+  phantoms.write_acdc_phantoms(str(root), 2, seed=0, first_id=19, inplane_size=(40, 60))
+  bad = root / 'training' / 'patient020' / 'patient020_frame14.nii.gz'   # patient020_es
+  good = bad.read_bytes()
+  bad.write_bytes(good[:len(good) // 2])
+  argv = ['--backbone', 'mind', '--dataset', 'acdc', '--data-root', str(root), '--out',
+          str(tmp_path / 'feat'), '--input-size', '32', '--device', 'cpu', '--no-progress',
+          '--volumes-per-shard', '1']
+  assert run.main(argv) == 2
+  line = _one_error_line(capsys.readouterr().err)
+  assert line.startswith(f'error: {bad}: cannot read the image voxel data'), line
+  assert 're-download' in line
+  part = json.loads((tmp_path / 'feat' / store.partial_name(0, 1)).read_text())
+  assert [v['key'] for v in part['volumes']] == ['patient019_ed', 'patient019_es',
+                                                 'patient020_ed']
+  bad.write_bytes(good)
+  assert run.main(argv) == 0
+  assert 'done: 1 volumes (3 already done)' in capsys.readouterr().err
+
+
+def test_nifti_with_unreadable_header_exits_2_at_scan(tmp_path, capsys):
+  from feature_extract.datasets import phantoms  # pylint: disable=g-import-not-at-top
+  root = tmp_path / 'acdc'
+  phantoms.write_acdc_phantoms(str(root), 1, seed=0, first_id=19, inplane_size=(40, 60))
+  bad = root / 'training' / 'patient019' / 'patient019_frame12.nii.gz'
+  bad.write_bytes(bad.read_bytes()[:60])
+  argv = ['--backbone', 'mind', '--dataset', 'acdc', '--data-root', str(root), '--out',
+          str(tmp_path / 'feat'), '--input-size', '32', '--device', 'cpu', '--no-progress']
+  assert run.main(argv) == 2
+  line = _one_error_line(capsys.readouterr().err)
+  assert line.startswith(f'error: {bad}: cannot read the image NIfTI header'), line
+  assert 're-download' in line
+
+
+@pytest.mark.parametrize('out,message', [
+    ('file.txt', 'exists and is a file, not a folder'),
+    ('file.txt/sub', 'cannot create the feature store folder \\(Not a directory'),
+])
+def test_out_that_cannot_be_a_folder_exits_2(toy, tmp_path, capsys, out, message):
+  (tmp_path / 'file.txt').write_text('keep me')
+  assert run.main(_argv(tmp_path / out)) == 2
+  line = _one_error_line(capsys.readouterr().err)
+  assert line.startswith(f'error: {tmp_path / out}: ') and re.search(message, line), line
+  assert 'Pass --out' in line
+  assert (tmp_path / 'file.txt').read_text() == 'keep me'
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason='root ignores permission bits')
+def test_out_under_read_only_folder_exits_2(toy, tmp_path, capsys):
+  (tmp_path / 'ro').mkdir()
+  os.chmod(tmp_path / 'ro', 0o500)
+  try:
+    assert run.main(_argv(tmp_path / 'ro' / 'feat')) == 2
+  finally:
+    os.chmod(tmp_path / 'ro', 0o700)
+  line = _one_error_line(capsys.readouterr().err)
+  assert f'{tmp_path / "ro" / "feat"}: cannot create the feature store folder' in line, line

@@ -57,7 +57,8 @@ def _write(out, vols=VOLS, header=None, **kw):
 
 def test_write_read_round_trip(tmp_path):
   _write(tmp_path).close()
-  fs = store.FeatureStore(str(tmp_path), verify_checksums=True)
+  fs = store.FeatureStore(str(tmp_path))
+  fs.validate()
   assert fs.keys() == KEYS
   assert fs.keys('val') == ['v04', 'v05']
   assert fs.pairs('train') == [('v00', 'v01'), ('v01', 'v00')]
@@ -122,7 +123,8 @@ def test_kill_mid_write_then_resume(tmp_path, monkeypatch):
   assert not any('.tmp-' in f for f in os.listdir(out))
   _write(out).close()
   assert (out / 'index.json').read_bytes() == (tmp_path / 'ref' / 'index.json').read_bytes()
-  fs = store.FeatureStore(str(out), verify_checksums=True)
+  fs = store.FeatureStore(str(out))
+  fs.validate()
   np.testing.assert_array_equal(fs.features('v03'), _features(VOLS[3]).astype(np.float16))
 
 
@@ -134,25 +136,149 @@ def test_header_mismatch_refuses_resume(tmp_path):
     _write(tmp_path, num_shards=2, shard_index=0)
 
 
+def _flip_byte(path, offset=-3):
+  data = bytearray(path.read_bytes())
+  data[offset] ^= 0xFF                                             # same size, other bytes
+  path.write_bytes(bytes(data))
+
+
 def test_corrupted_shard_is_reported_by_name(tmp_path):
   _write(tmp_path).close()
   name = store.shard_name(0, 1, 1)
   path = tmp_path / name
   data = bytearray(path.read_bytes())
-  data[-3] ^= 0xFF                                                 # flip bits in the payload
-  path.write_bytes(bytes(data))
-  store.FeatureStore(str(tmp_path))                                # size/header still valid
-  with pytest.raises(store.StoreError, match=f'{name}: sha256 mismatch'):
-    store.FeatureStore(str(tmp_path), verify_checksums=True)
   path.write_bytes(bytes(data[:-10]))                              # truncated
   with pytest.raises(store.StoreError, match=f'{name}: corrupt or truncated'):
     store.FeatureStore(str(tmp_path))
   path.write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{not json......' + bytes(data[24:]))
-  with pytest.raises(store.StoreError, match=f'{name}: corrupt shard'):
+  with pytest.raises(store.StoreError, match=f'{name}: corrupt shard.*v02, v03.*Re-run'):
     store.FeatureStore(str(tmp_path))
   path.unlink()
-  with pytest.raises(store.StoreError, match=f'{name}: shard file is missing'):
+  with pytest.raises(store.StoreError, match=f'{name}: shard file is missing.*Re-run'):
     store.FeatureStore(str(tmp_path))
+
+
+def test_bit_flip_is_caught_on_first_read_by_default(tmp_path, monkeypatch):
+  monkeypatch.delenv('FMIR_SKIP_SHARD_VERIFY', raising=False)
+  _write(tmp_path).close()
+  name = store.shard_name(0, 1, 1)                                 # holds v02 and v03
+  _flip_byte(tmp_path / name)                                      # the last bytes: v03 labels
+  fs = store.FeatureStore(str(tmp_path))                           # size/header still valid
+  np.testing.assert_array_equal(fs.labels('v00'), VOLS[0].labels)  # other shards read fine
+  for read in (lambda: fs.labels('v03'), lambda: fs.image('v02'), fs.validate):
+    with pytest.raises(store.StoreError) as err:
+      read()
+    msg = str(err.value)
+    assert msg.startswith(f'{tmp_path / name}: sha256 mismatch with the manifest'), msg
+    assert 'volumes v02, v03' in msg and 'Re-run the feature_extract/run.py command' in msg
+    assert 'repairs the store in place' in msg and '\n' not in msg
+  # Opting out reads the corrupt bytes as they are.
+  fs = store.FeatureStore(str(tmp_path), verify=False)
+  assert not np.array_equal(fs.labels('v03'), VOLS[3].labels)
+  monkeypatch.setenv('FMIR_SKIP_SHARD_VERIFY', '1')
+  assert not np.array_equal(store.FeatureStore(str(tmp_path)).labels('v03'), VOLS[3].labels)
+
+
+def test_shard_sha256_is_computed_once_per_process(tmp_path, monkeypatch):
+  monkeypatch.delenv('FMIR_SKIP_SHARD_VERIFY', raising=False)
+  _write(tmp_path).close()
+  hashed = []
+  real_sha256 = store._sha256
+  monkeypatch.setattr(store, '_sha256', lambda path: hashed.append(path) or real_sha256(path))
+  for _ in range(2):                                               # two readers, one process
+    fs = store.FeatureStore(str(tmp_path))
+    for key in KEYS:
+      fs.features(key), fs.image(key), fs.labels(key)
+  assert sorted(os.path.basename(p) for p in hashed) == [store.shard_name(0, 1, s)
+                                                         for s in range(3)]
+  path = tmp_path / store.shard_name(0, 1, 2)
+  _flip_byte(path)
+  os.utime(path, ns=(1, 1))                                        # a later change of the file
+  with pytest.raises(store.StoreError, match='sha256 mismatch'):
+    store.FeatureStore(str(tmp_path)).features('v05')
+
+
+def test_pair_naming_a_missing_volume_is_refused_on_open(tmp_path):
+  _write(tmp_path).close()
+  index = tmp_path / 'index.json'
+  manifest = json.loads(index.read_text())
+  manifest['pairs']['train'].append(['v01', 'v09'])
+  index.write_text(store.dumps(manifest))
+  with pytest.raises(store.StoreError) as err:
+    store.FeatureStore(str(tmp_path))
+  msg = str(err.value)
+  assert msg.startswith(f'{index}: train pair [\'v01\', \'v09\'] names volume \'v09\''), msg
+  assert 'Re-run the feature_extract/run.py command' in msg and '--merge' in msg
+
+
+def _shard_files(out):
+  return {f: (out / f).read_bytes() for f in sorted(os.listdir(out))
+          if f.endswith('.safetensors')}
+
+
+def test_resume_repairs_missing_truncated_and_corrupt_shards_in_place(tmp_path):
+  _write(tmp_path).close()
+  original = _shard_files(tmp_path)
+  index = (tmp_path / 'index.json').read_bytes()
+  s0, s1, s2 = (tmp_path / store.shard_name(0, 1, s) for s in range(3))
+  s0.write_bytes(original[s0.name][:-100])                         # truncated
+  _flip_byte(s1)                                                   # same size, bad sha256
+  (tmp_path / 'notes.txt').write_text('mine')                      # a user's file
+  s2_mtime = s2.stat().st_mtime_ns
+  writer = _write(tmp_path, vols=[])
+  assert [(r.file, r.keys) for r in writer.repairs] == [(s0.name, ('v00', 'v01')),
+                                                        (s1.name, ('v02', 'v03'))]
+  assert 'corrupt or truncated' in writer.repairs[0].problem
+  assert 'sha256 mismatch' in writer.repairs[1].problem
+  assert writer.done_keys == {'v04', 'v05'}
+  _write(tmp_path).close()
+  assert _shard_files(tmp_path) == original                        # byte for byte
+  assert (tmp_path / 'index.json').read_bytes() == index
+  assert s2.stat().st_mtime_ns == s2_mtime                         # the sound shard untouched
+  assert (tmp_path / 'notes.txt').read_text() == 'mine'
+  store.FeatureStore(str(tmp_path)).validate()
+  s1.unlink()                                                      # missing
+  assert [r.keys for r in _write(tmp_path, vols=[]).repairs] == [('v02', 'v03')]
+  _write(tmp_path).close()
+  assert _shard_files(tmp_path) == original
+
+
+def test_repair_killed_midway_resumes_without_overwriting_sound_shards(tmp_path, monkeypatch):
+  _write(tmp_path).close()
+  original = _shard_files(tmp_path)
+  for s in (0, 1):
+    _flip_byte(tmp_path / store.shard_name(0, 1, s))
+  real_replace = os.replace
+  calls = []
+
+  def dying_replace(src, dst):
+    if dst.endswith('.safetensors'):
+      calls.append(dst)
+      if len(calls) == 2:  # killed while the second repaired shard is renamed into place
+        raise KeyboardInterrupt
+    real_replace(src, dst)
+
+  monkeypatch.setattr(os, 'replace', dying_replace)
+  with pytest.raises(KeyboardInterrupt):
+    _write(tmp_path)
+  monkeypatch.setattr(os, 'replace', real_replace)
+  part = json.loads((tmp_path / store.partial_name(0, 1)).read_text())
+  assert part['redo_shards'] == [{'file': store.shard_name(0, 1, 1), 'keys': ['v02', 'v03']}]
+  _write(tmp_path).close()
+  assert _shard_files(tmp_path) == original
+  assert 'redo_shards' not in json.loads((tmp_path / store.partial_name(0, 1)).read_text())
+  store.FeatureStore(str(tmp_path)).validate()
+
+
+@pytest.mark.parametrize('sub,message', [
+    ('file.txt', 'exists and is a file, not a folder'),
+    ('file.txt/sub', 'cannot create the feature store folder'),
+])
+def test_writer_out_dir_that_cannot_be_a_folder(tmp_path, sub, message):
+  (tmp_path / 'file.txt').write_text('keep me')
+  with pytest.raises(store.StoreError, match=message):
+    store.StoreWriter(str(tmp_path / sub), _header())
+  assert (tmp_path / 'file.txt').read_text() == 'keep me'
 
 
 def test_two_workers_and_merge_equal_single_worker(tmp_path):
