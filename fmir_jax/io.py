@@ -257,6 +257,12 @@ def resample_to_grid(data: np.ndarray, src_affine: np.ndarray, dst_affine: np.nd
   return out
 
 
+def _inside(x: np.ndarray, n: int) -> np.ndarray:
+  """The edge rule of every resampling here: a source position x (voxels) along an axis of
+  n voxels is inside when it lies within half a voxel of the outer voxel centres."""
+  return (x >= -0.5) & (x <= n - 0.5)
+
+
 def _inside_mask(m: np.ndarray, dst_shape: tuple[int, ...], src_shape: tuple[int, ...]
                  ) -> np.ndarray:
   """(H', W', D') bool: destination voxels whose source position is inside the source."""
@@ -264,9 +270,31 @@ def _inside_mask(m: np.ndarray, dst_shape: tuple[int, ...], src_shape: tuple[int
   grids = np.meshgrid(*axes, indexing="ij", sparse=True)
   inside = np.ones(dst_shape, bool)
   for k in range(3):
-    x = m[k, 0] * grids[0] + m[k, 1] * grids[1] + m[k, 2] * grids[2] + m[k, 3]
-    inside &= (x >= -0.5) & (x <= src_shape[k] - 0.5)
+    inside &= _inside(m[k, 0] * grids[0] + m[k, 1] * grids[1] + m[k, 2] * grids[2] + m[k, 3],
+                      src_shape[k])
   return inside
+
+
+def sample_voxels(data: np.ndarray, coords_vox: np.ndarray, order: int,
+                  cval: float = 0.0) -> np.ndarray:
+  """Samples a volume at arbitrary voxel positions with ``resample_to_grid``'s edge rule.
+
+  Args:
+    data: (H, W, D) volume (order 0 keeps its dtype; order 1 works in float32).
+    coords_vox: (3, ...) positions in voxels of ``data``.
+    order: 0 nearest (labels) or 1 linear (images).
+    cval: value farther than half a voxel outside ``data``.
+
+  Returns:
+    (...) samples.
+  """
+  src = data if order == 0 else np.asarray(data, np.float32)
+  out = ndimage.map_coordinates(src, coords_vox, order=order, mode="nearest")
+  inside = np.ones(out.shape, bool)
+  for k in range(3):
+    inside &= _inside(coords_vox[k], data.shape[k])
+  out[~inside] = cval
+  return out
 
 
 def spacing_grid(src_shape: Sequence[int], src_affine: np.ndarray,
@@ -444,14 +472,27 @@ def target_grid(src_shape: Sequence[int], src_affine: np.ndarray,
                  dst_affine=translate_affine(res_affine, start))
 
 
+_LABEL_DTYPES = (np.uint8, np.int16, np.uint16, np.int32)
+
+
+def label_dtype(data: np.ndarray, path: str = "labels") -> type:
+  """The smallest NIfTI integer type holding the values of ``data`` (e.g. uint8 for ACDC,
+  int16 for FreeSurfer aseg ids up to 2035)."""
+  lo, hi = (int(data.min()), int(data.max())) if data.size else (0, 0)
+  for dt in _LABEL_DTYPES:
+    if np.iinfo(dt).min <= lo and hi <= np.iinfo(dt).max:
+      return dt
+  raise ValueError(f"save_nifti: {path}: integer range [{lo}, {hi}] does not fit int32.")
+
+
 def save_nifti(path: str, data: np.ndarray, affine: np.ndarray, *,
                intent: str | None = None) -> str:
   """Writes a 3D (or 4D) volume atomically (temp file in the same folder + os.replace).
 
   Args:
     path: destination ending in .nii or .nii.gz.
-    data: float arrays are written as float32, bool/integer arrays in [0, 255] as uint8
-      (labels); other integer ranges are rejected.
+    data: float arrays are written as float32, bool/integer arrays (labels) with the
+      smallest NIfTI integer type that holds their range (uint8, int16, uint16, int32).
     affine: 4x4 voxel -> world (mm).
     intent: optional NIfTI intent name, e.g. "label" or "vector" (stored in the header).
 
@@ -465,10 +506,7 @@ def save_nifti(path: str, data: np.ndarray, affine: np.ndarray, *,
   if np.issubdtype(data.dtype, np.floating):
     data = data.astype(np.float32)
   elif data.dtype == bool or np.issubdtype(data.dtype, np.integer):
-    if data.size and (data.min() < 0 or data.max() > 255):
-      raise ValueError(f"save_nifti: {path}: integer data range [{data.min()}, "
-                       f"{data.max()}] does not fit uint8; pass float data instead.")
-    data = data.astype(np.uint8)
+    data = data.astype(label_dtype(data, path))
   else:
     raise ValueError(f"save_nifti: {path}: unsupported dtype {data.dtype}.")
   affine = np.asarray(affine, np.float64)

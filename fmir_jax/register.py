@@ -257,15 +257,14 @@ def warp_to_fixed(moving: np.ndarray, moving_affine: np.ndarray, fixed_shape: Se
     fixed_shape, fixed_affine: output grid.
     disp_mm: (X, Y, Z, 3) RAS mm displacement on the fixed grid, or None (identity).
     order: 1 linear, 0 nearest.
-    cval: value outside the moving image.
+    cval: value farther than half a voxel outside the moving image (``io.sample_voxels``).
 
   Returns:
     (X, Y, Z) array on the fixed grid (float32 for order 1, moving.dtype for order 0).
   """
   fixed_shape = tuple(int(s) for s in fixed_shape)
   inv = np.linalg.inv(np.asarray(moving_affine, np.float64))
-  src = moving if order == 0 else np.asarray(moving, np.float32)
-  out = np.empty(fixed_shape, src.dtype)
+  out = np.empty(fixed_shape, moving.dtype if order == 0 else np.float32)
   step = max(1, _CHUNK_VOXELS // max(1, fixed_shape[0] * fixed_shape[1]))
   for k0 in range(0, fixed_shape[2], step):
     k1 = min(fixed_shape[2], k0 + step)
@@ -273,8 +272,7 @@ def warp_to_fixed(moving: np.ndarray, moving_affine: np.ndarray, fixed_shape: Se
     if disp_mm is not None:
       p = p + disp_mm[:, :, k0:k1]
     vox = p @ inv[:3, :3].T + inv[:3, 3]
-    out[:, :, k0:k1] = ndimage.map_coordinates(src, np.moveaxis(vox, -1, 0), order=order,
-                                               mode='constant', cval=cval)
+    out[:, :, k0:k1] = io.sample_voxels(moving, np.moveaxis(vox, -1, 0), order, cval)
   return out
 
 
@@ -288,17 +286,44 @@ def l2r_disp_vox(disp_mm: np.ndarray, fixed_affine: np.ndarray,
   return (p @ inv[:3, :3].T + inv[:3, 3] - idx).astype(np.float32)
 
 
-def l2r_id(path: str) -> str:
-  """Learn2Reg case id of a file: NNNN of TASK_NNNN_MMMM.nii.gz or the last number, 4 digits."""
+def l2r_case(path: str, given: str | None, flag: str) -> tuple[str, str | None]:
+  """(case id, modality id or None) of a scan for the Learn2Reg file names.
+
+  ``given`` ("NNNN" or "NNNN_MMMM", from ``flag``) wins. Otherwise the name must be
+  Learn2Reg's ``TASK_NNNN_MMMM.nii.gz`` or hold exactly one number (``img0001.nii.gz``);
+  a name with several numbers (``patient101_frame10``) is ambiguous and refused.
+  """
+  if given is not None:
+    m = re.fullmatch(r'(\d{1,4})(?:_(\d{1,4}))?', given)
+    if not m:
+      raise RegisterError(f'{flag} {given!r}: expected a case number NNNN or NNNN_MMMM '
+                          '(case_modality).')
+    return f'{int(m.group(1)):04d}', m.group(2) and f'{int(m.group(2)):04d}'
   name = re.sub(r'\.nii(\.gz)?$', '', os.path.basename(path))
-  m = re.search(r'(\d{4})_\d{4}$', name)
+  m = re.search(r'_(\d{4})_(\d{4})$', name)
   if m:
-    return m.group(1)
+    return m.group(1), m.group(2)
   nums = re.findall(r'\d+', name)
-  if not nums:
-    raise RegisterError(f'{path}: no case number in the file name for the Learn2Reg export; '
-                        'pass --l2r-fixed-id/--l2r-moving-id.')
-  return f'{int(nums[-1]):04d}'
+  if len(nums) != 1:
+    raise RegisterError(f'{path}: cannot tell the Learn2Reg case id from the file name '
+                        f'({len(nums)} numbers in it); pass {flag} NNNN.')
+  return f'{int(nums[0]):04d}', None
+
+
+def l2r_names(fixed: tuple[str, str | None], moving: tuple[str, str | None]) -> list[str]:
+  """File names under which the Learn2Reg evaluation code finds the field of this pair.
+
+  It reads ``disp_FFFF_MMMM.nii.gz`` (fixed case first) when both scans share a modality
+  (or are 0000 -> 0001), else ``disp_FFFF_fmod_MMMM_mmod.nii.gz``: the short name is written
+  where it applies, the long one whenever both modality ids are known.
+  """
+  (f, fm), (m, mm) = fixed, moving
+  names = []
+  if fm is None or mm is None or fm == mm or (fm, mm) == ('0000', '0001'):
+    names.append(f'disp_{f}_{m}.nii.gz')
+  if fm is not None and mm is not None:
+    names.append(f'disp_{f}_{fm}_{m}_{mm}.nii.gz')
+  return names
 
 
 # --------------------------------------------------------------------------- stages
@@ -389,8 +414,8 @@ def load_backbone(run: RunInfo, opts: RegisterOptions):
   from fmir_jax import store as store_lib
   header = run.header
   bb_rec = header.get('backbone', {})
-  name = opts.backbone or bb_rec.get('name')
-  same = opts.backbone in (None, bb_rec.get('name')) and opts.weights is None \
+  name = backbones.canonical_name(opts.backbone) if opts.backbone else bb_rec.get('name')
+  same = name == bb_rec.get('name') and opts.weights is None \
       and opts.layer is None
   if name == 'mind':
     patch = int(header['patch_size']) if same else 4
@@ -668,8 +693,11 @@ def register(fixed: str, moving: str, checkpoint: str, out: str, *,
                         'and a positive learning rate.')
   out = os.path.abspath(out)
   check_out_dir(out, opts.overwrite)
+  l2r_files = []
   if opts.l2r_dir:
     files.check_writable_dir(opts.l2r_dir, '--l2r-export')
+    l2r_files = l2r_names(l2r_case(fixed, opts.l2r_fixed_id, '--l2r-fixed-id'),
+                          l2r_case(moving, opts.l2r_moving_id, '--l2r-moving-id'))
   for stale in files.remove_stale_temp_dirs(os.path.dirname(out), _tag(out)):
     log(f'removed {stale} (left by a killed earlier run)')
   times: dict[str, float] = {}
@@ -775,20 +803,17 @@ def register(fixed: str, moving: str, checkpoint: str, out: str, *,
       report['files']['warped_labels'] = os.path.join(out, OUT_FILES['warped_labels'])
     save_dispvect(os.path.join(tmp, OUT_FILES['disp']), disp_mm, faff)
     report['files']['disp'] = os.path.join(out, OUT_FILES['disp'])
-    l2r_path = None
-    if opts.l2r_dir:
-      fid = opts.l2r_fixed_id or l2r_id(fixed)
-      mid = opts.l2r_moving_id or l2r_id(moving)
-      l2r_path = os.path.join(os.path.abspath(opts.l2r_dir), f'disp_{fid}_{mid}.nii.gz')
-      report['files']['l2r'] = l2r_path
+    l2r_paths = [os.path.join(os.path.abspath(opts.l2r_dir), n) for n in l2r_files]
+    if l2r_paths:
+      report['files']['l2r'] = l2r_paths
       l2r_field = l2r_disp_vox(disp_mm, faff, pair.moving_affine)
     times['write_s'] = time.perf_counter() - t0
     report['times_s'] = times
     with open(os.path.join(tmp, OUT_FILES['report']), 'w') as f:
       json.dump(report, f, indent=2, default=_json_default)
     report['files']['report'] = os.path.join(out, OUT_FILES['report'])
-    if l2r_path:
-      save_l2r(l2r_path, l2r_field, faff)
+    for path in l2r_paths:
+      save_l2r(path, l2r_field, faff)
     publish(tmp, out, opts.overwrite)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -820,5 +845,6 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     io_r = report['instance_optimisation']
     lines.append(f"instance optimisation ({io_r['steps']} steps): loss "
                  f"{io_r['loss_before']:.5f} -> {io_r['loss_after']:.5f}")
-  lines.append('outputs: ' + ', '.join(report['files'].values()))
+  paths = [p for v in report['files'].values() for p in (v if isinstance(v, list) else [v])]
+  lines.append('outputs: ' + ', '.join(paths))
   return lines

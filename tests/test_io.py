@@ -131,8 +131,8 @@ def test_save_load_round_trip(tmp_path):
   labd, _, lh = io.load_nifti(tmp_path / "lab.nii.gz", what="label")
   assert labd.dtype == np.uint8 and lh.dtype == "uint8"
   np.testing.assert_array_equal(labd, lab)
-  with pytest.raises(ValueError, match="uint8"):
-    io.save_nifti(tmp_path / "x.nii.gz", lab * 100, aff)
+  with pytest.raises(ValueError, match="does not fit int32"):
+    io.save_nifti(tmp_path / "x.nii.gz", lab.astype(np.int64) * 2**31, aff)
 
 
 def _write(path, data, affine=None, zooms=None):
@@ -201,3 +201,17 @@ def test_displacement_units_round_trip():
   np.testing.assert_allclose(np.linalg.norm(mm[0, 0, 0]), 1.8, rtol=1e-6)
   np.testing.assert_allclose(mm[1, 1, 0], (0.0, 0.0, 5.0), atol=1e-6)
   np.testing.assert_allclose(io.disp_mm_to_vox(mm, aff), disp_vox, atol=1e-6)
+
+
+@pytest.mark.parametrize('top, dtype', [(3, np.uint8), (2035, np.int16), (40000, np.uint16),
+                                        (70000, np.int32)])
+def test_labels_above_255_are_written_with_a_type_that_holds_them(tmp_path, top, dtype):
+  """FreeSurfer aseg ids (up to 2035) and larger: nibabel reads back the exact ids."""
+  lab = np.zeros((5, 4, 3), np.int64)
+  lab[1, 1, 1], lab[2, 3, 0], lab[4, 0, 2] = 1, top // 2, top
+  path = io.save_nifti(str(tmp_path / 'aseg.nii.gz'), lab, np.eye(4), intent='label')
+  img = nib.load(path)
+  assert img.get_data_dtype() == dtype
+  np.testing.assert_array_equal(np.asarray(img.dataobj), lab)
+  back, _, _ = io.load_nifti(path, what='label')
+  np.testing.assert_array_equal(back, lab)

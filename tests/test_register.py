@@ -129,6 +129,30 @@ def test_disp_to_fixed_world_is_the_affine_image_of_the_voxel_field():
                              atol=1e-5)
 
 
+@pytest.mark.parametrize('name, given, expect', [
+    ('AbdomenCTCT_0012_0000.nii.gz', None, ('0012', '0000')),
+    ('img0007.nii.gz', None, ('0007', None)),
+    ('case_3.nii', None, ('0003', None)),
+    ('patient101_frame10.nii.gz', '101', ('0101', None)),
+    ('whatever.nii.gz', '5_1', ('0005', '0001'))])
+def test_l2r_case_ids(name, given, expect):
+  assert register.l2r_case(f'/d/{name}', given, '--l2r-fixed-id') == expect
+
+
+def test_l2r_ambiguous_names_are_refused_and_names_follow_the_evaluation_code():
+  with pytest.raises(register.RegisterError, match='pass --l2r-moving-id'):
+    register.l2r_case('/d/patient101_frame10.nii.gz', None, '--l2r-moving-id')
+  with pytest.raises(register.RegisterError, match='NNNN'):
+    register.l2r_case('/d/x.nii.gz', 'abc', '--l2r-fixed-id')
+  # The Learn2Reg evaluation code (evaluation.py): short name for one modality (or
+  # 0000 -> 0001), the long one otherwise.
+  assert register.l2r_names(('0001', '0000'), ('0002', '0000')) == [
+      'disp_0001_0002.nii.gz', 'disp_0001_0000_0002_0000.nii.gz']
+  assert register.l2r_names(('0001', '0001'), ('0002', '0000')) == [
+      'disp_0001_0001_0002_0000.nii.gz']
+  assert register.l2r_names(('0001', None), ('0002', None)) == ['disp_0001_0002.nii.gz']
+
+
 def test_native_grid_is_padded_to_pyramid_multiples_and_keeps_the_centre():
   aff = np.diag([1.3, 1.3, 7.0, 1.0])
   shape, new = register.native_grid((101, 90, 9), aff, (1.3, 1.3, 7.0), (2.0, 2.0, 7.0),
@@ -139,6 +163,40 @@ def test_native_grid_is_padded_to_pyramid_multiples_and_keeps_the_centre():
   shift = np.linalg.solve(new[:3, :3], centre(shape, new) - centre((101, 90, 9), aff))
   np.testing.assert_allclose(np.abs(shift), [0.0, 0.5, 0.0], atol=1e-9)
   np.testing.assert_allclose(io.voxel_spacing(new), (2.0, 2.0, 7.0))
+
+
+def test_warp_to_fixed_follows_the_half_voxel_edge_rule():
+  """Identity between identical grids returns the image everywhere (no border of zeros from
+  rounding), a moving image stored flipped gives the same result, and shifted samples match
+  a scipy oracle with resample_to_grid's rule (edge value within half a voxel, then cval)."""
+  rng = np.random.default_rng(1)
+  img = (rng.random((9, 7, 5)) + 1).astype(np.float32)
+  lab = rng.integers(1, 4, size=(9, 7, 5)).astype(np.uint8)
+  aff = other_grid((9, 7, 5), np.diag([1.3, 0.7, 4.0, 1.0]), (9, 7, 5), 0.3, 1.0)
+  zero = np.zeros((9, 7, 5, 3))
+  np.testing.assert_allclose(register.warp_to_fixed(img, aff, img.shape, aff, zero, 1), img,
+                             rtol=1e-6)
+  np.testing.assert_array_equal(register.warp_to_fixed(lab, aff, lab.shape, aff, zero, 0), lab)
+  flip = np.diag([-1.0, 1, 1, 1])
+  flip[0, 3] = img.shape[0] - 1
+  shift = np.zeros_like(zero)
+  shift[..., :] = aff[:3, :3] @ [0.4, -0.45, 0.2]       # world mm, <= half a voxel
+  for disp in (zero, shift):
+    a = register.warp_to_fixed(img, aff, img.shape, aff, disp, 1)
+    b = register.warp_to_fixed(img[::-1].copy(), aff @ flip, img.shape, aff, disp, 1)
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    a = register.warp_to_fixed(lab, aff, lab.shape, aff, disp, 0)
+    b = register.warp_to_fixed(lab[::-1].copy(), aff @ flip, lab.shape, aff, disp, 0)
+    assert np.mean(a == b) > 0.99 and a.min() > 0        # ties may round either way
+  far = np.zeros_like(zero)
+  far[..., :] = aff[:3, :3] @ [2.0, 0.0, 0.0]
+  out = register.warp_to_fixed(img, aff, img.shape, aff, far, 1, cval=-3.0)
+  coords = np.indices(img.shape).astype(float)
+  coords[0] += 2.0
+  ref = ndimage.map_coordinates(img, coords, order=1, mode='nearest')
+  ref[coords[0] > img.shape[0] - 0.5] = -3.0
+  np.testing.assert_allclose(out, ref, rtol=1e-5)
+  assert (out == -3.0).sum() == 2 * 7 * 5
 
 
 # --------------------------------------------------------------------------- end to end
@@ -179,9 +237,14 @@ def test_cli_native_grid_outputs_match_independent_resampler_and_l2r(run_dir, pa
   p = idx @ aff_f[:3, :3].T + aff_f[:3, 3] + disp[:, :, :, 0, :]
   inv = np.linalg.inv(aff_m)
   coords = np.moveaxis(p @ inv[:3, :3].T + inv[:3, 3], -1, 0)
-  expect = ndimage.map_coordinates(moving.astype(np.float64), coords, order=1, cval=0.0)
+  # Edge rule: within half a voxel outside the moving grid the edge value, farther out 0.
+  outside = np.any((coords < -0.5) | (coords > np.reshape(moving.shape, (3, 1, 1, 1)) - 0.5), 0)
+  assert 0 < outside.mean() < 0.5
+  expect = ndimage.map_coordinates(moving.astype(np.float64), coords, order=1, mode='nearest')
+  expect[outside] = 0.0
   np.testing.assert_allclose(warped, expect, atol=1e-3 * np.abs(moving).max())
-  expect_lab = ndimage.map_coordinates(moving_lab, coords, order=0, cval=0)
+  expect_lab = ndimage.map_coordinates(moving_lab, coords, order=0, mode='nearest')
+  expect_lab[outside] = 0
   assert np.mean(expect_lab == warped_lab) > 0.999
   # Learn2Reg export: the challenge script's warp (identity + disp, in moving voxels).
   l2r_img = nib.load(l2r / 'disp_0101_0102.nii.gz')
