@@ -24,12 +24,15 @@ from fmir_jax import report
 from fmir_jax import store as store_lib
 
 FLAGS = flags.FLAGS
+# Errors the user can fix (bad run, store, checkpoint choice, PCA file, output path): one
+# line on stderr and exit status 2, no traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, store_lib.StoreError, checkpoint.RunError)
 flags.DEFINE_list('workdir', None, 'Training run directory (or several, comma-separated).')
 flags.DEFINE_list('features', None, 'Feature store(s) to evaluate on.')
 flags.DEFINE_list('pca_store', [], 'Per --features entry (or one for all): a store of the '
                   'same backbone on training data, to fit a PCA basis for a new backbone.')
 flags.DEFINE_string('split', 'test', 'Split of the store to evaluate.')
-flags.DEFINE_string('checkpoint', 'best', "'best', 'last' or a step number.")
+flags.DEFINE_string('checkpoint', 'best', "'best', 'last' (or 'latest') or a saved step.")
 flags.DEFINE_string('out', '', 'Output directory (default: WORKDIR/eval/STORE_SPLIT).')
 flags.DEFINE_integer('figures', 3, 'Per-pair figures to draw.')
 flags.DEFINE_integer('limit', 0, 'Evaluate only the first N pairs (0 = all).')
@@ -68,8 +71,8 @@ def main(argv):
                store_lib.backbone_name(header))
         grid[key] = summary['metrics']
         initial[key[2]] = summary['metrics']
-  except (ValueError, FileNotFoundError, store_lib.StoreError) as e:
-    print(f'error: {e}', file=sys.stderr)
+  except USER_ERRORS as e:
+    print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
     sys.exit(2)
   if FLAGS.table2:
     table = report.markdown_table2(grid, initial)

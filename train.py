@@ -12,9 +12,15 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from fmir_jax import checkpoint
+from fmir_jax import store as store_lib
 from fmir_jax import trainer
 
 FLAGS = flags.FLAGS
+# Errors the user can fix (bad store, config, run directory, checkpoint, non-finite loss):
+# one line on stderr and exit status 2, no traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, store_lib.StoreError,
+               checkpoint.RunError)
 config_flags.DEFINE_config_file('config', None, 'Training config file (configs/*.py).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, PCA basis, TensorBoard).')
@@ -29,8 +35,8 @@ def main(argv):
   try:
     result = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir,
                                         stop_after_steps=FLAGS.stop_after_steps)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
-    print(f'error: {e}', file=sys.stderr)
+  except USER_ERRORS as e:
+    print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
     sys.exit(2)
   best = max(result.val_dice.values()) if result.val_dice else float('nan')
   print(f'trained to step {result.step}; best validation Dice {best:.4f}; run in '

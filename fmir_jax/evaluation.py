@@ -89,15 +89,18 @@ def is_bidirectional(refs: Sequence[data_lib.PairRef], stores) -> bool:
 
 
 def load_run(workdir: str, checkpoint: str = 'best'):
-  """(config, graphdef, params, run_info, step) of a training run."""
+  """(config, graphdef, params, run_info, step) of a training run; writes nothing to it.
+
+  checkpoint: 'best', 'last' (alias 'latest') or a saved step (``ckpt.best_or_latest``).
+  """
   import ml_collections
   from fmir_jax import checkpoint as ckpt
   info = ckpt.read_run_info(workdir)
+  mgr, step = ckpt.best_or_latest(workdir, checkpoint)    # before the compile: fails fast
   config = ml_collections.ConfigDict(info['config'])
   graphdef, state, _, _ = train_lib.create(config, int(info['store_header']['channels']),
                                            int(info['total_steps']))
-  mgr, step = ckpt.best_or_latest(workdir, checkpoint)
-  restored = ckpt.restore(mgr, state, step)
+  restored = ckpt.restore_chosen(workdir, mgr, step, state)
   params = restored.params if hasattr(restored, 'params') else restored[1]
   return config, graphdef, params, info, step
 
@@ -140,8 +143,16 @@ def evaluate_run(workdir: str, store_path: str, *, split: str = 'test',
   Returns the summary dict (also written to ``out_dir/summary.json``).
   """
   import os
+  from fmir_jax import checkpoint as ckpt
   from fmir_jax import report
   from fmir_jax import store as store_lib
+  ckpt.read_run_info(workdir)        # "not a run" before any complaint about the output path
+  tag = os.path.basename(os.path.normpath(store_path))
+  out_dir = out_dir or os.path.join(workdir, 'eval', f'{tag}_{split}')
+  why = ckpt.unwritable_reason(out_dir)
+  if why:                            # before the compile
+    raise ckpt.RunError(f'cannot write the evaluation to {out_dir}: {why}; pass --out=DIR '
+                        'naming a writable directory')
   config, graphdef, params, info, step = load_run(workdir, checkpoint)
   st = store_lib.FeatureStore(store_path)
   basis = pca_for_store(workdir, info, st, pca_store, progress)
@@ -172,8 +183,6 @@ def evaluate_run(workdir: str, store_path: str, *, split: str = 'test',
       'feature_s_mean': float(np.nanmean([r.feature_s for r in results]))
       if any(np.isfinite(r.feature_s) for r in results) else float('nan'),
   })
-  tag = os.path.basename(os.path.normpath(store_path))
-  out_dir = out_dir or os.path.join(workdir, 'eval', f'{tag}_{split}')
   os.makedirs(out_dir, exist_ok=True)
   rows = []
   for r in results:

@@ -96,6 +96,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
   stop_after_steps: leave after this many steps of this invocation (a time slice on a
     preemptible machine); the next call resumes from the last checkpoint.
   """
+  why = ckpt.unwritable_reason(workdir)
+  if why:
+    raise ckpt.RunError(f'--workdir={workdir}: {why}; pass a directory path you can write to')
   mode = train_lib.check_mode(config.mode)
   stores = open_stores(list(config.data.train_stores))
   eval_stores = open_stores([config.data.eval_store]) if config.data.eval_store else stores
@@ -133,7 +136,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
   pca = train_lib.pca_to_device(basis)
 
   last_mgr, best_mgr = ckpt.managers(workdir, int(config.train.keep_checkpoints))
-  restored = ckpt.restore(last_mgr, state)
+  restored = ckpt.restore_for_resume(last_mgr, state, workdir)
   if restored is not None:
     state = train_lib.TrainState(*restored) if not isinstance(restored, train_lib.TrainState) \
         else restored
@@ -200,6 +203,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
           writer.add_scalar(f'train/{k}', float(v), done)
         writer.add_scalar('train/steps_per_s', (done - start) / (time.perf_counter() - t_start),
                           done)
+        writer.flush()     # a killed run keeps its curves (else only every 120 s)
       bar.set_postfix(loss=f'{loss:.4f}', refresh=False)
       bar.update(1)
       if done % int(config.train.eval_every) == 0 or done == n_steps:
@@ -213,6 +217,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
         writer.add_scalar('val/initial_dice', float(summary['metrics']['initial_dice_mean']['mean']), done)
         writer.add_scalar('val/folding_fraction', float(summary['metrics']['folding_fraction']['mean']),
                           done)
+        writer.flush()
         logging.info('step %d: val Dice %.4f (initial %.4f)', done, dice,
                      summary['metrics']['initial_dice_mean']['mean'])
         ckpt.save(best_mgr, done, state, metrics={'val_dice': dice})

@@ -1,6 +1,12 @@
-"""Training: modes run, loss goes down, kill-and-resume equals an uninterrupted run,
-sharded (2 host devices) step equals the single-device step, NaN stops cleanly."""
+"""Training: modes run, loss goes down, kill-and-resume equals an uninterrupted run (also
+past a corrupt checkpoint), sharded (2 host devices) step equals the single-device step, NaN
+stops cleanly, a killed run keeps its TensorBoard scalars; evaluation reads a run without
+writing to it."""
+import glob
+import logging
 import os
+import shutil
+import struct
 import subprocess
 import sys
 import textwrap
@@ -10,6 +16,7 @@ import numpy as np
 import pytest
 
 from configs import demo
+from fmir_jax import checkpoint as ckpt
 from fmir_jax import data as data_lib
 from fmir_jax import evaluation
 from fmir_jax import train_lib
@@ -44,23 +51,134 @@ def tiny_config(store_dir, **train):
   return c
 
 
-def test_kill_and_resume_equals_uninterrupted(store_dir, tmp_path):
+@pytest.fixture(scope='module')
+def full_run(store_dir, tmp_path_factory):
+  """An uninterrupted tiny run (6 steps, checkpoints 2, 4, 6, validated at 6); read only."""
+  return trainer.train_and_evaluate(tiny_config(store_dir),
+                                    str(tmp_path_factory.mktemp('full') / 'run'), quiet=True)
+
+
+def _params(workdir, step, cfg):
+  _, state, _, _ = train_lib.create(cfg, 6, 6)
+  last, _ = ckpt.managers(workdir, 3, read_only=True)
+  return jax.tree.map(np.asarray, ckpt.restore(last, state, step).params)
+
+
+def test_kill_and_resume_equals_uninterrupted(store_dir, full_run, tmp_path, caplog):
+  """Killed after 4 steps while saving step 4: that checkpoint is corrupt. The resume warns,
+  sets it aside, redoes steps 3-6 from step 2 and saves step 4 again, as the full run did."""
+  from tests.test_checkpoint import corrupt
   cfg = tiny_config(store_dir)
-  full = trainer.train_and_evaluate(cfg, str(tmp_path / 'full'), quiet=True)
+  full = full_run
   assert sorted(full.losses) == [1, 2, 3, 4, 5, 6]
-  # "Killed" after 3 steps: the last checkpoint is step 2, so the resumed run redoes step 3.
-  part = trainer.train_and_evaluate(cfg, str(tmp_path / 'cut'), stop_after_steps=3, quiet=True)
-  assert part.step == 3
-  # Drop the step-3 checkpoint so the resume really starts from an older state (step 2),
-  # as after a kill between checkpoints.
-  import shutil
-  shutil.rmtree(tmp_path / 'cut' / 'checkpoints' / '3')
-  resumed = trainer.train_and_evaluate(cfg, str(tmp_path / 'cut'), quiet=True)
+  assert full.val_dice and all(np.isfinite(list(full.val_dice.values())))
+  cut = str(tmp_path / 'cut')
+  part = trainer.train_and_evaluate(cfg, cut, stop_after_steps=4, quiet=True)
+  assert part.step == 4
+  corrupt(os.path.join(cut, 'checkpoints', '4'))
+  with caplog.at_level(logging.WARNING):
+    resumed = trainer.train_and_evaluate(cfg, cut, quiet=True)
+  warned = [r.getMessage() for r in caplog.records if 'cannot be restored' in r.getMessage()]
+  assert len(warned) == 1 and os.path.join(cut, 'checkpoints', '4') in warned[0]
+  assert 'resuming from step 2' in warned[0]
   assert sorted(resumed.losses) == [3, 4, 5, 6]
   for s in (3, 4, 5, 6):
     np.testing.assert_allclose(resumed.losses[s], full.losses[s], rtol=1e-5)
-  np.testing.assert_allclose(part.losses[3], full.losses[3], rtol=1e-5)
-  assert full.val_dice and all(np.isfinite(list(full.val_dice.values())))
+  for s in (3, 4):
+    np.testing.assert_allclose(part.losses[s], full.losses[s], rtol=1e-5)
+  # The corrupt folder is kept aside; steps 4 and 6 were saved again and restore.
+  assert os.listdir(os.path.join(cut, ckpt.SET_ASIDE_DIR, '4', 'default'))
+  assert sorted(os.listdir(os.path.join(cut, 'checkpoints'))) == ['2', '4', '6']
+  for step in (4, 6):
+    want = jax.tree.leaves(_params(full.workdir, step, cfg))
+    for a, b in zip(jax.tree.leaves(_params(cut, step, cfg)), want):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def _walk(root):
+  return sorted((os.path.relpath(d, root), sorted(ds), sorted(fs)) for d, ds, fs in os.walk(root))
+
+
+def test_evaluation_reads_a_run_without_writing_to_it(store_dir, full_run, tmp_path):
+  """eval.py / fmir register on a run without best/ (never validated): nothing appears."""
+  run = str(tmp_path / 'run')
+  shutil.copytree(full_run.workdir, run,
+                  ignore=lambda d, names: ['best'] if d == full_run.workdir else [])
+  before = _walk(run)
+  summary = evaluation.evaluate_run(run, store_dir, split='test', checkpoint='last',
+                                    out_dir=str(tmp_path / 'out'), figures=0, limit=1)
+  assert summary['checkpoint_step'] == 6
+  assert _walk(run) == before                   # no empty best/ (nor checkpoints/) created
+  assert evaluation.load_run(run, 'latest')[4] == 6
+  with pytest.raises(ckpt.RunError, match=r"'latest'\), or one of the saved steps \[2, 4, 6\]"):
+    evaluation.load_run(run, 'foo')
+  assert _walk(run) == before
+
+
+def test_a_damaged_pca_file_is_refitted_by_the_command_its_error_gives(store_dir, full_run,
+                                                                        tmp_path):
+  run = str(tmp_path / 'run')
+  shutil.copytree(full_run.workdir, run)
+  st = trainer.open_stores([store_dir])[0]
+  path = ckpt.pca_path(run, st.header)
+  want = dict(np.load(path))
+  with open(path, 'r+b') as f:
+    f.truncate(os.path.getsize(path) // 2)
+  with pytest.raises(ckpt.RunError, match='--features=STORE --pca_store=TRAIN_STORE'):
+    evaluation.pca_for_store(run, ckpt.read_run_info(run), st)
+  # The fix it names: delete the file, eval.py --pca_store=<the training store> refits it.
+  os.remove(path)
+  evaluation.pca_for_store(run, ckpt.read_run_info(run), st, pca_store_path=store_dir)
+  got = dict(np.load(path))
+  for k in ('mean', 'components', 'explained_variance', 'n_samples'):
+    np.testing.assert_array_equal(got[k], want[k])
+
+
+def _tb_scalars(path):
+  """{tag: {step: value}} of a TensorBoard event file, read with the TFRecord framing (length,
+  crc, data, crc) and tensorboardX's Event proto; a torn last record is ignored."""
+  from tensorboardX.proto import event_pb2
+  data, pos, out = open(path, 'rb').read(), 0, {}
+  while pos + 12 <= len(data):
+    (n,) = struct.unpack('<Q', data[pos:pos + 8])
+    if pos + 12 + n + 4 > len(data):
+      break
+    event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+    for v in event.summary.value:
+      out.setdefault(v.tag, {})[event.step] = v.simple_value
+    pos += 12 + n + 4
+  return out
+
+
+def test_a_killed_run_keeps_its_tensorboard_scalars(store_dir, full_run, tmp_path):
+  """SIGKILL at the start of step 5 (as a preemption would): the event file holds the logged
+  losses of the steps before (the newest log step may still be in tensorboardX's queue)."""
+  workdir = str(tmp_path / 'killed')
+  script = textwrap.dedent(f"""
+      import os, signal, sys
+      sys.path.insert(0, {ROOT!r})
+      import jax
+      jax.config.update('jax_compilation_cache_dir', {jax.config.jax_compilation_cache_dir!r})
+      jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+      from tests.test_train import tiny_config
+      from fmir_jax import data as data_lib, trainer
+      real = data_lib.train_batches
+      def killed(*args, **kwargs):
+        for i, batch in enumerate(real(*args, **kwargs)):
+          if kwargs['start_step'] + i == 4:
+            os.kill(os.getpid(), signal.SIGKILL)
+          yield batch
+      data_lib.train_batches = killed
+      trainer.train_and_evaluate(tiny_config({store_dir!r}), {workdir!r}, quiet=True)
+      """)
+  r = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                     cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=600)
+  assert r.returncode == -9, r.stderr[-3000:]
+  (events,) = glob.glob(os.path.join(workdir, 'tb', 'events.out.tfevents.*'))
+  losses = _tb_scalars(events).get('train/loss', {})
+  assert {1, 2, 3} <= set(losses), losses
+  for step in (1, 2, 3):
+    np.testing.assert_allclose(losses[step], full_run.losses[step], rtol=1e-5)
 
 
 @pytest.mark.parametrize('mode', ['WS'])   # UN: the resume test; -CR: tests/test_demo.py
@@ -87,7 +205,6 @@ def test_non_finite_stops_with_last_good_state(store_dir, tmp_path, monkeypatch)
   with pytest.raises(FloatingPointError, match='last good state') as err:
     trainer.train_and_evaluate(cfg, str(tmp_path / 'nan'), quiet=True)
   assert 'step 3' in str(err.value)
-  from fmir_jax import checkpoint as ckpt
   graphdef, state, _, _ = train_lib.create(cfg, 6, 6)
   last, _ = ckpt.managers(str(tmp_path / 'nan'), 3)
   assert last.latest_step() == 2                  # the state after the last good step
@@ -142,7 +259,6 @@ def test_hybrid_stores_with_their_own_factors_and_labels(store_dir, tmp_path):
   res = trainer.train_and_evaluate(cfg, str(tmp_path / 'hyb'), quiet=True)
   assert sorted(res.losses) == [1, 2, 3, 4] and all(np.isfinite(list(res.losses.values())))
   assert np.isfinite(res.val_dice[4])
-  from fmir_jax import checkpoint as ckpt
   info = ckpt.read_run_info(str(tmp_path / 'hyb'))
   assert [s['factors'] for s in info['store_settings']] == [[2, 2, 1], [2, 2, 2]]
   # eval.py's library call picks the (2,2,2) factors for the second store's grid.
