@@ -1,16 +1,19 @@
 """The ``fmir`` console script.
 
   fmir register --fixed F.nii.gz --moving M.nii.gz --checkpoint RUN_DIR --out OUT/ [options]
+  fmir register --pairs pairs.csv --checkpoint RUN_DIR --out OUT/ [options]
 
 Bad input (unreadable or 2D image, NaN voxels, label map not on its image's grid, missing
 run, unknown backbone, no PCA basis for another backbone, ...) prints one message and exits
-with code 2; nothing is written under OUT.
+with code 2; nothing is written under OUT. In batch mode a failed pair is reported in the
+summary and the others go on; the exit code is 1 when any pair failed.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 
 def _layer(text: str | None):
@@ -22,52 +25,103 @@ def _layer(text: str | None):
     raise argparse.ArgumentTypeError(f'--layer must be an int or "last", got {text!r}') from None
 
 
+def parse_triple(text: str | None, what: str, cast: Callable = float):
+  """'a,b,c' -> (a, b, c) of positive numbers, or None."""
+  from fmir_jax.register import RegisterError
+  if text is None:
+    return None
+  try:
+    vals = tuple(cast(p) for p in text.split(','))
+  except ValueError:
+    raise RegisterError(f'{what} {text!r}: expected three comma-separated numbers.') from None
+  if len(vals) != 3 or min(vals) <= 0:
+    raise RegisterError(f'{what} {text!r}: expected three positive numbers.')
+  return vals
+
+
+def parse_factors(text: str | None):
+  """'2,2,1' (all levels) or '2,2,1;2,2,2;...' (one per transition) -> factors or None."""
+  if text is None:
+    return None
+  triples = [parse_triple(t, '--pyramid-factors', int) for t in text.split(';')]
+  return triples[0] if len(triples) == 1 else tuple(triples)
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog='fmir', description='FMIR registration tools.')
   sub = parser.add_subparsers(dest='command', required=True)
   r = sub.add_parser(
-      'register', help='register a NIfTI pair with a trained run',
-      description='Register MOVING onto FIXED with a trained FMIR run. Outputs under OUT: '
-                  'warped_moving.nii.gz, warped_moving_labels.nii.gz (with --moving-labels), '
-                  'disp_mm.nii.gz (X,Y,Z,1,3 RAS mm, intent DISPVECT; warped(p) = '
-                  'moving(p + disp); for ITK/ANTs LPS negate components 0 and 1), '
-                  'report.json.')
-  r.add_argument('--fixed', required=True, help='fixed image (.nii/.nii.gz)')
-  r.add_argument('--moving', required=True, help='moving image')
+      'register', help='register NIfTI pairs with a trained run',
+      description='Register MOVING onto FIXED (or every pair of --pairs CSV) with a trained '
+                  'FMIR run. Outputs under OUT: warped_moving.nii.gz, '
+                  'warped_moving_labels.nii.gz (with --moving-labels), disp_mm.nii.gz '
+                  '(X,Y,Z,1,3 RAS mm, intent DISPVECT; warped(p) = moving(p + disp); for '
+                  'ITK/ANTs LPS negate components 0 and 1), report.json.')
+  one = r.add_argument_group('one pair')
+  one.add_argument('--fixed', help='fixed image (.nii/.nii.gz)')
+  one.add_argument('--moving', help='moving image')
+  one.add_argument('--fixed-labels', help='fixed label map (Dice/HD95 before and after)')
+  one.add_argument('--moving-labels', help='moving label map (warped with nearest neighbour)')
+  r.add_argument('--pairs', metavar='CSV',
+                 help='batch mode: a CSV with columns fixed,moving[,fixed_labels,'
+                      'moving_labels] (paths relative to the CSV); each pair goes to '
+                      'OUT/NNNN_<moving>_to_<fixed>/, plus OUT/summary.csv and summary.json; '
+                      'the run is restored once and compiled once per grid shape')
   r.add_argument('--checkpoint', required=True, help='training run directory (--workdir)')
-  r.add_argument('--out', required=True, help='output folder: created whole when new; in an existing folder only '
+  r.add_argument('--out', required=True,
+                 help='output folder: created whole when new; in an existing folder only '
                       "register's own files are written (other files are never touched)")
-  r.add_argument('--fixed-labels', help='fixed label map (for Dice)')
-  r.add_argument('--moving-labels', help='moving label map (warped with nearest neighbour)')
   r.add_argument('--grid', choices=('model', 'native'), default='model',
-                 help="model: the run's training grid and preprocessing; native: the fixed "
-                      'image field of view at --spacing')
+                 help="model (default): the run's training grid and preprocessing; native: "
+                      'the fixed image field of view at --spacing')
   r.add_argument('--dataset-grid', choices=('acdc', 'abdomen'),
-                 help="use this dataset's model grid and intensity rule (implies --grid "
-                      'model unless --grid native is given)')
-  r.add_argument('--spacing', help='native grid voxel size sx,sy,sz in mm (default: fixed)')
+                 help="use this dataset's model grid and intensity rule (default: the run's)")
+  r.add_argument('--spacing', help='native grid voxel size sx,sy,sz in mm (default: the '
+                                   "fixed image's)")
   r.add_argument('--pyramid-factors',
                  help="per-level factors at inference: 'sx,sy,sz' or one triple per level "
                       "transition separated by ';' (default: the checkpoint's)")
   r.add_argument('--backbone', help="encoder (default: the run's); another one needs a PCA "
                                     'basis in the run (eval.py --pca_store)')
   r.add_argument('--weights', help='encoder weights: Hub id or local directory')
-  r.add_argument('--layer', type=_layer, help='encoder layer: int or "last"')
+  r.add_argument('--layer', type=_layer, help='encoder layer: int or "last" (default: the '
+                                              "run's)")
   r.add_argument('--checkpoint-step', default='best',
                  help='best | last (alias latest) | STEP (default: best)')
-  r.add_argument('--device', default='auto', help='encoder device: auto | cpu | cuda[:N]')
-  r.add_argument('--dtype', default='float32', help='encoder compute dtype')
-  r.add_argument('--batch-size', type=int, default=16, help='slices per encoder forward')
-  r.add_argument('--io-steps', type=int, default=0,
-                 help='instance optimisation: Adam steps on the displacement (0 = off)')
-  r.add_argument('--io-lr', type=float, default=0.1, help='instance optimisation step (vox)')
-  r.add_argument('--l2r-export', metavar='DIR',
-                 help='also write DIR/disp_FFFF_MMMM.nii.gz (Learn2Reg: fixed id first, '
-                      'X,Y,Z,3 float32 voxels, moving_index = fixed_index + disp)')
-  r.add_argument('--l2r-fixed-id', help='Learn2Reg case id of the fixed scan (default: from '
-                                        'the file name)')
-  r.add_argument('--l2r-moving-id', help='Learn2Reg case id of the moving scan')
-  r.add_argument('--overwrite', action='store_true', help="replace an earlier register result in OUT (its files only)")
+  r.add_argument('--device', default='auto', help='encoder device: auto | cpu | cuda[:N] '
+                                                  '(default: auto)')
+  r.add_argument('--dtype', default='float32', help='encoder compute dtype (default: float32)')
+  r.add_argument('--batch-size', type=int, default=16,
+                 help='slices per encoder forward (default: 16)')
+  io_g = r.add_argument_group('instance optimisation (refines the head\'s field on each pair)')
+  io_g.add_argument('--io', action='store_true',
+                    help='multi-scale instance optimisation with the defaults (coarse to fine, '
+                         'Adam, local NCC + diffusion)')
+  io_g.add_argument('--io-steps', type=int, default=None,
+                    help='Adam steps at the finest scale (coarser scales keep theirs); '
+                         'implies --io (default with --io: refine.RefineOptions().steps)')
+  io_g.add_argument('--io-lr', type=float, default=None,
+                    help='Adam step size in voxels at the coarse scales; the defaults keep '
+                         'their ratios (default: refine.RefineOptions().lr_vox)')
+  io_g.add_argument('--io-similarity', choices=('ncc', 'mind'), default=None,
+                    help='ncc (default): same contrast; mind: MIND-SSC, for pairs of '
+                         'different contrast')
+  io_g.add_argument('--io-diffeomorphic', action='store_true',
+                    help='optimise a velocity field integrated by scaling and squaring')
+  l2r = r.add_argument_group('Learn2Reg export')
+  l2r.add_argument('--l2r-export', metavar='DIR',
+                   help='also write DIR/disp_FFFF_MMMM.nii.gz (fixed case first; plus '
+                        'disp_FFFF_ffff_MMMM_mmmm.nii.gz when the modality ids are known), '
+                        'X,Y,Z,3 float32 voxels, moving_index = fixed_index + disp')
+  l2r.add_argument('--l2r-fixed-id', help='Learn2Reg case id NNNN[_MMMM] of the fixed scan '
+                                          '(default: from a Learn2Reg file name)')
+  l2r.add_argument('--l2r-moving-id', help='Learn2Reg case id of the moving scan')
+  r.add_argument('--overwrite', action='store_true',
+                 help='replace an earlier register result in OUT (its files only)')
+  r.add_argument('--cache-dir', default=None,
+                 help='JAX compilation cache, so a later call on the same grid shape skips '
+                      'compiling (default: $FMIR_CACHE_DIR or ~/.cache/fmir-jax/jax)')
+  r.add_argument('--no-cache', action='store_true', help='do not use the compilation cache')
   r.add_argument('--quiet', action='store_true', help='print nothing but errors')
   return parser
 
@@ -78,30 +132,87 @@ def _user_errors() -> tuple[type, ...]:
   from fmir_jax import files
   from fmir_jax import io
   from fmir_jax import register
+  from fmir_jax import runs
   from fmir_jax import store
-  return (register.RegisterError, io.NiftiError, backbones.BackboneError, store.StoreError,
-          DatasetError, files.OutputPathError)
+  return (register.RegisterError, runs.RunError, io.NiftiError, backbones.BackboneError,
+          store.StoreError, DatasetError, files.OutputPathError)
+
+
+def enable_compilation_cache(args: argparse.Namespace) -> str | None:
+  """Points JAX's persistent compilation cache at a folder and caches every program there:
+  --cache-dir, else $FMIR_CACHE_DIR, else a cache JAX already has (JAX_COMPILATION_CACHE_DIR),
+  else ~/.cache/fmir-jax/jax."""
+  if args.no_cache:
+    return None
+  import jax
+  path = (args.cache_dir or os.environ.get('FMIR_CACHE_DIR')
+          or jax.config.jax_compilation_cache_dir      # JAX_COMPILATION_CACHE_DIR
+          or os.path.join(os.path.expanduser('~'), '.cache', 'fmir-jax', 'jax'))
+  os.makedirs(path, exist_ok=True)
+  jax.config.update('jax_compilation_cache_dir', path)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  return path
+
+
+def refine_options(args: argparse.Namespace):
+  """``refine.RefineOptions`` from the --io* flags, or None when instance optimisation is off."""
+  if not (args.io or args.io_steps or args.io_similarity or args.io_diffeomorphic):
+    return None
+  from fmir_jax import refine
+  kw = {'diffeomorphic': args.io_diffeomorphic}
+  default = refine.RefineOptions()
+  if args.io_steps:
+    kw['steps'] = default.steps[:-1] + (args.io_steps,)
+  if args.io_lr:
+    kw['lr_vox'] = tuple(args.io_lr * r / default.lr_vox[0] for r in default.lr_vox)
+  if args.io_similarity:
+    kw['similarity'] = args.io_similarity
+  return refine.RefineOptions(**kw)
 
 
 def run_register(args: argparse.Namespace) -> int:
   from fmir_jax import register
+  from fmir_jax import register_batch
   say = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
+  errors = _user_errors()
   try:
+    one = [args.fixed, args.moving]
+    if args.pairs is not None and any(one + [args.fixed_labels, args.moving_labels]):
+      raise register.RegisterError('--pairs registers the pairs of a CSV: leave out '
+                                   '--fixed/--moving/--fixed-labels/--moving-labels.')
+    if args.pairs is None and not all(one):
+      raise register.RegisterError('pass --fixed and --moving (one pair) or --pairs CSV.')
+    if args.io_steps is not None and args.io_steps < 1:
+      raise register.RegisterError(f'--io-steps {args.io_steps}: need at least 1 step.')
+    if args.io_lr is not None and not args.io_lr > 0:
+      raise register.RegisterError(f'--io-lr {args.io_lr}: need a positive step size.')
     opts = register.RegisterOptions(
         grid=args.grid, dataset_grid=args.dataset_grid,
-        spacing_mm=register.parse_triple(args.spacing, '--spacing'),
-        pyramid_factors=register.parse_factors(args.pyramid_factors),
+        spacing_mm=parse_triple(args.spacing, '--spacing'),
+        pyramid_factors=parse_factors(args.pyramid_factors),
         backbone=args.backbone, weights=args.weights, layer=args.layer,
         checkpoint_step=args.checkpoint_step, device=args.device, dtype=args.dtype,
-        batch_size=args.batch_size, io_steps=args.io_steps, io_lr=args.io_lr,
+        batch_size=args.batch_size, refine=refine_options(args),
         l2r_dir=args.l2r_export, l2r_fixed_id=args.l2r_fixed_id,
         l2r_moving_id=args.l2r_moving_id, overwrite=args.overwrite)
-    report = register.register(args.fixed, args.moving, args.checkpoint, args.out,
-                               fixed_labels=args.fixed_labels,
-                               moving_labels=args.moving_labels, options=opts, log=say)
-  except _user_errors() as e:
+    cache = enable_compilation_cache(args)
+    if args.pairs is not None:
+      summary = register_batch.register_batch(args.pairs, args.checkpoint, args.out,
+                                              options=opts, log=say, errors=errors)
+    else:
+      report = register.register(args.fixed, args.moving, args.checkpoint, args.out,
+                                 fixed_labels=args.fixed_labels,
+                                 moving_labels=args.moving_labels, options=opts, log=say)
+  except errors as e:
     print(f'fmir register: error: {e}', file=sys.stderr)
     return 2
+  say(f'compilation cache: {cache or "off"}')
+  if args.pairs is not None:
+    if not args.quiet:
+      print(f"{summary['pairs']} pairs, {summary['failed']} failed; summary: "
+            f"{os.path.join(os.path.abspath(args.out), 'summary.csv')}")
+    return 1 if summary['failed'] else 0
   if not args.quiet:
     print('\n'.join(register.summary_lines(report)))
   return 0

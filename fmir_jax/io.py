@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any, Sequence
 
 import nibabel as nib
@@ -522,21 +523,61 @@ def save_nifti(path: str, data: np.ndarray, affine: np.ndarray, *,
   return path
 
 
-def disp_vox_to_mm(disp_vox: np.ndarray, affine: np.ndarray) -> np.ndarray:
-  """Voxel displacements (..., 3), component k along array axis k -> world mm (RAS).
+DISPVECT_INTENT = 1006   # NIFTI_INTENT_DISPVECT
 
-  Args:
-    disp_vox: (..., 3) displacement in voxels of the grid of ``affine``.
-    affine: 4x4 voxel -> world (mm) of that grid.
 
-  Returns:
-    (..., 3) float32 displacement in world millimetres.
+def save_dispvect(path: str, disp_mm: np.ndarray, affine: np.ndarray) -> str:
+  """Writes a displacement field as NIfTI-1 (X, Y, Z, 1, 3) float32, intent DISPVECT, mm.
+
+  ``disp_mm[i, j, k, 0, :]`` is a RAS vector (mm) such that, with p = affine @ (i, j, k, 1),
+  warped(p) = moving(p + disp_mm); ITK/ANTs/SimpleITK (LPS) read it as
+  (-d0, -d1, d2). Written atomically with the user's umask.
   """
-  m = np.asarray(affine, np.float64)[:3, :3]
-  return (np.asarray(disp_vox, np.float64) @ m.T).astype(np.float32)
+  img = nib.Nifti1Image(np.asarray(disp_mm, np.float32)[:, :, :, None, :], affine)
+  img.set_qform(affine, code=1)
+  img.set_sform(affine, code=1)
+  img.header.set_intent(DISPVECT_INTENT, name="disp_mm_RAS")
+  img.header.set_xyzt_units("mm")
+  with files.atomic_path(path) as tmp:
+    nib.save(img, tmp)
+  return path
 
 
-def disp_mm_to_vox(disp_mm: np.ndarray, affine: np.ndarray) -> np.ndarray:
-  """Inverse of ``disp_vox_to_mm``: world-mm displacements (..., 3) -> voxels (float32)."""
-  m = np.linalg.inv(np.asarray(affine, np.float64)[:3, :3])
-  return (np.asarray(disp_mm, np.float64) @ m.T).astype(np.float32)
+def l2r_case(path: str, given: str | None, flag: str) -> tuple[str, str | None]:
+  """(case id, modality id or None) of a scan for the Learn2Reg file names.
+
+  ``given`` ("NNNN" or "NNNN_MMMM", from ``flag``) wins. Otherwise the name must be
+  Learn2Reg's ``TASK_NNNN_MMMM.nii.gz`` or hold exactly one number (``img0001.nii.gz``);
+  a name with several numbers (``patient101_frame10``) is ambiguous and refused.
+  """
+  if given is not None:
+    m = re.fullmatch(r"(\d{1,4})(?:_(\d{1,4}))?", given)
+    if not m:
+      raise NiftiError(f"{flag} {given!r}: expected a case number NNNN or NNNN_MMMM "
+                       "(case_modality).")
+    return f"{int(m.group(1)):04d}", m.group(2) and f"{int(m.group(2)):04d}"
+  name = re.sub(r"\.nii(\.gz)?$", "", os.path.basename(path))
+  m = re.search(r"_(\d{4})_(\d{4})$", name)
+  if m:
+    return m.group(1), m.group(2)
+  nums = re.findall(r"\d+", name)
+  if len(nums) != 1:
+    raise NiftiError(f"{path}: cannot tell the Learn2Reg case id from the file name "
+                     f"({len(nums)} numbers in it); pass {flag} NNNN.")
+  return f"{int(nums[0]):04d}", None
+
+
+def l2r_names(fixed: tuple[str, str | None], moving: tuple[str, str | None]) -> list[str]:
+  """File names under which the Learn2Reg evaluation code finds the field of this pair.
+
+  It reads ``disp_FFFF_MMMM.nii.gz`` (fixed case first) when both scans share a modality
+  (or are 0000 -> 0001), else ``disp_FFFF_fmod_MMMM_mmod.nii.gz``: the short name is written
+  where it applies, the long one whenever both modality ids are known.
+  """
+  (f, fm), (m, mm) = fixed, moving
+  names = []
+  if fm is None or mm is None or fm == mm or (fm, mm) == ("0000", "0001"):
+    names.append(f"disp_{f}_{m}.nii.gz")
+  if fm is not None and mm is not None:
+    names.append(f"disp_{f}_{fm}_{m}_{mm}.nii.gz")
+  return names

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -420,6 +420,31 @@ def evaluate_pair(disp_vox: np.ndarray, moving_labels: np.ndarray,
       initial_hd95=hd0, initial_hd95_mean=_nanmean(list(hd0.values())),
       sdlogj=_sdlogj_of(jac_det), std_log_jacdet=_std_log_of(jac_det),
       folding_fraction=_folding_of(jac_det), time_s=float(time_s))
+
+
+def label_overlap_before_after(warped: np.ndarray, initial: np.ndarray, fixed: np.ndarray,
+                               spacing_mm: Sequence[float]) -> dict[str, Any]:
+  """Dice and HD95 (mm) of the fixed labels vs the warped (after) and the unwarped (before)
+  moving labels, all on the fixed grid, for the classes present in both maps (Learn2Reg).
+
+  Returns a JSON-able dict: classes, before/after and hd95_before/hd95_after per class
+  (keys str), and their means (mean_before, mean_after, hd95_mean_before, ...).
+  """
+  fix = _as_labels("fixed", fixed)
+  classes = sorted((set(np.unique(fix).tolist()) & set(np.unique(initial).tolist())) - {0})
+  if not classes:
+    raise ValueError("the fixed and moving label maps share no foreground class; Dice "
+                     "cannot be computed (are these the segmentations of these images?).")
+  spacing = _as_spacing(spacing_mm)
+  out: dict[str, Any] = {"classes": classes}
+  for name, pred in (("before", initial), ("after", warped)):
+    dice, hd = _score_labels(_as_labels(name, pred), fix, classes, classes, spacing, 1,
+                             "union")
+    out[name] = {str(c): dice[c] for c in classes}
+    out[f"hd95_{name}"] = {str(c): hd[c] for c in classes}
+    out[f"mean_{name}"] = mean_dice(dice)
+    out[f"hd95_mean_{name}"] = _nanmean(list(hd.values()))
+  return out
 
 
 # --------------------------------------------------------------------------- aggregation

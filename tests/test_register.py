@@ -23,8 +23,11 @@ from feature_extract.datasets import pairs as custom_pairs
 from feature_extract.datasets import phantoms
 from fmir_jax import cli
 from fmir_jax import io
+from fmir_jax import refine
 from fmir_jax import register
 from fmir_jax import trainer
+from fmir_jax import world
+from tests.files_snapshot import snapshot
 
 GRID = dict(shape=(32, 32, 8), spacing_mm=(3.5, 3.5, 10.0))
 INPLANE = (80, 96)
@@ -124,7 +127,7 @@ def test_disp_to_fixed_world_is_the_affine_image_of_the_voxel_field():
   fixed_aff = np.diag([-1.5, 1.7, 8.0, 1.0])
   centre = reg_aff[:3, :3] @ [9.5, 9.5, 2.5] + reg_aff[:3, 3]
   fixed_aff[:3, 3] = centre + [7.0, -8.0, -8.0]        # (10, 9, 3) voxels fit inside
-  d = register.disp_to_fixed_world(u, reg_aff, (10, 9, 3), fixed_aff)
+  d = world.disp_to_fixed_world(u, reg_aff, (10, 9, 3), fixed_aff)
   np.testing.assert_allclose(d, np.broadcast_to(reg_aff[:3, :3] @ u[0, 0, 0], d.shape),
                              atol=1e-5)
 
@@ -136,21 +139,21 @@ def test_disp_to_fixed_world_is_the_affine_image_of_the_voxel_field():
     ('patient101_frame10.nii.gz', '101', ('0101', None)),
     ('whatever.nii.gz', '5_1', ('0005', '0001'))])
 def test_l2r_case_ids(name, given, expect):
-  assert register.l2r_case(f'/d/{name}', given, '--l2r-fixed-id') == expect
+  assert io.l2r_case(f'/d/{name}', given, '--l2r-fixed-id') == expect
 
 
 def test_l2r_ambiguous_names_are_refused_and_names_follow_the_evaluation_code():
-  with pytest.raises(register.RegisterError, match='pass --l2r-moving-id'):
-    register.l2r_case('/d/patient101_frame10.nii.gz', None, '--l2r-moving-id')
-  with pytest.raises(register.RegisterError, match='NNNN'):
-    register.l2r_case('/d/x.nii.gz', 'abc', '--l2r-fixed-id')
+  with pytest.raises(io.NiftiError, match='pass --l2r-moving-id'):
+    io.l2r_case('/d/patient101_frame10.nii.gz', None, '--l2r-moving-id')
+  with pytest.raises(io.NiftiError, match='NNNN'):
+    io.l2r_case('/d/x.nii.gz', 'abc', '--l2r-fixed-id')
   # The Learn2Reg evaluation code (evaluation.py): short name for one modality (or
   # 0000 -> 0001), the long one otherwise.
-  assert register.l2r_names(('0001', '0000'), ('0002', '0000')) == [
+  assert io.l2r_names(('0001', '0000'), ('0002', '0000')) == [
       'disp_0001_0002.nii.gz', 'disp_0001_0000_0002_0000.nii.gz']
-  assert register.l2r_names(('0001', '0001'), ('0002', '0000')) == [
+  assert io.l2r_names(('0001', '0001'), ('0002', '0000')) == [
       'disp_0001_0001_0002_0000.nii.gz']
-  assert register.l2r_names(('0001', None), ('0002', None)) == ['disp_0001_0002.nii.gz']
+  assert io.l2r_names(('0001', None), ('0002', None)) == ['disp_0001_0002.nii.gz']
 
 
 def test_native_grid_is_padded_to_pyramid_multiples_and_keeps_the_centre():
@@ -174,23 +177,23 @@ def test_warp_to_fixed_follows_the_half_voxel_edge_rule():
   lab = rng.integers(1, 4, size=(9, 7, 5)).astype(np.uint8)
   aff = other_grid((9, 7, 5), np.diag([1.3, 0.7, 4.0, 1.0]), (9, 7, 5), 0.3, 1.0)
   zero = np.zeros((9, 7, 5, 3))
-  np.testing.assert_allclose(register.warp_to_fixed(img, aff, img.shape, aff, zero, 1), img,
+  np.testing.assert_allclose(world.warp_to_fixed(img, aff, img.shape, aff, zero, 1), img,
                              rtol=1e-6)
-  np.testing.assert_array_equal(register.warp_to_fixed(lab, aff, lab.shape, aff, zero, 0), lab)
+  np.testing.assert_array_equal(world.warp_to_fixed(lab, aff, lab.shape, aff, zero, 0), lab)
   flip = np.diag([-1.0, 1, 1, 1])
   flip[0, 3] = img.shape[0] - 1
   shift = np.zeros_like(zero)
   shift[..., :] = aff[:3, :3] @ [0.4, -0.45, 0.2]       # world mm, <= half a voxel
   for disp in (zero, shift):
-    a = register.warp_to_fixed(img, aff, img.shape, aff, disp, 1)
-    b = register.warp_to_fixed(img[::-1].copy(), aff @ flip, img.shape, aff, disp, 1)
+    a = world.warp_to_fixed(img, aff, img.shape, aff, disp, 1)
+    b = world.warp_to_fixed(img[::-1].copy(), aff @ flip, img.shape, aff, disp, 1)
     np.testing.assert_allclose(a, b, rtol=1e-5)
-    a = register.warp_to_fixed(lab, aff, lab.shape, aff, disp, 0)
-    b = register.warp_to_fixed(lab[::-1].copy(), aff @ flip, lab.shape, aff, disp, 0)
+    a = world.warp_to_fixed(lab, aff, lab.shape, aff, disp, 0)
+    b = world.warp_to_fixed(lab[::-1].copy(), aff @ flip, lab.shape, aff, disp, 0)
     assert np.mean(a == b) > 0.99 and a.min() > 0        # ties may round either way
   far = np.zeros_like(zero)
   far[..., :] = aff[:3, :3] @ [2.0, 0.0, 0.0]
-  out = register.warp_to_fixed(img, aff, img.shape, aff, far, 1, cval=-3.0)
+  out = world.warp_to_fixed(img, aff, img.shape, aff, far, 1, cval=-3.0)
   coords = np.indices(img.shape).astype(float)
   coords[0] += 2.0
   ref = ndimage.map_coordinates(img, coords, order=1, mode='nearest')
@@ -217,8 +220,8 @@ def test_cli_native_grid_outputs_match_independent_resampler_and_l2r(run_dir, pa
   moving_lab, _ = _load(pair['es_labels'])
   report = json.loads((out / 'report.json').read_text())
   assert all(n % m == 0 for n, m in zip(report['grid']['shape'], (2, 2, 1)))
-  assert set(report['times_s']) == {'load_resample_s', 'features_s', 'head_s', 'io_s',
-                                    'write_s'}
+  assert set(report['times_s']) == {'load_preprocess_s', 'features_s', 'compile_s', 'head_s',
+                                    'refine_s', 'write_s'}
   assert 0.0 <= report['dice']['mean_before'] <= 1.0
   assert np.isfinite(report['jacobian']['sdlogj'])
   # Output grids are the fixed image's.
@@ -260,10 +263,10 @@ def test_instance_optimisation_recovers_a_known_translation(run_dir, pair, tmp_p
   rep = register.register(
       pair['fixed'], pair['shift'], run_dir, str(out), fixed_labels=pair['fixed_labels'],
       moving_labels=pair['shift_labels'],
-      options=register.RegisterOptions(io_steps=60, io_lr=0.1))
+      options=register.RegisterOptions(refine=refine.RefineOptions()))
   assert rep['grid']['shape'] == list(GRID['shape'])          # the run's model grid
   io_r = rep['instance_optimisation']
-  assert io_r['loss_after'] < io_r['loss_before']
+  assert all(a < b for a, b in zip(io_r['loss_after'], io_r['loss_before']))
   assert rep['dice']['mean_after'] > rep['dice']['mean_before'] + 0.05, rep['dice']
   # Closed form: moving(q) = fixed(q - t), so disp_mm = t; check it in the heart.
   disp = np.asarray(nib.load(out / 'disp_mm.nii.gz').dataobj)[:, :, :, 0, :]
@@ -334,24 +337,12 @@ def test_bad_input_exits_2_and_writes_nothing(run_dir, pair, tmp_path, capsys, c
   argv = ['register', '--out', locals().get('argv_out', str(tmp_path / 'out'))] + extra
   for k, v in args.items():
     argv += [k, v]
-  before = _snapshot(tmp_path)
+  before = snapshot(tmp_path)
   rc = cli.main(argv)
   err = capsys.readouterr().err
   assert rc == 2 and expect in err, err
   assert 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
-  assert _snapshot(tmp_path) == before   # nothing written, changed or left behind
-
-
-def _snapshot(root):
-  """{relative path: bytes (files) or None (folders)} of everything under root."""
-  out = {}
-  for d, dirs, names in os.walk(root):
-    for n in dirs:
-      out[os.path.relpath(os.path.join(d, n), root)] = None
-    for n in names:
-      path = os.path.join(d, n)
-      out[os.path.relpath(path, root)] = open(path, 'rb').read()
-  return out
+  assert snapshot(tmp_path) == before   # nothing written, changed or left behind
 
 
 def test_overwrite_replaces_only_register_files_with_the_users_umask(run_dir, pair, tmp_path):
@@ -374,7 +365,7 @@ def test_overwrite_replaces_only_register_files_with_the_users_umask(run_dir, pa
   (tmp_path / f'.out.tmp-{dead}-abc12').mkdir()            # left by a killed run
   (tmp_path / f'.out.tmp-{os.getpid()}-live9').mkdir()     # a live run's
   old_report = (out / 'report.json').read_bytes()
-  user = {k: v for k, v in _snapshot(out).items()
+  user = {k: v for k, v in snapshot(out).items()
           if k in ('notes.txt', 'sub', os.path.join('sub', 'data.csv'), 'disp_mm.nii.gz.bak')}
   old_mask = os.umask(0o027)
   try:
@@ -383,7 +374,7 @@ def test_overwrite_replaces_only_register_files_with_the_users_umask(run_dir, pa
     assert cli.main(base + ['--overwrite']) == 0
   finally:
     os.umask(old_mask)
-  after = _snapshot(out)
+  after = snapshot(out)
   assert {k: after.get(k, 'gone') for k in user} == user
   assert set(after) == set(user) | {'warped_moving.nii.gz', 'disp_mm.nii.gz', 'report.json'}
   assert after['report.json'] != old_report
@@ -419,3 +410,48 @@ def test_other_backbone_without_pca_basis_is_refused(run_dir, pair, tmp_path, ca
   advised = set(re.findall(r'--(\w+)=', err.split('python eval.py', 1)[1]))
   assert advised and advised <= defined, (advised, defined)
   assert not (tmp_path / 'out').exists()
+
+
+def test_batch_mode_equals_single_calls_and_goes_on_after_a_failed_pair(run_dir, pair, tmp_path,
+                                                                         capsys):
+  """--pairs: one process, one compile per grid shape, per-pair folders equal to single
+  calls, a failed pair reported in the summary while the others go on, exit code 1."""
+  import csv
+  rows = [{'fixed': pair['fixed'], 'moving': pair['es'], 'fixed_labels': pair['fixed_labels'],
+           'moving_labels': pair['es_labels']},
+          {'fixed': pair['fixed'], 'moving': 'missing.nii.gz', 'fixed_labels': '',
+           'moving_labels': ''},
+          {'fixed': pair['fixed'], 'moving': pair['shift'], 'fixed_labels': '',
+           'moving_labels': ''}]
+  with open(tmp_path / 'pairs.csv', 'w', newline='') as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+  out = tmp_path / 'batch'
+  rc = cli.main(['register', '--pairs', str(tmp_path / 'pairs.csv'), '--checkpoint', run_dir,
+                 '--out', str(out), '--no-cache'])
+  captured = capsys.readouterr()
+  assert rc == 1 and '3 pairs, 1 failed' in captured.out, captured
+  summary = json.loads((out / 'summary.json').read_text())
+  status = [r['status'] for r in summary['rows']]
+  assert status == ['ok', 'failed', 'ok']
+  assert 'missing.nii.gz' in summary['rows'][1]['error']
+  assert summary['rows'][2]['compile_s'] == 0.0           # same grid shape: compiled once
+  with open(out / 'summary.csv') as f:
+    table = list(csv.DictReader(f))
+  assert [r['status'] for r in table] == status
+  assert float(table[0]['dice_after']) == pytest.approx(summary['rows'][0]['dice_after'])
+  for i, moving, labels in ((0, 'es', True), (2, 'shift', False)):
+    single = tmp_path / f'single{i}'
+    extra = ['--fixed-labels', pair['fixed_labels'], '--moving-labels',
+             pair['es_labels']] if labels else []
+    assert cli.main(['register', '--fixed', pair['fixed'], '--moving', pair[moving],
+                     '--checkpoint', run_dir, '--out', str(single), '--quiet', '--no-cache']
+                    + extra) == 0
+    folder = out / os.path.basename(summary['rows'][i]['out'])
+    a, _ = _load(folder / 'disp_mm.nii.gz')
+    b, _ = _load(single / 'disp_mm.nii.gz')
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    if labels:
+      rep = json.loads((single / 'report.json').read_text())
+      assert summary['rows'][0]['dice_after'] == pytest.approx(rep['dice']['mean_after'])

@@ -21,7 +21,7 @@ import itertools
 import json
 import os
 import re
-from typing import Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -211,25 +211,52 @@ def half_affine(full_affine: np.ndarray) -> np.ndarray:
   return np.asarray(full_affine, float) @ t
 
 
+def target_shape(*, resolution: str = "half", **_: Any) -> tuple[int, int, int]:
+  """The model grid's shape for these reader options."""
+  return HALF_SHAPE if resolution == "half" else FULL_SHAPE
+
+
+def model_grid(header: io.NiftiHeader, *, resolution: str = "half", **_: Any
+               ) -> tuple[tuple[int, int, int], np.ndarray]:
+  """(shape, affine) of the scan's 2 mm 192x160x256 grid (image centre), halved for
+  ``resolution="half"``."""
+  full_affine, _ = full_grid(header)
+  if resolution == "half":
+    return HALF_SHAPE, half_affine(full_affine)
+  return FULL_SHAPE, full_affine
+
+
+def _same_grid(gm: io.GridMap) -> bool:
+  return gm.src_shape == gm.dst_shape and np.array_equal(gm.src_affine, gm.dst_affine)
+
+
+def preprocess(image: np.ndarray, header: io.NiftiHeader, dst_shape: Sequence[int],
+               dst_affine: np.ndarray, **_: Any
+               ) -> tuple[np.ndarray, io.GridMap, dict[str, Any]]:
+  """The CT rule on any target grid: linear resampling (air, -1000 HU, outside the scan),
+  clip to [-500, 800] HU and scale to [0, 1].
+
+  Returns:
+    (float32 (H, W, D) image in [0, 1], GridMap back to the source, intensity record).
+  """
+  gm = io.GridMap(header.shape, header.affine, tuple(int(s) for s in dst_shape), dst_affine)
+  hu = image if _same_grid(gm) else gm.to_target(image, order=1, cval=AIR_HU)
+  scaled, info = ds.window_scale(hu, *HU_WINDOW)
+  return scaled, gm, info
+
+
 def load_scan(f: ScanFiles, resolution: str) -> Volume:
   """Reads and preprocesses one scan onto the full or half grid."""
   image, affine, hdr = io.load_nifti(f.image, what="image")
-  dst_affine, rule = full_grid(hdr)
-  shape = FULL_SHAPE
-  if resolution == "half":
-    dst_affine, shape = half_affine(dst_affine), HALF_SHAPE
-  gm = io.GridMap(hdr.shape, affine, shape, dst_affine)
-  if gm.src_shape == shape and np.array_equal(affine, dst_affine):
-    hu = image
-  else:
-    hu = gm.to_target(image, order=1, cval=AIR_HU)
-  scaled, intensity = ds.window_scale(hu, *HU_WINDOW)
+  _, rule = full_grid(hdr)
+  shape, dst_affine = model_grid(hdr, resolution=resolution)
+  scaled, gm, intensity = preprocess(image, hdr, shape, dst_affine)
   labels = None
   if f.label is not None:
     lab, lab_affine, lab_hdr = io.load_nifti(f.label, what="label")
     io.check_same_grid(hdr.path, affine, hdr.shape, lab_hdr.path, lab_affine, lab_hdr.shape)
     lab = ds.check_labels(lab, NUM_CLASSES, f.label)
-    labels = lab if hu is image else gm.to_target(lab, order=0, cval=0)
+    labels = lab if _same_grid(gm) else gm.to_target(lab, order=0, cval=0)
   meta = {
       "source_image": f.image,
       "source_label": f.label,

@@ -296,9 +296,9 @@ class _GridPlan:
       if len(heart):
         centre[:2] = heart.mean(axis=0)[:2]
         rule = "ed_label_centroid"
-    gm = io.target_grid(hdr.shape, hdr.affine, hdr.spacing_mm, self.spacing_mm,
-                        self.shape, centre)
-    return gm.dst_affine, rule, centre.tolist()
+    _, affine = model_grid(hdr, shape=self.shape, spacing_mm=self.spacing_mm,
+                           centre_vox=centre)
+    return affine, rule, centre.tolist()
 
 
 def _on_target_grid(hdr: io.NiftiHeader, shape=TARGET_SHAPE, spacing_mm=TARGET_SPACING_MM
@@ -307,14 +307,47 @@ def _on_target_grid(hdr: io.NiftiHeader, shape=TARGET_SHAPE, spacing_mm=TARGET_S
           and np.allclose(hdr.spacing_mm, spacing_mm, rtol=1e-3))
 
 
+def target_shape(*, shape: Sequence[int] = TARGET_SHAPE, **_: Any) -> tuple[int, int, int]:
+  """The model grid's shape for these reader options."""
+  return tuple(int(v) for v in shape)
+
+
+def model_grid(header: io.NiftiHeader, *, shape: Sequence[int] = TARGET_SHAPE,
+               spacing_mm: Sequence[float] = TARGET_SPACING_MM,
+               centre_vox: Sequence[float] | None = None, **_: Any
+               ) -> tuple[tuple[int, int, int], np.ndarray]:
+  """(shape, affine) of the target grid for a frame: ``spacing_mm``, ``shape``, centred on
+  ``centre_vox`` (source voxels; default the image centre). A frame already on such a grid
+  keeps its own."""
+  shape = tuple(int(v) for v in shape)
+  if _on_target_grid(header, shape, spacing_mm):
+    return shape, np.asarray(header.affine, float)
+  centre = (np.asarray(header.shape, float) - 1) / 2 if centre_vox is None else centre_vox
+  gm = io.target_grid(header.shape, header.affine, header.spacing_mm, spacing_mm, shape,
+                      centre)
+  return gm.dst_shape, gm.dst_affine
+
+
+def preprocess(image: np.ndarray, header: io.NiftiHeader, dst_shape: Sequence[int],
+               dst_affine: np.ndarray, **_: Any
+               ) -> tuple[np.ndarray, io.GridMap, dict[str, Any]]:
+  """The ACDC image rule on any target grid: linear resampling (0 outside the frame), then
+  clip to the [1, 99] percentiles of the source frame and scale to [0, 1].
+
+  Returns:
+    (float32 (H, W, D) image in [0, 1], GridMap back to the source, intensity record).
+  """
+  gm = io.GridMap(header.shape, header.affine, tuple(int(s) for s in dst_shape), dst_affine)
+  scaled, info = ds.percentile_scale(gm.to_target(image, order=1, cval=0.0), image,
+                                     *PERCENTILES, where=header.path)
+  return scaled, gm, info
+
+
 def load_frame(patient: PatientFiles, frame: str, plan: _GridPlan) -> Volume:
   """Reads and preprocesses one frame onto the patient's target grid."""
   image, affine, hdr = io.load_nifti(patient.images[frame], what="image")
   dst_affine, rule, centre = plan.get()
-  gm = io.GridMap(hdr.shape, affine, plan.shape, dst_affine)
-  resampled = gm.to_target(image, order=1, cval=0.0)
-  scaled, intensity = ds.percentile_scale(resampled, image, *PERCENTILES,
-                                          where=patient.images[frame])
+  scaled, gm, intensity = preprocess(image, hdr, plan.shape, dst_affine)
   labels = None
   if patient.labels[frame] is not None:
     lab, lab_affine, lab_hdr = io.load_nifti(patient.labels[frame], what="label")

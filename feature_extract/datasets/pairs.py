@@ -198,18 +198,49 @@ def pairs(sources: Iterable[VolumeSource]) -> list[Pair]:
   return [p for p in table if p.moving in keys and p.fixed in keys]
 
 
+def target_shape(*, shape: Sequence[int] | None = None, **_: Any
+                 ) -> tuple[int, int, int] | None:
+  """The model grid's shape for these reader options (None when they give none)."""
+  return None if shape is None else tuple(int(v) for v in shape)
+
+
+def model_grid(header: io.NiftiHeader, *, shape: Sequence[int], spacing_mm: Sequence[float],
+               **_: Any) -> tuple[tuple[int, int, int], np.ndarray]:
+  """(shape, affine) of the target grid: ``spacing_mm``, ``shape``, centred on the image."""
+  centre = (np.asarray(header.shape, float) - 1) / 2
+  gm = io.target_grid(header.shape, header.affine, header.spacing_mm, spacing_mm,
+                      tuple(int(s) for s in shape), centre)
+  return gm.dst_shape, gm.dst_affine
+
+
+def preprocess(image: np.ndarray, header: io.NiftiHeader, dst_shape: Sequence[int],
+               dst_affine: np.ndarray, *, intensity: str = "percentile",
+               percentiles: Sequence[float] = (1.0, 99.0),
+               ct_window: Sequence[float] = (-500.0, 800.0), **_: Any
+               ) -> tuple[np.ndarray, io.GridMap, dict[str, Any]]:
+  """The custom rule on any target grid: linear resampling, then "ct" (air outside, clip to
+  ``ct_window`` HU) or "percentile" (the image minimum outside, clip to ``percentiles`` of
+  the source image), scaled to [0, 1].
+
+  Returns:
+    (float32 (H, W, D) image in [0, 1], GridMap back to the source, intensity record).
+  """
+  gm = io.GridMap(header.shape, header.affine, tuple(int(s) for s in dst_shape), dst_affine)
+  if intensity == "ct":
+    scaled, info = ds.window_scale(gm.to_target(image, order=1, cval=_AIR_HU), *ct_window)
+  else:
+    resampled = gm.to_target(image, order=1, cval=float(image.min()))
+    scaled, info = ds.percentile_scale(resampled, image, *percentiles, where=header.path)
+  return scaled, gm, info
+
+
 def load_volume(key: str, e: _Entry, shape: tuple[int, int, int],
                 spacing_mm: tuple[float, float, float], norm: dict[str, Any]) -> Volume:
   """Reads one image (+ label) and preprocesses it onto the centred target grid."""
   image, affine, hdr = io.load_nifti(e.image, what="image")
-  centre = (np.asarray(hdr.shape, float) - 1) / 2
-  gm = io.target_grid(hdr.shape, affine, hdr.spacing_mm, spacing_mm, shape, centre)
-  if norm["rule"] == "ct":
-    scaled, info = ds.window_scale(gm.to_target(image, order=1, cval=_AIR_HU),
-                                   *norm["ct_window"])
-  else:
-    resampled = gm.to_target(image, order=1, cval=float(image.min()))
-    scaled, info = ds.percentile_scale(resampled, image, *norm["percentiles"], where=e.image)
+  scaled, gm, info = preprocess(image, hdr, *model_grid(hdr, shape=shape, spacing_mm=spacing_mm),
+                                intensity=norm["rule"], percentiles=norm["percentiles"],
+                                ct_window=norm["ct_window"])
   labels = None
   if e.label is not None:
     lab, lab_affine, lab_hdr = io.load_nifti(e.label, what="label")
