@@ -116,3 +116,46 @@ def remove_stale_temp_dirs(parent: str, tag: str) -> list[str]:
       shutil.rmtree(path, ignore_errors=True)
       removed.append(path)
   return removed
+
+
+# --------------------------------------------------------------------------- result folders
+
+
+def check_result_dir(out: str, names, overwrite: bool, flag: str) -> None:
+  """Refuses, before any work, a result folder that cannot be written, or that holds files
+  of the names a command writes (an earlier result) unless ``overwrite``. Other files in it
+  are allowed: they are never touched."""
+  check_writable_dir(out, flag)
+  if not os.path.isdir(out) or overwrite:
+    return
+  taken = [n for n in names if os.path.lexists(os.path.join(out, n))]
+  if taken:
+    raise OutputPathError(f'{flag} {out}: holds an earlier result ({", ".join(taken)}); pass '
+                          '--overwrite to replace those files (other files in it are kept) '
+                          f'or choose a new {flag}.')
+
+
+def publish_result(tmp_dir: str, out: str, last: str, earlier: set[str],
+                   overwrite: bool) -> None:
+  """Moves the finished files of ``tmp_dir`` into the result folder ``out``.
+
+  A new ``out`` is ``tmp_dir`` renamed (all or nothing). Into an existing one the files are
+  moved one by one, ``last`` (the report) last; ``earlier`` names of an earlier result that
+  this one does not write again are removed; nothing else in ``out`` is touched.
+  """
+  if not os.path.exists(out):
+    os.replace(tmp_dir, out)
+    return
+  names = sorted(os.listdir(tmp_dir), key=lambda n: n == last)
+  taken = [n for n in names if os.path.lexists(os.path.join(out, n))]
+  if taken and not overwrite:       # appeared since the check at the start
+    raise OutputPathError(f'{out}: {", ".join(taken)} appeared while this ran; nothing was '
+                          'replaced. Pass --overwrite or choose a new folder.')
+  for name in names:
+    os.replace(os.path.join(tmp_dir, name), os.path.join(out, name))
+  for name in earlier - set(names):
+    path = os.path.join(out, name)
+    if os.path.isfile(path) and not os.path.islink(path):
+      os.remove(path)
+  os.rmdir(tmp_dir)
+

@@ -197,19 +197,9 @@ def load_pair(paths: PairFiles) -> LoadedPair:
 
 
 def check_out_dir(out: str, overwrite: bool) -> None:
-  """Refuses, before any work, an OUT that cannot be written or holds an earlier result.
-
-  An existing OUT may hold other files: they are never touched. Earlier register outputs
-  (the names in ``OUT_FILES``) are replaced only with ``overwrite``.
-  """
-  files.check_writable_dir(out, '--out')
-  if not os.path.isdir(out) or overwrite:
-    return
-  taken = [n for n in OUT_FILES.values() if os.path.lexists(os.path.join(out, n))]
-  if taken:
-    raise RegisterError(f'--out {out}: holds an earlier result ({", ".join(taken)}); pass '
-                        '--overwrite to replace those files (other files in it are kept) or '
-                        'choose a new --out.')
+  """Refuses, before any work, an OUT that cannot be written or holds an earlier result
+  (``files.check_result_dir`` with register's file names)."""
+  files.check_result_dir(out, OUT_FILES.values(), overwrite, '--out')
 
 
 def _earlier_outputs(out: str) -> set[str]:
@@ -222,29 +212,6 @@ def _earlier_outputs(out: str) -> set[str]:
   names = {os.path.basename(str(p)) for p in listed.values()} if isinstance(listed, dict) \
       else set()
   return names & set(OUT_FILES.values())
-
-
-def publish(tmp_dir: str, out: str, overwrite: bool) -> None:
-  """Moves the finished files of ``tmp_dir`` into ``out``.
-
-  A new OUT is the temp folder renamed (all or nothing). Into an existing OUT, register's
-  own files are moved one by one (report.json last); files of an earlier register result
-  that this run does not write again (e.g. warped labels) are removed, and nothing else in
-  OUT is touched.
-  """
-  if not os.path.exists(out):
-    os.replace(tmp_dir, out)
-    return
-  check_out_dir(out, overwrite)
-  earlier = _earlier_outputs(out)
-  names = sorted(os.listdir(tmp_dir), key=lambda n: n == OUT_FILES['report'])
-  for name in names:
-    os.replace(os.path.join(tmp_dir, name), os.path.join(out, name))
-  for name in earlier - set(names):
-    path = os.path.join(out, name)
-    if os.path.isfile(path) and not os.path.islink(path):
-      os.remove(path)
-  os.rmdir(tmp_dir)
 
 
 def write_outputs(out: str, report: dict[str, Any], arrays: dict[str, np.ndarray],
@@ -267,7 +234,7 @@ def write_outputs(out: str, report: dict[str, Any], arrays: dict[str, np.ndarray
     report_lib.write_summary_json(os.path.join(tmp, OUT_FILES['report']), report)
     for path in l2r[0]:
       io.save_nifti(path, l2r[1], affine)
-    publish(tmp, out, overwrite)
+    files.publish_result(tmp, out, OUT_FILES['report'], _earlier_outputs(out), overwrite)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
