@@ -12,3 +12,13 @@ _CACHE = os.environ.get('FMIR_TEST_JAX_CACHE') or tempfile.mkdtemp(prefix='fmir-
 jax.config.update('jax_compilation_cache_dir', _CACHE)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def run_dir(tmp_path_factory):
+  """The tiny trained run of tests/tiny_run.py, shared by the register tests (read only)."""
+  from tests import tiny_run
+  return tiny_run.build(str(tmp_path_factory.mktemp('data')),
+                        str(tmp_path_factory.mktemp('run')))

@@ -16,57 +16,15 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from configs import demo
-from feature_extract import backbones
-from feature_extract import run as extract_run
-from feature_extract.datasets import pairs as custom_pairs
 from feature_extract.datasets import phantoms
 from fmir_jax import cli
 from fmir_jax import io
 from fmir_jax import refine
 from fmir_jax import register
-from fmir_jax import trainer
 from fmir_jax import world
 from tests.files_snapshot import snapshot
+from tests.tiny_run import GRID, INPLANE
 
-GRID = dict(shape=(32, 32, 8), spacing_mm=(3.5, 3.5, 10.0))
-INPLANE = (80, 96)
-
-
-@pytest.fixture(scope='module')
-def run_dir(tmp_path_factory):
-  root = str(tmp_path_factory.mktemp('data'))
-  rows = ['moving,fixed,moving_label,fixed_label,split']
-  for pid in (1, 2, 18):
-    phantoms.write_acdc_phantoms(root, 1, seed=0, first_id=pid, inplane_size=INPLANE)
-    imgs = sorted(glob.glob(f'{root}/training/patient{pid:03d}/*frame??.nii.gz'))
-    labs = [p.replace('.nii.gz', '_gt.nii.gz') for p in imgs]
-    split = 'val' if pid == 18 else 'train'
-    rows += [f'{imgs[0]},{imgs[1]},{labs[0]},{labs[1]},{split}',
-             f'{imgs[1]},{imgs[0]},{labs[1]},{labs[0]},{split}']
-  with open(f'{root}/pairs.csv', 'w') as f:
-    f.write('\n'.join(rows) + '\n')
-  sources = custom_pairs.scan(f'{root}/pairs.csv', **GRID)
-  store = f'{root}/features'
-  extract_run.extract(sources, custom_pairs.pairs(sources), backbones.load('mind', device='cpu'),
-                      store, input_size=64, resize='upsample', dataset='custom',
-                      dataset_options=dict(GRID), progress=False)
-  c = demo.get_config()
-  c.data.train_stores = (store,)
-  c.feature_channels = 8
-  c.model.n = 4
-  c.model.levels = 2
-  c.model.integration_steps = 2
-  c.loss.ncc_windows = (5, 3)
-  c.train.num_steps = 4
-  c.train.eval_every = 4
-  c.train.checkpoint_every = 4
-  c.train.eval_pairs = 1
-  c.optim.lr = 3e-3
-  c.data.prefetch = 1
-  workdir = str(tmp_path_factory.mktemp('run'))
-  trainer.train_and_evaluate(c, workdir, quiet=True)
-  return workdir
 
 
 def _rot_z(angle):

@@ -1,0 +1,676 @@
+"""Registration benchmark: identity, ANTs SyN, `fmir register` (head) and head + instance
+optimisation, side by side on synthetic NIfTI pairs with known smooth deformations.
+
+  python bench/register_bench.py --checkpoint RUN          # 3 sets x 6 pairs
+  python bench/register_bench.py --checkpoint RUN --smoke  # tiny sizes, < 60 s on 2 cores
+  python bench/register_bench.py                           # trains the offline demo run first
+                                                           # (python -m fmir_jax.demo)
+
+Sets (deterministic from --seed). Fixed = a phantom; moving = the same phantom warped by a
+random smooth deformation (a Gaussian-smoothed random velocity field integrated by scaling
+and squaring, i.e. diffeomorphic, peak 5-8 mm), so the labels are exact ground truth:
+  cardiac   ACDC-like phantom (feature_extract/datasets/phantoms.py), 112x112x12 voxels at
+            1.6x1.6x8 mm, oblique orientation; deformation mostly in-plane (slice axis x0.3).
+  abdomen   CT-like abdomen phantom (phantoms.abdomen_phantom, given a torso that changes
+            along z: ``torso_profile``), 80x96x80 at 2 mm.
+  inverted  as abdomen, but the moving image's intensities inverted (max - x): NCC cannot
+            match the pair; its instance optimisation uses MIND-SSC.
+Each pair is written as NIfTI (image + labels, proper affines) under OUT/data/<set>/ and
+every method registers from those files (the real CLI path).
+
+Methods:
+  identity      the moving labels as they are.
+  ANTs SyN      ants.registration(fixed, moving, type_of_transform='SyN') (antspyx defaults),
+                labels warped with 'genericLabel'; bench/ants_worker.py inside .venv-ants,
+                ONE subprocess per set, each pair timed inside it (bench/setup_ants.sh).
+  fmir head     register.Registrar, grid native (the fixed grid), pyramid factors (2,2,1)
+                cardiac / (2,2,2) abdomen-like; one Registrar per option set, so the head
+                compiles once per grid shape.
+  fmir head+IO  the same plus instance optimisation: refine.RefineOptions defaults
+                (similarity 'mind' for the inverted set).
+
+Metrics, by the same code for every method, on the FIXED image's grid: warped moving labels
+vs fixed labels, mean Dice over the foreground classes present in both (%), HD95 (mm, mean
+over those classes), folding (% of voxels with det J <= 0) and SDlogJ (Learn2Reg: 2-voxel
+crop, log(J + 3)) of the method's displacement field resampled to fixed-grid voxels (ANTs:
+its SyN warp field, without the affine stage), seconds per pair (compile excluded and
+printed apart: first-pair compile seconds). Prints one Markdown table per set with the
+differences against SyN, and writes OUT/results.json (default OUT: bench_results/register).
+Timings are of this machine as it is (load averages recorded); the bench sets
+OMP_WAIT_POLICY=PASSIVE unless set (see ``main``). One line per pair; Ctrl-C stops it (the
+ANTs worker too), keeping the sets finished so far in results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# numpy/scipy/nibabel only (jax is imported after XLA_FLAGS is set, in main).
+from feature_extract.datasets import phantoms  # noqa: E402
+from fmir_jax import io  # noqa: E402
+from fmir_jax import metrics as metrics_lib  # noqa: E402
+from fmir_jax import world  # noqa: E402
+
+ANTS_PYTHON = os.path.join(ROOT, '.venv-ants', 'bin', 'python')
+ANTS_WORKER = os.path.join(ROOT, 'bench', 'ants_worker.py')
+METHODS = ('identity', 'ants_syn', 'fmir_head', 'fmir_head_io')
+METHOD_NAMES = {'identity': 'identity', 'ants_syn': 'ANTs SyN', 'fmir_head': 'fmir head',
+                'fmir_head_io': 'fmir head + IO'}
+SQUARINGS = 6                 # scaling-and-squaring steps of the synthetic deformations
+FAR_FIELD_CAP = 1.5           # synthetic velocity magnitude soft cap, x the peak over labels
+
+
+@dataclasses.dataclass(frozen=True)
+class SetSpec:
+  """One benchmark set.
+
+  phantom: 'cardiac' or 'abdomen'; shape (H, W, D) voxels at spacing_mm; factors: the fmir
+  pyramid factors; invert: moving intensities inverted; similarity: instance optimisation
+  similarity; max_disp_mm: range of the deformation's peak magnitude (mm); smooth_mm:
+  Gaussian sigma of the random velocity (mm); through_plane: scale of its last-axis component.
+  """
+  name: str
+  phantom: str
+  shape: tuple[int, int, int]
+  spacing_mm: tuple[float, float, float]
+  factors: tuple[int, int, int]
+  invert: bool = False
+  similarity: str = 'ncc'
+  max_disp_mm: tuple[float, float] = (5.0, 8.0)
+  smooth_mm: float = 16.0
+  through_plane: float = 1.0
+
+
+def set_specs(smoke: bool) -> list[SetSpec]:
+  """The three sets at benchmark (or --smoke) size."""
+  if smoke:
+    cardiac = dict(shape=(32, 32, 8), spacing_mm=(4.0, 4.0, 10.0))
+    abdomen = dict(shape=(32, 32, 16), spacing_mm=(2.0, 2.0, 2.0), smooth_mm=10.0)
+  else:
+    cardiac = dict(shape=(112, 112, 12), spacing_mm=(1.6, 1.6, 8.0))
+    abdomen = dict(shape=(80, 96, 80), spacing_mm=(2.0, 2.0, 2.0))
+  return [SetSpec('cardiac', 'cardiac', factors=(2, 2, 1), through_plane=0.3, **cardiac),
+          SetSpec('abdomen', 'abdomen', factors=(2, 2, 2), **abdomen),
+          SetSpec('inverted', 'abdomen', factors=(2, 2, 2), invert=True, similarity='mind',
+                  **abdomen)]
+
+
+# =========================================================================== synthetic pairs
+
+
+def cardiac_phantom(pid: int, seed: int, shape, spacing_mm
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """An ACDC-like ED frame on a given grid: (image float32 (H, W, D), labels uint8, affine).
+
+  Orientation and body from ``phantoms.draw_acdc_phantom`` / ``write_acdc_phantoms``' recipe,
+  heart drawn for this grid's depth. Uses phantoms' private frame renderer: the module has
+  no public "render a phantom on this grid" function.
+  """
+  p = phantoms.draw_acdc_phantom(pid, seed)
+  rot = p.affine[:3, :3] / np.asarray(p.spacing_mm)         # unit voxel axes (columns)
+  affine = np.eye(4)
+  affine[:3, :3] = rot * np.asarray(spacing_mm, float)
+  affine[:3, 3] = p.affine[:3, 3]
+  heart = phantoms._draw_heart(np.random.default_rng([seed, pid, 2]), shape[2],  # noqa: SLF001
+                               spacing_mm[2])
+  p = dataclasses.replace(p, shape=tuple(shape), spacing_mm=tuple(spacing_mm), affine=affine,
+                          ed=heart)
+  rng = np.random.default_rng([seed, pid, 1])
+  nx, ny, s = shape[0], shape[1], spacing_mm[0]
+  body = {'cx': rng.uniform(-10, 10), 'cy': rng.uniform(-10, 10),
+          'ax': max(rng.uniform(0.44, 0.5) * nx * s, 110.0),
+          'ay': max(rng.uniform(0.36, 0.44) * ny * s, 100.0),
+          'tissue': rng.uniform(0.35, 0.5), 'gain': rng.uniform(200, 600),
+          'bias': phantoms._waves(rng, 3, (300, 600))}  # noqa: SLF001
+  texture = phantoms._waves(rng, 6, (8, 30))  # noqa: SLF001
+  img, lab = phantoms._acdc_frame(p, heart, rng, texture, body)  # noqa: SLF001
+  return img.astype(np.float32), lab.astype(np.uint8), affine
+
+
+def abdomen_volume(scan_id: int, seed: int, shape, spacing_mm
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """A CT-like abdomen phantom: (HU image float32 (H, W, D), labels uint8, affine), with
+  the centred affine of ``phantoms.write_abdomen_phantoms`` and a torso that changes along
+  the slice axis (``torso_profile``)."""
+  img, lab = phantoms.abdomen_phantom(scan_id, seed, tuple(shape))
+  img, lab = torso_profile(img, lab, np.random.default_rng([seed, scan_id, 3]))
+  affine = np.diag([-spacing_mm[0], -spacing_mm[1], spacing_mm[2], 1.0])
+  affine[:3, 3] = -affine[:3, :3] @ ((np.asarray(shape) - 1) / 2)
+  return img.astype(np.float32), lab.astype(np.uint8), affine
+
+
+def torso_profile(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """Gives ``abdomen_phantom`` a z profile: a barrel-shaped torso and two lung bases.
+
+  That phantom's body is the same elliptic cylinder in every slice (only the organs change
+  along z), which makes affine registration degenerate along z: ANTs' affine stage shrank
+  z by 20-45% and SyN then fell below identity. Here each slice is scaled in-plane about
+  the grid centre (x 0.85-0.9 at the ends, 1 in the middle) and air-filled lung bases are
+  painted, outside the organs, into the upper lateral-posterior torso (label 0).
+  img: (H, W, D) HU; lab: (H, W, D) labels. Returns the new (img, lab).
+  """
+  h, w, d = img.shape
+  zn = np.linspace(-1.0, 1.0, d)
+  scale = 1.0 + rng.uniform(0.1, 0.15) * zn ** 2          # sampling scale: > 1 shrinks
+  ii, jj, kk = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in img.shape),
+                           indexing='ij')
+  ci, cj = (h - 1) / 2, (w - 1) / 2
+  coords = np.stack([ci + (ii - ci) * scale[kk.astype(int)],
+                     cj + (jj - cj) * scale[kk.astype(int)], kk])
+  img = ndimage.map_coordinates(img, coords, order=1, mode='constant', cval=-1000.0)
+  lab = ndimage.map_coordinates(lab, coords, order=0, mode='constant', cval=0)
+  xn, yn = (ii - ci) / ci, (jj - cj) / cj
+  for side in (-1.0, 1.0):
+    centre = (side * rng.uniform(0.4, 0.5), rng.uniform(-0.25, -0.05), rng.uniform(0.9, 1.1))
+    axes = (rng.uniform(0.25, 0.32), rng.uniform(0.4, 0.5), rng.uniform(0.4, 0.5))
+    inside = sum(((v - c) / a) ** 2 for v, c, a in zip((xn, yn, zn[None, None, :]), centre,
+                                                        axes)) < 1
+    lung = inside & (lab == 0) & (img > -900.0)
+    img[lung] = -850.0 + rng.normal(0.0, 12.0, size=int(lung.sum()))
+  return img, lab
+
+
+def sample(volume: np.ndarray, disp_vox: np.ndarray, order: int) -> np.ndarray:
+  """volume(x + disp_vox(x)): (H, W, D) and (H, W, D, 3) voxels -> (H, W, D); edge values
+  outside (no black border from the synthetic deformation)."""
+  grid = np.indices(volume.shape, dtype=np.float32)
+  coords = grid + np.moveaxis(disp_vox, -1, 0)
+  return ndimage.map_coordinates(volume, coords, order=order, mode='nearest')
+
+
+def random_deformation(shape, spacing_mm, peak_mm: float, smooth_mm: float,
+                       through_plane: float, mask: np.ndarray,
+                       rng: np.random.Generator) -> np.ndarray:
+  """A smooth diffeomorphic displacement (H, W, D, 3) in voxels, component k along axis k.
+
+  White noise smoothed by a Gaussian of ``smooth_mm`` (per axis in voxels), last-axis
+  component scaled by ``through_plane``, scaled as a velocity so that its largest magnitude
+  over ``mask`` (H, W, D bool: the labelled structures) is ``peak_mm`` (elsewhere softly
+  capped near ``FAR_FIELD_CAP`` x ``peak_mm`` by a tanh of the magnitude), then integrated by
+  scaling and squaring (``SQUARINGS`` steps). The result's peak over the mask is close to
+  ``peak_mm`` (``write_pair`` records the exact values).
+  """
+  spacing = np.asarray(spacing_mm, float)
+  sigma = smooth_mm / spacing
+  v_mm = np.stack([ndimage.gaussian_filter(rng.standard_normal(shape), sigma, mode='reflect')
+                   for _ in range(3)], -1)
+  v_mm[..., 2] *= through_plane
+  v_mm *= peak_mm / np.linalg.norm(v_mm[mask], axis=-1).max()
+  # Soft cap (smooth) so that far from the structures the field stays of the same size.
+  norm = np.maximum(np.linalg.norm(v_mm, axis=-1, keepdims=True), 1e-6)
+  cap = FAR_FIELD_CAP * peak_mm
+  v_mm *= cap * np.tanh(norm / cap) / norm
+  v_mm *= peak_mm / np.linalg.norm(v_mm[mask], axis=-1).max()
+  u = (v_mm / spacing / 2 ** SQUARINGS).astype(np.float32)
+  for _ in range(SQUARINGS):
+    u = u + np.stack([sample(u[..., k], u, 1) for k in range(3)], -1)
+  return u
+
+
+@dataclasses.dataclass
+class Pair:
+  """One written pair: NIfTI paths and the ground-truth deformation's size."""
+  name: str
+  fixed: str
+  moving: str
+  fixed_labels: str
+  moving_labels: str
+  peak_mm: float
+  peak_mm_volume: float
+  gt_folding: float
+
+
+def write_pair(spec: SetSpec, index: int, seed: int, folder: str) -> Pair:
+  """Draws and writes pair ``index`` of a set: fixed = phantom, moving = phantom(x + u(x)).
+
+  Volume ids: cardiac patient / abdomen scan ``index + 1`` (the inverted set uses scans
+  101+, other subjects than the abdomen set). Deformation rng: [seed, set, index].
+  """
+  set_id = {'cardiac': 0, 'abdomen': 1, 'inverted': 2}[spec.name]
+  if spec.phantom == 'cardiac':
+    img, lab, affine = cardiac_phantom(index + 1, seed, spec.shape, spec.spacing_mm)
+  else:
+    vid = index + (101 if spec.invert else 1)
+    img, lab, affine = abdomen_volume(vid, seed, spec.shape, spec.spacing_mm)
+  rng = np.random.default_rng([seed, set_id, index])
+  u = random_deformation(spec.shape, spec.spacing_mm, rng.uniform(*spec.max_disp_mm),
+                         spec.smooth_mm, spec.through_plane, lab > 0, rng)
+  moving = sample(img, u, 1)
+  if spec.invert:
+    moving = moving.max() - moving
+  name = f'pair{index + 1:02d}'
+  paths = {k: os.path.join(folder, f'{name}_{k}.nii.gz')
+           for k in ('fixed', 'moving', 'fixed_labels', 'moving_labels')}
+  io.save_nifti(paths['fixed'], img, affine)
+  io.save_nifti(paths['moving'], moving.astype(np.float32), affine)
+  io.save_nifti(paths['fixed_labels'], lab, affine, intent='label')
+  io.save_nifti(paths['moving_labels'], sample(lab, u, 0), affine, intent='label')
+  norm_mm = np.linalg.norm(u * np.asarray(spec.spacing_mm, np.float32), axis=-1)
+  return Pair(name, **paths, peak_mm=float(norm_mm[lab > 0].max()),
+              peak_mm_volume=float(norm_mm.max()),
+              gt_folding=metrics_lib.folding_fraction(u, crop=0))
+
+
+def write_set(spec: SetSpec, n_pairs: int, seed: int, folder: str,
+              progress: Callable[[str], None]) -> list[Pair]:
+  """Writes the pairs of a set into ``folder`` (earlier files of the same names replaced)."""
+  os.makedirs(folder, exist_ok=True)
+  t0 = time.perf_counter()
+  pairs = [write_pair(spec, i, seed, folder) for i in range(n_pairs)]
+  peaks = [p.peak_mm for p in pairs]
+  progress(f'[{spec.name}] wrote {n_pairs} pairs {spec.shape} at {spec.spacing_mm} mm into '
+           f'{folder} (peak deformation {min(peaks):.1f}-{max(peaks):.1f} mm, '
+           f'{time.perf_counter() - t0:.1f} s)')
+  return pairs
+
+
+# =========================================================================== scoring
+
+
+@dataclasses.dataclass
+class Reference:
+  """What every method is scored against, on the fixed grid: fixed labels (H, W, D), the
+  moving labels there without any transform (identity), the scored classes (foreground in
+  both), the fixed affine (4x4 voxel -> RAS mm) and spacing (mm)."""
+  fixed_labels: np.ndarray
+  initial: np.ndarray
+  classes: list[int]
+  affine: np.ndarray
+  spacing_mm: tuple[float, float, float]
+
+
+def load_reference(pair: Pair) -> Reference:
+  """Reads the pair's label files (the files the methods registered)."""
+  fixed, f_aff, f_hdr = io.load_nifti(pair.fixed_labels, what='label')
+  moving, m_aff, _ = io.load_nifti(pair.moving_labels, what='label')
+  initial = world.warp_to_fixed(moving, m_aff, fixed.shape, f_aff, None, order=0)
+  classes = sorted((set(np.unique(fixed).tolist()) & set(np.unique(moving).tolist())) - {0})
+  return Reference(fixed, initial, classes, f_aff, f_hdr.spacing_mm)
+
+
+def score(ref: Reference, warped_labels: np.ndarray, disp_vox: np.ndarray) -> dict[str, Any]:
+  """Metrics of one result. warped_labels: (H, W, D) on the fixed grid; disp_vox:
+  (H, W, D, 3) displacement in fixed-grid voxels (component k along axis k)."""
+  dice = metrics_lib.dice_per_class(warped_labels, ref.fixed_labels, ref.classes)
+  hd = metrics_lib.hd95_per_class(warped_labels, ref.fixed_labels, ref.classes,
+                                  ref.spacing_mm)
+  return {'dice': metrics_lib.mean_dice(dice),
+          'hd95_mm': float(np.nanmean(list(hd.values()))),
+          'folding_fraction': metrics_lib.folding_fraction(disp_vox),
+          'sdlogj': metrics_lib.sdlogj(disp_vox),
+          'dice_per_class': {str(c): v for c, v in dice.items()}}
+
+
+def ras_mm_to_vox(disp_mm: np.ndarray, affine: np.ndarray) -> np.ndarray:
+  """(X, Y, Z, 3) RAS mm vectors -> voxels of the grid of ``affine`` (4x4)."""
+  return (disp_mm @ np.linalg.inv(affine[:3, :3]).T).astype(np.float32)
+
+
+def read_field(path: str, affine: np.ndarray, lps: bool) -> np.ndarray:
+  """A (X, Y, Z, 1, 3) displacement NIfTI on the fixed grid -> (X, Y, Z, 3) fixed voxels.
+
+  lps: the vectors are ITK/ANTs LPS mm (x and y negated relative to RAS), else RAS mm.
+  """
+  img = nib.load(path)
+  if not np.allclose(img.affine, affine, atol=1e-3):
+    raise ValueError(f'{path}: the field is not on the fixed grid (affine {img.affine} vs '
+                     f'{affine}).')
+  d = np.asarray(img.dataobj, np.float64).reshape(img.shape[:3] + (3,))
+  if lps:
+    d = d * np.array([-1.0, -1.0, 1.0])
+  return ras_mm_to_vox(d, affine)
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+  """Mean, std (ddof 1) and median over pairs of each metric (None/NaN skipped), and the
+  first pair's compile seconds."""
+  out: dict[str, Any] = {'n': len(rows)}
+  for key in ('dice', 'hd95_mm', 'folding_fraction', 'sdlogj', 'seconds'):
+    vals = np.asarray([r[key] for r in rows if r.get(key) is not None], float)
+    vals = vals[np.isfinite(vals)]
+    out[key] = {'mean': float(vals.mean()) if vals.size else math.nan,
+                'std': float(vals.std(ddof=1)) if vals.size > 1 else math.nan,
+                'median': float(np.median(vals)) if vals.size else math.nan}
+  out['compile_s_first_pair'] = rows[0].get('compile_s') if rows else None
+  return out
+
+
+# =========================================================================== methods
+
+
+def run_identity(spec: SetSpec, pairs: list[Pair], refs: list[Reference],
+                 progress: Callable[[str], None]) -> list[dict[str, Any]]:
+  """The moving labels unchanged (zero displacement)."""
+  rows = []
+  for i, (pair, ref) in enumerate(zip(pairs, refs), start=1):
+    row = {'pair': pair.name, 'seconds': None,
+           **score(ref, ref.initial, np.zeros(ref.initial.shape + (3,), np.float32))}
+    rows.append(row)
+    progress(_pair_line(spec.name, 'identity', i, len(pairs), row))
+  return rows
+
+
+def _pair_line(set_name: str, method: str, i: int, n: int, row: dict[str, Any]) -> str:
+  sec = '' if row.get('seconds') is None else f', {row["seconds"]:.2f} s'
+  comp = f' (+ compile {row["compile_s"]:.1f} s)' if row.get('compile_s') else ''
+  return (f'[{set_name}] {METHOD_NAMES[method]:<15} pair {i}/{n}: Dice '
+          f'{100 * row["dice"]:.1f}%, HD95 {row["hd95_mm"]:.1f} mm, folding '
+          f'{100 * row["folding_fraction"]:.3f}%{sec}{comp}')
+
+
+def run_fmir(method: str, registrar, spec: SetSpec, pairs: list[Pair],
+             refs: list[Reference], out_root: str,
+             progress: Callable[[str], None]) -> list[dict[str, Any]]:
+  """``registrar.register`` on every pair from its files; scores the written outputs.
+
+  seconds: wall time of ``register`` (read, preprocess, features, head, refinement,
+  resampling to the fixed grid, writing) minus the compile time it reports.
+  """
+  from fmir_jax import register as register_lib
+  rows = []
+  for i, (pair, ref) in enumerate(zip(pairs, refs), start=1):
+    out = os.path.join(out_root, pair.name)
+    t0 = time.perf_counter()
+    # Fixed labels left out: register would score Dice/HD95 itself (timed); we score below.
+    report = registrar.register(register_lib.PairFiles(
+        pair.fixed, pair.moving, None, pair.moving_labels), out)
+    wall = time.perf_counter() - t0
+    compile_s = float(report['times_s']['compile_s'])       # head + refinement programs
+    warped, _, _ = io.load_nifti(os.path.join(out, 'warped_moving_labels.nii.gz'),
+                                 what='label')
+    disp_vox = read_field(os.path.join(out, 'disp_mm.nii.gz'), ref.affine, lps=False)
+    row = {'pair': pair.name, 'seconds': wall - compile_s, 'compile_s': compile_s,
+           **score(ref, warped, disp_vox), 'times_s': report['times_s'],
+           'jacobian_registration_grid': report['jacobian'],
+           'registration_grid': report['grid']['shape']}
+    rows.append(row)
+    progress(_pair_line(spec.name, method, i, len(pairs), row))
+  return rows
+
+
+def run_ants(python: str, spec: SetSpec, pairs: list[Pair], refs: list[Reference],
+             out_root: str, seed: int, progress: Callable[[str], None]
+             ) -> list[dict[str, Any]]:
+  """ANTs SyN on all pairs of a set in ONE worker process (bench/ants_worker.py); the
+  results are scored after the worker exits, so scoring never competes with ANTs for CPU."""
+  os.makedirs(out_root, exist_ok=True)
+  jobs = [{'name': p.name, 'fixed': p.fixed, 'moving': p.moving,
+           'moving_labels': p.moving_labels, 'out': os.path.join(out_root, p.name)}
+          for p in pairs]
+  jobs_path = os.path.join(out_root, 'jobs.json')
+  with open(jobs_path, 'w') as f:
+    json.dump(jobs, f, indent=1)
+  env = dict(os.environ, ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(os.cpu_count() or 1))
+  proc = subprocess.Popen([python, ANTS_WORKER, jobs_path, '--seed', str(seed)],
+                          stdout=subprocess.PIPE, text=True, env=env)
+  records = {}
+  try:
+    for line in proc.stdout:
+      if not line.startswith('{'):         # anything else antspyx may print
+        continue
+      rec = json.loads(line)
+      if 'fatal' in rec:
+        raise AntsUnavailable(rec['fatal'])
+      if 'error' in rec:
+        raise RuntimeError(f'ANTs SyN failed on {rec["name"]}: {rec["error"]}')
+      records[rec['name']] = rec
+      progress(f'[{spec.name}] {METHOD_NAMES["ants_syn"]:<15} pair {len(records)}/'
+               f'{len(pairs)}: registered in {rec["seconds"]:.2f} s')
+    if proc.wait() != 0:
+      raise RuntimeError(f'ANTs worker exited with code {proc.returncode}')
+  finally:
+    if proc.poll() is None:
+      proc.terminate()
+      proc.wait(10)
+  rows = []
+  for pair, ref in zip(pairs, refs):
+    rec = records[pair.name]
+    warped, _, _ = io.load_nifti(rec['warped_labels'], what='label')
+    disp_vox = read_field(rec['warp'], ref.affine, lps=True)
+    rows.append({'pair': pair.name, 'seconds': rec['seconds'],
+                 'registration_s': rec['registration_s'], 'compile_s': None,
+                 **score(ref, warped, disp_vox)})
+  return rows
+
+
+class AntsUnavailable(RuntimeError):
+  """The ANTs interpreter is missing or cannot import antspyx."""
+
+
+def ants_python(path: str) -> tuple[str | None, str]:
+  """(interpreter, '') if ``path`` is an executable file, else (None, why). Whether it can
+  import antspyx shows when the worker starts (``AntsUnavailable``)."""
+  if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+    return None, f'{path} does not exist'
+  return path, ''
+
+
+# =========================================================================== report
+
+
+def _pm(s: dict[str, float], scale: float, digits: int) -> str:
+  if not np.isfinite(s['mean']):
+    return 'n/a'
+  std = f' ± {scale * s["std"]:.{digits}f}' if np.isfinite(s['std']) else ''
+  return f'{scale * s["mean"]:.{digits}f}{std}'
+
+
+def table(spec: SetSpec, set_result: dict[str, Any]) -> str:
+  """The Markdown table of one set (mean ± std over pairs; seconds: median)."""
+  methods = set_result['methods']
+  syn = methods.get('ants_syn', {}).get('summary')
+  n = next(iter(methods.values()))['summary']['n']
+  peaks = [p['peak_mm'] for p in set_result['pairs']]
+  lines = [f'### {spec.name}: {n} pairs, {"x".join(map(str, spec.shape))} voxels at '
+           f'{"x".join(f"{s:g}" for s in spec.spacing_mm)} mm, peak deformation '
+           f'{min(peaks):.1f}-{max(peaks):.1f} mm'
+           + (', moving intensities inverted' if spec.invert else ''), '',
+           '| method | Dice % | HD95 mm | folding % | SDlogJ | s/pair | compile s '
+           '| ΔDice vs SyN (points) | time vs SyN |',
+           '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+  for method, res in methods.items():
+    s = res['summary']
+    sec = s['seconds']['median']
+    comp = s['compile_s_first_pair']
+    d_dice = t_ratio = '–'
+    if syn is not None and method != 'ants_syn':
+      d_dice = f'{100 * (s["dice"]["mean"] - syn["dice"]["mean"]):+.1f}'
+      if np.isfinite(sec):
+        t_ratio = f'{sec / syn["seconds"]["median"]:.2f}x'
+    lines.append(
+        f'| {METHOD_NAMES[method]} | {_pm(s["dice"], 100, 1)} | {_pm(s["hd95_mm"], 1, 2)} '
+        f'| {_pm(s["folding_fraction"], 100, 3)} | {_pm(s["sdlogj"], 1, 3)} '
+        f'| {"–" if not np.isfinite(sec) else f"{sec:.2f}"} '
+        f'| {"–" if comp is None else f"{comp:.1f}"} | {d_dice} | {t_ratio} |')
+  return '\n'.join(lines)
+
+
+# =========================================================================== main
+
+
+def demo_checkpoint(smoke: bool, progress: Callable[[str], None]) -> str:
+  """The offline demo run under bench_results/ (trained now unless an earlier bench did)."""
+  out = os.path.join(ROOT, 'bench_results', 'demo_run_smoke' if smoke else 'demo_run')
+  run = os.path.join(out, 'run')
+  if os.path.isfile(os.path.join(run, 'run.json')) and os.path.isdir(os.path.join(run, 'best')):
+    progress(f'no --checkpoint: using the demo run an earlier bench trained: {run}')
+    return run
+  cmd = [sys.executable, '-m', 'fmir_jax.demo', '--out', out, '--no-register']
+  cmd += ['--smoke'] if smoke else []
+  progress('no --checkpoint: training the offline demo run first (several minutes on 2 '
+           f'cores): {" ".join(cmd)}')
+  subprocess.run(cmd, cwd=ROOT, check=True)
+  return run
+
+
+class Registrars:
+  """One ``Registrar`` per option set (pyramid factors, refinement), shared by the sets
+  that need the same options, so the head compiles once per grid shape."""
+
+  def __init__(self, checkpoint: str, smoke: bool, progress: Callable[[str], None]):
+    self.checkpoint, self.smoke, self.progress = checkpoint, smoke, progress
+    self.cache: dict[Any, Any] = {}
+    self.seen: set[str] = set()
+
+  def options(self, spec: SetSpec, refine: bool):
+    from fmir_jax import refine as refine_lib
+    from fmir_jax import register as register_lib
+    io_opts = None
+    if refine:
+      io_opts = refine_lib.RefineOptions(similarity=spec.similarity)
+      if self.smoke:      # the default scales with ~1/20 of their steps
+        io_opts = dataclasses.replace(io_opts, steps=tuple(max(1, s // 20)
+                                                           for s in io_opts.steps))
+    return register_lib.RegisterOptions(grid='native', pyramid_factors=spec.factors,
+                                        refine=io_opts, overwrite=True)
+
+  def _log(self, line: str) -> None:
+    if 'warning' in line and line not in self.seen:       # each warning once
+      self.seen.add(line)
+      self.progress('  fmir: ' + line)
+
+  def get(self, spec: SetSpec, refine: bool):
+    from fmir_jax import register as register_lib
+    opts = self.options(spec, refine)
+    if opts not in self.cache:
+      self.cache[opts] = register_lib.Registrar(self.checkpoint, opts, self._log)
+    return self.cache[opts]
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog='\n'.join(__doc__.splitlines()[1:]))
+  p.add_argument('--checkpoint', help='trained run (train.py --workdir); default: the '
+                 'offline demo run, trained first into bench_results/demo_run')
+  p.add_argument('--out', default=os.path.join(ROOT, 'bench_results', 'register'))
+  p.add_argument('--pairs', type=int, help='pairs per set (default 6; --smoke 2)')
+  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--smoke', action='store_true', help='tiny sizes, few refine steps')
+  p.add_argument('--sets', default='cardiac,abdomen,inverted')
+  p.add_argument('--methods', default=','.join(METHODS), help=f'subset of {METHODS}')
+  p.add_argument('--ants-python', default=ANTS_PYTHON,
+                 help='interpreter with antspyx (default .venv-ants; bench/setup_ants.sh)')
+  args = p.parse_args(argv)
+  args.pairs = args.pairs or (2 if args.smoke else 6)
+  args.sets = [s for s in args.sets.split(',') if s]
+  args.methods = [m for m in args.methods.split(',') if m]
+  bad = set(args.methods) - set(METHODS)
+  if bad or args.pairs < 1:
+    p.error(f'--methods: unknown {sorted(bad)} (use {METHODS}); --pairs must be >= 1')
+  return args
+
+
+def run_set(spec: SetSpec, args, registrars: Registrars | None,
+            progress: Callable[[str], None]) -> dict[str, Any]:
+  """Writes one set's pairs and runs every method on them; returns the set's results.
+  ``args.ants``: the ANTs interpreter, or None (ANTs skipped)."""
+  pairs = write_set(spec, args.pairs, args.seed, os.path.join(args.out, 'data', spec.name),
+                    progress)
+  refs = [load_reference(p) for p in pairs]
+  result: dict[str, Any] = {'spec': dataclasses.asdict(spec),
+                            'pairs': [dataclasses.asdict(p) for p in pairs], 'methods': {}}
+  for method in args.methods:
+    out_root = os.path.join(args.out, spec.name, method)
+    if method == 'identity':
+      rows = run_identity(spec, pairs, refs, progress)
+    elif method == 'ants_syn':
+      if not args.ants:
+        continue
+      try:
+        rows = run_ants(args.ants, spec, pairs, refs, out_root, args.seed, progress)
+      except AntsUnavailable as e:
+        progress(ants_skipped(str(e)))
+        args.ants = None
+        continue
+    else:
+      registrar = registrars.get(spec, refine=method == 'fmir_head_io')
+      rows = run_fmir(method, registrar, spec, pairs, refs, out_root, progress)
+    result['methods'][method] = {'pairs': rows, 'summary': summarize(rows)}
+  return result
+
+
+def ants_skipped(why: str) -> str:
+  return (f'ANTs SyN SKIPPED: {why}. Set it up with: bash bench/setup_ants.sh (creates '
+          '.venv-ants with antspyx 0.6.3), or pass --ants-python.')
+
+
+def write_json(path: str, results: dict[str, Any]) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(results, f, indent=1, default=float)
+  os.replace(tmp, path)
+
+
+def _interrupt(signum, frame):
+  raise KeyboardInterrupt(f'signal {signum}')
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  t_start = time.perf_counter()
+  progress = lambda line: print(line, flush=True)  # noqa: E731
+  if args.smoke:   # compile faster (as bench/run.py --suite smoke); timings mean nothing
+    os.environ.setdefault('XLA_FLAGS', '--xla_backend_optimization_level=0')
+  # Before torch loads: with OpenMP's default (active) waiting, the encoder's threads on
+  # shared, busy cores ran up to 15x slower than with passive waiting.
+  os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+  specs = [s for s in set_specs(args.smoke) if s.name in args.sets]
+  os.makedirs(args.out, exist_ok=True)
+  args.ants = None
+  if 'ants_syn' in args.methods:
+    args.ants, why = ants_python(args.ants_python)
+    if args.ants is None:
+      progress(ants_skipped(why))
+  registrars = None
+  if any(m.startswith('fmir') for m in args.methods):
+    checkpoint = args.checkpoint or demo_checkpoint(args.smoke, progress)
+    registrars = Registrars(checkpoint, args.smoke, progress)
+  results: dict[str, Any] = {
+      'settings': {'checkpoint': registrars and registrars.checkpoint, 'seed': args.seed,
+                   'smoke': args.smoke, 'pairs_per_set': args.pairs,
+                   'methods': args.methods, 'ants_python': args.ants,
+                   'cpu_count': os.cpu_count(), 'platform': platform.platform(),
+                   'env': {k: os.environ.get(k) for k in ('OMP_WAIT_POLICY', 'XLA_FLAGS')},
+                   'load_average_start': list(os.getloadavg())},
+      'sets': {}}
+  json_path = os.path.join(args.out, 'results.json')
+  signal.signal(signal.SIGTERM, _interrupt)      # kill PID: clean up as Ctrl-C does
+  try:
+    for spec in specs:
+      results['sets'][spec.name] = run_set(spec, args, registrars, progress)
+      print('\n' + table(spec, results['sets'][spec.name]) + '\n', flush=True)
+      write_json(json_path, results)
+  except KeyboardInterrupt:
+    done = f'sets finished so far in {json_path}' if results['sets'] else 'no set finished'
+    print(f'interrupted; {done}', file=sys.stderr)
+    return 130
+  results['total_wall_s'] = time.perf_counter() - t_start
+  results['settings']['load_average_end'] = list(os.getloadavg())
+  write_json(json_path, results)
+  print('Dice: mean over foreground classes present in both label maps; ± std over pairs. '
+        's/pair: median, compile excluded (compile s: first pair; 0 = reused). folding, '
+        'SDlogJ: the displacement on fixed-grid voxels (ANTs: SyN warp without its affine).')
+  print(f'total wall time {results["total_wall_s"]:.0f} s; results: {json_path}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
