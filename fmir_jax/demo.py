@@ -178,12 +178,19 @@ def run(out: str, *, patients: int = 20, test_patients: int = 4, steps: int = 10
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--out', default='demo_out')
-  p.add_argument('--smoke', action='store_true', help='reduced size (tests)')
-  p.add_argument('--steps', type=int)
-  p.add_argument('--seed', type=int, default=0)
-  p.add_argument('--no-register', action='store_true')
+  p = argparse.ArgumentParser(
+      prog='python -m fmir_jax.demo',
+      description='The offline end-to-end demo on CPU, no downloads: synthetic cardiac '
+                  'phantoms in the ACDC release layout -> offline `mind` features -> training '
+                  '(configs/demo.py) -> evaluation on held-out phantoms (tables, figures) -> '
+                  '`fmir register` on one raw NIfTI pair. Writes only inside --out; a folder '
+                  'it did not make must be new or empty.')
+  p.add_argument('--out', default='demo_out', help='output folder (default: demo_out)')
+  p.add_argument('--smoke', action='store_true',
+                 help='reduced size, about a minute (what the test suite runs)')
+  p.add_argument('--steps', type=int, help='training steps (default: 100; --smoke: 4)')
+  p.add_argument('--seed', type=int, default=0, help='phantoms and training seed (default: 0)')
+  p.add_argument('--no-register', action='store_true', help='skip the `fmir register` step')
   a = p.parse_args(argv)
   if a.smoke:
     kw = dict(patients=6, test_patients=1, steps=a.steps or 4, input_size=32, figures=1,
