@@ -96,16 +96,15 @@ def test_same_inputs_give_byte_identical_manifest_and_shards(tmp_path):
     assert (tmp_path / 'a' / name).read_bytes() == (tmp_path / 'b' / name).read_bytes()
 
 
-def test_kill_mid_write_then_resume(tmp_path, monkeypatch):
-  _write(tmp_path / 'ref').close()
-  out = tmp_path / 'run'
+def _write_killed_at_second_shard(out, monkeypatch):
+  """Runs _write(out), killed (KeyboardInterrupt) while the second shard is renamed into place."""
   real_replace = os.replace
   calls = []
 
   def dying_replace(src, dst):
     if dst.endswith('.safetensors'):
       calls.append(dst)
-      if len(calls) == 2:  # killed while the second shard is being renamed into place
+      if len(calls) == 2:
         raise KeyboardInterrupt
     real_replace(src, dst)
 
@@ -113,6 +112,12 @@ def test_kill_mid_write_then_resume(tmp_path, monkeypatch):
   with pytest.raises(KeyboardInterrupt):
     _write(out)
   monkeypatch.setattr(os, 'replace', real_replace)
+
+
+def test_kill_mid_write_then_resume(tmp_path, monkeypatch):
+  _write(tmp_path / 'ref').close()
+  out = tmp_path / 'run'
+  _write_killed_at_second_shard(out, monkeypatch)
   assert any('.tmp-' in f for f in os.listdir(out))           # half-written shard left behind
   assert not (out / 'index.json').exists()
   # A reader never accepts the partial store.
@@ -248,20 +253,7 @@ def test_repair_killed_midway_resumes_without_overwriting_sound_shards(tmp_path,
   original = _shard_files(tmp_path)
   for s in (0, 1):
     _flip_byte(tmp_path / store.shard_name(0, 1, s))
-  real_replace = os.replace
-  calls = []
-
-  def dying_replace(src, dst):
-    if dst.endswith('.safetensors'):
-      calls.append(dst)
-      if len(calls) == 2:  # killed while the second repaired shard is renamed into place
-        raise KeyboardInterrupt
-    real_replace(src, dst)
-
-  monkeypatch.setattr(os, 'replace', dying_replace)
-  with pytest.raises(KeyboardInterrupt):
-    _write(tmp_path)
-  monkeypatch.setattr(os, 'replace', real_replace)
+  _write_killed_at_second_shard(tmp_path, monkeypatch)      # during the repair
   part = json.loads((tmp_path / store.partial_name(0, 1)).read_text())
   assert part['redo_shards'] == [{'file': store.shard_name(0, 1, 1), 'keys': ['v02', 'v03']}]
   _write(tmp_path).close()
