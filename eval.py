@@ -67,7 +67,9 @@ def main(argv):
               f"{os.path.dirname(summary['files']['summary_json'])}")
         header = store_lib.FeatureStore(store_path).header
         run = checkpoint.read_run_info(workdir)
-        key = (run['config']['name'], run['mode'], store_lib.dataset_name(header) or '?',
+        norm = run.get('channel_norm', 'paper')
+        mode = run['mode'] + ('' if norm == 'paper' else f' ({norm})')
+        key = (run['config']['name'], mode, store_lib.dataset_name(header) or '?',
                store_lib.backbone_name(header))
         grid[key] = summary['metrics']
         initial[key[2]] = summary['metrics']

@@ -20,6 +20,11 @@ def base_config() -> ml_collections.ConfigDict:
   #   -CR : unsupervised, PCA at training and inference (ablation)
   c.mode = 'UN'
   c.feature_channels = 256             # c'
+  # Feature normalisation around the draw and the PCA (fmir_jax/channel_reg.py NORMS):
+  #   paper       : raw channels drawn, centred PCA (SPEC §3 as written)
+  #   release     : raw channels drawn, uncentred PCA (the authors' code)
+  #   standardise : z-scored channels drawn, whitened PCA of the z-scored features
+  c.channel_norm = 'paper'
 
   c.model = ml_collections.ConfigDict()
   c.model.n = 32
@@ -30,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.head_instance_norm = False
   c.model.exact_feature_path = True
   c.model.kernel_init = 'torch'        # authors' PyTorch default; 'he' learns faster
+  c.model.flow_init = 'torch'          # field layer init; 'small' = VoxelMorph's N(0, 1e-5)
   c.model.conv_impl = 'auto'           # 'split2d' on CPU (fast XLA:CPU path), 'xla' elsewhere
 
   c.loss = ml_collections.ConfigDict()
@@ -57,5 +63,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3
   c.train.eval_every = 1000
   c.train.eval_pairs = 0               # 0 = all validation pairs
+  c.train.eval_channel_draw = False    # UN/WS: also validate on a fixed training-style draw
   c.train.pca_max_volumes = 0          # 0 = every training volume feeds the PCA fit
   return c

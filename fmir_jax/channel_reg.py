@@ -2,7 +2,16 @@
 
 Training draws ``c'`` of the ``c`` feature channels uniformly without replacement per
 forward pass (the same indices for moving and fixed). Inference projects onto a PCA basis
-fitted once on training-set features (centred), streamed in float64 with numpy.
+fitted once on training-set features, streamed in float64 with numpy.
+
+Three feature normalisations (``NORMS``; ``config.channel_norm`` picks one):
+
+* ``paper``: raw channels drawn at training; centred PCA at inference (SPEC §3 as written).
+* ``release``: raw channels drawn; PCA of the UNCENTRED features (the authors' release,
+  ``torch.svd_lowrank`` without centring).
+* ``standardise``: every channel z-scored with training-set statistics before the draw and
+  before a PCA of the z-scored features (the correlation matrix), whose components are
+  whitened, so that training and inference inputs both have zero mean and unit variance.
 
 Features are channels-last: ``(..., c)``.
 """
@@ -55,19 +64,54 @@ def select_channels(feat: jax.Array, idx: jax.Array) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
+class Norm:
+  """One feature normalisation: how the basis is fitted and what the head is shown.
+
+  fit: 'centred' (covariance), 'uncentred' (second moment) or 'standardised' (correlation).
+  whiten: divide each projected component by its standard deviation.
+  draw_standardised: z-score channels before the training-time draw.
+  """
+  fit: str
+  whiten: bool
+  draw_standardised: bool
+
+
+NORMS = {
+    'paper': Norm('centred', whiten=False, draw_standardised=False),
+    'release': Norm('uncentred', whiten=False, draw_standardised=False),
+    'standardise': Norm('standardised', whiten=True, draw_standardised=True),
+}
+
+
+def norm_of(name: str) -> Norm:
+  """The ``NORMS`` entry ``name``, or a one-line error listing the choices."""
+  if name not in NORMS:
+    raise ValueError(f'unknown channel_norm {name!r}; use one of {sorted(NORMS)}')
+  return NORMS[name]
+
+
+@dataclasses.dataclass(frozen=True)
 class PCABasis:
   """A fitted PCA basis (float64 numpy).
 
-  mean: ``(c,)`` feature mean.
+  Features are mapped as ``((x - mean) / scale) @ components``.
+
+  mean: ``(c,)`` shift: the feature mean (zeros for an uncentred fit).
   components: ``(c, c_prime)`` orthonormal columns, by decreasing variance; each column's
     entry of largest magnitude is positive (deterministic sign).
-  explained_variance: ``(c_prime,)`` variances along the components (population, /n).
+  explained_variance: ``(c_prime,)`` variances (second moments when uncentred) along the
+    components (population, /n).
   n_samples: number of feature vectors the fit used.
+  scale: ``(c,)`` per-channel divisor (the standard deviations for a standardised fit, else
+    ones).
+  fit: 'centred', 'uncentred' or 'standardised' (``Norm.fit``).
   """
   mean: np.ndarray
   components: np.ndarray
   explained_variance: np.ndarray
   n_samples: int
+  scale: np.ndarray | None = None
+  fit: str = 'centred'
 
   def __post_init__(self):
     c = np.shape(self.mean)[0] if np.ndim(self.mean) == 1 else None
@@ -78,6 +122,10 @@ class PCABasis:
           'PCABasis needs mean (c,), components (c, c_prime), explained_variance '
           f'(c_prime,); got {np.shape(self.mean)}, {comp_shape}, '
           f'{np.shape(self.explained_variance)}.')
+    if self.scale is None:
+      object.__setattr__(self, 'scale', np.ones(c, np.float64))
+    elif np.shape(self.scale) != (c,):
+      raise ValueError(f'PCABasis scale must be (c,)=({c},), got {np.shape(self.scale)}.')
 
   @property
   def c(self) -> int:
@@ -92,11 +140,13 @@ class PCABasis:
     return {'mean': np.asarray(self.mean, np.float64),
             'components': np.asarray(self.components, np.float64),
             'explained_variance': np.asarray(self.explained_variance, np.float64),
-            'n_samples': np.asarray(self.n_samples, np.int64)}
+            'n_samples': np.asarray(self.n_samples, np.int64),
+            'scale': np.asarray(self.scale, np.float64),
+            'fit': np.asarray(self.fit)}
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> 'PCABasis':
-    """Rebuilds a basis saved by ``to_dict``."""
+    """Rebuilds a basis saved by ``to_dict`` (files without scale/fit: a centred fit)."""
     missing = {'mean', 'components', 'explained_variance', 'n_samples'} - set(d)
     if missing:
       raise ValueError(f'PCA basis dict lacks {sorted(missing)}; it must come from '
@@ -104,7 +154,9 @@ class PCABasis:
     return cls(mean=np.asarray(d['mean'], np.float64),
                components=np.asarray(d['components'], np.float64),
                explained_variance=np.asarray(d['explained_variance'], np.float64),
-               n_samples=int(np.asarray(d['n_samples'])))
+               n_samples=int(np.asarray(d['n_samples'])),
+               scale=np.asarray(d['scale'], np.float64) if 'scale' in d else None,
+               fit=str(np.asarray(d['fit'])) if 'fit' in d else 'centred')
 
 
 class PCAAccumulator:
@@ -150,8 +202,13 @@ class PCAAccumulator:
     cov = self.sum_sq / self.n - np.outer(mean, mean)
     return mean, 0.5 * (cov + cov.T)
 
-  def finalize(self, c_prime: int) -> PCABasis:
-    """Top-``c_prime`` principal components (np.linalg.eigh of the float64 covariance)."""
+  def finalize(self, c_prime: int, fit: str = 'centred') -> PCABasis:
+    """Top-``c_prime`` principal components (np.linalg.eigh, float64).
+
+    fit: 'centred' (eigenvectors of the covariance), 'uncentred' (of the second moment
+      Σxxᵀ/n, as ``torch.svd_lowrank`` of the raw features) or 'standardised' (of the
+      correlation matrix; ``scale`` holds the channel standard deviations).
+    """
     c_prime = int(c_prime)
     if not 1 <= c_prime <= self.c:
       raise ValueError(f'c_prime must be in [1, c={self.c}], got {c_prime}; pad the '
@@ -159,14 +216,61 @@ class PCAAccumulator:
     if self.n < 2:
       raise ValueError(f'PCA needs at least 2 feature vectors, got {self.n}.')
     mean, cov = self.covariance()
-    evals, evecs = np.linalg.eigh(cov)
+    scale = np.ones(self.c, np.float64)
+    if fit == 'uncentred':
+      mean, cov = np.zeros(self.c, np.float64), self.sum_sq / self.n
+    elif fit == 'standardised':
+      scale = np.sqrt(np.maximum(np.diag(cov), 0.0))
+      scale = np.where(scale > 1e-12, scale, 1.0)     # constant channels stay as they are
+      cov = cov / np.outer(scale, scale)
+    elif fit != 'centred':
+      raise ValueError(f"fit must be 'centred', 'uncentred' or 'standardised', got {fit!r}.")
+    evals, evecs = np.linalg.eigh(0.5 * (cov + cov.T))
     order = np.argsort(evals)[::-1][:c_prime]
     evals, evecs = evals[order], evecs[:, order]
     pivot = np.argmax(np.abs(evecs), axis=0)
     signs = np.sign(evecs[pivot, np.arange(c_prime)])
     evecs = evecs * np.where(signs == 0, 1.0, signs)
     return PCABasis(mean=mean, components=evecs,
-                    explained_variance=np.maximum(evals, 0.0), n_samples=self.n)
+                    explained_variance=np.maximum(evals, 0.0), n_samples=self.n,
+                    scale=scale, fit=fit)
+
+
+def head_inputs(basis: PCABasis, norm: Norm) -> dict[str, np.ndarray]:
+  """The float32 maps from ``c`` features to the head's ``c'`` inputs.
+
+  Returns {'mean', 'components'} for ``pca_project`` (the basis's scale and, for
+  ``norm.whiten``, the components' standard deviations folded into the matrix) and
+  {'draw_mean', 'draw_scale'} applied before the training-time draw (zeros / ones for raw
+  channels).
+  """
+  comp = np.asarray(basis.components, np.float64) / basis.scale[:, None]
+  if norm.whiten:
+    # Components with almost no variance (flat regions, constant channels) are amplified at
+    # most 10x relative to the first, so that unseen data cannot blow up their values.
+    ev = np.asarray(basis.explained_variance, np.float64)
+    comp = comp / np.sqrt(np.maximum(ev, max(1e-2 * ev[0], 1e-12)))[None, :]
+  c = basis.c
+  draw_mean = basis.mean if norm.draw_standardised else np.zeros(c)
+  draw_scale = basis.scale if norm.draw_standardised else np.ones(c)
+  f32 = lambda a: np.asarray(a, np.float32)
+  return {'mean': f32(basis.mean), 'components': f32(comp), 'draw_mean': f32(draw_mean),
+          'draw_scale': f32(draw_scale)}
+
+
+def selection_inputs(maps: dict[str, Any], idx: Any) -> dict[str, np.ndarray]:
+  """``head_inputs``-style maps whose projection equals the training-time draw ``idx``.
+
+  ``pca_project(x, out['mean'], out['components']) == ((x - draw_mean) / draw_scale)[idx]``:
+  evaluating with these shows the head the inputs it was trained on.
+  """
+  idx = np.asarray(idx)
+  c = int(np.shape(maps['draw_mean'])[0])
+  onehot = np.zeros((c, idx.shape[0]), np.float64)
+  onehot[idx, np.arange(idx.shape[0])] = 1.0
+  return dict(maps, mean=np.asarray(maps['draw_mean'], np.float32),
+              components=np.asarray(onehot / np.asarray(maps['draw_scale'],
+                                                        np.float64)[:, None], np.float32))
 
 
 def pca_project(feat: jax.Array, mean: jax.Array, components: jax.Array) -> jax.Array:

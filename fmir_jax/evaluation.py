@@ -11,6 +11,7 @@ import numpy as np
 
 from fmir_jax import data as data_lib
 from fmir_jax import metrics as metrics_lib
+from fmir_jax import model as model_lib
 from fmir_jax import train_lib
 from fmir_jax import warp as W
 
@@ -129,7 +130,8 @@ def pca_for_store(workdir: str, run_info: dict, store, pca_store_path: str = '',
   store_lib.check_compatible(store.header, src.header)
   if int(store.header['channels']) < c_prime:
     raise ValueError(f'{store.path}: {store.header["channels"]} channels < c\'={c_prime}')
-  basis = train_lib.fit_pca([src], c_prime, progress=progress)
+  basis = train_lib.fit_pca([src], c_prime, progress=progress,
+                            fit=train_lib.channel_norm(run_info['config']).fit)
   ckpt.save_pca(workdir, store.header, basis, source=pca_store_path)
   return basis
 
@@ -156,15 +158,18 @@ def evaluate_run(workdir: str, store_path: str, *, split: str = 'test',
   config, graphdef, params, info, step = load_run(workdir, checkpoint)
   st = store_lib.FeatureStore(store_path)
   basis = pca_for_store(workdir, info, st, pca_store, progress)
-  pca = train_lib.pca_to_device(basis)
-  refs = data_lib.eval_pairs([st], split, limit)
+  pca = train_lib.pca_to_device(basis, train_lib.channel_norm(config))
   # Hybrid runs: the settings of the training store of the same dataset (else the first).
   settings = info.get('store_settings') or [
       {'factors': None, 'num_classes': int(config.data.num_classes)}]
   name = store_lib.dataset_name(st.header)
-  chosen = next((s for d, s in zip(info.get('store_datasets') or [], settings) if d == name),
-                settings[0])
-  factors = chosen['factors'] if factors is None else factors
+  trained_on = info.get('store_datasets') or []
+  chosen = next((s for d, s in zip(trained_on, settings) if d == name), settings[0])
+  refs = data_lib.eval_pairs([st], split, limit)
+  if factors is None:
+    # A dataset the run never saw (cross-domain): factors from the store's voxel spacing.
+    factors = chosen['factors'] if name in trained_on or not refs else \
+        model_lib.factors_for_spacing(st.info(refs[0].fixed).spacing_mm)
   num_classes = int(st.header.get('num_classes', 0) or chosen['num_classes'])
   classes = tuple(range(1, num_classes + 1))
   predict = train_lib.make_predict(graphdef, c_prime=int(config.feature_channels),
@@ -179,6 +184,7 @@ def evaluate_run(workdir: str, store_path: str, *, split: str = 'test',
       'workdir': workdir, 'checkpoint_step': int(step), 'store': store_path, 'split': split,
       'backbone': st.header.get('backbone'), 'mode': info['mode'],
       'bidirectional_average': bidir, 'n_directed_pairs': len(results),
+      'pyramid_factors': factors,
       'head_s_mean': float(np.mean([r.head_s for r in results])),
       'feature_s_mean': float(np.nanmean([r.feature_s for r in results]))
       if any(np.isfinite(r.feature_s) for r in results) else float('nan'),

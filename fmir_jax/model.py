@@ -33,6 +33,9 @@ ACTIVATIONS = {
 # learns in hundreds rather than thousands of steps (used by the CPU demo).
 _he_init = nnx.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal')
 KERNEL_INITS = {'torch': _torch_default_init, 'he': _he_init}
+# The field layer: PyTorch's default (the authors), or VoxelMorph's N(0, 1e-5) with zero bias,
+# so that the untrained head predicts ~zero displacement whatever the scale of its inputs.
+FLOW_INITS = {'torch': _torch_default_init, 'small': nnx.initializers.normal(1e-5)}
 
 
 def _conv(cin, cout, rngs, init='torch', impl='auto'):
@@ -47,6 +50,13 @@ def instance_norm(x, eps=1e-5):
   mean = jnp.mean(x, axis=(1, 2, 3), keepdims=True)
   var = jnp.var(x, axis=(1, 2, 3), keepdims=True)
   return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+def factors_for_spacing(spacing_mm) -> tuple[int, int, int]:
+  """Pyramid factors for a grid the head was not trained on: halve the axes whose voxels
+  are at most 1.5x the finest (2.4x2.4x10 mm -> (2, 2, 1); isotropic -> (2, 2, 2))."""
+  finest = min(float(s) for s in spacing_mm)
+  return tuple(2 if float(s) <= 1.5 * finest else 1 for s in spacing_mm)
 
 
 def level_factors(factors, levels: int) -> Factors:
@@ -77,6 +87,7 @@ class FMIRConfig:
   exact_feature_path: bool = True     # first conv on the patch grid (no c'-channel volume)
   kernel_init: str = 'torch'          # 'torch' (authors: PyTorch default) or 'he' (hidden convs)
   conv_impl: str = 'auto'             # 3D conv kernels: 'auto' | 'split2d' | 'xla' (conv.py)
+  flow_init: str = 'torch'            # last conv (27 -> 3): 'torch' or 'small' (VoxelMorph)
 
 
 # Rows of halo per side for a stack of three 3x3x3 convs (compressor; level head).
@@ -206,7 +217,10 @@ class LevelBlock(nnx.Module):
     self.instance_norm = cfg.head_instance_norm
     self.conv0 = _conv(2 * n, 2 * n, rngs, cfg.kernel_init, cfg.conv_impl)
     self.conv1 = _conv(2 * n, 27, rngs, cfg.kernel_init, cfg.conv_impl)
-    self.flow = _conv(27, 3, rngs, impl=cfg.conv_impl)
+    if cfg.flow_init not in FLOW_INITS:
+      raise ValueError(f'unknown flow init {cfg.flow_init!r}: use one of {sorted(FLOW_INITS)}')
+    self.flow = nnx.Conv(27, 3, (3, 3, 3), padding='SAME', kernel_init=FLOW_INITS[cfg.flow_init],
+                         conv_general_dilated=conv_lib.nnx_conv_fn(cfg.conv_impl), rngs=rngs)
 
   def __call__(self, x_moving, y_fixed):
     h = self.conv0(jnp.concatenate([y_fixed + x_moving, y_fixed - x_moving], axis=-1))

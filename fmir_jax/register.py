@@ -278,7 +278,8 @@ class Registrar:
       raise RegisterError(f'--pyramid-factors: {e}') from e
     self.backbone, self.header = runs.load_backbone(
         self.run, opts.backbone, opts.weights, opts.layer, opts.device, opts.dtype)
-    self.pca = train_lib.pca_to_device(runs.pca_basis(self.run, self.header))
+    self.pca = train_lib.pca_to_device(runs.pca_basis(self.run, self.header),
+                                       train_lib.channel_norm(self.run.config))
     self._predict = train_lib.make_predict(
         self.run.graphdef, c_prime=int(self.run.config.feature_channels),
         factors=opts.pyramid_factors)

@@ -376,7 +376,8 @@ def dice_boxplot(path: PathLike, per_class_dice: Mapping[str, Sequence[float]], 
   """Box plot of per-pair Dice (fractions, drawn in %) per class name.
 
   NaN entries (class not scored in that pair) are left out of that class's box; a class
-  with no finite value at all is an error. Returns the Figure (Agg canvas).
+  with no finite value at all (absent from every pair) keeps its slot, labelled
+  "(absent)"; all classes absent is an error. Returns the Figure (Agg canvas).
   """
   if not per_class_dice:
     raise ValueError(f"dice_boxplot({path}): per_class_dice is empty.")
@@ -384,10 +385,10 @@ def dice_boxplot(path: PathLike, per_class_dice: Mapping[str, Sequence[float]], 
   for name, values in per_class_dice.items():
     arr = np.asarray(values, dtype=np.float64).reshape(-1)
     arr = arr[~np.isnan(arr)]
-    if arr.size == 0:
-      raise ValueError(f"dice_boxplot({path}): class {name!r} has no finite Dice values.")
-    names.append(str(name))
+    names.append(str(name) if arr.size else f"{name}\n(absent)")
     data.append(arr * 100.0)
+  if not any(d.size for d in data):
+    raise ValueError(f"dice_boxplot({path}): no class has a finite Dice value.")
   fig = _new_figure(figsize=(max(4.0, 1.2 * len(names) + 2.0), 4.0), dpi=100,
                     layout="constrained")
   ax = fig.subplots()

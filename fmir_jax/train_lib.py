@@ -41,7 +41,8 @@ def model_config(config, feature_channels_in: int) -> model_lib.FMIRConfig:
       activation=str(m.activation), head_instance_norm=bool(m.head_instance_norm),
       exact_feature_path=bool(m.exact_feature_path),
       kernel_init=str(m.get('kernel_init', 'torch')),
-      conv_impl=str(m.get('conv_impl', 'auto')))
+      conv_impl=str(m.get('conv_impl', 'auto')),
+      flow_init=str(m.get('flow_init', 'torch')))
 
 
 def check_mode(mode: str) -> str:
@@ -68,14 +69,18 @@ def regularise_channels(feat_m, feat_f, *, key, c_prime: int, random_selection: 
                         pca: dict | None):
   """c -> c' on the patch grid, identically for moving and fixed.
 
-  random_selection: draw c' of c channels from ``key`` (training in UN/WS modes);
-  otherwise project on the PCA basis ``pca`` ({'mean': (c,), 'components': (c, c')}).
+  random_selection: draw c' of c channels from ``key`` (training in UN/WS modes), after
+  ``(x - pca['draw_mean']) / pca['draw_scale']`` when ``pca`` is given; otherwise project on
+  the PCA basis ``pca`` ({'mean': (c,), 'components': (c, c')}, ``pca_to_device``).
   When c == c' and no PCA is given, the features pass unchanged.
   """
   c = feat_m.shape[-1]
   feat_m = feat_m.astype(jnp.float32)
   feat_f = feat_f.astype(jnp.float32)
   if random_selection:
+    if pca is not None and 'draw_mean' in pca:
+      feat_m = (feat_m - pca['draw_mean']) / pca['draw_scale']
+      feat_f = (feat_f - pca['draw_mean']) / pca['draw_scale']
     idx = channel_reg.draw_channels(key, c, c_prime)
     return (channel_reg.select_channels(feat_m, idx),
             channel_reg.select_channels(feat_f, idx))
@@ -257,8 +262,11 @@ def model_inputs(volume_item: dict) -> dict:
 # ------------------------------------------------------------------------------- PCA on stores
 
 def fit_pca(stores, c_prime: int, split: str = 'train', max_volumes: int = 0,
-            progress=None) -> channel_reg.PCABasis:
-  """Centred PCA of the training stores' patch-grid features (float64 streaming sums)."""
+            progress=None, fit: str = 'centred') -> channel_reg.PCABasis:
+  """PCA of the training stores' patch-grid features (float64 streaming sums).
+
+  fit: ``channel_reg.Norm.fit`` ('centred', 'uncentred' or 'standardised').
+  """
   c = stores[0].header['channels']
   acc = channel_reg.PCAAccumulator(c)
   keys = [(st, k) for st in stores for k in st.keys(split)]
@@ -268,11 +276,22 @@ def fit_pca(stores, c_prime: int, split: str = 'train', max_volumes: int = 0,
     raise ValueError(f'no {split!r} volumes to fit the PCA basis on')
   for st, k in (progress(keys) if progress else keys):
     acc.update(np.asarray(st.features(k)))
-  return acc.finalize(c_prime)
+  return acc.finalize(c_prime, fit=fit)
 
 
-def pca_to_device(basis: channel_reg.PCABasis | None):
+def channel_norm(config) -> channel_reg.Norm:
+  """The run's feature normalisation (``config.channel_norm``; runs before it: 'paper')."""
+  return channel_reg.norm_of(config.get('channel_norm', 'paper'))
+
+
+def pca_to_device(basis: channel_reg.PCABasis | None, norm: channel_reg.Norm | None = None):
+  """The device maps of ``channel_reg.head_inputs`` (norm None: the basis's own fit, raw
+  draw, no whitening); None stays None."""
   if basis is None:
     return None
-  return {'mean': jnp.asarray(basis.mean, jnp.float32),
-          'components': jnp.asarray(basis.components, jnp.float32)}
+  if norm is None:
+    norm = channel_reg.Norm(basis.fit, whiten=False, draw_standardised=False)
+  if norm.fit != basis.fit:
+    raise ValueError(f'PCA basis is a {basis.fit} fit but channel_norm needs {norm.fit}; '
+                     'refit it (delete the pca/ file of the run)')
+  return {k: jnp.asarray(v) for k, v in channel_reg.head_inputs(basis, norm).items()}

@@ -9,11 +9,13 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
+from fmir_jax import channel_reg
 from fmir_jax import checkpoint as ckpt
 from fmir_jax import data as data_lib
 from fmir_jax import evaluation
@@ -33,6 +35,40 @@ def _mean_of_stores(per_store) -> dict:
   names = ('dice_mean', 'initial_dice_mean', 'folding_fraction')
   return {'metrics': {n: {'mean': float(np.mean([s['metrics'][n]['mean'] for s in summaries]))}
                       for n in names}}
+
+
+VAL_LOG = 'val.jsonl'     # one JSON line per validation (a resumed run may repeat a step)
+
+
+def _validate(val_sets, params, pca) -> dict:
+  """Validation summary of every (predict, store, refs, classes) set with inputs ``pca``."""
+  per_store = [evaluation.evaluate_pairs(pred, params, [st], refs_i, pca, classes)
+               for pred, st, refs_i, classes in val_sets]
+  return metrics_lib.aggregate([r.metrics for res in per_store for r in res]) \
+      if len(per_store) == 1 else _mean_of_stores(per_store)
+
+
+def _append_jsonl(path: str, record: dict) -> None:
+  with open(path, 'a') as f:
+    f.write(json.dumps(record) + '\n')
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def read_val_log(workdir: str) -> dict[int, dict]:
+  """{step: record} of a run's validations (the last record of a repeated step wins)."""
+  out = {}
+  path = os.path.join(workdir, VAL_LOG)
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        if line.strip():
+          try:
+            rec = json.loads(line)
+          except ValueError:      # a line cut by a kill
+            continue
+          out[int(rec['step'])] = rec
+  return out
 
 
 def open_stores(paths) -> list[store_lib.FeatureStore]:
@@ -100,6 +136,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
   if why:
     raise ckpt.RunError(f'--workdir={workdir}: {why}; pass a directory path you can write to')
   mode = train_lib.check_mode(config.mode)
+  norm = train_lib.channel_norm(config)
   stores = open_stores(list(config.data.train_stores))
   eval_stores = open_stores([config.data.eval_store]) if config.data.eval_store else stores
   header = stores[0].header
@@ -114,26 +151,38 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
   os.makedirs(workdir, exist_ok=True)
   run_info = json.loads(json.dumps({
       'config': config.to_dict(), 'model': dataclasses.asdict(mcfg), 'mode': mode,
+      'channel_norm': config.get('channel_norm', 'paper'),
       'store_header': header, 'train_stores': list(config.data.train_stores),
       'total_steps': n_steps, 'num_devices': int(mesh.devices.size),
       'store_datasets': [store_lib.dataset_name(st.header) for st in stores],
       'store_settings': settings}))
   if os.path.exists(os.path.join(workdir, ckpt.RUN_FILE)):
     old = ckpt.read_run_info(workdir)
-    if old['model'] != run_info['model'] or old['mode'] != mode:
-      raise ValueError(f'{workdir} holds a run with another model/mode ({old["mode"]}, '
-                       f'{old["model"]}); use a new --workdir')
+    old_norm = old.get('channel_norm', 'paper')
+    if (old['model'] != run_info['model'] or old['mode'] != mode
+        or old_norm != run_info['channel_norm']):
+      raise ValueError(f'{workdir} holds a run with another model/mode/channel_norm '
+                       f'({old["mode"]}, {old_norm}, {old["model"]}); use a new --workdir')
     store_lib.check_compatible(old['store_header'], header)
   ckpt.write_run_info(workdir, run_info)
 
   # PCA basis on the training features: inference for UN/WS, training and inference for -CR.
   basis = ckpt.load_pca(workdir, header)
   if basis is None:
-    logging.info('fitting PCA (c=%d -> c\'=%d) on the training features', header['channels'],
-                 c_prime)
-    basis = train_lib.fit_pca(stores, c_prime, max_volumes=int(config.train.pca_max_volumes))
+    logging.info('fitting a %s PCA (c=%d -> c\'=%d) on the training features', norm.fit,
+                 header['channels'], c_prime)
+    basis = train_lib.fit_pca(stores, c_prime, max_volumes=int(config.train.pca_max_volumes),
+                              fit=norm.fit)
     ckpt.save_pca(workdir, header, basis, source=','.join(st.path for st in stores))
-  pca = train_lib.pca_to_device(basis)
+  pca = train_lib.pca_to_device(basis, norm)
+  # The head's training-time inputs on validation pairs (a fixed draw): a gap between this
+  # curve and the PCA one is a train/inference mismatch.
+  draw_pca = None
+  if bool(config.train.get('eval_channel_draw', False)) and mode != '-CR':
+    idx = channel_reg.draw_channels(jax.random.key(int(config.train.seed) + 1),
+                                    int(header['channels']), c_prime)
+    draw_pca = {k: jnp.asarray(v) for k, v in channel_reg.selection_inputs(
+        {k: np.asarray(v) for k, v in pca.items()}, np.asarray(idx)).items()}
 
   last_mgr, best_mgr = ckpt.managers(workdir, int(config.train.keep_checkpoints))
   restored = ckpt.restore_for_resume(last_mgr, state, workdir)
@@ -207,12 +256,17 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
       bar.set_postfix(loss=f'{loss:.4f}', refresh=False)
       bar.update(1)
       if done % int(config.train.eval_every) == 0 or done == n_steps:
-        per_store = [evaluation.evaluate_pairs(pred, state.params, [st], refs_i, pca, classes)
-                     for pred, st, refs_i, classes in val_sets]
-        summary = metrics_lib.aggregate([r.metrics for res in per_store for r in res]) \
-            if len(per_store) == 1 else _mean_of_stores(per_store)
+        summary = _validate(val_sets, state.params, pca)
         dice = float(summary['metrics']['dice_mean']['mean'])
         val_dice[done] = dice
+        record = {'step': done, 'dice': dice,
+                  'initial_dice': float(summary['metrics']['initial_dice_mean']['mean']),
+                  'folding_fraction': float(summary['metrics']['folding_fraction']['mean'])}
+        if draw_pca is not None:
+          record['dice_draw'] = float(
+              _validate(val_sets, state.params, draw_pca)['metrics']['dice_mean']['mean'])
+          writer.add_scalar('val/dice_channel_draw', record['dice_draw'], done)
+        _append_jsonl(os.path.join(workdir, VAL_LOG), record)
         writer.add_scalar('val/dice', dice, done)
         writer.add_scalar('val/initial_dice', float(summary['metrics']['initial_dice_mean']['mean']), done)
         writer.add_scalar('val/folding_fraction', float(summary['metrics']['folding_fraction']['mean']),

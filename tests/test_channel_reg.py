@@ -113,3 +113,62 @@ def test_pca_basis_roundtrip_and_bad_inputs():
     CR.PCAAccumulator(8).update(x).finalize(9)
   with pytest.raises(ValueError, match='no samples'):
     CR.PCAAccumulator(8).covariance()
+
+
+def test_uncentred_fit_is_the_svd_of_the_raw_features():
+  # The authors' release: right singular vectors of the raw (uncentred) feature matrix.
+  x, _, _ = _anisotropic(5000, 8, 4)
+  basis = CR.PCAAccumulator(8).update(x).finalize(3, fit='uncentred')
+  _, sv, vt = np.linalg.svd(x, full_matrices=False)
+  cos = np.abs(np.sum(basis.components * vt[:3].T, axis=0))
+  np.testing.assert_allclose(cos, 1.0, atol=1e-9)
+  np.testing.assert_allclose(basis.explained_variance, sv[:3] ** 2 / len(x), rtol=1e-9)
+  np.testing.assert_array_equal(basis.mean, np.zeros(8))
+  np.testing.assert_array_equal(basis.scale, np.ones(8))
+
+
+def test_standardised_fit_is_the_pca_of_z_scores_and_whitens_to_unit_variance():
+  x, _, _ = _anisotropic(20000, 8, 5)
+  basis = CR.PCAAccumulator(8).update(x).finalize(4, fit='standardised')
+  np.testing.assert_allclose(basis.mean, x.mean(0), atol=1e-9)
+  np.testing.assert_allclose(basis.scale, x.std(0), rtol=1e-9)
+  evals, evecs = np.linalg.eigh(np.corrcoef(x, rowvar=False))
+  top = evecs[:, ::-1][:, :4]
+  np.testing.assert_allclose(np.abs(np.sum(basis.components * top, 0)), 1.0, atol=1e-9)
+  np.testing.assert_allclose(basis.explained_variance, evals[::-1][:4], rtol=1e-9)
+  maps = CR.head_inputs(basis, CR.NORMS['standardise'])
+  y = np.asarray(CR.pca_project(x.astype(np.float32), maps['mean'], maps['components']))
+  np.testing.assert_allclose(y.mean(0), 0.0, atol=1e-3)
+  np.testing.assert_allclose(y.std(0), 1.0, rtol=1e-3)           # whitened components
+  z = (x - maps['draw_mean']) / maps['draw_scale']                 # the training draw's input
+  np.testing.assert_allclose(z.std(0), 1.0, rtol=1e-3)
+  # paper: the draw sees raw channels, the projection is the plain centred PCA
+  paper = CR.PCAAccumulator(8).update(x).finalize(4)
+  pm = CR.head_inputs(paper, CR.NORMS['paper'])
+  np.testing.assert_array_equal(pm['draw_mean'], np.zeros(8, np.float32))
+  np.testing.assert_array_equal(pm['draw_scale'], np.ones(8, np.float32))
+  np.testing.assert_allclose(pm['components'], paper.components, atol=1e-7)
+  with pytest.raises(ValueError, match='channel_norm'):
+    CR.norm_of('whiten')
+
+
+def test_selection_inputs_show_the_head_the_training_draw():
+  rng = np.random.default_rng(6)
+  x = rng.standard_normal((50, 10)).astype(np.float32) * 3 + 1
+  basis = CR.PCAAccumulator(10).update(x).finalize(4, fit='standardised')
+  maps = CR.head_inputs(basis, CR.NORMS['standardise'])
+  idx = np.array([7, 2, 9, 0])
+  sel = CR.selection_inputs(maps, idx)
+  got = np.asarray(CR.pca_project(x, sel['mean'], sel['components']))
+  want = ((x - basis.mean) / basis.scale)[:, idx]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_old_basis_files_load_as_centred_fits():
+  x, _, _ = _anisotropic(1000, 8, 7)
+  d = CR.PCAAccumulator(8).update(x).finalize(3).to_dict()
+  old = {k: d[k] for k in ('mean', 'components', 'explained_variance', 'n_samples')}
+  back = CR.PCABasis.from_dict(old)
+  assert back.fit == 'centred'
+  np.testing.assert_array_equal(back.scale, np.ones(8))
+  assert CR.PCABasis.from_dict(d).fit == 'centred'

@@ -128,6 +128,12 @@ def test_abdomen_half_is_block_mean_of_full(tmp_path):
   np.testing.assert_allclose(half.spacing_mm, (4.0, 4.0, 4.0), rtol=1e-6)
   assert set(np.unique(half.labels)) == {0, 6, 13}
   assert abs((half.labels == 6).sum() * 8 - (lab == 6).sum()) / (lab == 6).sum() < 0.05
+  # quarter: voxel j at full position 4j + 1.5, i.e. the mean of the central 2x2x2 block
+  quarter = abdomen.scan(str(tmp_path), resolution="quarter")[0].load()
+  assert quarter.image.shape == (48, 40, 64)
+  core = hu.reshape(48, 4, 40, 4, 64, 4)[:, 1:3, :, 1:3, :, 1:3].mean(axis=(1, 3, 5))
+  np.testing.assert_allclose(quarter.image, (core + 500.0) / 1300.0, atol=1e-5)
+  np.testing.assert_allclose(quarter.spacing_mm, (8.0, 8.0, 8.0), rtol=1e-6)
   gm = io.GridMap.from_dict(half.meta["grid"])
   back = gm.to_source(half.labels, order=0)
   assert np.mean(back[lab == 6] == 6) > 0.9
@@ -282,8 +288,8 @@ def test_abdomen_bad_inputs(tmp_path):
   assert len(abdomen.scan(str(tmp_path), require_labels=False)) == 2
   with pytest.raises(DatasetError, match=r"subjects \[29\]"):
     abdomen.scan(str(tmp_path), subjects=["img0001", 29], require_labels=False)
-  with pytest.raises(DatasetError, match="resolution='quarter'"):
-    abdomen.scan(str(tmp_path), resolution="quarter")
+  with pytest.raises(DatasetError, match="resolution='eighth'"):
+    abdomen.scan(str(tmp_path), resolution="eighth")
   (tmp_path / "imagesTr").mkdir()
   with pytest.raises(DatasetError, match="both img/ and imagesTr/"):
     abdomen.scan(str(tmp_path))

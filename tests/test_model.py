@@ -123,3 +123,25 @@ def test_auto_slab_rows():
   rows = M.auto_slab_rows((192, 160, 256), 1, 32)                  # full abdomen: slabs
   assert rows is not None and 8 <= rows < 192
   assert (rows + 2 * M.SLAB_HALO) * 160 * 256 * 64 * 4 <= M.SLAB_BUDGET_BYTES
+
+
+def test_small_flow_init_starts_near_identity_whatever_the_input_scale():
+  # VoxelMorph's N(0, 1e-5) field layer: the untrained head predicts a near-zero field even
+  # for inputs 10x larger than the image; PyTorch's default init does not (voxels).
+  img = np.random.default_rng(1).random((16, 16, 8)).astype(np.float32)
+  mov, fix = _inputs(img, 4, 4, 0), _inputs(img[::-1].copy(), 4, 4, 1)
+  mov['feat'], fix['feat'] = 10 * mov['feat'], 10 * fix['feat']
+  peak = {}
+  for init in ('torch', 'small'):
+    cfg = M.FMIRConfig(feature_channels=4, n=4, levels=2, integration_steps=2,
+                       kernel_init='he', flow_init=init)
+    net = M.FMIR(cfg, rngs=nnx.Rngs(0))
+    peak[init] = float(jnp.abs(net(mov, fix).disp).max())
+    assert float(jnp.abs(net.blocks[0].flow.bias.get_value()).max()) == 0.0
+  assert peak['small'] < 1e-2 < peak['torch'], peak
+  # 'torch' is the layer it always was: same draws from the same seed as a plain conv
+  same = M.FMIR(M.FMIRConfig(feature_channels=4, n=4, levels=2), rngs=nnx.Rngs(3))
+  k = same.blocks[1].flow.kernel.get_value()
+  assert k.shape == (3, 3, 3, 27, 3) and float(jnp.abs(k).max()) <= (1 / (27 * 27)) ** 0.5 + 1e-6
+  with pytest.raises(ValueError, match='flow init'):
+    M.FMIR(M.FMIRConfig(feature_channels=4, n=4, levels=2, flow_init='zero'), rngs=nnx.Rngs(0))

@@ -241,8 +241,12 @@ def test_dice_boxplot_png_and_nan_handling(tmp_path):
                "LV": np.r_[rng.uniform(0.8, 0.95, 19), np.nan]}
   report.dice_boxplot(tmp_path / "box.png", per_class)
   _assert_valid_png(tmp_path / "box.png", 200, 200)
-  with pytest.raises(ValueError, match="'LV' has no finite"):
-    report.dice_boxplot(tmp_path / "bad.png", {"RV": [0.7], "LV": [math.nan]})
+  # a class absent from every pair keeps its slot; all absent is an error
+  report.dice_boxplot(tmp_path / "absent.png", {"RV": [0.7], "LV": [math.nan]})
+  _assert_valid_png(tmp_path / "absent.png", 200, 200)
+  with pytest.raises(ValueError, match="no class has a finite"):
+    report.dice_boxplot(tmp_path / "bad.png", {"RV": [math.nan], "LV": [math.nan]})
+  assert not (tmp_path / "bad.png").exists()
 
 
 def test_report_module_imports_without_jax_torch_or_pyplot():

@@ -9,7 +9,8 @@ Layouts (``layout="auto"`` picks one):
 Preprocessing: the "full" grid is 192x160x256 at 2 mm (the release already is; other data
 is resampled with the header spacing, keeping the voxel axis order, and centre cropped or
 padded with air). "half" is that grid downsampled by 2 per axis: 96x80x128 at 4 mm, voxel
-j at full-grid position 2j + 0.5 (linear for images = 2x2x2 mean, nearest for labels).
+j at full-grid position 2j + 0.5 (linear for images = 2x2x2 mean, nearest for labels);
+"quarter" (48x40x64 at 8 mm, position 4j + 1.5) is for CPU learning curves only.
 Intensities: clip to [-500, 800] HU, scale to [0, 1]. Splits: scans 1-20 train, 21-23 val,
 24-30 test; pairs are all ordered pairs within a split (380/6/42). Keys "imgNNNN".
 """
@@ -33,6 +34,7 @@ NAME = "abdomen"
 FULL_SHAPE = (192, 160, 256)
 FULL_SPACING_MM = (2.0, 2.0, 2.0)
 HALF_SHAPE = (96, 80, 128)
+RESOLUTIONS = {"full": 1, "half": 2, "quarter": 4}     # name -> downsampling per axis
 HU_WINDOW = (-500.0, 800.0)
 AIR_HU = -1000.0
 NUM_CLASSES = 13
@@ -146,7 +148,8 @@ def scan(root: str, *, resolution: str = "half", layout: str = "auto",
 
   Args:
     root: dataset folder (see module docstring).
-    resolution: "half" (96x80x128, 4 mm) or "full" (192x160x256, 2 mm).
+    resolution: "half" (96x80x128, 4 mm), "full" (192x160x256, 2 mm) or "quarter"
+      (48x40x64, 8 mm; CPU learning curves).
     layout: "auto", "img" or "imagesTr".
     subjects: explicit scan numbers/names; each must be present.
     splits: keep only these splits; each must be non-empty.
@@ -157,8 +160,8 @@ def scan(root: str, *, resolution: str = "half", layout: str = "auto",
     One source per scan, key "imgNNNN", sorted by scan number.
   """
   root = os.fspath(root)
-  if resolution not in ("half", "full"):
-    raise DatasetError(f"resolution={resolution!r}: use 'half' or 'full'.")
+  if resolution not in RESOLUTIONS:
+    raise DatasetError(f"resolution={resolution!r}: use 'half', 'full' or 'quarter'.")
   if not os.path.isdir(root):
     raise DatasetError(f"{root}: abdomen CT root folder does not exist.")
   if layout == "auto":
@@ -204,26 +207,27 @@ def full_grid(hdr: io.NiftiHeader) -> tuple[np.ndarray, str]:
   return gm.dst_affine, "image_centre"
 
 
-def half_affine(full_affine: np.ndarray) -> np.ndarray:
-  """Half-resolution grid: voxel j sits at full-grid position 2j + 0.5 per axis."""
-  t = np.diag([2.0, 2.0, 2.0, 1.0])
-  t[:3, 3] = 0.5
+def coarse_affine(full_affine: np.ndarray, factor: int) -> np.ndarray:
+  """A grid ``factor`` times coarser: voxel j sits at full-grid position
+  factor * j + (factor - 1) / 2 per axis (factor 2: 2j + 0.5)."""
+  t = np.diag([float(factor)] * 3 + [1.0])
+  t[:3, 3] = (factor - 1) / 2
   return np.asarray(full_affine, float) @ t
 
 
 def target_shape(*, resolution: str = "half", **_: Any) -> tuple[int, int, int]:
   """The model grid's shape for these reader options."""
-  return HALF_SHAPE if resolution == "half" else FULL_SHAPE
+  f = RESOLUTIONS[resolution]
+  return tuple(n // f for n in FULL_SHAPE)
 
 
 def model_grid(header: io.NiftiHeader, *, resolution: str = "half", **_: Any
                ) -> tuple[tuple[int, int, int], np.ndarray]:
-  """(shape, affine) of the scan's 2 mm 192x160x256 grid (image centre), halved for
-  ``resolution="half"``."""
+  """(shape, affine) of the scan's 2 mm 192x160x256 grid (image centre), made coarser for
+  ``resolution`` "half" or "quarter"."""
   full_affine, _ = full_grid(header)
-  if resolution == "half":
-    return HALF_SHAPE, half_affine(full_affine)
-  return FULL_SHAPE, full_affine
+  return (target_shape(resolution=resolution),
+          coarse_affine(full_affine, RESOLUTIONS[resolution]))
 
 
 def _same_grid(gm: io.GridMap) -> bool:
@@ -246,7 +250,7 @@ def preprocess(image: np.ndarray, header: io.NiftiHeader, dst_shape: Sequence[in
 
 
 def load_scan(f: ScanFiles, resolution: str) -> Volume:
-  """Reads and preprocesses one scan onto the full or half grid."""
+  """Reads and preprocesses one scan onto the full, half or quarter grid."""
   image, affine, hdr = io.load_nifti(f.image, what="image")
   _, rule = full_grid(hdr)
   shape, dst_affine = model_grid(hdr, resolution=resolution)

@@ -1,0 +1,284 @@
+"""Learning curves for the training modes (UN / WS / -CR) and a cross-domain table.
+
+  python bench/learning.py --out bench_results/learning            # CPU hours, resumable
+  python bench/learning.py --out /tmp/learning --smoke             # about a minute (tests)
+
+Stages, each resumable (kill it and run the same command again):
+1. Data: cardiac phantoms in the ACDC layout on the demo's grid (48x48x16 at 2.4x2.4x10 mm)
+   and abdomen phantoms in the Learn2Reg layout on the reader's quarter grid (48x40x64 at
+   8 mm), both through the offline `mind` backbone (feature_extract/run.py).
+2. Runs: one head per dataset x mode x channel_norm, the demo's model size (configs/demo.py:
+   c'=16, n=8, 4 levels, He init, lr 3e-3), the same step budget for all. Every
+   --eval-every steps the trainer validates twice: with the inference-time inputs (the PCA
+   basis) and with the training-time inputs (one fixed channel draw, UN/WS); a gap between
+   the two curves is a train/inference mismatch. Runs already finished are skipped.
+3. Outputs in OUT: curves.csv (every validation of every run), learning_curves.png
+   (held-out Dice vs step per dataset), table2.md (each run's best checkpoint on the test
+   split of both datasets, the paper's Table 2 layout, made by eval.py --table2).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from feature_extract.datasets import phantoms  # noqa: E402
+from fmir_jax import files  # noqa: E402
+
+MODES = ('UN', 'WS', '-CR')
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSet:
+  """One phantom dataset: how to write it, extract it and train on it."""
+  name: str             # cardiac | abdomen
+  reader: str           # feature_extract dataset name
+  options: tuple        # --dataset-option KEY=VALUE entries
+  factors: tuple        # pyramid factors
+  num_classes: int
+  blur_in_plane_only: bool
+
+
+DATASETS = {
+    'cardiac': DataSet('cardiac', 'acdc', ('shape=[48,48,16]', 'spacing_mm=[2.4,2.4,10.0]'),
+                       (2, 2, 1), 3, True),
+    'abdomen': DataSet('abdomen', 'abdomen', ('resolution="quarter"',), (2, 2, 2), 13, False),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  steps: int                      # training steps per cardiac run
+  eval_every: int
+  abdomen_steps: int = 0          # per abdomen run (0 = steps)
+  flow_init: str = 'small'        # model.flow_init of every run
+  cardiac_patients: int = 20      # ids 1-20: the ACDC split rule gives val patients 18-20
+  cardiac_test: int = 4           # ids 101-104
+  abdomen_scans: int = 30         # the Learn2Reg split: 1-20 train, 21-23 val, 24-30 test
+  abdomen_shape: tuple = (96, 80, 128)   # written at 4 mm; the reader resamples to 8 mm
+  input_size: int = 64
+
+  def steps_for(self, dataset: str) -> int:
+    return self.abdomen_steps if dataset == 'abdomen' and self.abdomen_steps else self.steps
+  eval_limit: int = 0             # table2: first N test pairs per store (0 = all)
+
+
+def write_data(out: str, budget: Budget, datasets, seed: int) -> dict[str, str]:
+  """Phantoms and `mind` feature stores (skipped when a store's index exists)."""
+  from feature_extract import run as extract_run
+  stores = {}
+  for name in datasets:
+    ds = DATASETS[name]
+    raw = os.path.join(out, 'data', name)
+    store = os.path.join(out, 'features', name)
+    stores[name] = store
+    if os.path.exists(os.path.join(store, 'index.json')):
+      continue
+    print(f'[data] {name} phantoms -> {raw}', flush=True)
+    if name == 'cardiac':
+      first = 21 - budget.cardiac_patients
+      phantoms.write_acdc_phantoms(raw, budget.cardiac_patients, seed, first_id=first,
+                                   inplane_size=(150, 200))
+      phantoms.write_acdc_phantoms(raw, budget.cardiac_test, seed, first_id=101,
+                                   inplane_size=(150, 200))
+    else:
+      phantoms.write_abdomen_phantoms(raw, budget.abdomen_scans, seed,
+                                      shape=budget.abdomen_shape, spacing_mm=4.0)
+    argv = ['--backbone', 'mind', '--dataset', ds.reader, '--data-root', raw, '--out', store,
+            '--input-size', str(budget.input_size), '--device', 'cpu', '--no-progress']
+    for opt in ds.options:
+      argv += ['--dataset-option', opt]
+    if extract_run.main(argv):
+      raise RuntimeError(f'feature extraction of {name} failed')
+  return stores
+
+
+def run_name(dataset: str, mode: str, norm: str) -> str:
+  return f'{dataset}_{mode.replace("-", "no")}_{norm}'
+
+
+def config_for(ds: DataSet, store: str, mode: str, norm: str, budget: Budget, seed: int):
+  from configs import demo
+  c = demo.get_config()
+  c.name = f'{ds.name}'
+  c.data.train_stores = (store,)
+  c.data.num_classes = ds.num_classes
+  c.model.factors = ds.factors
+  c.loss.blur_in_plane_only = ds.blur_in_plane_only
+  c.mode = mode
+  c.channel_norm = norm
+  c.model.flow_init = budget.flow_init
+  c.train.num_steps = budget.steps_for(ds.name)
+  c.train.eval_every = budget.eval_every
+  c.train.checkpoint_every = budget.eval_every
+  c.train.eval_pairs = 0
+  c.train.eval_channel_draw = True
+  c.train.seed = seed
+  return c
+
+
+def train_runs(out: str, stores: dict, plan, budget: Budget, seed: int) -> list[str]:
+  """Trains every (dataset, mode, norm) of ``plan``; finished runs are skipped."""
+  from fmir_jax import trainer
+  workdirs = []
+  for i, (name, mode, norm) in enumerate(plan):
+    wd = os.path.join(out, 'runs', run_name(name, mode, norm))
+    workdirs.append(wd)
+    steps = budget.steps_for(name)
+    if steps in trainer.read_val_log(wd):
+      print(f'[run {i + 1}/{len(plan)}] {os.path.basename(wd)}: done', flush=True)
+      continue
+    print(f'[run {i + 1}/{len(plan)}] {os.path.basename(wd)}: training to step {steps}',
+          flush=True)
+    t0 = time.perf_counter()
+    config = config_for(DATASETS[name], stores[name], mode, norm, budget, seed)
+    trainer.train_and_evaluate(config, wd, quiet=True)
+    print(f'  {time.perf_counter() - t0:.0f} s', flush=True)
+  return workdirs
+
+
+def collect(workdirs) -> list[dict]:
+  """One row per validation of every run (the trainer's val.jsonl)."""
+  from fmir_jax import checkpoint as ckpt
+  from fmir_jax import trainer
+  rows = []
+  for wd in workdirs:
+    info = ckpt.read_run_info(wd)
+    for step, rec in sorted(trainer.read_val_log(wd).items()):
+      rows.append({'run': os.path.basename(wd), 'dataset': info['config']['name'],
+                   'mode': info['mode'], 'channel_norm': info.get('channel_norm', 'paper'),
+                   **rec})
+  return rows
+
+
+def write_curves(out: str, rows: list[dict]) -> tuple[str, str]:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  csv_path = os.path.join(out, 'curves.csv')
+  fields = ['run', 'dataset', 'mode', 'channel_norm', 'step', 'initial_dice', 'dice',
+            'dice_draw', 'folding_fraction']
+  with files.atomic_path(csv_path) as tmp, open(tmp, 'w', newline='') as f:
+    w = csv.DictWriter(f, fieldnames=fields, extrasaction='ignore')
+    w.writeheader()
+    w.writerows(rows)
+  datasets = sorted({r['dataset'] for r in rows})
+  fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.2), squeeze=False)
+  for ax, name in zip(axes[0], datasets):
+    runs = sorted({r['run'] for r in rows if r['dataset'] == name})
+    for k, run in enumerate(runs):
+      rr = [r for r in rows if r['run'] == run]
+      steps = [0] + [r['step'] for r in rr]
+      colour = f'C{k}'
+      label = f'{rr[0]["mode"]} / {rr[0]["channel_norm"]}'
+      ax.plot(steps, [100 * rr[0]['initial_dice']] + [100 * r['dice'] for r in rr],
+              '-o', ms=3, color=colour, label=label + ' (PCA inputs)')
+      if any('dice_draw' in r for r in rr):
+        ax.plot(steps, [100 * rr[0]['initial_dice']] + [100 * r.get('dice_draw', float('nan'))
+                                                       for r in rr],
+                '--', color=colour, alpha=0.7, label=label + ' (training draw)')
+    ax.axhline(100 * rr[0]['initial_dice'], color='grey', lw=0.8, ls=':')
+    ax.set_title(f'{name} phantoms: held-out (val) Dice')
+    ax.set_xlabel('training step')
+    ax.set_ylabel('Dice, %')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  png = os.path.join(out, 'learning_curves.png')
+  with files.atomic_path(png) as tmp:
+    fig.savefig(tmp, dpi=110, format='png')
+  plt.close(fig)
+  return csv_path, png
+
+
+def table2(out: str, workdirs, stores: dict, limit: int = 0) -> str:
+  """eval.py --table2 over every run x both test sets (best checkpoints)."""
+  path = os.path.join(out, 'table2.md')
+  cmd = [sys.executable, os.path.join(ROOT, 'eval.py'), '--workdir=' + ','.join(workdirs),
+         '--features=' + ','.join(stores[k] for k in sorted(stores)), '--split=test',
+         '--figures=0', f'--limit={limit}', f'--out={os.path.join(out, "eval")}',
+         f'--table2={path}']
+  print('[table2] ' + ' '.join(cmd), flush=True)
+  subprocess.run(cmd, check=True, cwd=ROOT)
+  return path
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog='python bench/learning.py', description=__doc__.split('\n')[0])
+  p.add_argument('--out', default='bench_results/learning', help='output folder')
+  p.add_argument('--datasets', default='cardiac,abdomen')
+  p.add_argument('--modes', default='UN,WS,-CR')
+  p.add_argument('--norms', default='paper,standardise',
+                 help='channel_norm values for UN and WS (fmir_jax/channel_reg.py NORMS)')
+  p.add_argument('--cr-norm', default='paper', help='channel_norm of the -CR runs')
+  p.add_argument('--steps', type=int, default=300, help='training steps per cardiac run')
+  p.add_argument('--abdomen-steps', type=int, default=150, help='per abdomen run')
+  p.add_argument('--flow-init', default='small', help="model.flow_init: 'small' or 'torch'")
+  p.add_argument('--plan', default='',
+                 help="explicit runs 'dataset:mode:norm,...' (default: datasets x modes x norms)")
+  p.add_argument('--eval-every', type=int, default=25)
+  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--no-table2', action='store_true')
+  p.add_argument('--smoke', action='store_true', help='tiny data and 2 steps (tests)')
+  a = p.parse_args(argv)
+  datasets = [d for d in a.datasets.split(',') if d]
+  modes = [m for m in a.modes.split(',') if m]
+  for d in datasets:
+    if d not in DATASETS:
+      p.error(f'--datasets: unknown {d!r}; use {sorted(DATASETS)}')
+  for m in modes:
+    if m not in MODES:
+      p.error(f'--modes: unknown {m!r}; use {MODES}')
+  if a.smoke:
+    budget = Budget(steps=2, eval_every=1, cardiac_patients=6, cardiac_test=1,
+                    abdomen_scans=30, abdomen_shape=(24, 20, 32), input_size=32,
+                    eval_limit=2)
+  else:
+    budget = Budget(steps=a.steps, eval_every=a.eval_every, abdomen_steps=a.abdomen_steps,
+                    flow_init=a.flow_init)
+  try:
+    files.check_writable_dir(a.out, '--out')
+  except files.OutputPathError as e:
+    print(f'learning: error: {e}', file=sys.stderr)
+    return 2
+  os.makedirs(a.out, exist_ok=True)
+  if a.plan:
+    plan = [tuple(x.split(':')) for x in a.plan.split(',') if x]
+    for run in plan:
+      if len(run) != 3 or run[0] not in DATASETS or run[1] not in MODES:
+        p.error(f'--plan: {":".join(run)!r} is not dataset:mode:norm with a dataset of '
+                f'{sorted(DATASETS)} and a mode of {MODES}')
+    datasets = sorted({d for d, _, _ in plan}, key=list(DATASETS).index)
+  else:
+    plan = [(d, m, n) for d in datasets for m in modes
+            for n in ([a.cr_norm] if m == '-CR' else a.norms.split(','))]
+  with open(os.path.join(a.out, 'command.json'), 'w') as f:
+    json.dump({'argv': sys.argv[1:] if argv is None else list(argv),
+               'budget': dataclasses.asdict(budget), 'plan': plan}, f, indent=1)
+  stores = write_data(a.out, budget, datasets, a.seed)
+  workdirs = train_runs(a.out, stores, plan, budget, a.seed)
+  rows = collect(workdirs)
+  csv_path, png = write_curves(a.out, rows)
+  print(f'curves: {csv_path}, {png}')
+  for wd in workdirs:
+    rr = [r for r in rows if r['run'] == os.path.basename(wd)]
+    last = rr[-1]
+    print(f'  {os.path.basename(wd):28s} val Dice {100 * last["initial_dice"]:.1f} -> '
+          f'{100 * last["dice"]:.1f} (PCA), '
+          f'{100 * last.get("dice_draw", float("nan")):.1f} (training draw), '
+          f'best {100 * max(r["dice"] for r in rr):.1f}')
+  if not a.no_table2:
+    print(open(table2(a.out, workdirs, stores, budget.eval_limit)).read())
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,66 @@
+"""bench/learning.py --smoke end to end (a subprocess, as a user runs it): phantoms of both
+datasets, `mind` features, one UN run per dataset validated with PCA and with the training
+draw, the curves (CSV equal to the trainer's own val.jsonl, PNG) and the cross-domain table
+(values equal to eval.py's own summary.json files). A second call trains nothing.
+"""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, 'bench', 'learning.py')
+
+
+def _bench(out, *args):
+  return subprocess.run([sys.executable, BENCH, '--out', str(out), '--smoke', '--modes', 'UN',
+                         '--norms', 'standardise', *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=600)
+
+
+def test_learning_smoke_curves_and_cross_domain_table(tmp_path):
+  out = tmp_path / 'learning'
+  r = _bench(out)
+  assert r.returncode == 0, r.stderr[-3000:]
+  runs = ['cardiac_UN_standardise', 'abdomen_UN_standardise']
+  with open(out / 'curves.csv') as f:
+    rows = list(csv.DictReader(f))
+  assert sorted({row['run'] for row in rows}) == sorted(runs)
+  for run in runs:
+    logged = [json.loads(line) for line in open(out / 'runs' / run / 'val.jsonl')]
+    mine = [row for row in rows if row['run'] == run]
+    assert [int(row['step']) for row in mine] == [rec['step'] for rec in logged] == [1, 2]
+    for row, rec in zip(mine, logged):
+      for key in ('dice', 'dice_draw', 'initial_dice', 'folding_fraction'):
+        assert 0.0 <= rec[key] <= 1.0
+        np.testing.assert_allclose(float(row[key]), rec[key], rtol=1e-12)
+      assert row['mode'] == 'UN' and row['channel_norm'] == 'standardise'
+  png = (out / 'learning_curves.png').read_bytes()
+  assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 10_000
+
+  table = (out / 'table2.md').read_text().splitlines()
+  assert 'cardiac Dice (%)' in table[0] and 'abdomen Dice (%)' in table[0]
+  assert table[3].startswith('| Initial')
+  body = {tuple(c.strip() for c in line.strip('|').split('|'))[0]: line for line in table[4:]}
+  assert set(body) == {'cardiac', 'abdomen'}
+  # each cell is eval.py's mean Dice of that run on that test store (its summary.json)
+  for run in runs:
+    train = run.split('_')[0]
+    cells = [c.strip() for c in body[train].strip('|').split('|')]
+    assert cells[1] == 'UN (standardise)'
+    tests = [h.strip().split()[0] for h in table[0].strip('|').split('|')[2:] if h.strip()]
+    for test, cell in zip(tests, cells[2:]):
+      with open(out / 'eval' / run / test / 'summary.json') as f:
+        s = json.load(f)
+      assert s['n_directed_pairs'] == 2
+      assert cell == f"{100 * s['metrics']['dice_mean']['mean']:.2f}"
+      # cross-domain on the isotropic abdomen grid halves every axis; cardiac keeps z
+      want = [2, 2, 2] if test == 'abdomen' else [2, 2, 1]
+      assert np.asarray(s['pyramid_factors']).reshape(-1, 3).tolist()[0] == want
+
+  again = _bench(out, '--no-table2')
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert again.stdout.count(': done') == 2 and 'training to step' not in again.stdout
