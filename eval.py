@@ -13,12 +13,13 @@ Cross-domain grid (Table 2): comma-separated runs x stores:
 import os
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 from tqdm import tqdm
 
 from fmir_jax import checkpoint
+from fmir_jax import distributed
+from fmir_jax import entry
 from fmir_jax import evaluation
 from fmir_jax import report
 from fmir_jax import store as store_lib
@@ -37,6 +38,7 @@ flags.DEFINE_string('out', '', 'Output directory (default: WORKDIR/eval/STORE_SP
 flags.DEFINE_integer('figures', 3, 'Per-pair figures to draw.')
 flags.DEFINE_integer('limit', 0, 'Evaluate only the first N pairs (0 = all).')
 flags.DEFINE_string('table2', '', 'Write the cross-domain Markdown table here.')
+distributed.define_flags(flags)
 flags.mark_flags_as_required(['workdir', 'features'])
 
 
@@ -49,6 +51,11 @@ def main(argv):
     sys.exit(2)
   grid, initial = {}, {}
   try:
+    # A multi-host launch (every host runs this command): process 0 evaluates alone, on its
+    # own devices, and writes; the others have nothing to do.
+    if distributed.launch_index(FLAGS) > 0:
+      print(f'process {distributed.launch_index(FLAGS)}: evaluation runs on process 0')
+      return
     for workdir in FLAGS.workdir:
       for i, store_path in enumerate(FLAGS.features):
         out = FLAGS.out
@@ -85,4 +92,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  entry.run_absl(main)

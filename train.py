@@ -1,18 +1,32 @@
-"""Train FMIR on a feature store.
+"""Train FMIR on a feature store (resumes from the last checkpoint in --workdir; data-
+parallel over all local devices).
 
-  python train.py --config=configs/acdc.py --workdir=runs/acdc \
-      --config.data.train_stores=features/acdc_dinov3 [--config.mode=WS] [--config.optim.lr=3e-4]
+  python train.py --config=configs/acdc.py --workdir=runs/acdc
+      --config.data.train_stores=features/acdc_dinov3
 
-Resumes from the last checkpoint in --workdir. Data-parallel over all local devices.
+Config fields users override most (--config.FIELD=VALUE; defaults in configs/common.py):
+  data.train_stores   feature store(s) to train on, comma-separated in a tuple for hybrid
+                      training: '("f/acdc","f/abdomen")'
+  data.eval_store     validation store ('' = the training store's val split)
+  mode                UN (random channels, paper default), WS (+ Dice on labels), -CR (PCA)
+  channel_norm        paper | release | standardise (feature normalisation around the
+                      channel draw and the PCA; README "Differences from the paper")
+  feature_channels    c', channels the head sees (256)
+  optim.lr            learning rate (1e-4; the demo: 3e-3)
+  train.num_steps     steps (0 = train.epochs over the training pairs)
+  train.batch_size    pairs per step, over all devices (1)
+  train.eval_every    validation period in steps; train.checkpoint_every likewise
+  model.kernel_init   torch (authors) | he;  model.flow_init  torch | small
 """
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
 from fmir_jax import checkpoint
+from fmir_jax import distributed
+from fmir_jax import entry
 from fmir_jax import store as store_lib
 from fmir_jax import trainer
 
@@ -26,6 +40,7 @@ config_flags.DEFINE_config_file('config', None, 'Training config file (configs/*
 flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, PCA basis, TensorBoard).')
 flags.DEFINE_integer('stop_after_steps', 0, 'Leave after this many steps of this invocation '
                      '(the next invocation resumes).')
+distributed.define_flags(flags)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -33,6 +48,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
   try:
+    distributed.initialize_from_flags(FLAGS)
     result = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir,
                                         stop_after_steps=FLAGS.stop_after_steps)
   except USER_ERRORS as e:
@@ -44,4 +60,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  entry.run_absl(main)

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
-from fmir_jax import store as store_lib
+from fmir_jax import geometry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +24,7 @@ class Case:
   """One problem size.
 
   shape: volume (H, W, D) in voxels; patch: patch grid (h, w); pad_px, resize: in-plane
-  geometry of the K x K encoder input (``store.patch_geometry``); factors: pyramid factors.
+  geometry of the K x K encoder input (``geometry.patch_geometry``); factors: pyramid factors.
   """
   name: str
   shape: tuple[int, int, int]
@@ -55,12 +55,9 @@ SMOKE = Case('smoke', (16, 16, 8), (4, 4), (0.0, 0.0), (2.0, 2.0), (2, 2, 1), ch
 CASES = {c.name: c for c in (ACDC, ABDOMEN_HALF, ABDOMEN_FULL, SMOKE)}
 
 
-def interp_matrices(case: Case) -> tuple[np.ndarray, np.ndarray]:
-  """(H, h) and (W, w) patch-grid -> voxel interpolation matrices of a case."""
-  geo = store_lib.patch_geometry(case.pad_px, case.resize, case.patch_size)
-  ah = store_lib.interp_matrix(case.shape[0], case.patch[0], geo['offset'][0], geo['scale'][0])
-  aw = store_lib.interp_matrix(case.shape[1], case.patch[1], geo['offset'][1], geo['scale'][1])
-  return ah, aw
+def geometry_of(case: Case) -> dict[str, list[float]]:
+  """The case's patch geometry ({"offset", "scale"}, ``geometry.patch_geometry``)."""
+  return geometry.patch_geometry(case.pad_px, case.resize, case.patch_size)
 
 
 def volume(case: Case, rng: np.random.Generator, *, channels: int | None = None) -> dict:
@@ -74,10 +71,8 @@ def volume(case: Case, rng: np.random.Generator, *, channels: int | None = None)
   img = ndimage.gaussian_filter(rng.random((h, w, d), dtype=np.float32), (2.0, 2.0, 1.0))
   img = (img - img.min()) / max(float(np.ptp(img)), 1e-6)
   feat = rng.standard_normal((d, case.patch[0], case.patch[1], c), dtype=np.float32)
-  ah, aw = interp_matrices(case)
-  return {'image': img.astype(np.float32), 'feat': feat.astype(np.float16),
-          'interp_h': ah, 'interp_w': aw, 'labels': np.zeros((h, w, d), np.uint8),
-          'has_labels': np.asarray(False)}
+  return {**geometry.model_inputs(img, feat.astype(np.float16), geometry_of(case)),
+          'labels': np.zeros((h, w, d), np.uint8), 'has_labels': np.asarray(False)}
 
 
 def pair_batch(case: Case, seed: int = 0, *, channels: int | None = None) -> dict:

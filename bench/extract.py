@@ -2,7 +2,7 @@
 
 Measures the user path: the model is saved with ``save_pretrained`` to a temporary directory
 and loaded through ``feature_extract.backbones.load``; slices go through
-``feature_extract.run.encode_volume`` (slicing + normalisation + encoder + copy to host).
+``feature_extract.pipeline.encode_volume`` (slicing + normalisation + encoder + copy to host).
 
   python bench/extract.py                       # DINOv3 ViT-B/16 at K=256, 512; SAM ViT-B 1024
   python bench/extract.py --only dinov3-256     # one case
@@ -28,10 +28,11 @@ import torch  # pylint: disable=g-import-not-at-top
 import transformers  # pylint: disable=g-import-not-at-top
 
 from feature_extract import backbones  # pylint: disable=g-import-not-at-top
-from feature_extract import run  # pylint: disable=g-import-not-at-top
+from feature_extract import pipeline  # pylint: disable=g-import-not-at-top
 
 
-def _dinov3_config(quick: bool) -> transformers.DINOv3ViTConfig:
+def dinov3_config(quick: bool) -> transformers.DINOv3ViTConfig:
+  """A randomly initialised DINOv3 config: tiny (quick) or ViT-B sized (timings only)."""
   if quick:
     return transformers.DINOv3ViTConfig(hidden_size=32, intermediate_size=64,
                                         num_hidden_layers=2, num_attention_heads=2,
@@ -66,15 +67,15 @@ def _time_case(model_dir: str, name: str, k: int, layer, dtype: str, device: str
                n_slices: int, batch: int, repeats: int) -> float:
   bb = backbones.load(name, model_dir, layer, device=device, dtype=dtype)
   image = np.random.default_rng(0).random((128, 128, n_slices), dtype=np.float32)
-  run.encode_volume(image[..., :min(batch, n_slices)], bb, input_size=k, resize='upsample',
-                    pad_to=None, batch_size=batch)                                  # warm-up
+  pipeline.encode_volume(image[..., :min(batch, n_slices)], bb, input_size=k,
+                         resize='upsample', pad_to=None, batch_size=batch)          # warm-up
   best = float('inf')
   for _ in range(repeats):
     if bb.device.type == 'cuda':
       torch.cuda.synchronize()
     t0 = time.perf_counter()
-    run.encode_volume(image, bb, input_size=k, resize='upsample', pad_to=None,
-                      batch_size=batch)
+    pipeline.encode_volume(image, bb, input_size=k, resize='upsample', pad_to=None,
+                           batch_size=batch)
     best = min(best, time.perf_counter() - t0)
   return n_slices / best
 
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
       if args.only and case not in args.only:
         continue
       if name not in saved:
-        model = (transformers.DINOv3ViTModel(_dinov3_config(args.quick)) if name == 'dinov3'
+        model = (transformers.DINOv3ViTModel(dinov3_config(args.quick)) if name == 'dinov3'
                  else _sam_model(args.quick))
         saved[name] = os.path.join(tmp, name)
         model.save_pretrained(saved[name])

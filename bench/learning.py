@@ -41,16 +41,16 @@ class DataSet:
   """One phantom dataset: how to write it, extract it and train on it."""
   name: str             # cardiac | abdomen
   reader: str           # feature_extract dataset name
-  options: tuple        # --dataset-option KEY=VALUE entries
+  options: dict         # reader options (feature_extract/run.py --dataset-option KEY=VALUE)
   factors: tuple        # pyramid factors
   num_classes: int
   blur_in_plane_only: bool
 
 
 DATASETS = {
-    'cardiac': DataSet('cardiac', 'acdc', ('shape=[48,48,16]', 'spacing_mm=[2.4,2.4,10.0]'),
+    'cardiac': DataSet('cardiac', 'acdc', {'shape': [48, 48, 16], 'spacing_mm': [2.4, 2.4, 10.0]},
                        (2, 2, 1), 3, True),
-    'abdomen': DataSet('abdomen', 'abdomen', ('resolution="quarter"',), (2, 2, 2), 13, False),
+    'abdomen': DataSet('abdomen', 'abdomen', {'resolution': 'quarter'}, (2, 2, 2), 13, False),
 }
 
 
@@ -73,7 +73,7 @@ class Budget:
 
 def write_data(out: str, budget: Budget, datasets, seed: int) -> dict[str, str]:
   """Phantoms and `mind` feature stores (skipped when a store's index exists)."""
-  from feature_extract import run as extract_run
+  from feature_extract import pipeline
   stores = {}
   for name in datasets:
     ds = DATASETS[name]
@@ -92,12 +92,11 @@ def write_data(out: str, budget: Budget, datasets, seed: int) -> dict[str, str]:
     else:
       phantoms.write_abdomen_phantoms(raw, budget.abdomen_scans, seed,
                                       shape=budget.abdomen_shape, spacing_mm=4.0)
-    argv = ['--backbone', 'mind', '--dataset', ds.reader, '--data-root', raw, '--out', store,
-            '--input-size', str(budget.input_size), '--device', 'cpu', '--no-progress']
-    for opt in ds.options:
-      argv += ['--dataset-option', opt]
-    if extract_run.main(argv):
-      raise RuntimeError(f'feature extraction of {name} failed')
+    summary = pipeline.extract_dataset(
+        backbone='mind', dataset=ds.reader, data_root=raw, out=store,
+        input_size=budget.input_size, device='cpu', dataset_options=ds.options,
+        progress=False)
+    print(f'[data] {name}: {summary.line()}', flush=True)
   return stores
 
 
@@ -108,7 +107,7 @@ def run_name(dataset: str, mode: str, norm: str) -> str:
 def config_for(ds: DataSet, store: str, mode: str, norm: str, budget: Budget, seed: int):
   from configs import demo
   c = demo.get_config()
-  c.name = f'{ds.name}'
+  c.name = ds.reader          # rows of table2 named like its columns (the store's dataset)
   c.data.train_stores = (store,)
   c.data.num_classes = ds.num_classes
   c.model.factors = ds.factors
@@ -153,7 +152,7 @@ def collect(workdirs) -> list[dict]:
   for wd in workdirs:
     info = ckpt.read_run_info(wd)
     for step, rec in sorted(trainer.read_val_log(wd).items()):
-      rows.append({'run': os.path.basename(wd), 'dataset': info['config']['name'],
+      rows.append({'run': os.path.basename(wd), 'dataset': os.path.basename(wd).split('_')[0],
                    'mode': info['mode'], 'channel_norm': info.get('channel_norm', 'paper'),
                    **rec})
   return rows

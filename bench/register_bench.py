@@ -63,6 +63,7 @@ sys.path.insert(0, ROOT)
 
 # numpy/scipy/nibabel only (jax is imported after XLA_FLAGS is set, in main).
 from feature_extract.datasets import phantoms  # noqa: E402
+from fmir_jax import files  # noqa: E402
 from fmir_jax import io  # noqa: E402
 from fmir_jax import metrics as metrics_lib  # noqa: E402
 from fmir_jax import world  # noqa: E402
@@ -613,10 +614,8 @@ def ants_skipped(why: str) -> str:
 
 
 def write_json(path: str, results: dict[str, Any]) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
+  with files.atomic_path(path) as tmp, open(tmp, 'w') as f:
     json.dump(results, f, indent=1, default=float)
-  os.replace(tmp, path)
 
 
 def _interrupt(signum, frame):

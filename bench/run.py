@@ -54,8 +54,6 @@ SUITES = {
             'extract': 'dinov3-512', 'full_size': 'run', 'end_to_end': True},
 }
 IMPLS = ('jax_exact', 'jax_straight', 'torch')
-WARMUP = 1        # untimed calls before the timed ones (--warmup)
-PARTS_DIR = ''    # set by main: each task's JSON is also written here when it ends
 
 
 # ============================================================================ worker: JAX
@@ -72,7 +70,7 @@ def _jax_setup(case: common.Case, exact: bool):
   cfg.model.factors = case.factors
   cfg.model.integration_steps = case.steps
   cfg.model.exact_feature_path = exact
-  cfg.loss.ncc_windows = (9, 5, 3, 3, 3)[:case.levels]
+  cfg.loss.ncc_windows = cfg.loss.ncc_windows[:case.levels]   # losses.NCC_WINDOWS, per level
   cfg.loss.blur_in_plane_only = case.factors[2] == 1
   graphdef, state, tx, _ = train_lib.create(cfg, case.channels, 10_000)
   return jax, train_lib, cfg, graphdef, state, tx
@@ -99,7 +97,7 @@ def _device_peak(jax) -> int | None:
 
 
 def jax_task(case: common.Case, exact: bool, *, infer: bool, train: bool, repeats: int,
-             run: bool = True, run_train: bool = True) -> dict:
+             warmup: int, run: bool = True, run_train: bool = True) -> dict:
   """Inference and/or train step of the JAX model; see the module docstring."""
   jax, train_lib, cfg, graphdef, state, tx = _jax_setup(case, exact)
   batch = common.pair_batch(case)
@@ -117,7 +115,7 @@ def jax_task(case: common.Case, exact: bool, *, infer: bool, train: bool, repeat
     lowered = predict.lower(*args)
     compiled, stats = _compiled_stats(lowered, time.perf_counter() - t0)
     if run:
-      stats.update(common.time_calls(lambda: compiled(*args).block_until_ready(), warmup=WARMUP,
+      stats.update(common.time_calls(lambda: compiled(*args).block_until_ready(), warmup=warmup,
                                      repeats=repeats))
       stats['flop_per_s'] = stats['flops'] / stats['median_s']
     stats['peak_host_bytes'] = common.peak_rss_bytes()
@@ -144,7 +142,7 @@ def jax_task(case: common.Case, exact: bool, *, infer: bool, train: bool, repeat
       metrics['loss'].block_until_ready()
       holder['loss'] = float(metrics['loss'])
 
-    stats.update(common.time_calls(one, warmup=WARMUP, repeats=repeats))
+    stats.update(common.time_calls(one, warmup=warmup, repeats=repeats))
     stats['flop_per_s'] = stats['flops'] / stats['median_s']
     stats['loss'] = holder['loss']
     stats['peak_host_bytes'] = common.peak_rss_bytes()
@@ -156,7 +154,7 @@ def jax_task(case: common.Case, exact: bool, *, infer: bool, train: bool, repeat
 # ========================================================================== worker: torch
 
 
-def torch_task(case: common.Case, *, infer: bool, train: bool, repeats: int,
+def torch_task(case: common.Case, *, infer: bool, train: bool, repeats: int, warmup: int,
                threads: int) -> dict:
   """Eager PyTorch reference (straightforward path), same sizes and thread count."""
   import torch  # pylint: disable=g-import-not-at-top
@@ -185,7 +183,7 @@ def torch_task(case: common.Case, *, infer: bool, train: bool, repeats: int,
         model(mv, fx)
       sync()
 
-    stats = common.time_calls(predict, warmup=WARMUP, repeats=repeats)
+    stats = common.time_calls(predict, warmup=warmup, repeats=repeats)
     stats['peak_host_bytes'] = common.peak_rss_bytes()
     stats['peak_device_bytes'] = (int(torch.cuda.max_memory_allocated()) if dev == 'cuda'
                                   else None)
@@ -199,10 +197,11 @@ def torch_task(case: common.Case, *, infer: bool, train: bool, repeats: int,
     def step():
       holder['loss'] = torch_fmir.train_step(
           model, opt, moving, fixed, c_prime=case.c_prime, generator=gen,
+          # mirrors losses.NCC_WINDOWS: importing it would load jax into this measured process
           windows=(9, 5, 3, 3, 3)[:case.levels], in_plane_only=blur_in_plane)
       sync()
 
-    stats = common.time_calls(step, warmup=WARMUP, repeats=repeats)
+    stats = common.time_calls(step, warmup=warmup, repeats=repeats)
     stats['loss'] = holder['loss']
     stats['peak_host_bytes'] = common.peak_rss_bytes()
     stats['peak_device_bytes'] = (int(torch.cuda.max_memory_allocated()) if dev == 'cuda'
@@ -230,7 +229,7 @@ def store_task(case: common.Case, steps: int) -> dict:
             'input_size': 256, 'resize': 'upsample', 'normalisation': {'mean': 0, 'std': 1},
             'feature_dtype': 'float16', 'channels': case.channels,
             'patch_size': case.patch_size, 'dataset': {'name': 'synthetic'}, 'num_classes': 3}
-  geo = store_lib.patch_geometry(case.pad_px, case.resize, case.patch_size)
+  geo = common.geometry_of(case)
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, 'features')
     writer = store_lib.StoreWriter(path, header, keys=keys, pairs=pairs, volumes_per_shard=4)
@@ -268,7 +267,7 @@ def extract_task(which: str, threads: int) -> dict:
   n_slices = 16 if cuda else 4
   with tempfile.TemporaryDirectory() as tmp:
     model_dir = os.path.join(tmp, 'dinov3')
-    transformers.DINOv3ViTModel(extract._dinov3_config(quick)).save_pretrained(model_dir)  # pylint: disable=protected-access
+    transformers.DINOv3ViTModel(extract.dinov3_config(quick)).save_pretrained(model_dir)
     rate = extract._time_case(model_dir, 'dinov3', k, 'last', 'float32', 'auto',  # pylint: disable=protected-access
                               n_slices, 8 if cuda else 4, 1)
   return {'backbone': 'dinov3-vitb16' if not quick else 'dinov3-tiny', 'K': k,
@@ -285,12 +284,12 @@ def end_to_end_task(threads: int, quick: bool = False) -> dict:
   import transformers  # pylint: disable=g-import-not-at-top
   from bench import extract  # pylint: disable=g-import-not-at-top
   from feature_extract import backbones  # pylint: disable=g-import-not-at-top
-  from feature_extract import run as fe_run  # pylint: disable=g-import-not-at-top
-  from fmir_jax import store as store_lib  # pylint: disable=g-import-not-at-top
+  from feature_extract import pipeline  # pylint: disable=g-import-not-at-top
+  from fmir_jax import geometry  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(threads)
   transformers.utils.logging.disable_progress_bar()
   torch.manual_seed(0)
-  dino_cfg = extract._dinov3_config(quick)  # pylint: disable=protected-access
+  dino_cfg = extract.dinov3_config(quick)
   case = dataclasses.replace(common.SMOKE if quick else common.ACDC,
                              channels=dino_cfg.hidden_size)
   k = 64 if quick else 512
@@ -307,14 +306,9 @@ def end_to_end_task(threads: int, quick: bool = False) -> dict:
     def pair():
       vols = []
       for img in images:
-        feat, geo = fe_run.encode_volume(img, bb, input_size=k, resize='upsample',
+        feat, geo = pipeline.encode_volume(img, bb, input_size=k, resize='upsample',
                                          pad_to=None, batch_size=16)
-        ah = store_lib.interp_matrix(img.shape[0], feat.shape[1], geo['offset'][0],
-                                     geo['scale'][0])
-        aw = store_lib.interp_matrix(img.shape[1], feat.shape[2], geo['offset'][1],
-                                     geo['scale'][1])
-        vols.append({'image': img[None], 'feat': np.asarray(feat)[None],
-                     'interp_h': ah[None], 'interp_w': aw[None]})
+        vols.append(dict(geometry.model_inputs(img, np.asarray(feat), geo, batch=True)))
       d1 = predict(state.params, vols[0], vols[1], pca)
       d2 = predict(state.params, vols[1], vols[0], pca)
       jax.block_until_ready((d1, d2))
@@ -332,12 +326,11 @@ def _worker(args) -> dict:
   if args.task in ('jax_exact', 'jax_straight'):
     return jax_task(case, args.task == 'jax_exact', infer=not args.train_only,
                     train=not args.infer_only,
-                    repeats=args.repeats, run=not args.compile_only,
+                    repeats=args.repeats, warmup=args.warmup, run=not args.compile_only,
                     run_train=not args.train_compile_only)
   if args.task == 'torch':
     return torch_task(case, infer=not args.train_only, train=not args.infer_only,
-                      repeats=args.repeats,
-                      threads=args.threads)
+                      repeats=args.repeats, warmup=args.warmup, threads=args.threads)
   if args.task == 'store':
     return store_task(case, args.repeats)
   if args.task == 'extract':
@@ -359,12 +352,13 @@ def _thread_env(threads: int, xla_flags: str = '') -> dict:
   return env
 
 
-def _spawn(task: str, case: str, *, threads: int, repeats: int, timeout: float,
-           extra: tuple = (), xla_flags: str = '') -> dict:
-  """Runs one task in a fresh interpreter; returns its JSON result (or an 'error')."""
+def _spawn(task: str, case: str, *, threads: int, repeats: int, timeout: float, warmup: int,
+           parts_dir: str, extra: tuple = (), xla_flags: str = '') -> dict:
+  """Runs one task in a fresh interpreter; returns its JSON result (or an 'error'), which is
+  also written to ``parts_dir`` (partial results survive a killed run)."""
   with tempfile.NamedTemporaryFile('r', suffix='.json') as f:
     cmd = [sys.executable, os.path.abspath(__file__), '--task', task, '--case', case,
-           '--threads', str(threads), '--repeats', str(repeats), '--warmup', str(WARMUP),
+           '--threads', str(threads), '--repeats', str(repeats), '--warmup', str(warmup),
            '--out', f.name, *extra]
     t0 = time.perf_counter()
     try:
@@ -377,9 +371,8 @@ def _spawn(task: str, case: str, *, threads: int, repeats: int, timeout: float,
       return {'error': f'exit {r.returncode}: {r.stderr.strip()[-2000:]}'}
     res = json.load(f)
   res['task_wall_s'] = wall
-  if PARTS_DIR:
-    with open(os.path.join(PARTS_DIR, f'{task}_{case}.json'), 'w', encoding='utf-8') as f:
-      json.dump(res, f)
+  with open(os.path.join(parts_dir, f'{task}_{case}.json'), 'w', encoding='utf-8') as f:
+    json.dump(res, f)
   return res
 
 
@@ -438,7 +431,7 @@ def _ratios(per: dict) -> dict:
   return out
 
 
-def orchestrate(args) -> dict:
+def orchestrate(args, parts_dir: str) -> dict:
   suite = SUITES[args.suite]
   threads = args.threads
   t_start = time.perf_counter()
@@ -447,17 +440,18 @@ def orchestrate(args) -> dict:
                'load_average_start': common.load_average(), 'cases': {}, 'ratios': {}}
   flags = suite.get('xla_flags', '')
   store_case = 'smoke' if args.suite == 'smoke' else 'acdc'
+  spawn_kw = {'warmup': args.warmup, 'parts_dir': parts_dir}
   side = {}
   if suite.get('parallel'):
     # Smoke only: the tasks mostly wait on single-threaded XLA compiles; run them at once.
     with concurrent.futures.ThreadPoolExecutor(len(IMPLS) * len(suite['cases']) + 2) as pool:
       side = {'store_read': pool.submit(_spawn, 'store', store_case, threads=threads,
-                                        repeats=20, timeout=args.task_timeout),
+                                        repeats=20, timeout=args.task_timeout, **spawn_kw),
               'extract': pool.submit(_spawn, 'extract', suite['extract'], threads=threads,
-                                     repeats=1, timeout=args.task_timeout)}
+                                     repeats=1, timeout=args.task_timeout, **spawn_kw)}
       futures = {(case, impl): pool.submit(
           _spawn, impl, case, threads=threads, repeats=args.repeats or suite['repeats'][case],
-          timeout=args.task_timeout, xla_flags=flags)
+          timeout=args.task_timeout, xla_flags=flags, **spawn_kw)
                  for case in suite['cases'] for impl in IMPLS}
       for case in suite['cases']:
         res['cases'][case] = {impl: futures[(case, impl)].result() for impl in IMPLS}
@@ -470,7 +464,8 @@ def orchestrate(args) -> dict:
         continue
       print(f'[{time.perf_counter() - t_start:6.0f}s] {case} {impl} ...', flush=True)
       per[impl] = _spawn(impl, case, threads=threads, repeats=reps, timeout=args.task_timeout,
-                         xla_flags=flags, extra=suite.get('extra', {}).get((case, impl), ()))
+                         xla_flags=flags, extra=suite.get('extra', {}).get((case, impl), ()),
+                         **spawn_kw)
     res['cases'][case] = per
     res['ratios'][case] = _ratios(per)
   if suite['full_size']:
@@ -478,19 +473,20 @@ def orchestrate(args) -> dict:
           f'({suite["full_size"]}) ...', flush=True)
     extra = ('--infer-only',) + (('--compile-only',) if suite['full_size'] == 'compile' else ())
     res['abdomen_full_infer'] = _spawn('jax_exact', 'abdomen_full', threads=threads,
-                                       repeats=1, timeout=args.task_timeout, extra=extra)
+                                       repeats=1, timeout=args.task_timeout, extra=extra,
+                                       **spawn_kw)
   if side:
     res.update(side)
   else:
     print(f'[{time.perf_counter() - t_start:6.0f}s] feature store read ...', flush=True)
     res['store_read'] = _spawn('store', store_case, threads=threads, repeats=20,
-                               timeout=args.task_timeout)
+                               timeout=args.task_timeout, **spawn_kw)
     print(f'[{time.perf_counter() - t_start:6.0f}s] feature extraction ...', flush=True)
     res['extract'] = _spawn('extract', suite['extract'], threads=threads, repeats=1,
-                            timeout=args.task_timeout)
+                            timeout=args.task_timeout, **spawn_kw)
   if suite['end_to_end']:
     res['end_to_end'] = _spawn('end_to_end', 'acdc', threads=threads, repeats=3,
-                               timeout=args.task_timeout)
+                               timeout=args.task_timeout, **spawn_kw)
   train_s = res['cases'][store_case].get('jax_exact', {}).get('train', {}).get('median_s')
   rate = res['store_read'].get('pairs_per_s')
   res['store_read']['train_pairs_per_s'] = 1.0 / train_s if train_s else None
@@ -557,8 +553,8 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   if args.threads < 1:
     p.error(f'--threads must be >= 1, got {args.threads}')
-  global WARMUP
-  WARMUP = args.warmup if args.warmup >= 0 else SUITES[args.suite].get('warmup', 1)
+  if args.warmup < 0:
+    args.warmup = SUITES[args.suite].get('warmup', 1)
   if args.task:
     if args.threads < (os.cpu_count() or 1) and hasattr(os, 'sched_setaffinity'):
       # Pin torch and XLA alike to the first `threads` CPUs (XLA has no thread-count flag).
@@ -569,10 +565,9 @@ def main(argv=None) -> int:
     return 0
   path = args.json or os.path.join(ROOT, 'bench_results', f'{args.suite}.json')
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  global PARTS_DIR
-  PARTS_DIR = path + '.parts'
-  os.makedirs(PARTS_DIR, exist_ok=True)
-  res = orchestrate(args)
+  parts_dir = path + '.parts'
+  os.makedirs(parts_dir, exist_ok=True)
+  res = orchestrate(args, parts_dir)
   print_report(res)
   with open(path, 'w', encoding='utf-8') as f:
     json.dump(res, f, indent=1)

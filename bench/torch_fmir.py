@@ -1,10 +1,10 @@
 """Eager PyTorch reference of the FMIR registration head, written for the benchmark.
 
-The authors' straightforward path (SPEC §4): patch-grid features are upsampled to the volume
+The authors' straightforward path (paper §2.3): patch-grid features are upsampled to the volume
 grid, concatenated with the intensity into a (c'+1)-channel volume and fed to the 3-layer
 3x3x3 compressor; a 5-level pyramid head with grid_sample warps (align_corners=True, zero
 padding), scaling and squaring, trilinear align-corners pyramids and upsampling with
-components x s. Losses as SPEC §5 (VoxelMorph NCC with zero-padded box sums, diffusion on
+components x s. Losses as paper §2.5 (VoxelMorph NCC with zero-padded box sums, diffusion on
 the pre-integration field, Gaussian image pyramid).
 
 Layout: channels-first ``(B, C, H, W, D)``, spatial axes in NIfTI voxel order as in the JAX
@@ -269,6 +269,7 @@ def gaussian_blur(x: torch.Tensor, sigma: float, in_plane_only: bool,
 
 
 def registration_loss(model: TorchFMIR, out, moving: dict, fixed: dict, *,
+                      # mirrors fmir_jax.losses.NCC_WINDOWS (this oracle imports no fmir_jax)
                       windows: Sequence[int] = (9, 5, 3, 3, 3), sigma: float = 1.0,
                       in_plane_only: bool = True, smooth: float = 1.0) -> torch.Tensor:
   """Sum over levels i of (NCC(warp(m_i, u_i), f_i) + smooth * diffusion(v_i)) / 2**i."""

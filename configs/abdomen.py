@@ -1,4 +1,4 @@
-"""Learn2Reg 2020 abdomen CT at half resolution 96x80x128 (SPEC §6)."""
+"""Learn2Reg 2020 abdomen CT at half resolution 96x80x128 (paper §3.1)."""
 from configs import common
 
 

@@ -1,4 +1,4 @@
-"""ACDC cardiac cine MR, 128x128x16 at 1.8x1.8x10 mm (SPEC §6), unsupervised FMIR (Table 1).
+"""ACDC cardiac cine MR, 128x128x16 at 1.8x1.8x10 mm (paper §3.1), unsupervised FMIR (Table 1).
 
   python train.py --config=configs/acdc.py --workdir=runs/acdc \
       --config.data.train_stores=features/acdc_dinov3

@@ -1,5 +1,7 @@
-"""Shared config defaults (SPEC §3–5). Dataset configs override what differs."""
+"""Shared config defaults (paper §2.3–2.5). Dataset configs override what differs."""
 import ml_collections
+
+from fmir_jax import losses
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -14,14 +16,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_classes = 3               # foreground labels used by Dice (WS) and metrics
   c.data.prefetch = 2                  # batches prepared ahead in a background thread
 
-  # Channel regularisation (SPEC §3) and training mode.
+  # Channel regularisation (paper §2.4) and training mode.
   #   UN  : unsupervised, random channel selection at training, PCA at inference
   #   WS  : UN + Dice on warped labels (lambda_dice)
   #   -CR : unsupervised, PCA at training and inference (ablation)
   c.mode = 'UN'
   c.feature_channels = 256             # c'
   # Feature normalisation around the draw and the PCA (fmir_jax/channel_reg.py NORMS):
-  #   paper       : raw channels drawn, centred PCA (SPEC §3 as written)
+  #   paper       : raw channels drawn, centred PCA (paper §2.4 as written)
   #   release     : raw channels drawn, uncentred PCA (the authors' code)
   #   standardise : z-scored channels drawn, whitened PCA of the z-scored features
   c.channel_norm = 'paper'
@@ -42,7 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.ncc = 1.0
   c.loss.dice = 1.0                    # used in WS mode only (UN / -CR force 0)
   c.loss.smooth = 1.0
-  c.loss.ncc_windows = (9, 5, 3, 3, 3)
+  c.loss.ncc_windows = losses.NCC_WINDOWS
   c.loss.blur_sigma = 1.0
   c.loss.blur_in_plane_only = True     # cardiac (anisotropic); abdomen: False
 

@@ -4,6 +4,7 @@ and the pyramid depth are reduced, and the mode is -CR with He init, so that tra
 an effect within minutes on 2 CPU cores. `--config.mode=UN` runs the paper's mode.
 """
 from configs import common
+from fmir_jax import losses
 
 
 def get_config():
@@ -15,7 +16,7 @@ def get_config():
   c.model.n = 8
   c.model.levels = 4
   c.model.factors = (2, 2, 1)
-  c.loss.ncc_windows = (9, 5, 3, 3)
+  c.loss.ncc_windows = losses.NCC_WINDOWS[:c.model.levels]
   c.train.num_steps = 100
   c.train.log_every = 10
   c.train.checkpoint_every = 50

@@ -14,7 +14,7 @@ Aliases (``ALIASES``): ``dino`` = ``dinov3``, ``sam-b`` = ``sam``; ``canonical_n
 them and suggests the closest valid name for a typo.
 
 Patch size, hidden size, the number of CLS + register tokens, and the image normalisation come
-from the model config and its ``preprocessor_config.json``; the SPEC's defaults are used only
+from the model config and its ``preprocessor_config.json``; the published defaults (paper §2.2, the models' cards) are used only
 when that file is absent, and the header records which (``normalisation.source``).
 
 ``layer``: an int indexes ``hidden_states`` (0 = embeddings, i = output of block i; blocks after
@@ -38,6 +38,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fmir_jax.errors import BackboneError  # re-exported: its home is fmir_jax.errors
+from fmir_jax.errors import parse_layer
+
 BACKBONES = ('dinov3', 'dinov2', 'sam', 'mind')
 ALIASES = {'dino': 'dinov3', 'sam-b': 'sam'}   # what people call them -> BACKBONES name
 DEFAULT_WEIGHTS = {
@@ -52,17 +55,14 @@ _MODEL_TYPES = {
 }
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# SPEC §2 fallbacks, used only when the checkpoint has no preprocessor_config.json.
-SPEC_NORMALISATION = {'dinov3': (IMAGENET_MEAN, IMAGENET_STD),
+# Published fallbacks (paper §2.2), used only when the checkpoint has no
+# preprocessor_config.json.
+DEFAULT_NORMALISATION = {'dinov3': (IMAGENET_MEAN, IMAGENET_STD),
                       'dinov2': (IMAGENET_MEAN, IMAGENET_STD),
                       'sam': ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
 MIND_LABEL = 'mind (offline, not a foundation model)'
 DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
 _WEIGHT_SUFFIXES = ('.safetensors', '.bin', '.pth', '.pt')
-
-
-class BackboneError(RuntimeError):
-  """A backbone cannot be loaded or used as asked (message says how to fix it)."""
 
 
 @dataclasses.dataclass
@@ -287,7 +287,7 @@ def _revision(model_dir: str) -> str | None:
 
 
 def _normalisation(name: str, model_dir: str) -> tuple[tuple, tuple, str]:
-  """(mean, std, source) from preprocessor_config.json, else the SPEC default for `name`."""
+  """(mean, std, source) from preprocessor_config.json, else the published default for `name`."""
   path = os.path.join(model_dir, 'preprocessor_config.json')
   if os.path.exists(path):
     with open(path, encoding='utf-8') as f:
@@ -297,24 +297,11 @@ def _normalisation(name: str, model_dir: str) -> tuple[tuple, tuple, str]:
       if isinstance(mean, (int, float)):
         mean, std = [mean] * 3, [std] * 3
       return tuple(map(float, mean)), tuple(map(float, std)), 'preprocessor_config.json'
-  mean, std = SPEC_NORMALISATION[name]
-  return mean, std, 'spec default (no preprocessor_config.json with image_mean/std)'
+  mean, std = DEFAULT_NORMALISATION[name]
+  return mean, std, 'published default (no preprocessor_config.json with image_mean/std)'
 
 
 # --------------------------------------------------------------------------- ViTs
-
-
-def _parse_layer(layer: int | str | None, num_layers: int, label: str) -> int | str:
-  if layer is None or layer == 'last':
-    return 'last'
-  try:
-    index = int(layer)
-  except (TypeError, ValueError):
-    raise BackboneError(f'{label}: --layer must be an int or "last", got {layer!r}.') from None
-  if not 0 <= index <= num_layers:
-    raise BackboneError(f'{label}: --layer {index} out of range; hidden_states has indices '
-                        f'0..{num_layers} (0 = embeddings, i = after block i) or "last".')
-  return index
 
 
 def _vit_forward(model: Any, layer: int | str, num_prefix: int, patch: int
@@ -353,7 +340,7 @@ def _load_vit(name: str, weights: str, layer: int | str | None) -> dict[str, Any
                         f'checkpoint (expected {_MODEL_TYPES[name]}).')
   patch = cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[0]
   num_prefix = 1 + int(getattr(cfg, 'num_register_tokens', 0) or 0)
-  layer = _parse_layer(layer, cfg.num_hidden_layers, name)
+  layer = parse_layer('last' if layer is None else layer, cfg.num_hidden_layers, name)
   _truncate_blocks(model, layer)
   mean, std, source = _normalisation(name, model_dir)
   return dict(model=model, model_dir=model_dir, model_type=cfg.model_type, layer=layer,

@@ -1,6 +1,6 @@
 """Volume (H, W, D) -> normalised K x K encoder slices, and the geometry back to voxels.
 
-Per SPEC §2: the slice axis is the last one; each (H, W) plane is repeated to 3 channels and
+Per paper §2.2: the slice axis is the last one; each (H, W) plane is repeated to 3 channels and
 brought to K x K by one of two modes:
 
 * ``upsample``: bilinear resize by K / max(H, W) (aspect kept), then centred zero padding of
@@ -14,7 +14,7 @@ padding is exactly zero after normalisation (authors' practice).
 Bilinear is torch's ``interpolate(mode="bilinear", align_corners=False, antialias=False)``: an
 output pixel x samples the input at (x + 0.5) * N / n - 0.5. Hence voxel i of an axis of size N
 resized to n = N*r pixels starting ``pad`` pixels into the K x K input sits at input pixel
-``pad + (i + 0.5) * r - 0.5``; ``fmir_jax.store.patch_geometry`` turns that into patch-grid
+``pad + (i + 0.5) * r - 0.5``; ``fmir_jax.geometry.patch_geometry`` turns that into patch-grid
 coordinates.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fmir_jax import store
+from fmir_jax import geometry
 
 RESIZE_MODES = ('upsample', 'pad')
 
@@ -56,7 +56,7 @@ class SliceLayout:
 
   def geometry(self, patch_size: int) -> dict[str, list[float]]:
     """{"offset": [oy, ox], "scale": [sy, sx]}: voxel i -> patch coordinate offset + scale*i."""
-    return store.patch_geometry(self.pad_px, self.resize_factor, patch_size)
+    return geometry.patch_geometry(self.pad_px, self.resize_factor, patch_size)
 
   def mask(self) -> np.ndarray:
     """(K, K) bool: input pixels whose centre lies inside the volume content."""
@@ -157,20 +157,3 @@ def volume_to_slices(image: np.ndarray, input_size: int, mode: str, mean: Sequen
   std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
   slices = (planes.expand(d, 3, k, k) - mean_t) / std_t * mask
   return slices.contiguous(), layout
-
-
-def sample_at_voxels(plane: np.ndarray, layout: SliceLayout) -> np.ndarray:
-  """Samples a K x K input-pixel map at the voxel centres (inverse of the slicing).
-
-  Args:
-    plane: (..., K, K) values on the encoder's input pixel grid.
-    layout: the layout the volume was sliced with.
-
-  Returns:
-    (..., H, W) bilinear samples at each voxel's input-pixel position.
-  """
-  geom = layout.geometry(patch_size=1)
-  k = layout.input_size
-  wy = store.interp_matrix(layout.in_shape[0], k, geom['offset'][0], geom['scale'][0])
-  wx = store.interp_matrix(layout.in_shape[1], k, geom['offset'][1], geom['scale'][1])
-  return np.einsum('yk,...kl,xl->...yx', wy, np.asarray(plane, np.float32), wx)

@@ -1,4 +1,4 @@
-"""Channel regularisation (SPEC.md section 3): random channel draws and PCA projection.
+"""Channel regularisation (paper §2.4): random channel draws and PCA projection.
 
 Training draws ``c'`` of the ``c`` feature channels uniformly without replacement per
 forward pass (the same indices for moving and fixed). Inference projects onto a PCA basis
@@ -6,7 +6,7 @@ fitted once on training-set features, streamed in float64 with numpy.
 
 Three feature normalisations (``NORMS``; ``config.channel_norm`` picks one):
 
-* ``paper``: raw channels drawn at training; centred PCA at inference (SPEC §3 as written).
+* ``paper``: raw channels drawn at training; centred PCA at inference (paper §2.4 as written).
 * ``release``: raw channels drawn; PCA of the UNCENTRED features (the authors' release,
   ``torch.svd_lowrank`` without centring).
 * ``standardise``: every channel z-scored with training-set statistics before the draw and

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging as std_logging
 import os
 import re
 import sys
@@ -27,6 +28,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from fmir_jax import channel_reg
+from fmir_jax import distributed
+from fmir_jax import files
 from fmir_jax import store as store_lib
 
 RUN_FILE = 'run.json'
@@ -59,16 +62,10 @@ def unwritable_reason(path: str) -> str | None:
   return None
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def write_run_info(workdir: str, info: dict[str, Any]) -> None:
   os.makedirs(workdir, exist_ok=True)
-  _atomic_write_text(os.path.join(workdir, RUN_FILE), json.dumps(info, indent=2, sort_keys=True))
+  with files.atomic_path(os.path.join(workdir, RUN_FILE)) as tmp, open(tmp, 'w') as f:
+    f.write(json.dumps(info, indent=2, sort_keys=True))
 
 
 def read_run_info(workdir: str) -> dict[str, Any]:
@@ -119,6 +116,12 @@ def _without_closed_loop_errors(hook):
   return drop
 
 
+def _unretrieved_task_error(record) -> bool:
+  """Logging filter: False (drop) for asyncio's report of a task whose exception nobody
+  retrieved, which the reads of a failed restore leave behind."""
+  return not str(record.msg).startswith('Task exception was never retrieved')
+
+
 def restore(manager: ocp.CheckpointManager, target, step: int | None = None):
   """Restores the state at ``step`` (default latest) into the structure of ``target``.
 
@@ -134,7 +137,9 @@ def restore(manager: ocp.CheckpointManager, target, step: int | None = None):
   try:
     state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
   except Exception as e:  # Orbax / TensorStore raise bare Exception and ValueError here
-    # The filter stays: the aborted reads go on reporting after this returns.
+    # The filters stay: the aborted reads go on reporting after this returns (as unraisable
+    # exceptions, and as asyncio's "Task exception was never retrieved" log records).
+    std_logging.getLogger('asyncio').addFilter(_unretrieved_task_error)
     raise RunError(f'checkpoint {step_dir(manager, step)} cannot be restored '
                    f'({_one_line(e)})') from e
   sys.unraisablehook = hook
@@ -168,10 +173,12 @@ def restore_for_resume(manager: ocp.CheckpointManager, target, workdir: str):
     except RunError as e:
       failed.append((step, e))
       continue
-    for bad, e in failed:
-      dest = _set_aside(step_dir(manager, bad), workdir)
-      logging.warning('%s; moved it to %s and resuming from step %d', e, dest, step)
+    for bad, e in failed:          # every process sees the same failures; process 0 moves
+      if distributed.is_primary():
+        dest = _set_aside(step_dir(manager, bad), workdir)
+        logging.warning('%s; moved it to %s and resuming from step %d', e, dest, step)
     if failed:
+      distributed.barrier('set-aside')
       manager.reload()
     return state
   if failed:
@@ -246,9 +253,8 @@ def save_pca(workdir: str, header: dict[str, Any], basis: channel_reg.PCABasis,
   arrays = {k: np.asarray(v) for k, v in basis.to_dict().items()}
   arrays['header_json'] = np.asarray(json.dumps(header, sort_keys=True))
   arrays['source'] = np.asarray(source)
-  tmp = path + f'.tmp-{os.getpid()}.npz'
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  with files.atomic_path(path) as tmp:
+    np.savez(tmp, **arrays)
   return path
 
 

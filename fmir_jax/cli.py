@@ -15,14 +15,14 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from fmir_jax import errors
+
 
 def _layer(text: str | None):
-  if text is None or text == 'last':
-    return text
   try:
-    return int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f'--layer must be an int or "last", got {text!r}') from None
+    return errors.parse_layer(text)
+  except errors.BackboneError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_triple(text: str | None, what: str, cast: Callable = float):
@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "transition separated by ';' (default: the checkpoint's)")
   r.add_argument('--backbone', help="encoder (default: the run's); another one needs a PCA "
                                     'basis in the run (eval.py --pca_store)')
-  r.add_argument('--weights', help='encoder weights: Hub id or local directory')
+  r.add_argument('--weights', help="encoder weights: Hub id or local directory (default: "
+                                   "the run's)")
   r.add_argument('--layer', type=_layer, help='encoder layer: int or "last" (default: the '
                                               "run's)")
   r.add_argument('--checkpoint-step', default='best',
@@ -93,21 +94,30 @@ def build_parser() -> argparse.ArgumentParser:
   r.add_argument('--dtype', default='float32', help='encoder compute dtype (default: float32)')
   r.add_argument('--batch-size', type=int, default=16,
                  help='slices per encoder forward (default: 16)')
+  from fmir_jax import refine as refine_lib     # jax, no torch: the defaults shown below
+  io_default = refine_lib.RefineOptions()
+  fmt = lambda xs: ','.join(f'{x:g}' for x in xs)
   io_g = r.add_argument_group('instance optimisation (refines the head\'s field on each pair)')
   io_g.add_argument('--io', action='store_true',
                     help='multi-scale instance optimisation with the defaults (coarse to fine, '
                          'Adam, local NCC + diffusion)')
   io_g.add_argument('--io-steps', type=int, default=None,
                     help='Adam steps at the finest scale (coarser scales keep theirs); '
-                         'implies --io (default with --io: refine.RefineOptions().steps)')
+                         f'implies --io (default: {fmt(io_default.steps)} per scale, '
+                         'coarse to fine)')
   io_g.add_argument('--io-lr', type=float, default=None,
-                    help='Adam step size in voxels at the coarse scales; the defaults keep '
-                         'their ratios (default: refine.RefineOptions().lr_vox)')
+                    help='Adam step size in voxels at the coarse scales; the finest keeps '
+                         f'its ratio (default: {fmt(io_default.lr_vox)} per scale)')
   io_g.add_argument('--io-similarity', choices=('ncc', 'mind'), default=None,
                     help='ncc (default): same contrast; mind: MIND-SSC, for pairs of '
                          'different contrast')
+  io_g.add_argument('--io-fold', type=float, default=None,
+                    help='weight of the penalty on Jacobian determinants below '
+                         f'{io_default.fold_margin:g} (folding); 0 turns it off (default: '
+                         f'{io_default.fold:g})')
   io_g.add_argument('--io-diffeomorphic', action='store_true',
-                    help='optimise a velocity field integrated by scaling and squaring')
+                    help='optimise a velocity field integrated by scaling and squaring '
+                         '(slower; no folding by construction)')
   l2r = r.add_argument_group('Learn2Reg export')
   l2r.add_argument('--l2r-export', metavar='DIR',
                    help='also write DIR/disp_FFFF_MMMM.nii.gz (fixed case first; plus '
@@ -127,15 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type, ...]:
-  from feature_extract import backbones
-  from feature_extract.datasets.base import DatasetError
   from fmir_jax import files
   from fmir_jax import io
   from fmir_jax import register
   from fmir_jax import runs
   from fmir_jax import store
-  return (register.RegisterError, runs.RunError, io.NiftiError, backbones.BackboneError,
-          store.StoreError, DatasetError, files.OutputPathError)
+  return (register.RegisterError, runs.RunError, io.NiftiError, errors.BackboneError,
+          store.StoreError, errors.DatasetError, files.OutputPathError)
 
 
 def enable_compilation_cache(args: argparse.Namespace) -> str | None:
@@ -157,7 +165,8 @@ def enable_compilation_cache(args: argparse.Namespace) -> str | None:
 
 def refine_options(args: argparse.Namespace):
   """``refine.RefineOptions`` from the --io* flags, or None when instance optimisation is off."""
-  if not (args.io or args.io_steps or args.io_similarity or args.io_diffeomorphic):
+  if not (args.io or args.io_steps or args.io_similarity or args.io_diffeomorphic
+          or args.io_fold is not None):
     return None
   from fmir_jax import refine
   kw = {'diffeomorphic': args.io_diffeomorphic}
@@ -168,6 +177,8 @@ def refine_options(args: argparse.Namespace):
     kw['lr_vox'] = tuple(args.io_lr * r / default.lr_vox[0] for r in default.lr_vox)
   if args.io_similarity:
     kw['similarity'] = args.io_similarity
+  if args.io_fold is not None:
+    kw['fold'] = args.io_fold
   return refine.RefineOptions(**kw)
 
 
@@ -187,6 +198,8 @@ def run_register(args: argparse.Namespace) -> int:
       raise register.RegisterError(f'--io-steps {args.io_steps}: need at least 1 step.')
     if args.io_lr is not None and not args.io_lr > 0:
       raise register.RegisterError(f'--io-lr {args.io_lr}: need a positive step size.')
+    if args.io_fold is not None and not args.io_fold >= 0:
+      raise register.RegisterError(f'--io-fold {args.io_fold}: need a weight >= 0.')
     opts = register.RegisterOptions(
         grid=args.grid, dataset_grid=args.dataset_grid,
         spacing_mm=parse_triple(args.spacing, '--spacing'),

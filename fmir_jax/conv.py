@@ -1,10 +1,10 @@
 """3D 'SAME' convolution (stride 1, odd kernel) with a fast path for XLA:CPU.
 
-XLA:CPU lowers a 3D convolution to a generic kernel that reaches about a quarter of the
-machine's matmul rate (measured on 2 cores: 64->64 channels at 128x128x16, 1.1-1.5 s against
-0.55 s for PyTorch/oneDNN), and its autodiff of the kernel gradient is slower still
-(2.3-2.8 s). Its 2D convolution (Eigen's spatial convolution) and its large matmuls run at
-the machine's rate, so the ``'split2d'`` implementation rewrites the same arithmetic:
+XLA:CPU lowers a 3D convolution to a generic kernel that reaches a fraction of the machine's
+matmul rate (PyTorch/oneDNN is about twice as fast on the same conv; ``bench/run.py --suite
+cpu`` measures both), and its autodiff of the kernel gradient is slower still. Its 2D
+convolution (Eigen's spatial convolution) and its large matmuls run at the machine's rate,
+so the ``'split2d'`` implementation rewrites the same arithmetic:
 
 * forward: the slice axis D is moved into the batch, and the D taps of the kernel into the
   output channels, so one 2D ``kh x kw`` convolution over (H, W) computes all taps; the D taps

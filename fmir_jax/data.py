@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 import grain
 import numpy as np
 
+from fmir_jax import geometry
 from fmir_jax import store as store_lib
 
 
@@ -29,18 +30,10 @@ class PairRef:
 def volume_item(st: store_lib.FeatureStore, key: str) -> dict[str, np.ndarray]:
   """One volume's arrays: image (H,W,D) f32, feat (D,h,w,c), interp_h (H,h), interp_w (W,w),
   labels (H,W,D) uint8 (zeros when the store has none) and has_labels () bool."""
-  info = st.info(key)
-  feat = np.asarray(st.features(key))
   image = np.asarray(st.image(key), np.float32)
   labels = st.labels(key)
-  h_vox, w_vox, _ = image.shape
-  _, h_p, w_p, _ = feat.shape
-  geo = info.geometry
   return {
-      'image': image,
-      'feat': feat,
-      'interp_h': store_lib.interp_matrix(h_vox, h_p, geo['offset'][0], geo['scale'][0]),
-      'interp_w': store_lib.interp_matrix(w_vox, w_p, geo['offset'][1], geo['scale'][1]),
+      **geometry.model_inputs(image, np.asarray(st.features(key)), st.info(key).geometry),
       'labels': (np.zeros(image.shape, np.uint8) if labels is None
                  else np.asarray(labels, np.uint8)),
       'has_labels': np.asarray(labels is not None),
@@ -85,20 +78,29 @@ def _stack(items: list[dict]) -> dict:
 
 
 class _TrainSource:
-  """Random-access source for Grain: global step -> batch (pure function of the step)."""
+  """Random-access source for Grain: global step -> batch (pure function of the step).
 
-  def __init__(self, stores, refs, batch_size, seed, bidirectional):
+  part: the slice of the global batch's entries this process reads (multi-host runs;
+  ``distributed.share``); the other processes read the rest.
+  """
+
+  def __init__(self, stores, refs, batch_size, seed, bidirectional, part=slice(None)):
     self.stores, self.refs = stores, refs
     self.batch_size, self.seed, self.bidirectional = batch_size, seed, bidirectional
+    self.part = part
 
   def __len__(self):
     return 2**31 - 1
 
   def __getitem__(self, step):
     idx = pair_order(len(self.refs), self.seed, step * self.batch_size, self.batch_size)
-    items = [pair_item(self.stores, self.refs[i]) for i in idx]
+    entries = [(i, False) for i in idx]                   # (pair, swapped) of the global batch
     if self.bidirectional:
-      items += [{'moving': it['fixed'], 'fixed': it['moving']} for it in items]
+      entries += [(i, True) for i in idx]
+    items = []
+    for i, swapped in entries[self.part]:
+      it = pair_item(self.stores, self.refs[i])
+      items.append({'moving': it['fixed'], 'fixed': it['moving']} if swapped else it)
     batch = _stack(items)
     sources = {self.refs[i].store for i in idx}
     if len(sources) != 1:
@@ -110,15 +112,17 @@ class _TrainSource:
 
 def train_batches(stores: Sequence[store_lib.FeatureStore], *, split: str = 'train',
                   batch_size: int, seed: int, start_step: int, num_steps: int,
-                  bidirectional: bool = False, prefetch: int = 2) -> Iterator[dict]:
+                  bidirectional: bool = False, prefetch: int = 2,
+                  part: slice = slice(None)) -> Iterator[dict]:
   """Batches for steps [start_step, num_steps), read ahead by background threads.
 
   Each batch: {'moving': {...}, 'fixed': {...}} with a leading batch axis (2x batch_size
   when bidirectional: the swapped pairs follow), and 'store' (the index of the store the
-  pairs come from; the trainer pops it to pick that store's settings).
+  pairs come from; the trainer pops it to pick that store's settings). ``part``: only these
+  entries of each global batch (this process's share in a multi-host run).
   """
   refs = list_pairs(stores, split)
-  source = _TrainSource(stores, refs, batch_size, seed, bidirectional)
+  source = _TrainSource(stores, refs, batch_size, seed, bidirectional, part)
   ds = grain.MapDataset.source(source)[start_step:num_steps]
   options = grain.ReadOptions(num_threads=max(1, prefetch), prefetch_buffer_size=max(1, prefetch))
   return iter(ds.to_iter_dataset(options))

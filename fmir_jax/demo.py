@@ -5,8 +5,9 @@ registering one NIfTI pair. CPU only, no downloads.
   python -m fmir_jax.demo --out /tmp/d --smoke      # a reduced run (the README test)
 
 Every stage is the library/CLI code a user runs on real data: the ACDC reader on the
-official release layout, feature_extract/run.py, trainer.train_and_evaluate (train.py),
-evaluation.evaluate_run (eval.py) and the `fmir register` command.
+official release layout, pipeline.extract_dataset (feature_extract/run.py),
+trainer.train_and_evaluate (train.py), evaluation.evaluate_run (eval.py) and the
+`fmir register` command.
 """
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def run(out: str, *, patients: int = 20, test_patients: int = 4, steps: int = 10
   (default 48x48x16 at 2.4x2.4x10 mm: a heart-centred crop, coarser and smaller than the
   paper's 128x128x16 at 1.8x1.8x10 mm) so that training takes minutes on two CPU cores.
   """
-  from feature_extract import run as extract_run
+  from feature_extract import pipeline
   from feature_extract.datasets import phantoms
   from fmir_jax import evaluation
   from fmir_jax import trainer
@@ -114,12 +115,11 @@ def run(out: str, *, patients: int = 20, test_patients: int = 4, steps: int = 10
         f'patients (101-{100 + test_patients})')
 
   t = _stage(f'2/5 `mind` features (offline backbone) -> {features}')
-  rc = extract_run.main(['--backbone', 'mind', '--dataset', 'acdc', '--data-root', data_root,
-                         '--out', features, '--input-size', str(input_size), '--device', 'cpu',
-                         '--dataset-option', f'shape={list(grid)}',
-                         '--dataset-option', f'spacing_mm={list(spacing_mm)}'])
-  if rc:
-    raise RuntimeError(f'feature extraction failed (exit {rc})')
+  extracted = pipeline.extract_dataset(
+      backbone='mind', dataset='acdc', data_root=data_root, out=features,
+      input_size=input_size, device='cpu',
+      dataset_options={'shape': list(grid), 'spacing_mm': list(spacing_mm)})
+  print(extracted.line())
   times['features_s'] = time.perf_counter() - t
 
   t = _stage(f'3/5 training with configs/demo.py -> {workdir}')

@@ -1,4 +1,4 @@
-"""Evaluate a trained head on the pairs of a feature store (SPEC §7)."""
+"""Evaluate a trained head on the pairs of a feature store (paper §3.1; Learn2Reg)."""
 from __future__ import annotations
 
 import dataclasses
@@ -125,7 +125,7 @@ def pca_for_store(workdir: str, run_info: dict, store, pca_store_path: str = '',
         f'{store.path}: features of backbone {store.header.get("backbone")} (layer '
         f'{store.header.get("layer")}) have no PCA basis in {workdir}/pca. Pass '
         '--pca_store=PATH, a feature store of the same backbone on training data, to fit one '
-        '(SPEC §3: each backbone gets its own basis).')
+        '(paper §2.4: each backbone gets its own basis).')
   src = store_lib.FeatureStore(pca_store_path)
   store_lib.check_compatible(store.header, src.header)
   if int(store.header['channels']) < c_prime:
@@ -169,11 +169,11 @@ def evaluate_run(workdir: str, store_path: str, *, split: str = 'test',
   if factors is None:
     # A dataset the run never saw (cross-domain): factors from the store's voxel spacing.
     factors = chosen['factors'] if name in trained_on or not refs else \
-        model_lib.factors_for_spacing(st.info(refs[0].fixed).spacing_mm)
+        W.factors_for_spacing(st.info(refs[0].fixed).spacing_mm)
   num_classes = int(st.header.get('num_classes', 0) or chosen['num_classes'])
   classes = tuple(range(1, num_classes + 1))
-  predict = train_lib.make_predict(graphdef, c_prime=int(config.feature_channels),
-                                   factors=factors)
+  c_prime = model_lib.FMIRConfig.from_dict(info['model']).feature_channels
+  predict = train_lib.make_predict(graphdef, c_prime=c_prime, factors=factors)
   results = evaluate_pairs(predict, params, [st], refs, pca, classes, keep_disp=figures,
                            progress=progress)
   per_pair = [r.metrics for r in results]

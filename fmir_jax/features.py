@@ -4,7 +4,7 @@ The feature store keeps encoder features on the patch grid, ``(D, h, w, c)`` per
 (one 2D patch grid per slice; the slice axis is not resampled). Voxel ``i`` of in-plane
 array axis ``a`` sits at patch-grid coordinate ``offset[a] + scale[a] * i`` (the store's
 ``geometry``); upsampling is linear interpolation at those coordinates, which
-``fmir_jax.store.interp_matrix`` turns into one small ``(n_vox, n_patch)`` matrix per axis.
+``fmir_jax.geometry.interp_matrix`` turns into one small ``(n_vox, n_patch)`` matrix per axis.
 Both matrices travel with the batch as arrays, so volumes of different geometry share one
 compiled program.
 

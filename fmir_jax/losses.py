@@ -1,7 +1,7 @@
 """Registration losses and image pyramids (pure jax.numpy).
 
 Arrays are channels-last: images ``(B, H, W, D, C)``, fields ``(B, H, W, D, 3)`` in voxels.
-Conventions follow VoxelMorph (``ncc_loss``, ``diffusion_loss``) and SPEC.md section 5.
+Conventions follow VoxelMorph (``ncc_loss``, ``diffusion_loss``) and paper §2.5.
 """
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmir_jax import warp as warp_lib
+
+NCC_WINDOWS = (9, 5, 3, 3, 3)   # paper §2.5: the NCC window per pyramid level, finest first
 
 
 def _check_rank5(x: jax.Array, name: str) -> None:
@@ -262,7 +264,7 @@ def multilevel_loss(
     fixed_levels: Sequence[jax.Array],
     moving_label_levels: Sequence[jax.Array] | None = None,
     fixed_label_levels: Sequence[jax.Array] | None = None,
-    windows: Sequence[int] = (9, 5, 3, 3, 3),
+    windows: Sequence[int] = NCC_WINDOWS,
     lambdas: tuple[float, float, float] = (1.0, 1.0, 1.0),
 ) -> tuple[jax.Array, Mapping[str, jax.Array]]:
   """FMIR training loss summed over pyramid levels with weight ``1 / 2**i``.

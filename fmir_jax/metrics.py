@@ -1,6 +1,6 @@
 """Registration metrics with Learn2Reg conventions (numpy + scipy only, no jax).
 
-Conventions (SPEC §7):
+Conventions (paper §3.1; Learn2Reg):
   * Volumes are (H, W, D) in NIfTI voxel order; label volumes hold integer class ids,
     0 = background.
   * Displacements ``disp_vox`` are (H, W, D, 3) in voxels of the fixed grid, component k
@@ -20,7 +20,7 @@ Reference implementation followed: the Learn2Reg evaluation script
     displacement, a 2-voxel border is cropped, and
     SDlogJ = std(log(clip(J + 3, 1e-9, 1e9))).
 Deliberate difference: that script calls DeepMind ``surface-distance`` with spacing
-``np.ones(3)`` (HD95 in voxels); SPEC §7 and the paper report mm, so `hd95` takes
+``np.ones(3)`` (HD95 in voxels); the paper and Learn2Reg report mm, so `hd95` takes
 ``spacing_mm`` (see `hd95` for the symmetric variant).
 """
 from __future__ import annotations

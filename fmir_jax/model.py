@@ -1,4 +1,4 @@
-"""FMIR network (SPEC §4): feature compressor + 5-level pyramid registration head.
+"""FMIR network (paper §2.3): feature compressor + 5-level pyramid registration head.
 
 Flax NNX modules hold the parameters; the geometry (pyramid shapes, warps, integration) is
 the pure functions of ``fmir_jax.warp``. Arrays are channels-last: images (B, H, W, D),
@@ -52,13 +52,6 @@ def instance_norm(x, eps=1e-5):
   return (x - mean) * jax.lax.rsqrt(var + eps)
 
 
-def factors_for_spacing(spacing_mm) -> tuple[int, int, int]:
-  """Pyramid factors for a grid the head was not trained on: halve the axes whose voxels
-  are at most 1.5x the finest (2.4x2.4x10 mm -> (2, 2, 1); isotropic -> (2, 2, 2))."""
-  finest = min(float(s) for s in spacing_mm)
-  return tuple(2 if float(s) <= 1.5 * finest else 1 for s in spacing_mm)
-
-
 def level_factors(factors, levels: int) -> Factors:
   """Normalises per-axis pyramid factors to one (sx, sy, sz) per level transition.
 
@@ -89,73 +82,21 @@ class FMIRConfig:
   conv_impl: str = 'auto'             # 3D conv kernels: 'auto' | 'split2d' | 'xla' (conv.py)
   flow_init: str = 'torch'            # last conv (27 -> 3): 'torch' or 'small' (VoxelMorph)
 
-
-# Rows of halo per side for a stack of three 3x3x3 convs (compressor; level head).
-SLAB_HALO = 3
-
-
-def slab_map(fn, arrays, rows: int, halo: int = SLAB_HALO):
-  """Applies a stack of SAME convs ``fn`` to row slabs (array axis 1) and reassembles.
-
-  ``fn`` must act on rows like a stack of at most ``halo`` 3-tap zero-padded convs. Slab
-  ``i`` produces rows ``[s, s + rows)`` with ``s = min(i * rows, H - rows)`` from a window
-  of ``rows + 2 halo`` rows placed around them and shifted inside the volume at its ends:
-  each window edge is either the volume's own edge (where SAME padding is the truth) or at
-  least ``halo`` rows away from the rows kept, so every kept row equals the whole-volume
-  result exactly. Only one window's activations are alive at a time (``lax.fori_loop``),
-  and no padded or full-size copy of the inputs is made.
-
-  Args:
-    fn: ``fn(part, row0)`` of a tuple of arrays with rows on axis 1 (the window) and the
-      window's first row in the volume (traced); returns an array or a tuple of arrays
-      with rows on axis 1.
-    arrays: tuple of arrays (B, H, ...) sharing H.
-    rows: rows per slab.
-    halo: rows of context per side.
-
-  Returns:
-    ``fn``'s output(s) on the whole volume.
-  """
-  h = arrays[0].shape[1]
-  window = rows + 2 * halo
-  if window >= h:
-    return fn(arrays, 0)
-  n_slabs = -(-h // rows)
-
-  def run(i):
-    start = jnp.minimum(i * rows, h - rows)
-    w0 = jnp.clip(start - halo, 0, h - window)
-    part = tuple(jax.lax.dynamic_slice_in_dim(a, w0, window, axis=1) for a in arrays)
-    keep = lambda y: jax.lax.dynamic_slice_in_dim(y, start - w0, rows, axis=1)
-    return start, jax.tree.map(keep, fn(part, w0))
-
-  def body(i, out):
-    start, ys = run(i)
-    return jax.tree.map(lambda o, y: jax.lax.dynamic_update_slice_in_dim(o, y, start, axis=1),
-                        out, ys)
-
-  _, first = run(0)
-  # The output buffer grows from slab 0 (a pad, not a zeros broadcast XLA would allocate
-  # at the program's start).
-  out = jax.tree.map(
-      lambda y: jnp.pad(y, ((0, 0), (0, h - rows)) + ((0, 0),) * (y.ndim - 2)), first)
-  return jax.lax.fori_loop(1, n_slabs, body, out)
+  @classmethod
+  def from_dict(cls, d) -> 'FMIRConfig':
+    """The config a run saved (run.json 'model'; JSON lists back to tuples, fields added
+    since then take their defaults)."""
+    tup = lambda v: tuple(tup(x) for x in v) if isinstance(v, (list, tuple)) else v
+    return cls(**{k: tup(v) for k, v in d.items()})
 
 
-SLAB_BUDGET_BYTES = 2**28   # 'auto' slab mode: widest level-0 activation per slab
+INPUT_KEYS = ('image', 'feat', 'interp_h', 'interp_w')   # what the model reads of a volume
 
 
-def auto_slab_rows(shape, batch: int, n: int, budget_bytes: int = SLAB_BUDGET_BYTES):
-  """Rows per slab for inference on a (H, W, D) grid, or None when the whole volume fits.
-
-  The widest level-0 activation is the compressor's 2n channels (moving and fixed are
-  encoded one after the other in slab mode): slabs keep it under ``budget_bytes``.
-  """
-  h, w, d = (int(v) for v in shape)
-  row_bytes = batch * w * d * 2 * n * 4
-  if h * row_bytes <= budget_bytes:
-    return None
-  return max(8, budget_bytes // row_bytes - 2 * SLAB_HALO)
+def check_same_grid(moving, fixed) -> None:
+  if moving['image'].shape != fixed['image'].shape:
+    raise ValueError(f'moving {moving["image"].shape} and fixed {fixed["image"].shape} '
+                     'images must share one grid')
 
 
 class FMIROutput(NamedTuple):
@@ -239,70 +180,36 @@ class FMIR(nnx.Module):
     self.compressor = Compressor(cfg, rngs=rngs)
     self.blocks = nnx.List([LevelBlock(cfg, rngs=rngs) for _ in range(cfg.levels)])
 
-  def encode(self, image, feat, interp_h, interp_w, slab_rows=None, split=None):
-    """Level-0 features (B, H, W, D, n) of one batch of images.
+  def plan(self, image_shape, factors=None):
+    """(per-transition factors, per-level (H, W, D) shapes) for a (B, H, W, D) grid."""
+    fac = level_factors(self.cfg.factors if factors is None else factors, self.cfg.levels)
+    return fac, W.pyramid_shapes(tuple(image_shape[1:4]), fac, self.cfg.levels)
 
-    slab_rows: run over row slabs (``slab_map``); split: then encode ``[:split]`` and
-    ``[split:]`` of the batch one after the other and return the two arrays.
-    """
-    if slab_rows is None:
-      return self.compressor(image, feat, interp_h, interp_w)
-    if split is not None:    # one slab loop per part: half the taps and slab activations
-      return tuple(self.encode(image[sl], feat[sl], interp_h[sl], interp_w[sl], slab_rows)
-                   for sl in (slice(None, split), slice(split, None)))
-    taps = self.compressor.feature_taps(feat)      # once, not per slab
-    return slab_map(lambda a, _: self.compressor(a[0], feat, a[1], interp_w, taps),
-                    (image, interp_h), slab_rows)
+  def encode(self, image, feat, interp_h, interp_w):
+    """Level-0 features (B, H, W, D, n) of one batch of images."""
+    return self.compressor(image, feat, interp_h, interp_w)
 
-  def __call__(self, moving, fixed, *, factors=None, slab_rows=None) -> FMIROutput:
-    """Predicts the displacement that warps moving onto fixed.
+  def feature_pyramid(self, f_moving, f_fixed, shapes):
+    """[(moving, fixed)] level-0 features resized to every level's shape."""
+    pyramid = [(f_moving, f_fixed)]
+    for shape in shapes[1:]:
+      pyramid.append(tuple(W.resize(f, shape) for f in pyramid[-1]))
+    return pyramid
 
-    Args:
-      moving, fixed: dicts with 'image' (B, H, W, D), 'feat' (B, D, h, w, c'),
-        'interp_h' (B, H, h), 'interp_w' (B, W, w). Both volumes share one grid.
-      factors: optional override of the per-axis pyramid factors (inference only).
-      slab_rows: inference on large volumes: run the compressor and the level-0 head over
-        slabs of this many rows (array axis 0) with a 3-row halo, so that their full-size
-        activations are never alive at once; same result (``slab_map``).
+  def level_loop(self, pyramid, shapes, fac, head0=None) -> FMIROutput:
+    """Coarse to fine: each level warps the moving features by the upsampled field so far,
+    predicts a residual field, integrates it and composes (paper §2.3).
 
-    Returns:
-      FMIROutput; ``disp`` samples moving at x + disp(x).
+    head0: optional ``head0(x_moving, y_fixed, u_up) -> v`` for level 0 in place of
+      ``blocks[0](warp(x_moving, u_up), y_fixed)`` (slab-wise execution, ``fmir_jax.slabs``).
     """
     cfg = self.cfg
-    if moving['image'].shape != fixed['image'].shape:
-      raise ValueError(f'moving {moving["image"].shape} and fixed {fixed["image"].shape} '
-                       'images must share one grid')
-    fac = level_factors(cfg.factors if factors is None else factors, cfg.levels)
-    shapes = W.pyramid_shapes(tuple(moving['image'].shape[1:4]), fac, cfg.levels)
-    both = {k: jnp.concatenate([moving[k], fixed[k]], axis=0)
-            for k in ('image', 'feat', 'interp_h', 'interp_w')}
-    b = moving['image'].shape[0]
-    if slab_rows is None:
-      f0 = self.encode(both['image'], both['feat'], both['interp_h'], both['interp_w'])
-      joint = [f0]
-      for i in range(1, cfg.levels):
-        joint.append(W.resize(joint[-1], shapes[i]))
-      pyramid = [(f[:b], f[b:]) for f in joint]
-    else:
-      pyramid = [self.encode(both['image'], both['feat'], both['interp_h'], both['interp_w'],
-                             slab_rows, split=b)]
-      for i in range(1, cfg.levels):
-        pyramid.append(tuple(W.resize(f, shapes[i]) for f in pyramid[-1]))
-
     v_levels, u_levels = [None] * cfg.levels, [None] * cfg.levels
     u_up = None
     for i in reversed(range(cfg.levels)):
       x, y = pyramid[i]
-      if i == 0 and slab_rows is not None:
-        if cfg.head_instance_norm:
-          raise ValueError('slab-wise inference needs head_instance_norm=False (instance '
-                           'norm takes statistics over the whole volume): slab_rows=None')
-        # Each slab warps its own rows of the moving features (no full-size warped copy).
-        def head0(a, row0, x=x, blk=self.blocks[0]):
-          xs = a[1] if u_up is None else W.warp_rows(x, a[1], row0)
-          return blk(xs, a[0])
-
-        v = slab_map(head0, (y, x if u_up is None else u_up), slab_rows)
+      if i == 0 and head0 is not None:
+        v = head0(x, y, u_up)
       else:
         if u_up is not None:
           x = W.warp(x, u_up)
@@ -314,3 +221,21 @@ class FMIR(nnx.Module):
       if i > 0:
         u_up = W.resize_field(u, shapes[i - 1], fac[i - 1])
     return FMIROutput(disp=u_levels[0], v_levels=tuple(v_levels), u_levels=tuple(u_levels))
+
+  def __call__(self, moving, fixed, *, factors=None) -> FMIROutput:
+    """Predicts the displacement that warps moving onto fixed.
+
+    Args:
+      moving, fixed: dicts with 'image' (B, H, W, D), 'feat' (B, D, h, w, c'),
+        'interp_h' (B, H, h), 'interp_w' (B, W, w). Both volumes share one grid.
+      factors: optional override of the per-axis pyramid factors (inference only).
+
+    Returns:
+      FMIROutput; ``disp`` samples moving at x + disp(x).
+    """
+    check_same_grid(moving, fixed)
+    fac, shapes = self.plan(moving['image'].shape, factors)
+    b = moving['image'].shape[0]
+    both = {k: jnp.concatenate([moving[k], fixed[k]], axis=0) for k in INPUT_KEYS}
+    f0 = self.encode(*(both[k] for k in INPUT_KEYS))      # one pass for moving and fixed
+    return self.level_loop(self.feature_pyramid(f0[:b], f0[b:], shapes), shapes, fac)

@@ -269,9 +269,9 @@ class Registrar:
     self.run = runs.load_run(checkpoint, opts.checkpoint_step)
     dataset, self.reader_options = self.run.dataset
     self.reader = datasets.get(opts.dataset_grid or dataset or 'custom')
-    self.levels = int(self.run.config.model.levels)
+    self.levels = self.run.model.levels
     self.factors = opts.pyramid_factors if opts.pyramid_factors is not None \
-        else tuple(self.run.config.model.factors)
+        else self.run.model.factors
     try:
       model_lib.level_factors(self.factors, self.levels)
     except ValueError as e:
@@ -281,7 +281,7 @@ class Registrar:
     self.pca = train_lib.pca_to_device(runs.pca_basis(self.run, self.header),
                                        train_lib.channel_norm(self.run.config))
     self._predict = train_lib.make_predict(
-        self.run.graphdef, c_prime=int(self.run.config.feature_channels),
+        self.run.graphdef, c_prime=self.run.model.feature_channels,
         factors=opts.pyramid_factors)
     self._compiled: dict[Any, Any] = {}
     self.refiner = None

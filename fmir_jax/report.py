@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from fmir_jax import files
+from fmir_jax import jsonutil
 from fmir_jax import metrics as metrics_lib
 
 PathLike = str | os.PathLike
@@ -69,22 +70,11 @@ def write_pair_csv(path: PathLike,
 
 def _jsonable(value: Any) -> Any:
   """numpy -> python, NaN/inf -> None (strict JSON), tuples -> lists, keys -> str."""
-  if isinstance(value, Mapping):
-    return {str(k): _jsonable(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_jsonable(v) for v in value]
-  if isinstance(value, np.ndarray):
-    return _jsonable(value.tolist())
-  if isinstance(value, (bool, np.bool_)):
-    return bool(value)
-  if isinstance(value, (int, np.integer)):
-    return int(value)
-  if isinstance(value, (float, np.floating)):
-    return float(value) if math.isfinite(value) else None
-  if value is None or isinstance(value, str):
-    return value
-  raise TypeError(f"write_summary_json: cannot serialise {type(value).__name__} "
-                  f"({value!r}); convert it to numbers/strings first.")
+  try:
+    return jsonutil.plain(value, finite_only=False)
+  except jsonutil.Unsupported as e:
+    raise TypeError(f"write_summary_json: cannot serialise {type(e.args[0]).__name__} "
+                    f"({e.args[0]!r}); convert it to numbers/strings first.") from None
 
 
 def write_summary_json(path: PathLike, summary: Mapping[str, Any]) -> None:

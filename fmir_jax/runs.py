@@ -32,6 +32,12 @@ class RunInfo:
     return self.info['store_header']
 
   @property
+  def model(self):
+    """The run's typed model config (``model.FMIRConfig``, from run.json)."""
+    from fmir_jax import model as model_lib
+    return model_lib.FMIRConfig.from_dict(self.info['model'])
+
+  @property
   def dataset(self) -> tuple[str, dict[str, Any]]:
     """(reader name, reader options) of the training store."""
     from fmir_jax import store as store_lib
@@ -62,7 +68,7 @@ def load_backbone(run: RunInfo, name: str | None = None, weights: str | None = N
                   dtype: str = 'float32'):
   """(Backbone, its store-style header): the run's encoder, or the one requested."""
   from feature_extract import backbones
-  from feature_extract import run as extract_run
+  from feature_extract import pipeline
   from fmir_jax import store as store_lib
   header = run.header
   bb_rec = header.get('backbone', {})
@@ -79,7 +85,7 @@ def load_backbone(run: RunInfo, name: str | None = None, weights: str | None = N
                         layer if layer is not None else (header.get('layer') if same else None),
                         device=device, dtype=dtype)
   dataset, options = run.dataset
-  new_header = extract_run.make_header(
+  new_header = pipeline.make_header(
       bb, input_size=int(header['input_size']) if same else bb.required_input_size or 256,
       resize=header.get('resize', 'upsample'), pad_to=header.get('pad_to'),
       feature_dtype=header.get('feature_dtype', 'float16'), dataset=dataset,
@@ -106,7 +112,7 @@ def pca_basis(run: RunInfo, header: dict[str, Any]):
         f'fit one with: python eval.py --workdir={run.workdir} --features=STORE '
         '--pca_store=STORE (STORE: features of training images with this backbone; each '
         'backbone gets its own basis).')
-  c_prime = int(run.config.feature_channels)
+  c_prime = run.model.feature_channels
   if basis.components.shape != (int(header['channels']), c_prime):
     raise RunError(f'{run.workdir}: PCA basis has shape {basis.components.shape}, expected '
                    f'({header["channels"]}, {c_prime}).')
@@ -168,17 +174,9 @@ def encode(image: np.ndarray, bb, encoding: Encoding, batch_size: int) -> dict[s
   Returns {'image': (1, H, W, D), 'feat': (1, D, h, w, c), 'interp_h': (1, H, h),
   'interp_w': (1, W, w)}.
   """
-  from feature_extract import run as extract_run
-  from fmir_jax import store as store_lib
-  feats, geo = extract_run.encode_volume(image, bb, input_size=encoding.input_size,
+  from feature_extract import pipeline
+  from fmir_jax import geometry
+  feats, geo = pipeline.encode_volume(image, bb, input_size=encoding.input_size,
                                          resize=encoding.resize, pad_to=encoding.pad_to,
                                          batch_size=batch_size)
-  h, w = image.shape[:2]
-  return {
-      'image': image[None].astype(np.float32),
-      'feat': feats[None].astype(np.float32),
-      'interp_h': store_lib.interp_matrix(h, feats.shape[1], geo['offset'][0],
-                                          geo['scale'][0])[None],
-      'interp_w': store_lib.interp_matrix(w, feats.shape[2], geo['offset'][1],
-                                          geo['scale'][1])[None],
-  }
+  return dict(geometry.model_inputs(image, feats.astype(np.float32), geo, batch=True))

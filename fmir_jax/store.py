@@ -18,7 +18,7 @@ and ``keys`` (a JSON list of the volume keys in the shard).
 
 Geometry contract: for in-plane array axis a in {0, 1}, voxel index i maps to the continuous
 patch-grid coordinate ``offset[a] + scale[a] * i`` (patch centres at integer coordinates);
-``interp_matrix`` turns that into linear-interpolation weights.
+``fmir_jax.geometry`` computes it and turns it into linear-interpolation weights.
 
 Manifest (``index.json``): the header fields at the top level (backbone, layer, input_size,
 resize, normalisation, feature_dtype, channels, patch_size, dataset, preprocessing, ...),
@@ -42,7 +42,6 @@ import dataclasses
 import glob
 import hashlib
 import json
-import math
 import os
 import re
 import struct
@@ -50,6 +49,8 @@ import threading
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from fmir_jax import jsonutil
 
 FORMAT_VERSION = 1
 INDEX_NAME = 'index.json'
@@ -78,78 +79,19 @@ class StoreError(ValueError):
   """A feature store is missing, corrupt, incomplete, or does not match what is expected."""
 
 
-# --------------------------------------------------------------------------- geometry
-
-
-def patch_geometry(pad_px: Sequence[float], resize_factor: Sequence[float],
-                   patch_size: int) -> dict[str, list[float]]:
-  """Voxel -> patch-grid coordinate map for the two in-plane axes.
-
-  Args:
-    pad_px: (2,) where the resized slice starts inside the K x K input, in input pixels.
-    resize_factor: (2,) input pixels per voxel (r), per in-plane array axis.
-    patch_size: p, input pixels per patch.
-
-  Returns:
-    {"offset": [oy, ox], "scale": [sy, sx]}: voxel i sits at patch coordinate offset + scale*i,
-    with scale = r/p and offset = (pad + 0.5 r)/p - 0.5.
-  """
-  if patch_size <= 0:
-    raise ValueError(f'patch_size must be positive, got {patch_size}.')
-  offset = [(float(p) + 0.5 * float(r)) / patch_size - 0.5 for p, r in zip(pad_px, resize_factor)]
-  scale = [float(r) / patch_size for r in resize_factor]
-  return {'offset': offset, 'scale': scale}
-
-
-def interp_matrix(n_out: int, n_in: int, offset: float, scale: float) -> np.ndarray:
-  """Linear interpolation weights from a patch grid to voxels along one axis.
-
-  Args:
-    n_out: number of voxels along the axis.
-    n_in: number of patches along the axis.
-    offset, scale: geometry of that axis (voxel i -> coordinate offset + scale*i, clamped to
-      [0, n_in - 1]).
-
-  Returns:
-    (n_out, n_in) float32 matrix W with rows summing to 1; ``W @ f`` samples f at the voxels.
-  """
-  if n_out <= 0 or n_in <= 0:
-    raise ValueError(f'interp_matrix needs positive sizes, got n_out={n_out}, n_in={n_in}.')
-  coords = np.clip(offset + scale * np.arange(n_out, dtype=np.float64), 0.0, n_in - 1.0)
-  lo = np.floor(coords).astype(np.int64)
-  hi = np.minimum(lo + 1, n_in - 1)
-  w_hi = coords - lo
-  weights = np.zeros((n_out, n_in), np.float64)
-  rows = np.arange(n_out)
-  np.add.at(weights, (rows, lo), 1.0 - w_hi)
-  np.add.at(weights, (rows, hi), w_hi)
-  return weights.astype(np.float32)
-
-
 # --------------------------------------------------------------------------- canonical json
 
 
 def _canonical(obj: Any) -> Any:
   """Converts numpy/tuple values to plain JSON types; rejects non-finite floats."""
-  if isinstance(obj, Mapping):
-    return {str(k): _canonical(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [_canonical(v) for v in obj]
-  if isinstance(obj, np.ndarray):
-    return _canonical(obj.tolist())
-  if isinstance(obj, (bool, np.bool_)):
-    return bool(obj)
-  if isinstance(obj, (int, np.integer)):
-    return int(obj)
-  if isinstance(obj, (float, np.floating)):
-    value = float(obj)
-    if not math.isfinite(value):
-      raise StoreError(f'Manifest values must be finite numbers, got {value!r}.')
-    return value
-  if obj is None or isinstance(obj, str):
-    return obj
-  raise StoreError(f'Manifest value of type {type(obj).__name__} is not JSON-serialisable: '
-                   f'{obj!r}. Convert it to str/int/float/list/dict in the reader meta.')
+  try:
+    return jsonutil.plain(obj, finite_only=True)
+  except jsonutil.NonFinite as e:
+    raise StoreError(f'Manifest values must be finite numbers, got {e.args[0]!r}.') from None
+  except jsonutil.Unsupported as e:
+    raise StoreError(
+        f'Manifest value of type {type(e.args[0]).__name__} is not JSON-serialisable: '
+        f'{e.args[0]!r}. Convert it to str/int/float/list/dict in the reader meta.') from None
 
 
 def dumps(obj: Any) -> str:
@@ -610,9 +552,10 @@ class StoreWriter:
     _atomic_write_bytes(self._partial_path, dumps(part).encode())
 
   def close(self) -> str | None:
-    """Writes the last shard, marks this worker complete; merges if it is the only worker.
+    """Writes the last shard, marks this worker complete, and merges the store when every
+    worker is complete (``merge_when_complete``: the last worker to finish does it).
 
-    Returns the path of index.json when it was written, else None.
+    Returns the path of index.json when the store is complete, else None.
     """
     if self.all_keys is not None:
       mine = set(assign_keys(self.all_keys, self.num_shards, self.shard_index))
@@ -630,9 +573,7 @@ class StoreWriter:
                        'with all volumes to repair them.')
     self._flush()
     self._write_partial(complete=True)
-    if self.num_shards == 1:
-      return merge(self.out_dir)
-    return None
+    return merge_when_complete(self.out_dir)
 
 
 # --------------------------------------------------------------------------- merge
@@ -700,15 +641,41 @@ def _merge_partials(out_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
   return manifest, timings
 
 
+def _all_workers_complete(out_dir: str) -> bool:
+  paths = glob.glob(os.path.join(out_dir, 'index.worker-*.json'))
+  parts = [_read_json(p) for p in paths]
+  counts = {p.get('num_workers') for p in parts}
+  return (len(counts) == 1 and {p.get('worker') for p in parts} == set(range(counts.pop()))
+          and all(p.get('complete') for p in parts))
+
+
+def merge_when_complete(out_dir: str) -> str | None:
+  """``merge`` once every worker's manifest says complete (else None: a worker that has not
+  finished will merge when it does). Workers closing at the same moment take turns on a
+  lock file (``.merge.lock``, released by the system if a process dies); the bytes written
+  are the same whoever merges, and an index.json already holding them is left untouched.
+  """
+  import fcntl
+  with open(os.path.join(out_dir, '.merge.lock'), 'a') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not _all_workers_complete(out_dir):
+      return None
+    return merge(out_dir)
+
+
 def merge(out_dir: str) -> str:
   """Joins all worker manifests into OUT/index.json (and timings.json); returns its path.
 
   Raises StoreError listing missing workers, unfinished workers, duplicated or missing keys.
   """
   manifest, timings = _merge_partials(out_dir)
-  _atomic_write_bytes(os.path.join(out_dir, TIMINGS_NAME), dumps(timings).encode())
-  path = os.path.join(out_dir, INDEX_NAME)
-  _atomic_write_bytes(path, dumps(manifest).encode())
+  for name, value in ((TIMINGS_NAME, timings), (INDEX_NAME, manifest)):
+    path, data = os.path.join(out_dir, name), dumps(value).encode()
+    if os.path.exists(path):
+      with open(path, 'rb') as f:
+        if f.read() == data:
+          continue
+    _atomic_write_bytes(path, data)
   return path
 
 

@@ -1,5 +1,5 @@
-"""Training library: model/optimiser construction, channel regularisation, the jit-compiled
-train step (data-parallel over a device mesh), evaluation forward, checkpoints.
+"""Training library: model/optimiser construction, training modes, channel regularisation,
+the jit-compiled train step (data-parallel over a device mesh) and the evaluation forward.
 
 ``train.py`` and ``eval.py`` are thin absl mains over this module; the notebook and the
 ``register`` command call the same functions.
@@ -18,10 +18,28 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fmir_jax import channel_reg
+from fmir_jax import distributed
 from fmir_jax import losses
 from fmir_jax import model as model_lib
+from fmir_jax import slabs
 
-MODES = ('UN', 'WS', '-CR')
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+  """A training mode (paper §2.4, §2.5): what the head sees at training and what the loss uses.
+
+  random_channels: a random c'-of-c channel draw at training (else the PCA projection).
+  dice: Dice on warped labels in the loss (weakly supervised).
+  """
+  name: str
+  random_channels: bool
+  dice: bool
+
+
+MODE_TABLE = {m.name: m for m in (Mode('UN', random_channels=True, dice=False),
+                                  Mode('WS', random_channels=True, dice=True),
+                                  Mode('-CR', random_channels=False, dice=False))}
+MODES = tuple(MODE_TABLE)
 
 
 # ----------------------------------------------------------------------------- config -> objects
@@ -45,10 +63,11 @@ def model_config(config, feature_channels_in: int) -> model_lib.FMIRConfig:
       flow_init=str(m.get('flow_init', 'torch')))
 
 
-def check_mode(mode: str) -> str:
-  if mode not in MODES:
-    raise ValueError(f'unknown mode {mode!r}: use one of {MODES}')
-  return mode
+def mode_of(name: str) -> Mode:
+  """The ``MODE_TABLE`` entry of a config's ``mode``, or a one-line error."""
+  if name not in MODE_TABLE:
+    raise ValueError(f'unknown mode {name!r}: use one of {MODES}')
+  return MODE_TABLE[name]
 
 
 def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
@@ -100,7 +119,7 @@ class LossSpec:
   ncc: float = 1.0
   dice: float = 0.0
   smooth: float = 1.0
-  windows: tuple = (9, 5, 3, 3, 3)
+  windows: tuple = losses.NCC_WINDOWS
   blur_sigma: float = 1.0
   blur_in_plane_only: bool = True
   num_classes: int = 3
@@ -109,7 +128,7 @@ class LossSpec:
   def from_config(cls, config, mode: str, num_classes: int | None = None,
                   blur_in_plane_only: bool | None = None) -> 'LossSpec':
     lc = config.loss
-    return cls(ncc=float(lc.ncc), dice=float(lc.dice) if mode == 'WS' else 0.0,
+    return cls(ncc=float(lc.ncc), dice=float(lc.dice) if mode_of(mode).dice else 0.0,
                smooth=float(lc.smooth), windows=tuple(int(w) for w in lc.ncc_windows),
                blur_sigma=float(lc.blur_sigma),
                blur_in_plane_only=bool(lc.blur_in_plane_only if blur_in_plane_only is None
@@ -119,7 +138,7 @@ class LossSpec:
 
 
 def registration_loss(out: model_lib.FMIROutput, moving, fixed, spec: LossSpec):
-  """Multi-level NCC + Dice + diffusion (SPEC §5) for a model output."""
+  """Multi-level NCC + Dice + diffusion (paper §2.5) for a model output."""
   shapes = tuple(tuple(v.shape[1:4]) for v in out.v_levels)
   img_m = losses.image_pyramid(moving['image'][..., None], shapes, spec.blur_sigma,
                                spec.blur_in_plane_only)
@@ -152,9 +171,9 @@ def create(config, feature_channels_in: int, total_steps: int):
   tx = make_optimizer(config, total_steps)
 
   def init():
-    # 'rbg' keys draw with XLA's RngBitGenerator: the ~12 differently shaped threefry
-    # uniform draws of the conv initialisers took 25-33 s to compile on 2 CPU cores, this
-    # jitted init ~3 s. Same distributions; the values are backend-specific (CPU vs GPU).
+    # 'rbg' keys draw with XLA's RngBitGenerator: the dozen differently shaped threefry
+    # uniform draws of the conv initialisers compile several times slower on CPU. Same
+    # distributions; the values are backend-specific (CPU vs GPU).
     model = model_lib.FMIR(mcfg, rngs=nnx.Rngs(jax.random.key(seed, impl='rbg')))
     return nnx.split(model, nnx.Param)
 
@@ -167,8 +186,8 @@ def create(config, feature_channels_in: int, total_steps: int):
 
 
 def make_mesh(devices=None) -> Mesh:
-  """A 1-D mesh over all local devices (data parallelism over the batch axis)."""
-  devices = np.asarray(jax.local_devices() if devices is None else devices)
+  """A 1-D mesh over all devices of all processes (data parallelism over the batch axis)."""
+  devices = np.asarray(jax.devices() if devices is None else devices)
   return Mesh(devices, ('data',))
 
 
@@ -205,8 +224,8 @@ def make_train_step(graphdef, tx, spec: LossSpec, *, c_prime: int, mode: str, me
   The batch is sharded over the mesh's 'data' axis; parameters, optimiser state and PCA
   basis are replicated. The same program runs on 1 CPU, several GPUs or a TPU slice.
   """
-  check_mode(mode)
-  fn = functools.partial(_step_fn, graphdef, tx, spec, c_prime, mode != '-CR', factors)
+  fn = functools.partial(_step_fn, graphdef, tx, spec, c_prime,
+                         mode_of(mode).random_channels, factors)
   repl = replicated(mesh)
   batch_sharded = NamedSharding(mesh, P('data'))
   return jax.jit(fn, in_shardings=(repl, batch_sharded, repl),
@@ -218,12 +237,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def shard_batch(batch, mesh: Mesh):
-  """Places a host batch on the mesh, split along the leading (batch) axis."""
+  """Places a host batch on the mesh, split along the leading (batch) axis. In a multi-host
+  run ``batch`` is this process's share of the global batch (``distributed.share``)."""
   n = mesh.devices.size
-  b = jax.tree.leaves(batch)[0].shape[0]
+  b = jax.tree.leaves(batch)[0].shape[0] * jax.process_count()
   if b % n:
     raise ValueError(f'batch of {b} pairs does not split over {n} devices: set '
                      f'--config.train.batch_size to a multiple of {n}')
+  if jax.process_count() > 1:
+    return distributed.global_array(batch, mesh)
   return jax.device_put(batch, NamedSharding(mesh, P('data')))
 
 
@@ -232,8 +254,8 @@ def shard_batch(batch, mesh: Mesh):
 def make_predict(graphdef, *, c_prime: int, factors=None, slab_rows='auto'):
   """jit-compiled ``predict(params, moving, fixed, pca) -> disp (B,H,W,D,3)`` (PCA path).
 
-  slab_rows: rows per slab for the level-0 compressor and head (``model.slab_map``; same
-  result, bounded memory), None for whole volumes, or 'auto' (``model.auto_slab_rows``:
+  slab_rows: rows per slab for the level-0 compressor and head (``slabs.forward_in_slabs``;
+  same result, bounded memory), None for whole volumes, or 'auto' (``slabs.auto_slab_rows``:
   slabs only when a volume's widest level-0 activation would pass 256 MiB).
   """
 
@@ -241,22 +263,21 @@ def make_predict(graphdef, *, c_prime: int, factors=None, slab_rows='auto'):
     model = nnx.merge(graphdef, params)
     fm, ff = regularise_channels(moving['feat'], fixed['feat'], key=None, c_prime=c_prime,
                                  random_selection=False, pca=pca)
+    moving, fixed = dict(moving, feat=fm), dict(fixed, feat=ff)
     rows = slab_rows
     if rows == 'auto':
-      rows = model_lib.auto_slab_rows(moving['image'].shape[1:4], moving['image'].shape[0],
-                                      model.cfg.n)
-      if model.cfg.head_instance_norm:
-        rows = None
-    out = model(dict(moving, feat=fm), dict(fixed, feat=ff), factors=factors,
-                slab_rows=rows)
-    return out.disp
+      rows = None if model.cfg.head_instance_norm else slabs.auto_slab_rows(
+          moving['image'].shape[1:4], moving['image'].shape[0], model.cfg.n)
+    if rows is None:
+      return model(moving, fixed, factors=factors).disp
+    return slabs.forward_in_slabs(model, moving, fixed, rows=rows, factors=factors).disp
 
   return jax.jit(fn)
 
 
 def model_inputs(volume_item: dict) -> dict:
   """The arrays the model reads from a data.volume_item (adds nothing, drops labels)."""
-  return {k: volume_item[k] for k in ('image', 'feat', 'interp_h', 'interp_w')}
+  return {k: volume_item[k] for k in model_lib.INPUT_KEYS}
 
 
 # ------------------------------------------------------------------------------- PCA on stores

@@ -17,9 +17,9 @@ from tqdm import tqdm
 
 from fmir_jax import channel_reg
 from fmir_jax import checkpoint as ckpt
+from fmir_jax import distributed
 from fmir_jax import data as data_lib
 from fmir_jax import evaluation
-from fmir_jax import metrics as metrics_lib
 from fmir_jax import store as store_lib
 from fmir_jax import train_lib
 
@@ -28,24 +28,22 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
-def _mean_of_stores(per_store) -> dict:
-  """Validation summary over several stores (label sets differ): each metric is the mean
-  of the per-store means, so every dataset weighs the same."""
-  summaries = [metrics_lib.aggregate([r.metrics for r in res]) for res in per_store]
-  names = ('dice_mean', 'initial_dice_mean', 'folding_fraction')
-  return {'metrics': {n: {'mean': float(np.mean([s['metrics'][n]['mean'] for s in summaries]))}
-                      for n in names}}
-
-
 VAL_LOG = 'val.jsonl'     # one JSON line per validation (a resumed run may repeat a step)
+VAL_METRICS = ('dice_mean', 'initial_dice_mean', 'folding_fraction')
 
 
-def _validate(val_sets, params, pca) -> dict:
-  """Validation summary of every (predict, store, refs, classes) set with inputs ``pca``."""
-  per_store = [evaluation.evaluate_pairs(pred, params, [st], refs_i, pca, classes)
-               for pred, st, refs_i, classes in val_sets]
-  return metrics_lib.aggregate([r.metrics for res in per_store for r in res]) \
-      if len(per_store) == 1 else _mean_of_stores(per_store)
+def _validate(val_sets, params, pca) -> dict[str, float]:
+  """Means of ``VAL_METRICS`` over each store's validation pairs, then over the stores (so
+  every dataset weighs the same), with inputs ``pca``. In a multi-host run each process
+  scores its share of the pairs and the rows are gathered."""
+  params, pca = distributed.local_copy(params), distributed.local_copy(pca)
+  per_store = []
+  for pred, st, refs_i, classes in val_sets:
+    mine = refs_i[jax.process_index()::jax.process_count()]
+    res = evaluation.evaluate_pairs(pred, params, [st], mine, pca, classes)
+    rows = np.asarray([[getattr(r.metrics, m) for m in VAL_METRICS] for r in res], np.float64)
+    per_store.append(np.nanmean(distributed.allgather_rows(rows.reshape(-1, 3)), axis=0))
+  return dict(zip(VAL_METRICS, (float(v) for v in np.mean(per_store, axis=0))))
 
 
 def _append_jsonl(path: str, record: dict) -> None:
@@ -69,6 +67,15 @@ def read_val_log(workdir: str) -> dict[int, dict]:
             continue
           out[int(rec['step'])] = rec
   return out
+
+
+class _NoWriter:
+  """TensorBoard stand-in for the processes other than 0 of a multi-host run."""
+
+  def add_scalar(self, *args, **kwargs):
+    pass
+
+  flush = close = add_scalar
 
 
 def open_stores(paths) -> list[store_lib.FeatureStore]:
@@ -135,7 +142,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
   why = ckpt.unwritable_reason(workdir)
   if why:
     raise ckpt.RunError(f'--workdir={workdir}: {why}; pass a directory path you can write to')
-  mode = train_lib.check_mode(config.mode)
+  mode = train_lib.mode_of(config.mode).name
   norm = train_lib.channel_norm(config)
   stores = open_stores(list(config.data.train_stores))
   eval_stores = open_stores([config.data.eval_store]) if config.data.eval_store else stores
@@ -164,36 +171,42 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
       raise ValueError(f'{workdir} holds a run with another model/mode/channel_norm '
                        f'({old["mode"]}, {old_norm}, {old["model"]}); use a new --workdir')
     store_lib.check_compatible(old['store_header'], header)
-  ckpt.write_run_info(workdir, run_info)
+  primary = distributed.is_primary()      # writes the run's shared files (multi-host runs)
+  if primary:
+    ckpt.write_run_info(workdir, run_info)
 
   # PCA basis on the training features: inference for UN/WS, training and inference for -CR.
-  basis = ckpt.load_pca(workdir, header)
-  if basis is None:
+  # Fitted once, by process 0; the others read its file.
+  basis = ckpt.load_pca(workdir, header) if primary else None
+  if primary and basis is None:
     logging.info('fitting a %s PCA (c=%d -> c\'=%d) on the training features', norm.fit,
                  header['channels'], c_prime)
     basis = train_lib.fit_pca(stores, c_prime, max_volumes=int(config.train.pca_max_volumes),
                               fit=norm.fit)
     ckpt.save_pca(workdir, header, basis, source=','.join(st.path for st in stores))
+  distributed.barrier('pca')
+  basis = basis or ckpt.load_pca(workdir, header)
   pca = train_lib.pca_to_device(basis, norm)
   # The head's training-time inputs on validation pairs (a fixed draw): a gap between this
   # curve and the PCA one is a train/inference mismatch.
   draw_pca = None
-  if bool(config.train.get('eval_channel_draw', False)) and mode != '-CR':
+  if (bool(config.train.get('eval_channel_draw', False))
+      and train_lib.mode_of(mode).random_channels):
     idx = channel_reg.draw_channels(jax.random.key(int(config.train.seed) + 1),
                                     int(header['channels']), c_prime)
     draw_pca = {k: jnp.asarray(v) for k, v in channel_reg.selection_inputs(
         {k: np.asarray(v) for k, v in pca.items()}, np.asarray(idx)).items()}
 
   last_mgr, best_mgr = ckpt.managers(workdir, int(config.train.keep_checkpoints))
+  # Place the state as the step returns it (replicated over the mesh; a state with other
+  # shardings would make the second call compile the step again), and restore into that.
+  state = jax.device_put(state, train_lib.replicated(mesh))
   restored = ckpt.restore_for_resume(last_mgr, state, workdir)
   if restored is not None:
     state = train_lib.TrainState(*restored) if not isinstance(restored, train_lib.TrainState) \
         else restored
     logging.info('resumed from step %d', int(state.step))
   start = int(state.step)
-  # Place the state as the step returns it (replicated over the mesh): a state with other
-  # shardings would make the second call compile the step again.
-  state = jax.device_put(state, train_lib.replicated(mesh))
   pca = jax.device_put(pca, train_lib.replicated(mesh))
   # One compiled step per distinct store setting (hybrid: cardiac (2,2,1), abdomen (2,2,2)).
   step_fns, step_of_store = {}, []
@@ -219,14 +232,15 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
                      + ': extract features for the val split (or set data.eval_store)')
   end = n_steps if not stop_after_steps else min(n_steps, start + int(stop_after_steps))
 
-  writer = SummaryWriter(os.path.join(workdir, 'tb'))
+  writer = SummaryWriter(os.path.join(workdir, 'tb')) if primary else _NoWriter()
+  entries = int(config.train.batch_size) * (2 if config.train.bidirectional else 1)
   batches = data_lib.train_batches(
       stores, batch_size=int(config.train.batch_size), seed=int(config.train.seed),
       start_step=start, num_steps=end, bidirectional=bool(config.train.bidirectional),
-      prefetch=int(config.data.prefetch))
+      prefetch=int(config.data.prefetch), part=distributed.share(entries))
   losses, val_dice = {}, {}
   bar = tqdm(total=n_steps, initial=start, desc=f'train {config.name} [{mode}]',
-             disable=quiet, dynamic_ncols=True, unit='step')
+             disable=quiet or not primary, dynamic_ncols=True, unit='step')
   t_start = time.perf_counter()
   try:
     for step in range(start, end):
@@ -257,23 +271,19 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
       bar.update(1)
       if done % int(config.train.eval_every) == 0 or done == n_steps:
         summary = _validate(val_sets, state.params, pca)
-        dice = float(summary['metrics']['dice_mean']['mean'])
-        val_dice[done] = dice
-        record = {'step': done, 'dice': dice,
-                  'initial_dice': float(summary['metrics']['initial_dice_mean']['mean']),
-                  'folding_fraction': float(summary['metrics']['folding_fraction']['mean'])}
+        dice = val_dice[done] = summary['dice_mean']
+        record = {'step': done, 'dice': dice, 'initial_dice': summary['initial_dice_mean'],
+                  'folding_fraction': summary['folding_fraction']}
         if draw_pca is not None:
-          record['dice_draw'] = float(
-              _validate(val_sets, state.params, draw_pca)['metrics']['dice_mean']['mean'])
+          record['dice_draw'] = _validate(val_sets, state.params, draw_pca)['dice_mean']
           writer.add_scalar('val/dice_channel_draw', record['dice_draw'], done)
-        _append_jsonl(os.path.join(workdir, VAL_LOG), record)
-        writer.add_scalar('val/dice', dice, done)
-        writer.add_scalar('val/initial_dice', float(summary['metrics']['initial_dice_mean']['mean']), done)
-        writer.add_scalar('val/folding_fraction', float(summary['metrics']['folding_fraction']['mean']),
-                          done)
+        if primary:
+          _append_jsonl(os.path.join(workdir, VAL_LOG), record)
+        for name in ('dice', 'initial_dice', 'folding_fraction'):
+          writer.add_scalar(f'val/{name}', record[name], done)
         writer.flush()
         logging.info('step %d: val Dice %.4f (initial %.4f)', done, dice,
-                     summary['metrics']['initial_dice_mean']['mean'])
+                     record['initial_dice'])
         ckpt.save(best_mgr, done, state, metrics={'val_dice': dice})
       if done % int(config.train.checkpoint_every) == 0 or done == end:
         ckpt.save(last_mgr, done, state)

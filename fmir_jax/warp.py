@@ -3,7 +3,7 @@
 Pure ``jax.numpy`` functions, jit-able and differentiable with respect to images and
 displacements.
 
-Conventions (see DESIGN.md):
+Conventions (README, "Conventions"):
   * Volumes are channels-last, ``(H, W, D, C)`` or batched ``(B, H, W, D, C)``.
   * Displacements ``disp_vox`` are ``(H, W, D, 3)`` or ``(B, H, W, D, 3)`` in voxels of the
     array's own grid; component ``k`` moves along array axis ``k``.
@@ -366,6 +366,14 @@ def _per_level_factors(factors, levels: int) -> list[Shape3]:
         f'factors must be one (sx, sy, sz) or a list of levels-1={levels - 1} triples, '
         f'got {len(seq)} entries: {factors!r}.')
   return [triple(f) for f in seq]
+
+
+def factors_for_spacing(spacing_mm) -> tuple[int, int, int]:
+  """Per-axis pyramid factors from voxel spacing: halve the axes whose voxels are at most
+  1.5x the finest (2.4x2.4x10 mm -> (2, 2, 1); isotropic -> (2, 2, 2)). Used for grids a
+  head was not trained on and by the instance-optimisation pyramid."""
+  finest = min(float(s) for s in spacing_mm)
+  return tuple(2 if float(s) <= 1.5 * finest else 1 for s in spacing_mm)
 
 
 def pyramid_shapes(shape: Sequence[int], factors, levels: int) -> tuple[Shape3, ...]:

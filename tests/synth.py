@@ -11,6 +11,7 @@ import numpy as np
 from scipy import ndimage
 
 from feature_extract.datasets.base import Volume
+from fmir_jax import geometry as geometry_lib
 from fmir_jax import store as store_lib
 
 PATCH = 2
@@ -52,7 +53,7 @@ def patch_features(img, c, seed=0):
 
 def geometry():
   # voxel i lies in patch i // PATCH: patch-centre convention, scale 1/PATCH.
-  return store_lib.patch_geometry([0.0, 0.0], [1.0, 1.0], PATCH)
+  return geometry_lib.patch_geometry([0.0, 0.0], [1.0, 1.0], PATCH)
 
 
 def write_store(out_dir, *, shape=(16, 16, 6), channels=6, subjects=(1, 2, 3, 4),

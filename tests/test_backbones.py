@@ -86,7 +86,7 @@ def test_dinov2_and_registers_variant(tmp_path):
     model.save_pretrained(path)
     bb = backbones.load('dinov2', str(path), 2, device='cpu')
     assert bb.num_prefix_tokens == 1 + n_reg
-    assert bb.norm_source.startswith('spec default') and bb.mean == backbones.IMAGENET_MEAN
+    assert bb.norm_source.startswith('published default') and bb.mean == backbones.IMAGENET_MEAN
     with torch.no_grad():
       hidden = model(pixel_values=x, output_hidden_states=True).hidden_states[2]
     np.testing.assert_allclose(bb(x), _patch_tokens(hidden, 1 + n_reg, 4), atol=1e-5)

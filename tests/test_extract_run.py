@@ -3,6 +3,8 @@ import functools
 import os
 import re
 import json
+import subprocess
+import sys
 import types
 
 import numpy as np
@@ -12,11 +14,13 @@ import transformers
 
 from feature_extract import backbones
 from feature_extract import datasets
+from feature_extract import pipeline
 from feature_extract import run
 from feature_extract import slicing
 from feature_extract.datasets.base import DatasetError, Pair, Volume, VolumeSource
 from fmir_jax import store
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (12, 10, 3)
 
 
@@ -109,11 +113,12 @@ def test_kill_and_rerun_completes_with_identical_manifest(monkeypatch, tmp_path)
           == (tmp_path / 'ref' / 'index.json').read_bytes())
 
 
-def test_workers_then_merge(toy, tmp_path):
-  for i in range(2):
-    assert run.main(_argv(tmp_path / 'w', '--num-shards', '2', '--shard-index', str(i))) == 0
-  assert not (tmp_path / 'w' / 'index.json').exists()
-  assert run.main(['--out', str(tmp_path / 'w'), '--merge']) == 0
+def test_workers_merge_themselves(toy, tmp_path):
+  assert run.main(_argv(tmp_path / 'w', '--num-shards', '2', '--shard-index', '0')) == 0
+  assert not (tmp_path / 'w' / 'index.json').exists()          # worker 1 has not run yet
+  assert run.main(_argv(tmp_path / 'w', '--num-shards', '2', '--shard-index', '1')) == 0
+  assert (tmp_path / 'w' / 'index.json').exists()              # the last one merged
+  assert run.main(['--out', str(tmp_path / 'w'), '--merge']) == 0   # by hand: still fine
   assert run.main(_argv(tmp_path / 'one')) == 0
   a, b = store.FeatureStore(str(tmp_path / 'w')), store.FeatureStore(str(tmp_path / 'one'))
   assert a.keys() == b.keys() and a.header == b.header
@@ -123,6 +128,7 @@ def test_workers_then_merge(toy, tmp_path):
 
 @pytest.mark.parametrize('extra,message', [
     (['--layer', '2'], 'has no layers'),
+    (['--layer', 'x'], '--layer must be an int or "last", got \'x\'\\.$'),
     (['--device', 'cuda'] if not torch.cuda.is_available() else ['--dtype', 'float16',
                                                                   '--device', 'cpu'],
      'CUDA|float16'),
@@ -141,6 +147,35 @@ def test_bad_input_exits_2_with_one_message(toy, tmp_path, capsys, extra, messag
   assert lines[-1].startswith('error: ') and 'Traceback' not in err, err
   assert sum(line.startswith('error') for line in lines) == 1
   assert re.search(message, lines[-1]), err
+
+
+def test_extract_dataset_is_the_cli_as_a_function(toy, tmp_path, capsys):
+  lines = []
+  summary = pipeline.extract_dataset(
+      backbone='mind', dataset='toy', data_root='toyroot', out=str(tmp_path / 'lib'),
+      input_size=24, resize='upsample', batch_size=2, device='cpu', volumes_per_shard=2,
+      progress=False, log=lines.append)
+  assert (summary.volumes, summary.skipped, summary.slices) == (6, 0, 18)
+  assert os.path.samefile(summary.index_path, tmp_path / 'lib' / 'index.json')
+  assert [line.split(':')[0] for line in lines] == ['backbone', 'device', 'dataset'], lines
+  assert capsys.readouterr().err == ''
+  assert run.main(_argv(tmp_path / 'cli')) == 0
+  a, b = store.FeatureStore(str(tmp_path / 'lib')), store.FeatureStore(str(tmp_path / 'cli'))
+  assert a.keys() == b.keys() and a.header == b.header
+  for k in a.keys():
+    np.testing.assert_array_equal(a.features(k), b.features(k))
+  with pytest.raises(DatasetError, match="--dataset-option: .*unexpected keyword argument 'm'"):
+    pipeline.extract_dataset(backbone='mind', dataset='toy', data_root='toyroot',
+                             out=str(tmp_path / 'bad'), device='cpu', dataset_options={'m': 3})
+
+
+def test_runs_as_a_script_from_the_repository_root(tmp_path):
+  r = subprocess.run([sys.executable, 'feature_extract/run.py', '--backbone', 'dinv3',
+                      '--out', str(tmp_path / 'out')], cwd=ROOT, capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == 2, r.stderr[-3000:]
+  assert r.stderr.strip().splitlines()[-1].startswith("error: --backbone: unknown backbone 'dinv3'")
+  assert not (tmp_path / 'out').exists()
 
 
 def test_bad_root_and_resume_mismatch_exit_2(toy, tmp_path, capsys):
@@ -171,7 +206,7 @@ def test_tiny_dinov3_saved_locally_end_to_end(toy, tmp_path, name):
   assert fs.keys() == ['s1_ed', 's1_es'] and fs.header['layer'] == 1
   assert fs.header['backbone']['name'] == 'dinov3'
   assert fs.header['backbone']['num_prefix_tokens'] == 5
-  assert fs.header['normalisation']['source'].startswith('spec default')
+  assert fs.header['normalisation']['source'].startswith('published default')
   vol = _load('s1_ed', 's1', 'ed', 'val')
   slices, _ = slicing.volume_to_slices(vol.image, 32, 'upsample', backbones.IMAGENET_MEAN,
                                        backbones.IMAGENET_STD)
@@ -314,3 +349,31 @@ def test_out_under_read_only_folder_exits_2(toy, tmp_path, capsys):
     os.chmod(tmp_path / 'ro', 0o700)
   line = _one_error_line(capsys.readouterr().err)
   assert f'{tmp_path / "ro" / "feat"}: cannot create the feature store folder' in line, line
+
+
+def test_two_launched_workers_make_the_store_without_a_merge_step(tmp_path):
+  """torchrun-style workers (RANK/WORLD_SIZE in the environment, no --num-shards) running at
+  the same time: each extracts its share, the last to finish writes index.json; the store
+  equals a single worker's."""
+  from feature_extract.datasets import phantoms
+  root = tmp_path / 'acdc'
+  phantoms.write_acdc_phantoms(str(root), 3, 0, inplane_size=(40, 48))
+  argv = [sys.executable, 'feature_extract/run.py', '--backbone', 'mind', '--dataset', 'acdc',
+          '--data-root', str(root), '--input-size', '32', '--device', 'cpu', '--no-progress',
+          '--dataset-option', 'shape=[24,24,8]', '--volumes-per-shard', '1']
+  env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
+  procs = [subprocess.Popen(argv + ['--out', str(tmp_path / 'two')], cwd=ROOT,
+                            env=dict(env, RANK=str(i), WORLD_SIZE='2', LOCAL_RANK=str(i)),
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  errs = [p.communicate(timeout=600)[1] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], errs
+  assert ['worker 1/2' in errs[0], 'worker 2/2' in errs[1]] == [True, True], errs
+  assert sum('manifest:' in e for e in errs) == 1, errs        # exactly one merged
+  assert subprocess.run(argv + ['--out', str(tmp_path / 'one')], cwd=ROOT, env=env,
+                        capture_output=True).returncode == 0
+  two, one = store.FeatureStore(str(tmp_path / 'two')), store.FeatureStore(str(tmp_path / 'one'))
+  assert two.keys() == one.keys() and len(one.keys()) == 6 and two.header == one.header
+  with open(tmp_path / 'two' / 'index.json') as f:
+    assert len(json.load(f)['shards']) == 6                  # one volume per shard, both workers
+  for k in one.keys():
+    np.testing.assert_array_equal(two.features(k), one.features(k))

@@ -42,18 +42,19 @@ def test_learning_smoke_curves_and_cross_domain_table(tmp_path):
   assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 10_000
 
   table = (out / 'table2.md').read_text().splitlines()
-  assert 'cardiac Dice (%)' in table[0] and 'abdomen Dice (%)' in table[0]
+  assert 'acdc Dice (%)' in table[0] and 'abdomen Dice (%)' in table[0]
   assert table[3].startswith('| Initial')
   body = {tuple(c.strip() for c in line.strip('|').split('|'))[0]: line for line in table[4:]}
-  assert set(body) == {'cardiac', 'abdomen'}
+  assert set(body) == {'acdc', 'abdomen'}
   # each cell is eval.py's mean Dice of that run on that test store (its summary.json)
   for run in runs:
-    train = run.split('_')[0]
+    train = {'cardiac': 'acdc', 'abdomen': 'abdomen'}[run.split('_')[0]]
     cells = [c.strip() for c in body[train].strip('|').split('|')]
     assert cells[1] == 'UN (standardise)'
     tests = [h.strip().split()[0] for h in table[0].strip('|').split('|')[2:] if h.strip()]
     for test, cell in zip(tests, cells[2:]):
-      with open(out / 'eval' / run / test / 'summary.json') as f:
+      folder = {'acdc': 'cardiac', 'abdomen': 'abdomen'}[test]
+      with open(out / 'eval' / run / folder / 'summary.json') as f:
         s = json.load(f)
       assert s['n_directed_pairs'] == 2
       assert cell == f"{100 * s['metrics']['dice_mean']['mean']:.2f}"

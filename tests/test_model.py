@@ -10,7 +10,8 @@ from flax import nnx
 from scipy import ndimage
 
 from fmir_jax import model as M
-from fmir_jax import store as store_lib
+from fmir_jax import slabs as S
+from fmir_jax import geometry
 from fmir_jax import train_lib
 from fmir_jax import warp as W
 
@@ -23,13 +24,9 @@ def _inputs(image, c, patch, seed):
   blocks = padded.reshape(hp, patch, wp, patch, d).mean(axis=(1, 3))
   base = np.stack([blocks, blocks ** 2, np.sin(4 * blocks)], -1)
   feat = np.transpose(base @ np.random.default_rng(seed).normal(size=(3, c)), (2, 0, 1, 3))
-  geo = store_lib.patch_geometry([0, 0], [1, 1], patch)
-  return {'image': jnp.asarray(image[None], jnp.float32),
-          'feat': jnp.asarray(feat[None], jnp.float32),
-          'interp_h': jnp.asarray(store_lib.interp_matrix(h, hp, geo['offset'][0],
-                                                          geo['scale'][0])[None]),
-          'interp_w': jnp.asarray(store_lib.interp_matrix(w, wp, geo['offset'][1],
-                                                          geo['scale'][1])[None])}
+  geo = geometry.patch_geometry([0, 0], [1, 1], patch)
+  return {k: jnp.asarray(v) for k, v in
+          geometry.model_inputs(image, feat, geo, batch=True).items()}
 
 
 @pytest.mark.parametrize('shape,factors', [((32, 32, 8), (2, 2, 1)), ((33, 27, 15), (2, 2, 2))])
@@ -113,16 +110,16 @@ def test_slab_wise_inference_equals_whole_volume(shape, rows):
 
   moving, fixed = vol(), vol()
   whole = model(moving, fixed).disp
-  slabs = model(moving, fixed, slab_rows=rows).disp
+  slabs = S.forward_in_slabs(model, moving, fixed, rows=rows).disp
   assert float(jnp.abs(whole).max()) > 0.1
   np.testing.assert_allclose(slabs, whole, rtol=0, atol=2e-6)
 
 
 def test_auto_slab_rows():
-  assert M.auto_slab_rows((128, 128, 16), 1, 32) is None          # ACDC: whole volume
-  rows = M.auto_slab_rows((192, 160, 256), 1, 32)                  # full abdomen: slabs
+  assert S.auto_slab_rows((128, 128, 16), 1, 32) is None          # ACDC: whole volume
+  rows = S.auto_slab_rows((192, 160, 256), 1, 32)                  # full abdomen: slabs
   assert rows is not None and 8 <= rows < 192
-  assert (rows + 2 * M.SLAB_HALO) * 160 * 256 * 64 * 4 <= M.SLAB_BUDGET_BYTES
+  assert (rows + 2 * S.SLAB_HALO) * 160 * 256 * 64 * 4 <= S.SLAB_BUDGET_BYTES
 
 
 def test_small_flow_init_starts_near_identity_whatever_the_input_scale():

@@ -15,6 +15,7 @@ from scipy import ndimage
 
 from fmir_jax import losses
 from fmir_jax import refine
+from fmir_jax import sampling
 from fmir_jax import warp
 
 SHAPE = (32, 32, 24)
@@ -113,6 +114,28 @@ def test_diffeomorphic_large_deformation_does_not_fold():
   assert mse(warp_np(moving, u), fixed) < mse(moving, fixed) / 3
 
 
+def test_fold_penalty_matches_numpy_jacobian_and_unfolds_a_hard_pair():
+  rng = np.random.default_rng(9)
+  u = rng.normal(0, 0.6, (10, 9, 8, 3))
+  got = np.asarray(refine.jacobian_det_cf(jnp.asarray(np.moveaxis(u, -1, 0), jnp.float32)))
+  np.testing.assert_allclose(got, jacobian_det(u), atol=1e-5)
+  want = np.mean(np.maximum(0.2 - jacobian_det(u), 0) ** 2)
+  np.testing.assert_allclose(refine.fold_penalty(jnp.asarray(np.moveaxis(u, -1, 0)), 0.2),
+                             want, rtol=1e-4)
+  assert float(refine.fold_penalty(jnp.zeros((3, 6, 6, 6)))) == 0.0   # identity: no penalty
+  # The hard pair of the diffeomorphic test, weakly smoothed displacements: folds without
+  # the penalty, (almost) none with it, and the images still match.
+  moving, fixed, _ = pair(3, max_vox=7.0, sigma=4.0)
+  base = dict(steps=(80, 40), lr_vox=(0.5, 0.25), smooth=0.05)
+  folds = {}
+  for w in (0.0, 10.0):
+    u, _ = refine.Refiner(refine.RefineOptions(fold=w, **base)).refine(moving, fixed,
+                                                                      (1.0, 1.0, 1.0))
+    folds[w] = float(np.mean(jacobian_det(u)[CROP] <= 0))
+    assert mse(warp_np(moving, u), fixed) < mse(moving, fixed) / 3
+  assert folds[0.0] > 0.003 and folds[10.0] < 0.1 * folds[0.0], folds
+
+
 def test_second_pair_of_same_shape_does_not_recompile():
   events = []
   def listener(event, *args, **kwargs):
@@ -169,13 +192,13 @@ def test_sampler_and_integrate_match_warp_module():
   disp = jnp.asarray(rng.normal(0, 2.0, (3, 7, 6, 5)), jnp.float32)  # some points outside
   ref = lambda v, d: jnp.moveaxis(warp.warp(jnp.moveaxis(v, 0, -1), jnp.moveaxis(d, 0, -1)),
                                   -1, 0)
-  np.testing.assert_allclose(refine._sample(vol, disp), ref(vol, disp), atol=1e-6)
+  np.testing.assert_allclose(sampling.sample_cf(vol, disp), ref(vol, disp), atol=1e-6)
   grad = lambda f: jax.jit(jax.grad(lambda v, d: jnp.sum(jnp.sin(3 * f(v, d))), (0, 1)))
-  for got, want in zip(grad(refine._sample)(vol, disp), grad(ref)(vol, disp)):
+  for got, want in zip(grad(sampling.sample_cf)(vol, disp), grad(ref)(vol, disp)):
     np.testing.assert_allclose(got, want, atol=1e-4)
   v = jnp.asarray(rng.normal(0, 1.5, (3, 7, 6, 5)), jnp.float32)
   want = jnp.moveaxis(warp.integrate(jnp.moveaxis(v, 0, -1), 4), -1, 0)
-  np.testing.assert_allclose(refine._integrate(v, 4), want, atol=1e-5)
+  np.testing.assert_allclose(sampling.integrate_cf(v, 4), want, atol=1e-5)
 
 
 def test_pyramid_keeps_thick_slices_and_short_axes():

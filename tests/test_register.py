@@ -3,7 +3,7 @@ independent scipy resampler, Learn2Reg export, instance optimisation raising Dic
 with a known world translation, bad input -> exit 2 with nothing written.
 
 A tiny run is built once per module: ACDC-style phantoms (write_acdc_phantoms) on a small
-"custom" model grid, offline `mind` features (feature_extract.run.extract), a few training
+"custom" model grid, offline `mind` features (feature_extract.pipeline.extract), a few training
 steps (trainer.train_and_evaluate). Fixed and moving differ in shape, spacing and
 orientation.
 """

@@ -7,6 +7,7 @@ import pytest
 from safetensors import safe_open
 
 from feature_extract.datasets.base import Volume
+from fmir_jax import jsonutil
 from fmir_jax import store
 
 C = 5
@@ -276,14 +277,21 @@ def test_writer_out_dir_that_cannot_be_a_folder(tmp_path, sub, message):
 def test_two_workers_and_merge_equal_single_worker(tmp_path):
   _write(tmp_path / 'one').close()
   out = tmp_path / 'two'
+  closed = []
   for i in range(2):
     mine = store.assign_keys(KEYS, 2, i)
     assert mine == KEYS[i::2]
     w = _write(out, vols=[v for v in VOLS if v.key in mine], num_shards=2, shard_index=i)
-    assert w.close() is None
-  # The reader joins the partial manifests when index.json is absent.
+    if i == 0:
+      # Worker 1 has not finished: no index.json; the reader joins the partial manifests.
+      assert w.close() is None and not (out / 'index.json').exists()
+    else:
+      closed.append(w.close())                    # the last worker to finish merges
+  assert closed == [str(out / 'index.json')]
   joined = store.FeatureStore(str(out))
-  store.merge(str(out))
+  before = (out / 'index.json').stat().st_mtime_ns
+  assert store.merge(str(out)) == str(out / 'index.json')     # again: the same bytes, untouched
+  assert (out / 'index.json').stat().st_mtime_ns == before
   merged = json.loads((out / 'index.json').read_text())
   single = json.loads((tmp_path / 'one' / 'index.json').read_text())
   for m in (merged, single):
@@ -310,7 +318,8 @@ def test_merge_reports_missing_and_duplicated_keys(tmp_path):
   for v in VOLS:
     if v.key in ('v01', 'v03', 'v02'):  # v02 also belongs to worker 0 -> duplicate
       w1.add(v, _features(v), GEOM, 0.1)
-  w1.close()
+  with pytest.raises(store.StoreError, match=r"written more than once: v02"):
+    w1.close()                                    # the last worker merges, and refuses
   with pytest.raises(store.StoreError, match=r"written more than once: v02"):
     store.merge(str(tmp_path))
 
@@ -320,9 +329,11 @@ def test_merge_reports_missing_keys(tmp_path):
     w = store.StoreWriter(str(tmp_path), _header(), shard_index=i, num_shards=2, pairs=PAIRS)
     for v in VOLS[i:4:2]:
       w.add(v, _features(v), GEOM, 0.1)
-    w.close()
+    if i == 0:
+      assert w.close() is None
   with pytest.raises(store.StoreError, match=r"missing from the store: \['v04', 'v05'\]"):
-    store.merge(str(tmp_path))
+    w.close()
+  assert not (tmp_path / 'index.json').exists()
 
 
 def test_close_refuses_incomplete_worker(tmp_path):
@@ -341,27 +352,14 @@ def test_bad_features_and_check_compatible(tmp_path):
                            source='features/acdc')
 
 
-def test_interp_matrix_reproduces_linear_functions():
-  # Patch-grid feature linear in the patch coordinate -> exactly linear at the voxels.
-  n_in, n_out = 7, 20
-  offset, scale = -0.3, 0.31
-  grid = np.arange(n_in, dtype=np.float64)
-  w = store.interp_matrix(n_out, n_in, offset, scale)
-  assert w.shape == (n_out, n_in) and w.dtype == np.float32
-  np.testing.assert_allclose(w.sum(1), 1.0, atol=1e-6)
-  coords = offset + scale * np.arange(n_out)
-  inside = (coords >= 0) & (coords <= n_in - 1)
-  np.testing.assert_allclose((w @ (3.0 - 2.0 * grid))[inside], 3.0 - 2.0 * coords[inside],
-                             atol=1e-5)
-  # Outside the grid, coordinates clamp to the edge patches.
-  np.testing.assert_allclose((w @ grid)[~inside], np.clip(coords[~inside], 0, n_in - 1))
-  # Oracle: numpy's linear interpolation.
-  f = np.random.default_rng(0).standard_normal(n_in)
-  np.testing.assert_allclose(w @ f, np.interp(coords, grid, f), atol=1e-5)
-
-
-def test_patch_geometry_closed_form():
-  g = store.patch_geometry(pad_px=(8, 0), resize_factor=(4.0, 2.0), patch_size=16)
-  # offset = (pad + r/2)/p - 1/2, scale = r/p
-  np.testing.assert_allclose(g['offset'], [(8 + 2) / 16 - 0.5, 1 / 16 - 0.5])
-  np.testing.assert_allclose(g['scale'], [0.25, 0.125])
+def test_manifest_json_is_canonical_and_strict():
+  """store.dumps and report's summary JSON share jsonutil.plain: numpy -> python, tuples ->
+  lists, keys -> str; the store refuses NaN/inf (the manifest is hashed), the report nulls it."""
+  value = {2: (np.float32(0.5), np.int64(3)), 'b': np.arange(2), 'a': np.bool_(1), 'n': None}
+  assert store.dumps(value) == ('{\n "2": [\n  0.5,\n  3\n ],\n "a": true,\n "b": [\n  0,\n'
+                                '  1\n ],\n "n": null\n}\n')
+  assert jsonutil.plain([np.nan, np.float32(np.inf)], finite_only=False) == [None, None]
+  with pytest.raises(store.StoreError, match='finite numbers, got nan'):
+    store.dumps({'x': [1.0, np.nan]})
+  with pytest.raises(store.StoreError, match='type set is not JSON-serialisable'):
+    store.dumps({'x': {1}})

@@ -250,3 +250,9 @@ def test_chunked_gather_gradients_equal_one_gather(monkeypatch):
   got = jax.grad(loss, (0, 1))(vol, disp)
   for g, r in zip(got, want):
     np.testing.assert_allclose(g, r, atol=1e-5)
+
+
+def test_factors_for_spacing():
+  assert W.factors_for_spacing((2.4, 2.4, 10.0)) == (2, 2, 1)      # ACDC-like: keep z
+  assert W.factors_for_spacing((8.0, 8.0, 8.0)) == (2, 2, 2)       # isotropic
+  assert W.factors_for_spacing((1.0, 1.5, 1.6)) == (2, 2, 1)       # 1.5x the finest is in

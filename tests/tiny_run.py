@@ -1,11 +1,11 @@
 """A tiny trained run for the register tests: ACDC-style phantoms on a small "custom" model
-grid, offline `mind` features (feature_extract.run.extract), a few training steps
+grid, offline `mind` features (feature_extract.pipeline.extract), a few training steps
 (trainer.train_and_evaluate). Built once per test session (conftest's ``run_dir``)."""
 import glob
 
 from configs import demo
 from feature_extract import backbones
-from feature_extract import run as extract_run
+from feature_extract import pipeline
 from feature_extract.datasets import pairs as custom_pairs
 from feature_extract.datasets import phantoms
 from fmir_jax import trainer
@@ -28,7 +28,7 @@ def build(data_root: str, workdir: str) -> str:
     f.write('\n'.join(rows) + '\n')
   sources = custom_pairs.scan(f'{data_root}/pairs.csv', **GRID)
   store = f'{data_root}/features'
-  extract_run.extract(sources, custom_pairs.pairs(sources), backbones.load('mind', device='cpu'),
+  pipeline.extract(sources, custom_pairs.pairs(sources), backbones.load('mind', device='cpu'),
                       store, input_size=64, resize='upsample', dataset='custom',
                       dataset_options=dict(GRID), progress=False)
   c = demo.get_config()

@@ -57,6 +57,12 @@ def percentile_scale(image: np.ndarray, reference: np.ndarray, p_low: float = 1.
   return out.astype(np.float32), info
 
 
+# CT intensities (Hounsfield units): the soft-tissue window every CT reader clips to, and the
+# value of air, used outside a scan when it is resampled.
+CT_WINDOW_HU = (-500.0, 800.0)
+AIR_HU = -1000.0
+
+
 def window_scale(image: np.ndarray, low: float, high: float
                  ) -> tuple[np.ndarray, dict[str, Any]]:
   """Clips to a fixed window (e.g. CT [-500, 800] HU) and scales to [0, 1] (float32)."""

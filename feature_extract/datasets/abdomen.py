@@ -1,4 +1,4 @@
-"""Learn2Reg 2020 abdomen CT reader (SPEC section 6): 30 scans, 13 organs, inter-subject.
+"""Learn2Reg 2020 abdomen CT reader (paper §3.1): 30 scans, 13 organs, inter-subject.
 
 Layouts (``layout="auto"`` picks one):
 
@@ -35,8 +35,6 @@ FULL_SHAPE = (192, 160, 256)
 FULL_SPACING_MM = (2.0, 2.0, 2.0)
 HALF_SHAPE = (96, 80, 128)
 RESOLUTIONS = {"full": 1, "half": 2, "quarter": 4}     # name -> downsampling per axis
-HU_WINDOW = (-500.0, 800.0)
-AIR_HU = -1000.0
 NUM_CLASSES = 13
 _LAYOUTS = {
     "img": ("img", re.compile(r"^img(\d{4})\.nii(\.gz)?$"), "label", "label{:04d}"),
@@ -244,8 +242,8 @@ def preprocess(image: np.ndarray, header: io.NiftiHeader, dst_shape: Sequence[in
     (float32 (H, W, D) image in [0, 1], GridMap back to the source, intensity record).
   """
   gm = io.GridMap(header.shape, header.affine, tuple(int(s) for s in dst_shape), dst_affine)
-  hu = image if _same_grid(gm) else gm.to_target(image, order=1, cval=AIR_HU)
-  scaled, info = ds.window_scale(hu, *HU_WINDOW)
+  hu = image if _same_grid(gm) else gm.to_target(image, order=1, cval=ds.AIR_HU)
+  scaled, info = ds.window_scale(hu, *ds.CT_WINDOW_HU)
   return scaled, gm, info
 
 
@@ -269,7 +267,7 @@ def load_scan(f: ScanFiles, resolution: str) -> Volume:
       "source_spacing_mm": list(hdr.spacing_mm),
       "grid": gm.to_dict(),
       "centre_rule": rule,
-      "resample": {"image": "linear", "labels": "nearest", "pad_value_hu": AIR_HU},
+      "resample": {"image": "linear", "labels": "nearest", "pad_value_hu": ds.AIR_HU},
       "intensity": intensity,
   }
   key = scan_key(f.scan_id)

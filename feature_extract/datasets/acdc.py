@@ -1,4 +1,4 @@
-"""ACDC cardiac cine MR reader (SPEC section 6): ED and ES frames on a 128x128x16 grid.
+"""ACDC cardiac cine MR reader (paper §3.1): ED and ES frames on a 128x128x16 grid.
 
 Layouts (``layout="auto"`` picks one):
 
@@ -253,7 +253,7 @@ def scan(root: str, *, layout: str = "auto", subjects: Iterable[int | str] | Non
 
 
 def pairs(sources: Iterable[VolumeSource]) -> list[Pair]:
-  """ED->ES and ES->ED per patient (SPEC: 170/30/100 on the full dataset)."""
+  """ED->ES and ES->ED per patient (paper §3.1: 170/30/100 on the full dataset)."""
   by_subject: dict[str, dict[str, VolumeSource]] = {}
   for s in sources:
     by_subject.setdefault(s.subject, {})[s.frame] = s

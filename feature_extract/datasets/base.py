@@ -11,9 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-
-class DatasetError(ValueError):
-  """Bad input data: the message names the file and what is wrong (and the fix)."""
+from fmir_jax.errors import DatasetError  # noqa: F401  (re-exported: its home is fmir_jax.errors)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,6 @@ from fmir_jax import io
 
 NAME = "custom"
 _COLUMNS = ("moving", "fixed", "moving_label", "fixed_label", "split")
-_AIR_HU = -1000.0
 
 
 class CustomSources(list):
@@ -147,7 +146,7 @@ def _check_entry(e: _Entry) -> _Entry:
 def scan(root: str, *, shape: Sequence[int] | None = None,
          spacing_mm: Sequence[float] | None = None, intensity: str = "percentile",
          percentiles: tuple[float, float] = (1.0, 99.0),
-         ct_window: tuple[float, float] = (-500.0, 800.0), strict: bool = True,
+         ct_window: tuple[float, float] = ds.CT_WINDOW_HU, strict: bool = True,
          pairs_file: str | None = None) -> CustomSources:
   """Lists and validates the volumes of a custom pair list (headers only).
 
@@ -216,7 +215,7 @@ def model_grid(header: io.NiftiHeader, *, shape: Sequence[int], spacing_mm: Sequ
 def preprocess(image: np.ndarray, header: io.NiftiHeader, dst_shape: Sequence[int],
                dst_affine: np.ndarray, *, intensity: str = "percentile",
                percentiles: Sequence[float] = (1.0, 99.0),
-               ct_window: Sequence[float] = (-500.0, 800.0), **_: Any
+               ct_window: Sequence[float] = ds.CT_WINDOW_HU, **_: Any
                ) -> tuple[np.ndarray, io.GridMap, dict[str, Any]]:
   """The custom rule on any target grid: linear resampling, then "ct" (air outside, clip to
   ``ct_window`` HU) or "percentile" (the image minimum outside, clip to ``percentiles`` of
@@ -227,7 +226,7 @@ def preprocess(image: np.ndarray, header: io.NiftiHeader, dst_shape: Sequence[in
   """
   gm = io.GridMap(header.shape, header.affine, tuple(int(s) for s in dst_shape), dst_affine)
   if intensity == "ct":
-    scaled, info = ds.window_scale(gm.to_target(image, order=1, cval=_AIR_HU), *ct_window)
+    scaled, info = ds.window_scale(gm.to_target(image, order=1, cval=ds.AIR_HU), *ct_window)
   else:
     resampled = gm.to_target(image, order=1, cval=float(image.min()))
     scaled, info = ds.percentile_scale(resampled, image, *percentiles, where=header.path)

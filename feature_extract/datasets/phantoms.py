@@ -23,6 +23,8 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
+from fmir_jax import files
+
 # ----------------------------------------------------------------------------- shared
 
 
@@ -31,9 +33,8 @@ def _write(path: str, data: np.ndarray, affine: np.ndarray) -> str:
   img = nib.Nifti1Image(data, affine)
   img.set_qform(affine, code=1)
   img.set_sform(affine, code=1)
-  tmp = path + ".tmp.nii.gz"
-  nib.save(img, tmp)
-  os.replace(tmp, path)
+  with files.atomic_path(path) as tmp:
+    nib.save(img, tmp)
   return path
 
 

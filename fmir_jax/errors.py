@@ -1,0 +1,36 @@
+"""Exception types and the --layer check shared by ``fmir_jax`` and ``feature_extract``.
+
+A low module (standard library only: no torch, no jax), so that the ``fmir`` command can
+name these errors and parse its flags without importing the PyTorch stage. The types are
+re-exported where they were first defined (``feature_extract.backbones.BackboneError``,
+``feature_extract.datasets.base.DatasetError``); either name catches the same class.
+"""
+from __future__ import annotations
+
+
+class BackboneError(RuntimeError):
+  """A backbone cannot be loaded or used as asked (message says how to fix it)."""
+
+
+class DatasetError(ValueError):
+  """Bad input data: the message names the file and what is wrong (and the fix)."""
+
+
+def parse_layer(layer: int | str | None, num_layers: int | None = None,
+                label: str = '') -> int | str | None:
+  """A --layer value -> a ``hidden_states`` index or "last"; None stays None (the default).
+
+  With ``num_layers`` the index must lie in 0..num_layers. ``label`` (a backbone name)
+  prefixes the message. Raises BackboneError.
+  """
+  if layer is None or layer == 'last':
+    return layer
+  prefix = f'{label}: ' if label else ''
+  try:
+    index = int(layer)
+  except (TypeError, ValueError):
+    raise BackboneError(f'{prefix}--layer must be an int or "last", got {layer!r}.') from None
+  if num_layers is not None and not 0 <= index <= num_layers:
+    raise BackboneError(f'{prefix}--layer {index} out of range; hidden_states has indices '
+                        f'0..{num_layers} (0 = embeddings, i = after block i) or "last".')
+  return index
