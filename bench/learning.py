@@ -237,7 +237,7 @@ def main(argv=None) -> int:
     if m not in MODES:
       p.error(f'--modes: unknown {m!r}; use {MODES}')
   if a.smoke:
-    budget = Budget(steps=2, eval_every=1, cardiac_patients=6, cardiac_test=1,
+    budget = Budget(steps=2, eval_every=2, cardiac_patients=6, cardiac_test=1,
                     abdomen_scans=30, abdomen_shape=(24, 20, 32), input_size=32,
                     eval_limit=2)
   else:

@@ -36,6 +36,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from fmir_jax import files
+from fmir_jax import grids
 from fmir_jax import io
 from fmir_jax import metrics as metrics_lib
 from fmir_jax import report as report_lib
@@ -112,7 +113,7 @@ class Grid:
 
   @property
   def spacing_mm(self) -> tuple[float, float, float]:
-    return io.voxel_spacing(self.affine)
+    return grids.voxel_spacing(self.affine)
 
 
 # --------------------------------------------------------------------------- plan + load
@@ -133,7 +134,7 @@ def native_grid(shape: Sequence[int], affine: np.ndarray, src_spacing_mm: Sequen
   Raises:
     RegisterError: an axis would have fewer than 2 voxels.
   """
-  res_shape, res_affine = io.spacing_grid(shape, affine, src_spacing_mm, spacing_mm)
+  res_shape, res_affine = grids.spacing_grid(shape, affine, src_spacing_mm, spacing_mm)
   if min(res_shape) < 2:
     fov_mm = [n * s for n, s in zip(shape[:3], src_spacing_mm)]
     raise RegisterError(
@@ -143,7 +144,7 @@ def native_grid(shape: Sequence[int], affine: np.ndarray, src_spacing_mm: Sequen
         f'{",".join(f"{f / 2:.3g}" for f in fov_mm)} mm).')
   out = tuple(int(math.ceil(n / m) * m) for n, m in zip(res_shape, multiple))
   start = [-((o - n) // 2) for o, n in zip(out, res_shape)]
-  return out, io.translate_affine(res_affine, start)
+  return out, grids.translate_affine(res_affine, start)
 
 
 def plan_grid(fixed: io.NiftiHeader, reader, reader_options: dict[str, Any], opts,

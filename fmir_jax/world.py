@@ -5,7 +5,7 @@ Conventions: a grid is a ``(shape, affine)`` pair, ``affine`` the 4x4 voxel -> w
 matrix. ``disp_vox`` (H, W, D, 3) is in voxels of its grid with component k along array
 axis k; ``disp_mm`` (X, Y, Z, 3) is a RAS vector in mm on the fixed image's grid such that
 warped(p) = moving(p + disp_mm(p)) for the world point p of each fixed voxel. Sampling
-follows ``io.resample_to_grid``'s edge rule (``io.sample_voxels``).
+follows ``grids.resample_to_grid``'s edge rule (``grids.sample_voxels``).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from fmir_jax import io
+from fmir_jax import grids
 
 _CHUNK_VOXELS = 1 << 21   # fixed-grid voxels sampled per chunk (bounds host memory)
 
@@ -49,7 +49,7 @@ def disp_to_fixed_world(disp_vox: np.ndarray, reg_affine: np.ndarray,
     registration grid (edge value within half a voxel of it).
   """
   disp_mm = disp_vox_to_mm(disp_vox, reg_affine)
-  return np.stack([io.resample_to_grid(disp_mm[..., k], reg_affine, fixed_affine,
+  return np.stack([grids.resample_to_grid(disp_mm[..., k], reg_affine, fixed_affine,
                                        fixed_shape, order=1, cval=0.0)
                    for k in range(3)], -1).astype(np.float32)
 
@@ -80,7 +80,7 @@ def warp_to_fixed(moving: np.ndarray, moving_affine: np.ndarray, fixed_shape: Se
     if disp_mm is not None:
       p = p + disp_mm[:, :, k0:k1]
     vox = p @ inv[:3, :3].T + inv[:3, 3]
-    out[:, :, k0:k1] = io.sample_voxels(moving, np.moveaxis(vox, -1, 0), order, cval)
+    out[:, :, k0:k1] = grids.sample_voxels(moving, np.moveaxis(vox, -1, 0), order, cval)
   return out
 
 

@@ -11,6 +11,7 @@ from feature_extract import datasets
 from feature_extract.datasets import abdomen, acdc, phantoms
 from feature_extract.datasets import pairs as custom
 from feature_extract.datasets.base import DatasetError
+from fmir_jax import grids
 from fmir_jax import io
 
 _AFF = np.diag([1.5, 1.5, 8.0, 1.0])
@@ -134,7 +135,7 @@ def test_abdomen_half_is_block_mean_of_full(tmp_path):
   core = hu.reshape(48, 4, 40, 4, 64, 4)[:, 1:3, :, 1:3, :, 1:3].mean(axis=(1, 3, 5))
   np.testing.assert_allclose(quarter.image, (core + 500.0) / 1300.0, atol=1e-5)
   np.testing.assert_allclose(quarter.spacing_mm, (8.0, 8.0, 8.0), rtol=1e-6)
-  gm = io.GridMap.from_dict(half.meta["grid"])
+  gm = grids.GridMap.from_dict(half.meta["grid"])
   back = gm.to_source(half.labels, order=0)
   assert np.mean(back[lab == 6] == 6) > 0.9
 
@@ -173,7 +174,7 @@ def test_acdc_round_trip_from_phantoms(tmp_path):
     has_data = np.flatnonzero(v.image.max(axis=(0, 1)) > 0)
     assert len(has_data) == n_data and has_data[0] == 8 - n_data // 2
     # The labels map back onto the source grid.
-    gm = io.GridMap.from_dict(json.loads(json.dumps(v.meta["grid"])))
+    gm = grids.GridMap.from_dict(json.loads(json.dumps(v.meta["grid"])))
     src_lab, _, _ = io.load_nifti(v.meta["source_label"], what="label")
     back = gm.to_source(v.labels, order=0)
     for c in (1, 2, 3):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from fmir_jax import grids
 from fmir_jax import io
 from fmir_jax import world
 
@@ -36,10 +37,10 @@ def test_resample_to_spacing_preserves_sphere_volume_and_extent():
   lab = _sphere(shape, src_sp, r, center)
   aff = _affine(src_sp, origin=(-10, 5, 3), rot_deg=30, flip=True)
   true_vol = 4 / 3 * np.pi * r ** 3
-  out, out_aff = io.resample_to_spacing(lab, aff, dst_sp, order=0)
-  img, img_aff = io.resample_to_spacing(lab.astype(np.float32), aff, dst_sp, order=1)
+  out, out_aff = grids.resample_to_spacing(lab, aff, dst_sp, order=0)
+  img, img_aff = grids.resample_to_spacing(lab.astype(np.float32), aff, dst_sp, order=1)
   assert out.dtype == np.uint8 and set(np.unique(out)) <= {0, 1}
-  np.testing.assert_allclose(io.voxel_spacing(out_aff), dst_sp, rtol=1e-9)
+  np.testing.assert_allclose(grids.voxel_spacing(out_aff), dst_sp, rtol=1e-9)
   np.testing.assert_allclose(out_aff, img_aff)
   vox = np.prod(dst_sp)
   assert abs(out.sum() * vox / true_vol - 1) < 0.04
@@ -61,7 +62,7 @@ def test_resample_to_grid_matches_map_coordinates_oracle():
   src = _affine((1.0, 1.2, 2.0), origin=(3, -2, 1), rot_deg=20)
   dst = _affine((0.8, 0.9, 1.7), origin=(4, 0, 2.5), rot_deg=-35, flip=True)
   dst_shape = (14, 13, 9)
-  out = io.resample_to_grid(data, src, dst, dst_shape, order=1, cval=-7.0)
+  out = grids.resample_to_grid(data, src, dst, dst_shape, order=1, cval=-7.0)
   idx = np.indices(dst_shape).reshape(3, -1)
   world = dst @ np.vstack([idx, np.ones(idx.shape[1])])
   src_vox = (np.linalg.inv(src) @ world)[:3]
@@ -76,8 +77,8 @@ def test_label_upsample_round_trip_is_exact():
   rng = np.random.default_rng(1)
   lab = rng.integers(0, 4, size=(7, 6, 5)).astype(np.uint8)
   aff = _affine((1.5, 1.5, 4.0), rot_deg=90)
-  shape, up_aff = io.spacing_grid(lab.shape, aff, (1.5, 1.5, 4.0), (0.75, 0.5, 2.0))
-  gm = io.GridMap(lab.shape, aff, shape, up_aff)
+  shape, up_aff = grids.spacing_grid(lab.shape, aff, (1.5, 1.5, 4.0), (0.75, 0.5, 2.0))
+  gm = grids.GridMap(lab.shape, aff, shape, up_aff)
   up = gm.to_target(lab, order=0)
   assert up.shape == (14, 18, 10) and up.dtype == np.uint8
   np.testing.assert_array_equal(gm.to_source(up, order=0), lab)
@@ -86,12 +87,12 @@ def test_label_upsample_round_trip_is_exact():
 def test_crop_or_pad_matches_numpy_padding():
   rng = np.random.default_rng(2)
   data = rng.normal(size=(9, 6, 5))
-  out, start = io.crop_or_pad(data, (2.2, 4.6, 2.0), (6, 10, 3), cval=-1)
+  out, start = grids.crop_or_pad(data, (2.2, 4.6, 2.0), (6, 10, 3), cval=-1)
   assert start == (-1, 0, 1)
   padded = np.pad(data, [(1, 0), (0, 4), (0, 0)], constant_values=-1)
   np.testing.assert_array_equal(out, padded[0:6, 0:10, 1:4])
   # Centred identity.
-  same, st = io.crop_or_pad(data, (4.0, 2.5, 2.0), data.shape)
+  same, st = grids.crop_or_pad(data, (4.0, 2.5, 2.0), data.shape)
   assert st == (0, 0, 0)
   np.testing.assert_array_equal(same, data)
 
@@ -102,18 +103,18 @@ def test_target_grid_equals_resample_then_crop():
   sp = (1.3, 1.3, 7.0)
   aff = _affine(sp, origin=(-20, 10, 5), rot_deg=180, flip=True)
   centre = (17.3, 21.8, 4.0)
-  gm = io.target_grid(img.shape, aff, sp, (1.8, 1.8, 10.0), (24, 20, 8), centre)
+  gm = grids.target_grid(img.shape, aff, sp, (1.8, 1.8, 10.0), (24, 20, 8), centre)
   direct = gm.to_target(img, order=1)
-  res, res_aff = io.resample_to_spacing(img, aff, (1.8, 1.8, 10.0), order=1)
+  res, res_aff = grids.resample_to_spacing(img, aff, (1.8, 1.8, 10.0), order=1)
   centre_res = (np.linalg.inv(res_aff) @ aff @ np.append(centre, 1))[:3]
-  ref, start = io.crop_or_pad(res, centre_res, (24, 20, 8))
+  ref, start = grids.crop_or_pad(res, centre_res, (24, 20, 8))
   np.testing.assert_allclose(direct, ref, atol=1e-5)
-  np.testing.assert_allclose(gm.dst_affine, io.translate_affine(res_aff, start))
+  np.testing.assert_allclose(gm.dst_affine, grids.translate_affine(res_aff, start))
   # JSON round trip of the grid map.
-  back = io.GridMap.from_dict(json.loads(json.dumps(gm.to_dict())))
+  back = grids.GridMap.from_dict(json.loads(json.dumps(gm.to_dict())))
   assert back == gm
   with pytest.raises(ValueError, match="malformed"):
-    io.GridMap.from_dict({"src_shape": [1, 2, 3]})
+    grids.GridMap.from_dict({"src_shape": [1, 2, 3]})
 
 
 def test_save_load_round_trip(tmp_path):

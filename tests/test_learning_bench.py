@@ -32,7 +32,7 @@ def test_learning_smoke_curves_and_cross_domain_table(tmp_path):
   for run in runs:
     logged = [json.loads(line) for line in open(out / 'runs' / run / 'val.jsonl')]
     mine = [row for row in rows if row['run'] == run]
-    assert [int(row['step']) for row in mine] == [rec['step'] for rec in logged] == [1, 2]
+    assert [int(row['step']) for row in mine] == [rec['step'] for rec in logged] == [2]
     for row, rec in zip(mine, logged):
       for key in ('dice', 'dice_draw', 'initial_dice', 'folding_fraction'):
         assert 0.0 <= rec[key] <= 1.0

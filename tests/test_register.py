@@ -18,6 +18,7 @@ from scipy import ndimage
 
 from feature_extract.datasets import phantoms
 from fmir_jax import cli
+from fmir_jax import grids
 from fmir_jax import io
 from fmir_jax import refine
 from fmir_jax import register
@@ -65,9 +66,9 @@ def pair(tmp_path_factory):
     img, _, _ = io.load_nifti(src)
     lab, _, _ = io.load_nifti(src.replace('.nii.gz', '_gt.nii.gz'), what='label')
     out[name] = io.save_nifti(f'{root}/{name}.nii.gz',
-                              io.resample_to_grid(img, src_aff, aff_m, shape_m, 1), aff_m)
+                              grids.resample_to_grid(img, src_aff, aff_m, shape_m, 1), aff_m)
     out[name + '_labels'] = io.save_nifti(
-        f'{root}/{name}_gt.nii.gz', io.resample_to_grid(lab, src_aff, aff_m, shape_m, 0), aff_m)
+        f'{root}/{name}_gt.nii.gz', grids.resample_to_grid(lab, src_aff, aff_m, shape_m, 0), aff_m)
   return out
 
 
@@ -123,7 +124,7 @@ def test_native_grid_is_padded_to_pyramid_multiples_and_keeps_the_centre():
   # An odd padding cannot be split evenly: the centre moves by at most half a voxel.
   shift = np.linalg.solve(new[:3, :3], centre(shape, new) - centre((101, 90, 9), aff))
   np.testing.assert_allclose(np.abs(shift), [0.0, 0.5, 0.0], atol=1e-9)
-  np.testing.assert_allclose(io.voxel_spacing(new), (2.0, 2.0, 7.0))
+  np.testing.assert_allclose(grids.voxel_spacing(new), (2.0, 2.0, 7.0))
 
 
 def test_warp_to_fixed_follows_the_half_voxel_edge_rule():

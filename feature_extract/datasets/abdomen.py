@@ -28,6 +28,7 @@ import numpy as np
 
 from feature_extract import datasets as ds
 from feature_extract.datasets.base import DatasetError, Pair, Volume, VolumeSource
+from fmir_jax import grids
 from fmir_jax import io
 
 NAME = "abdomen"
@@ -200,7 +201,7 @@ def full_grid(hdr: io.NiftiHeader) -> tuple[np.ndarray, str]:
       and np.allclose(hdr.spacing_mm, FULL_SPACING_MM, rtol=1e-3)):
     return hdr.affine, "already_on_grid"
   centre = (np.asarray(hdr.shape, float) - 1) / 2
-  gm = io.target_grid(hdr.shape, hdr.affine, hdr.spacing_mm, FULL_SPACING_MM, FULL_SHAPE,
+  gm = grids.target_grid(hdr.shape, hdr.affine, hdr.spacing_mm, FULL_SPACING_MM, FULL_SHAPE,
                       centre)
   return gm.dst_affine, "image_centre"
 
@@ -228,20 +229,20 @@ def model_grid(header: io.NiftiHeader, *, resolution: str = "half", **_: Any
           coarse_affine(full_affine, RESOLUTIONS[resolution]))
 
 
-def _same_grid(gm: io.GridMap) -> bool:
+def _same_grid(gm: grids.GridMap) -> bool:
   return gm.src_shape == gm.dst_shape and np.array_equal(gm.src_affine, gm.dst_affine)
 
 
 def preprocess(image: np.ndarray, header: io.NiftiHeader, dst_shape: Sequence[int],
                dst_affine: np.ndarray, **_: Any
-               ) -> tuple[np.ndarray, io.GridMap, dict[str, Any]]:
+               ) -> tuple[np.ndarray, grids.GridMap, dict[str, Any]]:
   """The CT rule on any target grid: linear resampling (air, -1000 HU, outside the scan),
   clip to [-500, 800] HU and scale to [0, 1].
 
   Returns:
     (float32 (H, W, D) image in [0, 1], GridMap back to the source, intensity record).
   """
-  gm = io.GridMap(header.shape, header.affine, tuple(int(s) for s in dst_shape), dst_affine)
+  gm = grids.GridMap(header.shape, header.affine, tuple(int(s) for s in dst_shape), dst_affine)
   hu = image if _same_grid(gm) else gm.to_target(image, order=1, cval=ds.AIR_HU)
   scaled, info = ds.window_scale(hu, *ds.CT_WINDOW_HU)
   return scaled, gm, info
@@ -272,5 +273,5 @@ def load_scan(f: ScanFiles, resolution: str) -> Volume:
   }
   key = scan_key(f.scan_id)
   return Volume(key=key, dataset=NAME, subject=key, frame="", split=split_of(f.scan_id),
-                image=scaled, labels=labels, spacing_mm=io.voxel_spacing(dst_affine),
+                image=scaled, labels=labels, spacing_mm=grids.voxel_spacing(dst_affine),
                 affine=dst_affine, meta=meta)

@@ -29,6 +29,7 @@ import numpy as np
 
 from feature_extract import datasets as ds
 from feature_extract.datasets.base import DatasetError, Pair, Volume, VolumeSource
+from fmir_jax import grids
 from fmir_jax import io
 
 NAME = "acdc"
@@ -323,21 +324,21 @@ def model_grid(header: io.NiftiHeader, *, shape: Sequence[int] = TARGET_SHAPE,
   if _on_target_grid(header, shape, spacing_mm):
     return shape, np.asarray(header.affine, float)
   centre = (np.asarray(header.shape, float) - 1) / 2 if centre_vox is None else centre_vox
-  gm = io.target_grid(header.shape, header.affine, header.spacing_mm, spacing_mm, shape,
+  gm = grids.target_grid(header.shape, header.affine, header.spacing_mm, spacing_mm, shape,
                       centre)
   return gm.dst_shape, gm.dst_affine
 
 
 def preprocess(image: np.ndarray, header: io.NiftiHeader, dst_shape: Sequence[int],
                dst_affine: np.ndarray, **_: Any
-               ) -> tuple[np.ndarray, io.GridMap, dict[str, Any]]:
+               ) -> tuple[np.ndarray, grids.GridMap, dict[str, Any]]:
   """The ACDC image rule on any target grid: linear resampling (0 outside the frame), then
   clip to the [1, 99] percentiles of the source frame and scale to [0, 1].
 
   Returns:
     (float32 (H, W, D) image in [0, 1], GridMap back to the source, intensity record).
   """
-  gm = io.GridMap(header.shape, header.affine, tuple(int(s) for s in dst_shape), dst_affine)
+  gm = grids.GridMap(header.shape, header.affine, tuple(int(s) for s in dst_shape), dst_affine)
   scaled, info = ds.percentile_scale(gm.to_target(image, order=1, cval=0.0), image,
                                      *PERCENTILES, where=header.path)
   return scaled, gm, info
@@ -369,4 +370,4 @@ def load_frame(patient: PatientFiles, frame: str, plan: _GridPlan) -> Volume:
   pid = patient.patient_id
   return Volume(key=f"{subject_name(pid)}_{frame}", dataset=NAME, subject=subject_name(pid),
                 frame=frame, split=split_of(pid), image=scaled, labels=labels,
-                spacing_mm=io.voxel_spacing(dst_affine), affine=dst_affine, meta=meta)
+                spacing_mm=grids.voxel_spacing(dst_affine), affine=dst_affine, meta=meta)

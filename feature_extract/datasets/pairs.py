@@ -27,6 +27,7 @@ import numpy as np
 
 from feature_extract import datasets as ds
 from feature_extract.datasets.base import DatasetError, Pair, Volume, VolumeSource
+from fmir_jax import grids
 from fmir_jax import io
 
 NAME = "custom"
@@ -207,7 +208,7 @@ def model_grid(header: io.NiftiHeader, *, shape: Sequence[int], spacing_mm: Sequ
                **_: Any) -> tuple[tuple[int, int, int], np.ndarray]:
   """(shape, affine) of the target grid: ``spacing_mm``, ``shape``, centred on the image."""
   centre = (np.asarray(header.shape, float) - 1) / 2
-  gm = io.target_grid(header.shape, header.affine, header.spacing_mm, spacing_mm,
+  gm = grids.target_grid(header.shape, header.affine, header.spacing_mm, spacing_mm,
                       tuple(int(s) for s in shape), centre)
   return gm.dst_shape, gm.dst_affine
 
@@ -216,7 +217,7 @@ def preprocess(image: np.ndarray, header: io.NiftiHeader, dst_shape: Sequence[in
                dst_affine: np.ndarray, *, intensity: str = "percentile",
                percentiles: Sequence[float] = (1.0, 99.0),
                ct_window: Sequence[float] = ds.CT_WINDOW_HU, **_: Any
-               ) -> tuple[np.ndarray, io.GridMap, dict[str, Any]]:
+               ) -> tuple[np.ndarray, grids.GridMap, dict[str, Any]]:
   """The custom rule on any target grid: linear resampling, then "ct" (air outside, clip to
   ``ct_window`` HU) or "percentile" (the image minimum outside, clip to ``percentiles`` of
   the source image), scaled to [0, 1].
@@ -224,7 +225,7 @@ def preprocess(image: np.ndarray, header: io.NiftiHeader, dst_shape: Sequence[in
   Returns:
     (float32 (H, W, D) image in [0, 1], GridMap back to the source, intensity record).
   """
-  gm = io.GridMap(header.shape, header.affine, tuple(int(s) for s in dst_shape), dst_affine)
+  gm = grids.GridMap(header.shape, header.affine, tuple(int(s) for s in dst_shape), dst_affine)
   if intensity == "ct":
     scaled, info = ds.window_scale(gm.to_target(image, order=1, cval=ds.AIR_HU), *ct_window)
   else:
@@ -253,5 +254,5 @@ def load_volume(key: str, e: _Entry, shape: tuple[int, int, int],
       "resample": {"image": "linear", "labels": "nearest"}, "intensity": info,
   }
   return Volume(key=key, dataset=NAME, subject=key, frame="", split=e.split, image=scaled,
-                labels=labels, spacing_mm=io.voxel_spacing(gm.dst_affine),
+                labels=labels, spacing_mm=grids.voxel_spacing(gm.dst_affine),
                 affine=gm.dst_affine, meta=meta)
