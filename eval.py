@@ -76,7 +76,8 @@ def main(argv):
         run = checkpoint.read_run_info(workdir)
         norm = run.get('channel_norm', 'paper')
         mode = run['mode'] + ('' if norm == 'paper' else f' ({norm})')
-        key = (run['config']['name'], mode, store_lib.dataset_name(header) or '?',
+        trained_on = '+'.join(run.get('store_datasets') or []) or run['config']['name']
+        key = (trained_on, mode, store_lib.dataset_name(header) or '?',
                store_lib.backbone_name(header))
         grid[key] = summary['metrics']
         initial[key[2]] = summary['metrics']

@@ -171,12 +171,13 @@ def write_curves(out: str, rows: list[dict]) -> tuple[str, str]:
     w.writerows(rows)
   datasets = sorted({r['dataset'] for r in rows})
   fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.2), squeeze=False)
+  colours: dict = {}            # one colour per (mode, channel_norm) in every panel
   for ax, name in zip(axes[0], datasets):
     runs = sorted({r['run'] for r in rows if r['dataset'] == name})
-    for k, run in enumerate(runs):
+    for run in runs:
       rr = [r for r in rows if r['run'] == run]
       steps = [0] + [r['step'] for r in rr]
-      colour = f'C{k}'
+      colour = colours.setdefault((rr[0]['mode'], rr[0]['channel_norm']), f'C{len(colours)}')
       label = f'{rr[0]["mode"]} / {rr[0]["channel_norm"]}'
       ax.plot(steps, [100 * rr[0]['initial_dice']] + [100 * r['dice'] for r in rr],
               '-o', ms=3, color=colour, label=label + ' (PCA inputs)')

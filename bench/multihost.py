@@ -11,11 +11,9 @@ two runs are compared step by step.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -34,21 +32,8 @@ def _cmd(store: str, workdir: str, steps: int, *extra: str) -> list[str]:
 
 def _events(workdir: str) -> dict[int, tuple[float, float]]:
   """step -> (wall time, train/loss) from the run's TensorBoard files."""
-  from tensorboardX.proto import event_pb2
-  out = {}
-  for path in sorted(glob.glob(os.path.join(workdir, 'tb', '*'))):
-    with open(path, 'rb') as f:
-      data = f.read()
-    i = 0
-    while i < len(data):
-      n = struct.unpack('Q', data[i:i + 8])[0]
-      ev = event_pb2.Event()
-      ev.ParseFromString(data[i + 12:i + 12 + n])
-      i += 12 + n + 4
-      for v in ev.summary.value:
-        if v.tag == 'train/loss':
-          out[ev.step] = (ev.wall_time, v.simple_value)
-  return out
+  from fmir_jax import report
+  return report.tensorboard_scalars(os.path.join(workdir, 'tb')).get('train/loss', {})
 
 
 def _run(procs_args: list[tuple[list[str], int]], log_dir: str, tag: str) -> None:

@@ -88,7 +88,18 @@ def make_header(backbone: backbones.Backbone, *, input_size: int, resize: str,
       'patch_size': backbone.patch_size,
       'dataset': {'name': dataset, 'options': dataset_options},
       'preprocessing': PREPROCESSING,
+      **_label_count(dataset),
   }
+
+
+def _label_count(dataset: str) -> dict[str, int]:
+  """{'num_classes': n} for a reader with a fixed label set (acdc 3, abdomen 13), else {}:
+  evaluation scores these classes on any head, including heads trained elsewhere."""
+  try:
+    n = getattr(datasets.get(dataset), "NUM_CLASSES", None)
+  except DatasetError:
+    return {}
+  return {'num_classes': int(n)} if n else {}
 
 
 def encode_volume(image: np.ndarray, backbone: backbones.Backbone, *, input_size: int,

@@ -170,7 +170,12 @@ def evaluate_run(workdir: str, store_path: str, *, split: str = 'test',
     # A dataset the run never saw (cross-domain): factors from the store's voxel spacing.
     factors = chosen['factors'] if name in trained_on or not refs else \
         W.factors_for_spacing(st.info(refs[0].fixed).spacing_mm)
-  num_classes = int(st.header.get('num_classes', 0) or chosen['num_classes'])
+  # The test data's label set: the store's (its reader's) count; a store without one
+  # scores the run's classes on its own dataset, else every label its volumes hold.
+  num_classes = int(st.header.get('num_classes', 0)) or (
+      chosen['num_classes'] if name in trained_on else
+      max((int(np.max(lab)) for r in refs for k in (r.moving, r.fixed)
+           if (lab := st.labels(k)) is not None), default=chosen['num_classes']))
   classes = tuple(range(1, num_classes + 1))
   c_prime = model_lib.FMIRConfig.from_dict(info['model']).feature_channels
   predict = train_lib.make_predict(graphdef, c_prime=c_prime, factors=factors)

@@ -388,3 +388,28 @@ def dice_boxplot(path: PathLike, per_class_dice: Mapping[str, Sequence[float]], 
   ax.grid(axis="y", alpha=0.3)
   _save_png(fig, path)
   return fig
+
+
+def tensorboard_scalars(path: PathLike) -> dict[str, dict[int, tuple[float, float]]]:
+  """{tag: {step: (wall time, value)}} of a TensorBoard event file, or of every event file
+  of a folder (a run's ``tb/``), read with the TFRecord framing (length, crc, data, crc) and
+  tensorboardX's Event proto; a torn last record (a killed writer) is ignored."""
+  import glob
+  import struct
+  from tensorboardX.proto import event_pb2
+  path = os.fspath(path)
+  paths = sorted(glob.glob(os.path.join(path, '*'))) if os.path.isdir(path) else [path]
+  out: dict[str, dict[int, tuple[float, float]]] = {}
+  for p in paths:
+    with open(p, 'rb') as f:
+      data = f.read()
+    pos = 0
+    while pos + 12 <= len(data):
+      (n,) = struct.unpack('<Q', data[pos:pos + 8])
+      if pos + 12 + n + 4 > len(data):
+        break
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+      for v in event.summary.value:
+        out.setdefault(v.tag, {})[event.step] = (event.wall_time, v.simple_value)
+      pos += 12 + n + 4
+  return out

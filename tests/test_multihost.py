@@ -13,7 +13,6 @@ import glob
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import time
 import numpy as np
 import pytest
 
+from fmir_jax import report
 from tests import synth
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,19 +66,8 @@ def _wait(procs, timeout=400):
 
 def _losses(workdir):
   """train/loss per step from the run's TensorBoard files."""
-  from tensorboardX.proto import event_pb2
-  out = {}
-  for path in sorted(glob.glob(os.path.join(workdir, 'tb', '*'))):
-    data, i = open(path, 'rb').read(), 0
-    while i < len(data):
-      n = struct.unpack('Q', data[i:i + 8])[0]
-      ev = event_pb2.Event()
-      ev.ParseFromString(data[i + 12:i + 12 + n])
-      i += 12 + n + 4
-      for v in ev.summary.value:
-        if v.tag == 'train/loss':
-          out[ev.step] = v.simple_value
-  return out
+  scalars = report.tensorboard_scalars(os.path.join(workdir, 'tb')).get('train/loss', {})
+  return {step: value for step, (_, value) in scalars.items()}
 
 
 @pytest.fixture(scope='module')

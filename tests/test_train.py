@@ -6,7 +6,6 @@ import glob
 import logging
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,7 @@ from configs import demo
 from fmir_jax import checkpoint as ckpt
 from fmir_jax import data as data_lib
 from fmir_jax import evaluation
+from fmir_jax import report
 from fmir_jax import train_lib
 from fmir_jax import trainer
 from tests import synth
@@ -135,19 +135,9 @@ def test_a_damaged_pca_file_is_refitted_by_the_command_its_error_gives(store_dir
 
 
 def _tb_scalars(path):
-  """{tag: {step: value}} of a TensorBoard event file, read with the TFRecord framing (length,
-  crc, data, crc) and tensorboardX's Event proto; a torn last record is ignored."""
-  from tensorboardX.proto import event_pb2
-  data, pos, out = open(path, 'rb').read(), 0, {}
-  while pos + 12 <= len(data):
-    (n,) = struct.unpack('<Q', data[pos:pos + 8])
-    if pos + 12 + n + 4 > len(data):
-      break
-    event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
-    for v in event.summary.value:
-      out.setdefault(v.tag, {})[event.step] = v.simple_value
-    pos += 12 + n + 4
-  return out
+  """{tag: {step: value}} of a TensorBoard event file (``report.tensorboard_scalars``)."""
+  return {tag: {step: v for step, (_, v) in d.items()}
+          for tag, d in report.tensorboard_scalars(path).items()}
 
 
 def test_a_killed_run_keeps_its_tensorboard_scalars(store_dir, full_run, tmp_path):
