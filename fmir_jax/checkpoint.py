@@ -101,6 +101,10 @@ def step_dir(manager: ocp.CheckpointManager, step: int) -> str:
 
 def save(manager: ocp.CheckpointManager, step: int, state, metrics=None) -> None:
   manager.save(int(step), args=ocp.args.StandardSave(state), metrics=metrics)
+  if jax.process_count() > 1:
+    # Across processes Orbax names its commit barrier after the step alone: the last-K and
+    # best managers saving the same step at once would collide, so each save completes first.
+    manager.wait_until_finished()
 
 
 def _without_closed_loop_errors(hook):
@@ -117,9 +121,9 @@ def _without_closed_loop_errors(hook):
 
 
 def _unretrieved_task_error(record) -> bool:
-  """Logging filter: False (drop) for asyncio's report of a task whose exception nobody
-  retrieved, which the reads of a failed restore leave behind."""
-  return not str(record.msg).startswith('Task exception was never retrieved')
+  """Logging filter: False (drop) for asyncio's report of a task or future whose exception
+  nobody retrieved, which the reads of a failed restore leave behind."""
+  return 'exception was never retrieved' not in str(record.msg)
 
 
 def restore(manager: ocp.CheckpointManager, target, step: int | None = None):

@@ -55,7 +55,7 @@ def test_train_and_eval_cli(cli_run, tmp_path):
     assert os.path.getsize(os.path.join(out, name)) > 0
   lines = open(table2).read().splitlines()
   assert lines[0].startswith('| Train Set | Mode | synthetic Dice (%)')
-  assert lines[-1].startswith('| demo | -CR |')          # configs/demo.py trains in -CR mode
+  assert lines[-1].startswith('| synthetic | -CR |')     # rows: the training store's dataset
 
 
 def test_bad_store_and_unsupported_config_exit_2(tmp_path):
