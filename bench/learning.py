@@ -65,6 +65,8 @@ class Budget:
   abdomen_scans: int = 30         # the Learn2Reg split: 1-20 train, 21-23 val, 24-30 test
   abdomen_shape: tuple = (96, 80, 128)   # written at 4 mm; the reader resamples to 8 mm
   input_size: int = 64
+  val_pairs: int = 0              # validation pairs per check (0 = all)
+  tiny_model: bool = False        # smoke: 2 levels, n=4, c'=8 (compiles in seconds)
 
   def steps_for(self, dataset: str) -> int:
     return self.abdomen_steps if dataset == 'abdomen' and self.abdomen_steps else self.steps
@@ -118,9 +120,12 @@ def config_for(ds: DataSet, store: str, mode: str, norm: str, budget: Budget, se
   c.train.num_steps = budget.steps_for(ds.name)
   c.train.eval_every = budget.eval_every
   c.train.checkpoint_every = budget.eval_every
-  c.train.eval_pairs = 0
+  c.train.eval_pairs = budget.val_pairs
   c.train.eval_channel_draw = True
   c.train.seed = seed
+  if budget.tiny_model:
+    c.feature_channels, c.model.n, c.model.levels, c.model.integration_steps = 8, 4, 2, 2
+    c.loss.ncc_windows = c.loss.ncc_windows[:2]
   return c
 
 
@@ -240,7 +245,7 @@ def main(argv=None) -> int:
   if a.smoke:
     budget = Budget(steps=2, eval_every=2, cardiac_patients=6, cardiac_test=1,
                     abdomen_scans=30, abdomen_shape=(24, 20, 32), input_size=32,
-                    eval_limit=2)
+                    eval_limit=2, val_pairs=2, tiny_model=True)
   else:
     budget = Budget(steps=a.steps, eval_every=a.eval_every, abdomen_steps=a.abdomen_steps,
                     flow_init=a.flow_init)

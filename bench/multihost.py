@@ -64,9 +64,11 @@ def main(argv=None) -> int:
                 f'--process_id={i}'), 2) for i in (0, 1)], tmp, 'two')
     e1, e2 = _events(one), _events(two)
   per_step = {k: (e[a.steps][0] - e[5][0]) / (a.steps - 5) for k, e in (('one', e1), ('two', e2))}
-  rel = max(abs(e1[s][1] - e2[s][1]) / abs(e1[s][1]) for s in e1)
+  by_step = {s: abs(e1[s][1] - e2[s][1]) / abs(e1[s][1]) for s in sorted(e1)}
+  rel = max(by_step.values())
   res = {'steps': a.steps, 'seconds_per_step': per_step,
          'two_over_one': per_step['two'] / per_step['one'], 'max_relative_loss_diff': rel,
+         'relative_loss_diff_by_step': by_step,
          'cpu_count': os.cpu_count(), 'load_average': os.getloadavg()}
   print(f'1 process x 4 CPU devices: {per_step["one"]:.3f} s/step; 2 processes x 2 devices '
         f'(Gloo): {per_step["two"]:.3f} s/step ({res["two_over_one"]:.2f}x); largest relative '
