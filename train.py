@@ -7,7 +7,7 @@ parallel over all local devices).
 Config fields users override most (--config.FIELD=VALUE; defaults in configs/common.py):
   data.train_stores   feature store(s) to train on, comma-separated in a tuple for hybrid
                       training: '("f/acdc","f/abdomen")'
-  data.eval_store     validation store ('' = the training store's val split)
+  data.eval_stores    validation stores (() = the training stores' val splits)
   mode                UN (random channels, paper default), WS (+ Dice on labels), -CR (PCA)
   channel_norm        paper | release | standardise (feature normalisation around the
                       channel draw and the PCA; README "Differences from the paper")

@@ -12,7 +12,8 @@ def base_config() -> ml_collections.ConfigDict:
   # (hybrid training); each store brings its own pairs, grid and label count.
   c.data = ml_collections.ConfigDict()
   c.data.train_stores = ('',)          # required: path(s) to feature stores
-  c.data.eval_store = ''               # validation store ('' = the first train store)
+  c.data.eval_stores = ()              # validation stores (empty: the training stores' val
+                                       # pairs); each store weighs the same
   c.data.num_classes = 3               # foreground labels used by Dice (WS) and metrics
   c.data.prefetch = 2                  # batches prepared ahead in a background thread
 

@@ -1,7 +1,10 @@
 """The ``fmir`` console script.
 
-  fmir register --fixed F.nii.gz --moving M.nii.gz --checkpoint RUN_DIR --out OUT/ [options]
-  fmir register --pairs pairs.csv --checkpoint RUN_DIR --out OUT/ [options]
+  fmir register --fixed F.nii.gz --moving M.nii.gz --out OUT/ [--checkpoint RUN_DIR] [options]
+  fmir register --pairs pairs.csv --out OUT/ [--checkpoint RUN_DIR] [options]
+
+Without --checkpoint the general head shipped in the package registers the pair (trained on
+domain-randomised synthetic pairs with `mind` features; not a foundation model).
 
 Bad input (unreadable or 2D image, NaN voxels, label map not on its image's grid, missing
 run, unknown backbone, no PCA basis for another backbone, ...) prints one message and exits
@@ -67,20 +70,25 @@ def build_parser() -> argparse.ArgumentParser:
                       'moving_labels] (paths relative to the CSV); each pair goes to '
                       'OUT/NNNN_<moving>_to_<fixed>/, plus OUT/summary.csv and summary.json; '
                       'the run is restored once and compiled once per grid shape')
-  r.add_argument('--checkpoint', required=True, help='training run directory (--workdir)')
+  r.add_argument('--checkpoint', default=None,
+                 help='training run directory (train.py --workdir); default: the general '
+                      'head shipped with fmir-jax (mind features, not a foundation model)')
   r.add_argument('--out', required=True,
                  help='output folder: created whole when new; in an existing folder only '
                       "register's own files are written (other files are never touched)")
-  r.add_argument('--grid', choices=('model', 'native'), default='model',
-                 help="model (default): the run's training grid and preprocessing; native: "
-                      'the fixed image field of view at --spacing')
+  r.add_argument('--grid', choices=('model', 'native'), default=None,
+                 help="model: the run's training grid and preprocessing; native: the fixed "
+                      'image field of view at --spacing (default: model, or native for a run '
+                      'trained on several grids, such as the general head)')
   r.add_argument('--dataset-grid', choices=('acdc', 'abdomen'),
                  help="use this dataset's model grid and intensity rule (default: the run's)")
   r.add_argument('--spacing', help='native grid voxel size sx,sy,sz in mm (default: the '
                                    "fixed image's)")
   r.add_argument('--pyramid-factors',
                  help="per-level factors at inference: 'sx,sy,sz' or one triple per level "
-                      "transition separated by ';' (default: the checkpoint's)")
+                      "transition separated by ';' (default: the checkpoint's; on a native "
+                      'grid those of its training grid of that spacing, else halving the axes '
+                      'within 1.5x of the finest spacing)')
   r.add_argument('--backbone', help="encoder (default: the run's); another one needs a PCA "
                                     'basis in the run (eval.py --pca_store)')
   r.add_argument('--weights', help="encoder weights: Hub id or local directory (default: "
@@ -115,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help='weight of the penalty on Jacobian determinants below '
                          f'{io_default.fold_margin:g} (folding); 0 turns it off (default: '
                          f'{io_default.fold:g})')
+  io_g.add_argument('--io-init', choices=('head', 'zero'), default='head',
+                    help="head (default): start from the head's field; zero: from the "
+                         'identity, without running the head (to compare)')
   io_g.add_argument('--io-diffeomorphic', action='store_true',
                     help='optimise a velocity field integrated by scaling and squaring '
                          '(slower; no folding by construction)')
@@ -206,7 +217,7 @@ def run_register(args: argparse.Namespace) -> int:
         pyramid_factors=parse_factors(args.pyramid_factors),
         backbone=args.backbone, weights=args.weights, layer=args.layer,
         checkpoint_step=args.checkpoint_step, device=args.device, dtype=args.dtype,
-        batch_size=args.batch_size, refine=refine_options(args),
+        batch_size=args.batch_size, refine=refine_options(args), io_init=args.io_init,
         l2r_dir=args.l2r_export, l2r_fixed_id=args.l2r_fixed_id,
         l2r_moving_id=args.l2r_moving_id, overwrite=args.overwrite)
     cache = enable_compilation_cache(args)

@@ -136,6 +136,32 @@ def pca_for_store(workdir: str, run_info: dict, store, pca_store_path: str = '',
   return basis
 
 
+def settings_for_store(st, refs, trained_on: Sequence[str], settings: Sequence[dict]) -> dict:
+  """{'factors', 'num_classes'} to run and score a store's pairs ``refs`` with.
+
+  The run's training store of the same dataset (and, where the run recorded it, the same
+  voxel spacing) lends its pyramid factors; any other store (cross-domain, or a "custom"
+  pair list on another grid) gets factors from its voxel spacing
+  (``warp.factors_for_spacing``, the rule of ``fmir register`` on a native grid). Labels:
+  the store's own count (its reader's), else that training store's (not for "custom"
+  lists), else every label the volumes hold.
+  """
+  from fmir_jax import store as store_lib
+  name = store_lib.dataset_name(st.header)
+  spacing = st.info(refs[0].fixed).spacing_mm if refs else None
+  same = [s for d, s in zip(trained_on, settings) if d == name]
+  if spacing is not None:
+    same = [s for s in same if 'spacing_mm' not in s
+            or np.allclose(s['spacing_mm'], spacing, rtol=1e-3)]
+  factors = same[0]['factors'] if same or not refs else W.factors_for_spacing(spacing)
+  fallback = same[0]['num_classes'] if same else settings[0]['num_classes']
+  num_classes = int(st.header.get('num_classes', 0)) or (
+      fallback if same and name != 'custom' else
+      max((int(np.max(lab)) for r in refs for k in (r.moving, r.fixed)
+           if (lab := st.labels(k)) is not None), default=fallback))
+  return {'factors': factors, 'num_classes': num_classes}
+
+
 def evaluate_run(workdir: str, store_path: str, *, split: str = 'test',
                  checkpoint: str = 'best', pca_store: str = '', out_dir: str = '',
                  figures: int = 3, limit: int = 0, factors=None, progress=None,
@@ -159,23 +185,12 @@ def evaluate_run(workdir: str, store_path: str, *, split: str = 'test',
   st = store_lib.FeatureStore(store_path)
   basis = pca_for_store(workdir, info, st, pca_store, progress)
   pca = train_lib.pca_to_device(basis, train_lib.channel_norm(config))
-  # Hybrid runs: the settings of the training store of the same dataset (else the first).
   settings = info.get('store_settings') or [
       {'factors': None, 'num_classes': int(config.data.num_classes)}]
-  name = store_lib.dataset_name(st.header)
-  trained_on = info.get('store_datasets') or []
-  chosen = next((s for d, s in zip(trained_on, settings) if d == name), settings[0])
   refs = data_lib.eval_pairs([st], split, limit)
-  if factors is None:
-    # A dataset the run never saw (cross-domain): factors from the store's voxel spacing.
-    factors = chosen['factors'] if name in trained_on or not refs else \
-        W.factors_for_spacing(st.info(refs[0].fixed).spacing_mm)
-  # The test data's label set: the store's (its reader's) count; a store without one
-  # scores the run's classes on its own dataset, else every label its volumes hold.
-  num_classes = int(st.header.get('num_classes', 0)) or (
-      chosen['num_classes'] if name in trained_on else
-      max((int(np.max(lab)) for r in refs for k in (r.moving, r.fixed)
-           if (lab := st.labels(k)) is not None), default=chosen['num_classes']))
+  chosen = settings_for_store(st, refs, info.get('store_datasets') or [], settings)
+  factors = chosen['factors'] if factors is None else factors
+  num_classes = chosen['num_classes']
   classes = tuple(range(1, num_classes + 1))
   c_prime = model_lib.FMIRConfig.from_dict(info['model']).feature_channels
   predict = train_lib.make_predict(graphdef, c_prime=c_prime, factors=factors)

@@ -58,14 +58,20 @@ class RegisterError(ValueError):
 class RegisterOptions:
   """Everything registration needs besides the file paths.
 
-  grid: "model" or "native"; dataset_grid: None (the run's reader) or "acdc"/"abdomen".
+  grid: "model", "native" or None (the run's default: "native" for a run trained on several
+  grids, e.g. the general head, else "model"); dataset_grid: None (the run's reader) or
+  "acdc"/"abdomen".
   spacing_mm: native-grid voxel size (None: the fixed image's spacing).
-  pyramid_factors: per-level factors override (one triple or levels-1 triples), or None.
+  pyramid_factors: per-level factors override (one triple or levels-1 triples), or None
+    (model grid: the run's; native grid: those of the training store with the grid's
+    spacing, else ``warp.factors_for_spacing``).
   backbone/weights/layer: encoder override (None: the run's encoder).
   checkpoint_step: "best", "last"/"latest" or a step number.
   refine: instance optimisation options (``refine.RefineOptions``) or None (off).
+  io_init: 'head' (instance optimisation starts from the head's field) or 'zero' (from the
+    identity, the head not run: the comparison of what the head's start is worth).
   """
-  grid: str = 'model'
+  grid: str | None = None
   dataset_grid: str | None = None
   spacing_mm: tuple[float, float, float] | None = None
   pyramid_factors: Any = None
@@ -77,6 +83,7 @@ class RegisterOptions:
   dtype: str = 'float32'
   batch_size: int = 16
   refine: Any = None
+  io_init: str = 'head'
   l2r_dir: str | None = None
   l2r_fixed_id: str | None = None
   l2r_moving_id: str | None = None
@@ -118,6 +125,29 @@ class Grid:
 
 # --------------------------------------------------------------------------- plan + load
 
+def default_checkpoint() -> str:
+  """The general head shipped in the package (``fmir_jax.general.SHIPPED``)."""
+  from fmir_jax import general
+  if not os.path.isfile(os.path.join(general.SHIPPED, 'run.json')):
+    raise RegisterError(
+        f'no --checkpoint given and no general head is installed ({general.SHIPPED} holds no '
+        'run): pass --checkpoint RUN_DIR (a train.py --workdir), or build the general head: '
+        f'python -m fmir_jax.general --out general_out --ship {general.SHIPPED}')
+  return general.SHIPPED
+
+
+def read_card(checkpoint: str) -> dict[str, Any] | None:
+  """The shipped head's card (``general_head.json``: what it is, how it was trained)."""
+  from fmir_jax import general
+  path = os.path.join(checkpoint, general.CARD)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+
+
 
 def factors_product(factors, levels: int) -> tuple[int, int, int]:
   """Per-axis product of the pyramid factors over the levels-1 transitions."""
@@ -148,8 +178,10 @@ def native_grid(shape: Sequence[int], affine: np.ndarray, src_spacing_mm: Sequen
 
 
 def plan_grid(fixed: io.NiftiHeader, reader, reader_options: dict[str, Any], opts,
-              factors, levels: int, train_spacing_mm: Sequence[float] | None) -> Grid:
-  """The registration grid for a pair with this fixed image (see the module docstring)."""
+              factors, levels: int, train_spacings_mm: Sequence[Sequence[float]]) -> Grid:
+  """The registration grid for a pair with this fixed image (see the module docstring);
+  ``train_spacings_mm``: the voxel sizes the head was trained at (a warning when the native
+  spacing is far from all of them)."""
   if opts.grid == 'model':
     if reader.target_shape(**reader_options) is None:
       raise RegisterError(f'the run\'s {reader.NAME!r} features record no model grid (shape '
@@ -160,13 +192,14 @@ def plan_grid(fixed: io.NiftiHeader, reader, reader_options: dict[str, Any], opt
   shape, affine = native_grid(fixed.shape, fixed.affine, fixed.spacing_mm, spacing,
                               factors_product(factors, levels))
   warnings = ()
-  if train_spacing_mm is not None:
-    ratio = np.asarray(spacing, float) / np.asarray(train_spacing_mm, float)
-    if np.any(ratio > SPACING_WARN_RATIO) or np.any(ratio < 1 / SPACING_WARN_RATIO):
-      warnings = (f'native spacing {tuple(round(float(s), 3) for s in spacing)} mm is far '
-                  f'from the training spacing {tuple(train_spacing_mm)} mm: features and '
-                  'the head see another scale; consider --spacing '
-                  f'{",".join(f"{s:g}" for s in train_spacing_mm)}',)
+  far = [np.any(r > SPACING_WARN_RATIO) or np.any(r < 1 / SPACING_WARN_RATIO)
+         for r in (np.asarray(spacing, float) / np.asarray(t, float) for t in train_spacings_mm)]
+  if far and all(far):
+    near = min(train_spacings_mm, key=lambda t: float(np.max(np.abs(np.log(
+        np.asarray(spacing, float) / np.asarray(t, float))))))
+    warnings = (f'native spacing {tuple(round(float(v), 3) for v in spacing)} mm is far '
+                f'from the training spacing {tuple(near)} mm: features and the head see '
+                f'another scale; consider --spacing {",".join(f"{v:g}" for v in near)}',)
   return Grid(shape, affine, 'native', warnings)
 
 
@@ -248,42 +281,55 @@ class Registrar:
   """Registers pairs with one trained run; restore, encoder load and compiles happen once.
 
   Args:
-    checkpoint: training run directory (``train.py --workdir``).
+    checkpoint: training run directory (``train.py --workdir``), or None for the general
+      head shipped with the package (``default_checkpoint``).
     options: ``RegisterOptions``.
     log: called with one line per notable event (grid, warnings, refinement).
   """
 
-  def __init__(self, checkpoint: str, options: RegisterOptions = RegisterOptions(),
+  def __init__(self, checkpoint: str | None, options: RegisterOptions = RegisterOptions(),
                log: Callable[[str], None] = lambda s: None):
     from feature_extract import datasets
     from fmir_jax import model as model_lib
     from fmir_jax import train_lib
-    opts = self.options = options
-    if opts.grid not in GRIDS:
-      raise RegisterError(f'--grid {opts.grid!r}: use one of {GRIDS}.')
-    if opts.dataset_grid not in (None,) + DATASET_GRIDS:
-      raise RegisterError(f'--dataset-grid {opts.dataset_grid!r}: use one of '
+    if options.grid not in (None,) + GRIDS:
+      raise RegisterError(f'--grid {options.grid!r}: use one of {GRIDS}.')
+    if options.dataset_grid not in (None,) + DATASET_GRIDS:
+      raise RegisterError(f'--dataset-grid {options.dataset_grid!r}: use one of '
                           f'{DATASET_GRIDS}.')
+    if options.io_init not in ('head', 'zero'):
+      raise RegisterError(f'--io-init {options.io_init!r}: use head or zero.')
+    if options.io_init == 'zero' and options.refine is None:
+      raise RegisterError('--io-init zero starts instance optimisation from the identity: '
+                          'add --io.')
     self.log = log
+    if checkpoint is None:
+      checkpoint = default_checkpoint()
+      log(f'checkpoint: the general head shipped with fmir-jax: {checkpoint}')
+    self.card = read_card(checkpoint)
+    if self.card:
+      log(f'head: {self.card["what"]}')
     self.checkpoint = os.path.abspath(checkpoint)
     t0 = time.perf_counter()
-    self.run = runs.load_run(checkpoint, opts.checkpoint_step)
+    self.run = runs.load_run(checkpoint, options.checkpoint_step)
+    settings = self.run.info.get('store_settings') or []
+    # A run trained on several grids has no one model grid: register on the native grid.
+    opts = self.options = dataclasses.replace(
+        options, grid=options.grid or ('native' if len(settings) > 1 else 'model'))
     dataset, self.reader_options = self.run.dataset
     self.reader = datasets.get(opts.dataset_grid or dataset or 'custom')
     self.levels = self.run.model.levels
-    self.factors = opts.pyramid_factors if opts.pyramid_factors is not None \
-        else self.run.model.factors
-    try:
-      model_lib.level_factors(self.factors, self.levels)
-    except ValueError as e:
-      raise RegisterError(f'--pyramid-factors: {e}') from e
+    if opts.pyramid_factors is not None:
+      try:
+        model_lib.level_factors(opts.pyramid_factors, self.levels)
+      except ValueError as e:
+        raise RegisterError(f'--pyramid-factors: {e}') from e
     self.backbone, self.header = runs.load_backbone(
         self.run, opts.backbone, opts.weights, opts.layer, opts.device, opts.dtype)
     self.pca = train_lib.pca_to_device(runs.pca_basis(self.run, self.header),
                                        train_lib.channel_norm(self.run.config))
-    self._predict = train_lib.make_predict(
-        self.run.graphdef, c_prime=self.run.model.feature_channels,
-        factors=opts.pyramid_factors)
+    self._make_predict = lambda factors: train_lib.make_predict(
+        self.run.graphdef, c_prime=self.run.model.feature_channels, factors=factors)
     self._compiled: dict[Any, Any] = {}
     self.refiner = None
     if opts.refine is not None:
@@ -292,21 +338,41 @@ class Registrar:
     self.setup_s = time.perf_counter() - t0
     train_shape = self.reader.target_shape(**self.reader_options)
     self.train_slice = None if train_shape is None else tuple(train_shape[:2])
-    sp = self.reader_options.get('spacing_mm') or getattr(self.reader, 'TARGET_SPACING_MM',
-                                                          None)
-    self.train_spacing_mm = None if sp is None else tuple(float(v) for v in sp)
+    self.train_spacings_mm = [tuple(float(v) for v in s['spacing_mm']) for s in settings
+                              if 'spacing_mm' in s]
+    self.train_factors = [tuple(tuple(f) if isinstance(f, (list, tuple)) else f
+                                for f in s['factors']) for s in settings if 'spacing_mm' in s]
+    if not self.train_spacings_mm:
+      sp = self.reader_options.get('spacing_mm') or getattr(self.reader, 'TARGET_SPACING_MM',
+                                                            None)
+      self.train_spacings_mm = [] if sp is None else [tuple(float(v) for v in sp)]
+      self.train_factors = [self.run.model.factors] * len(self.train_spacings_mm)
 
-  def _head(self, moving: dict, fixed: dict) -> tuple[np.ndarray, float, float]:
+  def factors_for(self, spacing_mm) -> Any:
+    """Pyramid factors for a grid of this voxel size: --pyramid-factors; on the model grid
+    the run's; else those of the training store with this spacing; else
+    ``warp.factors_for_spacing`` (halve the axes within 1.5x of the finest)."""
+    from fmir_jax import warp
+    if self.options.pyramid_factors is not None:
+      return self.options.pyramid_factors
+    if self.options.grid == 'model':
+      return self.run.model.factors
+    for sp, f in zip(self.train_spacings_mm, self.train_factors):
+      if np.allclose(sp, spacing_mm, rtol=1e-3):
+        return f
+    return warp.factors_for_spacing(spacing_mm)
+
+  def _head(self, moving: dict, fixed: dict, factors) -> tuple[np.ndarray, float, float]:
     """(disp_vox (H, W, D, 3), compile seconds (0 when cached), run seconds)."""
     import jax
     import jax.numpy as jnp
     args = (self.run.params, {k: jnp.asarray(v) for k, v in moving.items()},
             {k: jnp.asarray(v) for k, v in fixed.items()}, self.pca)
-    key = tuple((k, v.shape) for k, v in sorted(moving.items()))
+    key = (str(factors),) + tuple((k, v.shape) for k, v in sorted(moving.items()))
     compile_s = 0.0
     if key not in self._compiled:
       t0 = time.perf_counter()
-      self._compiled[key] = self._predict.lower(*args).compile()
+      self._compiled[key] = self._make_predict(factors).lower(*args).compile()
       compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     disp = jax.block_until_ready(self._compiled[key](*args))
@@ -332,8 +398,9 @@ class Registrar:
 
     t0 = time.perf_counter()
     pair = load_pair(paths)
-    grid = plan_grid(pair.fixed_header, self.reader, self.reader_options, opts, self.factors,
-                     self.levels, self.train_spacing_mm)
+    factors = self.factors_for(opts.spacing_mm or pair.fixed_header.spacing_mm)
+    grid = plan_grid(pair.fixed_header, self.reader, self.reader_options, opts, factors,
+                     self.levels, self.train_spacings_mm)
     images = {name: self.reader.preprocess(img, hdr, grid.shape, grid.affine,
                                            **self.reader_options)[0]
               for name, img, hdr in (('fixed', pair.fixed, pair.fixed_header),
@@ -347,11 +414,15 @@ class Registrar:
     t0 = time.perf_counter()
     enc = runs.encoding_for(grid.shape[:2], self.header, self.train_slice,
                             self.backbone.required_input_size, self.backbone.patch_size)
-    inputs = {k: runs.encode(v, self.backbone, enc, opts.batch_size)
-              for k, v in images.items()}
-    times['features_s'] = time.perf_counter() - t0
-    disp_vox, times['compile_s'], times['head_s'] = self._head(inputs['moving'],
-                                                               inputs['fixed'])
+    if opts.io_init == 'zero':         # instance optimisation from the identity: no head
+      times['features_s'], times['compile_s'], times['head_s'] = 0.0, 0.0, 0.0
+      disp_vox = np.zeros(grid.shape + (3,), np.float32)
+    else:
+      inputs = {k: runs.encode(v, self.backbone, enc, opts.batch_size)
+                for k, v in images.items()}
+      times['features_s'] = time.perf_counter() - t0
+      disp_vox, times['compile_s'], times['head_s'] = self._head(inputs['moving'],
+                                                                 inputs['fixed'], factors)
     refined, times['refine_s'] = None, 0.0
     if self.refiner is not None:
       disp_vox, refined = self.refiner.refine(images['moving'], images['fixed'],
@@ -382,12 +453,13 @@ class Registrar:
     report = {
         **{k: v and os.path.abspath(v) for k, v in dataclasses.asdict(paths).items()},
         'checkpoint': self.checkpoint, 'checkpoint_step': self.run.step,
+        'head': self.card and self.card['what'],
         'backbone': self.header['backbone'], 'layer': self.header['layer'],
         'encoder_input': dataclasses.asdict(enc),
         'grid': {'mode': grid.mode, 'reader': self.reader.NAME,
                  'reader_options': self.reader_options, 'shape': list(grid.shape),
                  'affine': grid.affine.tolist(), 'spacing_mm': list(grid.spacing_mm),
-                 'pyramid_factors': self.factors},
+                 'pyramid_factors': factors},
         'warnings': list(grid.warnings),
         'fixed_grid': {'shape': list(fshape), 'affine': np.asarray(faff).tolist()},
         'dice': labels,
@@ -395,7 +467,7 @@ class Registrar:
                      'folding_fraction': metrics_lib.folding_fraction(disp_vox, crop),
                      'sdlogj': metrics_lib.sdlogj(disp_vox, crop)},
         'instance_optimisation': refined and {
-            'options': dataclasses.asdict(self.refiner.options),
+            'options': dataclasses.asdict(self.refiner.options), 'init': opts.io_init,
             **dataclasses.asdict(refined)},
         'convention': 'disp_mm.nii.gz: RAS mm (fixed affine); warped(p) = moving(p + disp); '
                       'ITK/ANTs LPS: negate components 0 and 1',
@@ -408,7 +480,7 @@ class Registrar:
     return report
 
 
-def register(fixed: str, moving: str, checkpoint: str, out: str, *,
+def register(fixed: str, moving: str, checkpoint: str | None, out: str, *,
              fixed_labels: str | None = None, moving_labels: str | None = None,
              options: RegisterOptions = RegisterOptions(),
              log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:

@@ -60,7 +60,7 @@ def batch_row(index: int, paths: PairFiles, report: dict | None, error: str | No
   return row
 
 
-def register_batch(pairs_csv: str, checkpoint: str, out: str, *,
+def register_batch(pairs_csv: str, checkpoint: str | None, out: str, *,
                    options: register_lib.RegisterOptions = register_lib.RegisterOptions(),
                    log: Callable[[str], None] = lambda s: None,
                    errors: tuple[type, ...] = (ValueError,)) -> dict[str, Any]:

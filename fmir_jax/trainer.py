@@ -145,15 +145,21 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
   mode = train_lib.mode_of(config.mode).name
   norm = train_lib.channel_norm(config)
   stores = open_stores(list(config.data.train_stores))
-  eval_stores = open_stores([config.data.eval_store]) if config.data.eval_store else stores
+  eval_stores = open_stores(list(config.data.eval_stores)) if config.data.eval_stores \
+      else stores
   header = stores[0].header
   refs = data_lib.list_pairs(stores, 'train')
   n_steps = total_steps(config, len(refs))
   c_prime = int(config.feature_channels)
   graphdef, state, tx, mcfg = train_lib.create(config, int(header['channels']), n_steps)
   mesh = mesh or train_lib.make_mesh()
-  settings = store_settings(config, len(stores))
-  eval_settings = settings if eval_stores is stores else store_settings(config, 1)
+  # each training store's settings, with its voxel spacing (evaluation matches stores by it)
+  settings = [dict(s, spacing_mm=list(st.info(st.keys()[0]).spacing_mm))
+              for s, st in zip(store_settings(config, len(stores)), stores)]
+  store_datasets = [store_lib.dataset_name(st.header) for st in stores]
+  eval_settings = settings if eval_stores is stores else [
+      evaluation.settings_for_store(st, [data_lib.PairRef(0, m, f) for m, f in st.pairs('val')],
+                                    store_datasets, settings) for st in eval_stores]
 
   os.makedirs(workdir, exist_ok=True)
   run_info = json.loads(json.dumps({
@@ -161,7 +167,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
       'channel_norm': config.get('channel_norm', 'paper'),
       'store_header': header, 'train_stores': list(config.data.train_stores),
       'total_steps': n_steps, 'num_devices': int(mesh.devices.size),
-      'store_datasets': [store_lib.dataset_name(st.header) for st in stores],
+      'store_datasets': store_datasets,
       'store_settings': settings}))
   if os.path.exists(os.path.join(workdir, ckpt.RUN_FILE)):
     old = ckpt.read_run_info(workdir)
@@ -229,7 +235,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
                        st, refs_i, tuple(range(1, st_set['num_classes'] + 1))))
   if not val_sets:
     raise ValueError('no validation pairs in ' + ', '.join(st.path for st in eval_stores)
-                     + ': extract features for the val split (or set data.eval_store)')
+                     + ': extract features for the val split (or set data.eval_stores)')
   end = n_steps if not stop_after_steps else min(n_steps, start + int(stop_after_steps))
 
   writer = SummaryWriter(os.path.join(workdir, 'tb')) if primary else _NoWriter()

@@ -45,10 +45,11 @@ def _numpy_dice(fixed_path: str, moving_path: str) -> float:
 
 def test_smoke_bench_scores_every_method_on_every_set(run_dir, tmp_path):
   out = tmp_path / 'bench'
-  r = _bench('--smoke', '--checkpoint', run_dir, '--out', str(out))
+  r = _bench('--smoke', '--checkpoint', run_dir, '--out', str(out), '--methods',
+             'identity,ants_syn,fmir_head,fmir_head_io,fmir_io_zero', '--io-curve', '1')
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   res = json.loads((out / 'results.json').read_text())
-  methods = ['identity', 'fmir_head', 'fmir_head_io']
+  methods = ['identity', 'fmir_head', 'fmir_head_io', 'fmir_io_zero']
   if _ants_available():
     methods.append('ants_syn')
   else:
@@ -67,6 +68,13 @@ def test_smoke_bench_scores_every_method_on_every_set(run_dir, tmp_path):
           assert row['seconds'] > 0
       if method.startswith('fmir'):
         assert m['summary']['compile_s_first_pair'] is not None
+    # IO from zero runs no head; the IO curve at the full budget repeats the two IO methods
+    # (same options, same results)
+    assert all(row['times_s']['head_s'] == 0.0 for row in s['methods']['fmir_io_zero']['pairs'])
+    (point,) = s['io_curve']
+    for init, method in (('head', 'fmir_head_io'), ('zero', 'fmir_io_zero')):
+      assert point[init]['dice'] == s['methods'][method]['summary']['dice']
+    assert 'instance optimisation budget' in r.stdout
     # The known deformation was applied: identity does not match the fixed labels.
     identity = s['methods']['identity']['pairs']
     assert all(row['dice'] < 0.99 for row in identity), identity

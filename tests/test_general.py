@@ -1,0 +1,183 @@
+"""The general head (issue: `fmir register` zero-shot): the domain-randomised generator
+(determinism; labels follow the deformation, checked with scipy; images follow labels), its
+pair lists read by the "custom" reader, the factor/label rule for validation stores, a short
+training run of configs/general.py on generated pairs that lowers the loss, shipping a run,
+and `fmir register` with no --checkpoint using the shipped head.
+"""
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from feature_extract.datasets import pairs as custom_pairs
+from feature_extract.datasets import phantom_pairs
+from feature_extract.datasets import synth
+from fmir_jax import cli
+from fmir_jax import evaluation
+from fmir_jax import general
+from fmir_jax import io
+from fmir_jax import metrics
+
+SMALL = synth.Setting('iso', (24, 24, 20), (2.0, 2.0, 2.0))
+SMALL_ANISO = synth.Setting('aniso', (32, 32, 6), (1.6, 1.6, 8.0), through_plane=0.3)
+
+
+def test_generator_is_deterministic_and_labels_follow_the_deformation():
+  a, b, c = (synth.draw_pair(SMALL, i, 7) for i in (3, 3, 4))
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+  assert not np.array_equal(a[2], c[2])
+  fixed, moving, fixed_lab, moving_lab, u = a
+  assert fixed.shape == moving.shape == SMALL.shape and u.shape == SMALL.shape + (3,)
+  assert fixed.dtype == np.float32 and 0 <= fixed.min() and fixed.max() <= 1
+  # moving labels = fixed labels at x + u(x): scipy nearest neighbour as the oracle
+  coords = np.indices(SMALL.shape, dtype=np.float32) + np.moveaxis(u, -1, 0)
+  np.testing.assert_array_equal(
+      moving_lab, ndimage.map_coordinates(fixed_lab, coords, order=0, mode='nearest'))
+  # a diffeomorphism of the drawn size (peak over the volume, mm)
+  assert metrics.folding_fraction(u, crop=0) == 0.0
+  peak = np.linalg.norm(u * np.asarray(SMALL.spacing_mm), axis=-1).max()
+  assert SMALL.disp_mm[0] * 0.8 <= peak <= SMALL.disp_mm[1] * 1.6
+  assert int(fixed_lab.max()) >= SMALL.labels[0]
+
+
+@pytest.mark.parametrize('p_invert, sign', [(0.0, 1), (1.0, -1)])
+def test_images_follow_their_labels_with_one_contrast_or_its_inverse(p_invert, sign):
+  s = dataclasses.replace(SMALL, p_invert=p_invert)
+  fixed, moving, fixed_lab, moving_lab, _ = synth.draw_pair(s, 1, 0)
+  labels = [k for k in np.unique(fixed_lab) if (fixed_lab == k).sum() > 50
+            and (moving_lab == k).sum() > 50]
+  mf = np.array([fixed[fixed_lab == k].mean() for k in labels])
+  mm = np.array([moving[moving_lab == k].mean() for k in labels])
+  assert sign * np.corrcoef(mf, mm)[0, 1] > 0.8
+  # intensities are mostly explained by the labels (between-label variance dominates)
+  within = np.mean([fixed[fixed_lab == k].var() for k in labels])
+  assert within < 0.5 * fixed.var()
+
+
+def test_pair_lists_resume_and_the_custom_reader_reads_them(tmp_path):
+  csv = synth.write_pairs(str(tmp_path), SMALL, 2, seed=0)
+  first = tmp_path / 'iso' / 'pair0000_fixed.nii.gz'
+  stamp = first.stat().st_mtime_ns
+  csv = synth.write_pairs(str(tmp_path), SMALL, 3, seed=0)
+  assert first.stat().st_mtime_ns == stamp           # kept, not redrawn
+  sources = custom_pairs.scan(csv, shape=SMALL.shape, spacing_mm=SMALL.spacing_mm)
+  assert len(sources) == 6 and len(custom_pairs.pairs(sources)) == 3
+  vol = next(s for s in sources if s.key.startswith('pair0002_fixed')).load()
+  _, _, fixed_lab, _, _ = synth.draw_pair(SMALL, 2, 0)
+  np.testing.assert_array_equal(vol.labels, fixed_lab)
+  lab, affine, _ = io.load_nifti(str(tmp_path / 'iso' / 'pair0002_fixed_labels.nii.gz'))
+  np.testing.assert_allclose(affine, synth.affine_for(SMALL))
+
+
+class _Store:
+  """The three things ``settings_for_store`` reads of a feature store."""
+
+  def __init__(self, dataset, spacing, labels, num_classes=None):
+    self.header = {'dataset': {'name': dataset}}
+    if num_classes:
+      self.header['num_classes'] = num_classes
+    self._spacing, self._labels = spacing, labels
+
+  def info(self, key):
+    return type('Info', (), {'spacing_mm': self._spacing})()
+
+  def labels(self, key):
+    return self._labels
+
+
+def test_validation_store_settings_match_by_dataset_and_spacing():
+  from fmir_jax.data import PairRef
+  refs = [PairRef(0, 'a', 'b')]
+  trained = ['custom', 'custom']
+  settings = [{'factors': (2, 2, 2), 'num_classes': 16, 'spacing_mm': [2.0, 2.0, 2.0]},
+              {'factors': (2, 2, 1), 'num_classes': 16, 'spacing_mm': [1.6, 1.6, 8.0]}]
+  lab = np.zeros((4, 4, 4), np.uint8)
+  lab[0, 0, 0] = 3
+  rule = evaluation.settings_for_store
+  # a custom store at a training spacing: that store's factors; labels its own (3, not 16)
+  assert rule(_Store('custom', (1.6, 1.6, 8.0), lab), refs, trained, settings) == \
+      {'factors': (2, 2, 1), 'num_classes': 3}
+  # another spacing: factors from the spacing (halve axes within 1.5x of the finest)
+  assert rule(_Store('custom', (1.0, 1.0, 3.0), lab), refs, trained, settings)['factors'] \
+      == (2, 2, 1)
+  assert rule(_Store('custom', (3.0, 3.0, 3.0), lab), refs, trained, settings)['factors'] \
+      == (2, 2, 2)
+  # a dataset reader's store keeps the reader's label count
+  assert rule(_Store('abdomen', (2.0, 2.0, 2.0), lab, 13), refs, ['acdc'],
+              [{'factors': (2, 2, 1), 'num_classes': 3}]) == \
+      {'factors': (2, 2, 2), 'num_classes': 13}
+
+
+@pytest.fixture(scope='module')
+def general_run(tmp_path_factory):
+  """configs/general.py shrunk: 3 generated pairs per grid, 1 validation pair per phantom
+  set, 24 steps."""
+  from fmir_jax import trainer
+  out = str(tmp_path_factory.mktemp('general'))
+  general.prepare_out(out)
+  lists = general.write_data(out, train_pairs=3, val_pairs=1, seed=0,
+                             train_settings=[SMALL, SMALL_ANISO],
+                             val_sets=phantom_pairs.set_specs(smoke=True), log=lambda s: None)
+  stores = general.extract(out, lists, log=lambda s: None)
+  c = general.config_for(stores, steps=24)
+  c.model.n, c.model.levels, c.feature_channels = 4, 3, 8
+  c.loss.ncc_windows = c.loss.ncc_windows[:3]
+  c.train.eval_every = c.train.checkpoint_every = 12
+  c.train.log_every = 1
+  c.data.prefetch = 1
+  workdir = os.path.join(out, 'run')
+  result = trainer.train_and_evaluate(c, workdir, quiet=True)
+  return out, workdir, result
+
+
+def test_short_general_training_lowers_the_loss_and_validates_out_of_domain(general_run):
+  out, workdir, result = general_run
+  losses = [result.losses[s] for s in sorted(result.losses)]
+  assert len(losses) == 24 and np.isfinite(losses).all()
+  assert np.mean(losses[-6:]) < np.mean(losses[:6])
+  info = json.load(open(os.path.join(workdir, 'run.json')))
+  assert [s['factors'] for s in info['store_settings']] == [[2, 2, 2], [2, 2, 1]]
+  val = [json.loads(line) for line in open(os.path.join(workdir, 'val.jsonl'))]
+  assert [v['step'] for v in val] == [12, 24]
+  assert all(0 < v['initial_dice'] < 1 for v in val)
+
+
+def test_ship_then_register_without_checkpoint(general_run, tmp_path, monkeypatch, capsys):
+  out, workdir, _ = general_run
+  dest = tmp_path / 'shipped'
+  general.ship(workdir, str(dest), ['python', '-m', 'fmir_jax.general'], seed=0)
+  general.ship(workdir, str(dest), ['python', '-m', 'fmir_jax.general'], seed=0)  # again
+  card = json.load(open(dest / general.CARD))
+  assert card['what'] == 'general head, mind features, not a foundation model'
+  assert card['checkpoint_step'] in (12, 24) and 'dice' in card['validation']
+  assert sorted(os.listdir(dest)) == sorted(['run.json', 'pca', 'val.jsonl', 'best',
+                                             general.CARD])
+  (tmp_path / 'mine').mkdir()
+  (tmp_path / 'mine' / 'notes.txt').write_text('keep')
+  with pytest.raises(general.GeneralError, match='not empty'):
+    general.ship(workdir, str(tmp_path / 'mine'), [], seed=0)
+  assert (tmp_path / 'mine' / 'notes.txt').read_text() == 'keep'
+
+  os.chmod(dest, 0o555)                    # an installed package may be read-only
+  monkeypatch.setattr(general, 'SHIPPED', str(dest))
+  pair = os.path.join(out, 'data', 'val_abdomen')
+  res = tmp_path / 'res'
+  rc = cli.main(['register', '--fixed', f'{pair}/pair01_fixed.nii.gz',
+                 '--moving', f'{pair}/pair01_moving.nii.gz', '--out', str(res), '--no-cache'])
+  os.chmod(dest, 0o755)
+  err = capsys.readouterr().err
+  assert rc == 0, err
+  assert 'general head shipped with fmir-jax' in err and 'not a foundation model' in err
+  report = json.load(open(res / 'report.json'))
+  assert report['head'] == card['what'] and report['grid']['mode'] == 'native'
+  assert report['grid']['pyramid_factors'] == [2, 2, 2]    # its isotropic training grid
+
+  monkeypatch.setattr(general, 'SHIPPED', str(tmp_path / 'none'))
+  rc = cli.main(['register', '--fixed', f'{pair}/pair01_fixed.nii.gz',
+                 '--moving', f'{pair}/pair01_moving.nii.gz', '--out', str(tmp_path / 'r2')])
+  err = capsys.readouterr().err
+  assert rc == 2 and 'python -m fmir_jax.general' in err and not (tmp_path / 'r2').exists()
