@@ -153,7 +153,8 @@ def settings_for_store(st, refs, trained_on: Sequence[str], settings: Sequence[d
   if spacing is not None:
     same = [s for s in same if 'spacing_mm' not in s
             or np.allclose(s['spacing_mm'], spacing, rtol=1e-3)]
-  factors = same[0]['factors'] if same or not refs else W.factors_for_spacing(spacing)
+  factors = (same or settings)[0]['factors'] if same or not refs else \
+      W.factors_for_spacing(spacing)
   fallback = same[0]['num_classes'] if same else settings[0]['num_classes']
   num_classes = int(st.header.get('num_classes', 0)) or (
       fallback if same and name != 'custom' else
