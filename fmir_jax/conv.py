@@ -31,9 +31,11 @@ IMPLS = ('auto', 'split2d', 'xla')
 _DN3 = ('NHWDC', 'HWDIO', 'NHWDC')
 SLAB_BYTES = 64 * 2**20     # unfolded-input budget per row slab (kernel gradient)
 CHUNK_BYTES = 48 * 2**20    # per-tap output budget per chunk of D planes (forward)
-# 'auto' keeps XLA's conv for small convolutions (output elements x input channels below
-# this): there it is as fast and compiles quicker than the chunked split-2D program.
-AUTO_MIN_WORK = 2**24
+# 'auto' keeps XLA's conv for tiny convolutions (output elements x input channels below
+# this), where it compiles quicker than the split-2D program and runs as fast. Above it
+# split2d wins by 2-10x (2 cores, 2026-11-27: the 1 -> 8 image conv at 2x80x96x80 348 vs
+# 73 ms; 27 -> 3 at 40x48x40 139 vs 16 ms; 16 -> 16 at 20x24x20 6.8 vs 1.5 ms).
+AUTO_MIN_WORK = 2**18
 
 
 def resolve_impl(impl: str, work: int | None = None) -> str:

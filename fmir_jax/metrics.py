@@ -307,6 +307,12 @@ def folding_fraction(disp_vox: np.ndarray, crop: int = BORDER_CROP_VOX) -> float
   return _folding_of(crop_border(jacobian_determinant(disp_vox), crop))
 
 
+def field_regularity(disp_vox: np.ndarray, crop: int = BORDER_CROP_VOX) -> dict[str, float]:
+  """{'folding_fraction', 'sdlogj'} of one field from one Jacobian determinant."""
+  jac_det = crop_border(jacobian_determinant(disp_vox), crop)
+  return {'folding_fraction': _folding_of(jac_det), 'sdlogj': _sdlogj_of(jac_det)}
+
+
 # --------------------------------------------------------------------------- per pair
 
 

@@ -464,8 +464,7 @@ class Registrar:
         'fixed_grid': {'shape': list(fshape), 'affine': np.asarray(faff).tolist()},
         'dice': labels,
         'jacobian': {'grid': 'registration grid', 'border_crop_vox': crop,
-                     'folding_fraction': metrics_lib.folding_fraction(disp_vox, crop),
-                     'sdlogj': metrics_lib.sdlogj(disp_vox, crop)},
+                     **metrics_lib.field_regularity(disp_vox, crop)},
         'instance_optimisation': refined and {
             'options': dataclasses.asdict(self.refiner.options), 'init': opts.io_init,
             **dataclasses.asdict(refined)},

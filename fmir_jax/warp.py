@@ -112,12 +112,38 @@ def _sample_coords(coords: jax.Array, shape: Shape3) -> tuple[jax.Array, jax.Arr
   return flat, jnp.where(valid, w, 0.0)
 
 
+def _gather_cells(vol: jax.Array, coords: jax.Array) -> jax.Array:
+  """Trilinear samples of ``vol`` (B, H, W, D, C) at ``coords`` (B, M, 3), zero outside.
+
+  One gather of each point's 2x2x2 cell from the volume padded by one zero voxel per side
+  (four contiguous runs of 2C values, against eight scattered C-value corners: 1.3-1.7x
+  faster forward and backward on CPU). A cell with a corner inside the volume starts at
+  ``floor + 1`` in the padded array; cells farther out get zero weight.
+  """
+  b, *shape, c = vol.shape
+  lo = jnp.floor(coords)
+  frac = coords - lo
+  lo = lo.astype(jnp.int32)
+  sizes = jnp.asarray(shape, jnp.int32)
+  near = jnp.all((lo >= -1) & (lo <= sizes - 1), axis=-1)                 # (B, M)
+  start = jnp.clip(lo + 1, 0, sizes)
+  batch = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None, None], start.shape[:2] + (1,))
+  dn = jax.lax.GatherDimensionNumbers(offset_dims=(2, 3, 4, 5), collapsed_slice_dims=(0,),
+                                      start_index_map=(0, 1, 2, 3))
+  padded = jnp.pad(vol, ((0, 0), (1, 1), (1, 1), (1, 1), (0, 0)))
+  cells = jax.lax.gather(padded, jnp.concatenate([batch, start], -1), dn,
+                         slice_sizes=(1, 2, 2, 2, c), mode='promise_in_bounds')  # (B,M,2,2,2,C)
+  wa, wb, wc = (jnp.stack([1 - frac[..., k], frac[..., k]], -1) for k in range(3))
+  w = (wa[..., :, None, None] * wb[..., None, :, None] * wc[..., None, None, :]
+       * near[..., None, None, None].astype(frac.dtype))
+  return jnp.sum(cells * w[..., None].astype(cells.dtype), axis=(2, 3, 4))   # no matmul: exact f32
+
+
 def _warp_batched(vol: jax.Array, disp_vox: jax.Array, row0=None) -> jax.Array:
   """Trilinear warp of ``(B, H, W, D, C)`` by ``(B, H, W, D, 3)``.
 
-  The batch is folded into the flat index (one plain gather, no vmap), which keeps the
-  gather/scatter-add pair simple to compile. With ``row0`` (a traced scalar), ``disp_vox``
-  is ``(B, R, W, D, 3)`` for the grid rows ``[row0, row0 + R)`` only, and so is the result.
+  With ``row0`` (a traced scalar), ``disp_vox`` is ``(B, R, W, D, 3)`` for the grid rows
+  ``[row0, row0 + R)`` only, and so is the result.
   """
   b, *shape, c = vol.shape
   n = int(np.prod(shape))
@@ -126,16 +152,15 @@ def _warp_batched(vol: jax.Array, disp_vox: jax.Array, row0=None) -> jax.Array:
   grid = identity_grid(disp_vox.shape[1:4], disp_vox.dtype)
   if row0 is not None:
     grid = grid + jnp.asarray([1, 0, 0], disp_vox.dtype) * row0
-  coords = (grid + disp_vox).reshape(-1, 3)
   m = int(np.prod(disp_vox.shape[1:4]))                     # points per batch element
-  indices, weights = _sample_coords(coords, tuple(shape))    # (8, B*M)
-  indices = indices + jnp.repeat(jnp.arange(b, dtype=jnp.int32) * n, m)[None]
-  flat = vol.reshape(b * n, c).astype(dtype)
-  weights = weights.astype(dtype)
   if 8 * b * m * c * jnp.dtype(dtype).itemsize <= _ONE_GATHER_MAX_BYTES:
-    vals = jnp.take(flat, indices, axis=0, mode='clip')      # (8, B*N, C): one gather
-    out = jnp.sum(weights[..., None] * vals, axis=0)          # no matmul: exact f32
+    out = _gather_cells(vol.astype(dtype), (grid + disp_vox).reshape(b, m, 3).astype(dtype))
   else:
+    coords = (grid + disp_vox).reshape(-1, 3)
+    indices, weights = _sample_coords(coords, tuple(shape))    # (8, B*M)
+    indices = indices + jnp.repeat(jnp.arange(b, dtype=jnp.int32) * n, m)[None]
+    flat = vol.reshape(b * n, c).astype(dtype)
+    weights = weights.astype(dtype)
     # Points in chunks (lax.map), corner by corner inside a chunk: no (8, B*N, C) buffer
     # and no eight full-size corner gathers alive at once (a 32-channel level-0 map at
     # 192x160x256 is 1 GB per corner).

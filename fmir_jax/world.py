@@ -46,9 +46,13 @@ def disp_to_fixed_world(disp_vox: np.ndarray, reg_affine: np.ndarray,
 
   Returns:
     (X, Y, Z, 3) float32 RAS mm, linearly interpolated in world space; 0 outside the
-    registration grid (edge value within half a voxel of it).
+    registration grid (edge value within half a voxel of it). On the registration grid
+    itself (same shape and affine) no resampling is needed and none is done.
   """
   disp_mm = disp_vox_to_mm(disp_vox, reg_affine)
+  if (tuple(disp_mm.shape[:3]) == tuple(int(n) for n in fixed_shape)
+      and np.allclose(reg_affine, fixed_affine, rtol=0, atol=1e-6)):
+    return disp_mm      # the registration grid is the fixed grid: resampling is the identity
   return np.stack([grids.resample_to_grid(disp_mm[..., k], reg_affine, fixed_affine,
                                        fixed_shape, order=1, cval=0.0)
                    for k in range(3)], -1).astype(np.float32)

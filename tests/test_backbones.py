@@ -203,6 +203,37 @@ def test_mind_shapes_label_and_intensity_invariance():
   assert backbones.mind_ssc_2d(x[:, :1], (1, 2)).shape == (1, 24, K, K)
 
 
+def _mind_reference(img, dilations, radius):
+  """MIND-SSC written out with numpy/scipy: one box filter per offset pair (the definition)."""
+  h, w = img.shape
+  pad = max(dilations) + radius
+  p = np.pad(img.astype(np.float64), pad, mode='edge')
+  out = []
+  for d in dilations:
+    ssd = []
+    for a, b in backbones._ring_pairs(d):
+      diff2 = (np.roll(p, (-a[0], -a[1]), (0, 1)) - np.roll(p, (-b[0], -b[1]), (0, 1))) ** 2
+      ssd.append(ndimage.uniform_filter(diff2, 2 * radius + 1, mode='constant')[
+          pad:pad + h, pad:pad + w])
+    ssd = np.stack(ssd)
+    ssd = ssd - ssd.min(0)
+    var = ssd.mean(0)
+    var = np.clip(var, 1e-3 * var.mean(), 1e3 * var.mean())
+    desc = np.exp(-ssd / var)
+    out.append(desc / desc.max(0))
+  return np.concatenate(out)
+
+
+@pytest.mark.parametrize('shape,dilations,radius', [((37, 29), (1, 2, 4), 1),
+                                                    ((16, 20), (1, 3), 2), ((9, 9), (1, 2, 4), 1)])
+def test_mind_matches_per_pair_reference(shape, dilations, radius):
+  img = np.random.default_rng(3).random(shape) * 7 - 2
+  got = backbones.mind_ssc_2d(torch.from_numpy(img.astype(np.float32))[None, None],
+                              dilations, radius)[0].numpy()
+  np.testing.assert_allclose(got, _mind_reference(img.astype(np.float32), dilations, radius),
+                             atol=2e-5)
+
+
 def test_checkpoint_missing_parameters_is_refused(tmp_path):
   cfg = transformers.Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                   num_attention_heads=2, patch_size=8, image_size=32)
