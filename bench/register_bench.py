@@ -29,6 +29,9 @@ Methods:
                 compiles once per grid shape.
   fmir head+IO  the same plus instance optimisation: refine.RefineOptions defaults
                 (similarity 'mind' for the inverted set).
+  fmir --fast   `fmir register --fast`: the head down to pyramid level 1 only, then a
+                quarter of the instance optimisation's default steps.
+  IO from zero  instance optimisation from the identity, the head not run (--io-init zero).
 
 Metrics, by the same code for every method, on the FIXED image's grid: warped moving labels
 vs fixed labels, mean Dice over the foreground classes present in both (%), HD95 (mm, mean
@@ -71,10 +74,11 @@ from fmir_jax import world  # noqa: E402
 
 ANTS_PYTHON = os.path.join(ROOT, '.venv-ants', 'bin', 'python')
 ANTS_WORKER = os.path.join(ROOT, 'bench', 'ants_worker.py')
-METHODS = ('identity', 'ants_syn', 'fmir_head', 'fmir_head_io', 'fmir_io_zero')
+METHODS = ('identity', 'ants_syn', 'fmir_head', 'fmir_head_io', 'fmir_fast', 'fmir_io_zero')
 METHOD_NAMES = {'identity': 'identity', 'ants_syn': 'ANTs SyN', 'fmir_head': 'fmir head',
-                'fmir_head_io': 'fmir head + IO', 'fmir_io_zero': 'IO from zero'}
-DEFAULT_METHODS = METHODS[:4]
+                'fmir_head_io': 'fmir head + IO', 'fmir_fast': 'fmir --fast',
+                'fmir_io_zero': 'IO from zero'}
+DEFAULT_METHODS = METHODS[:5]
 
 
 # =========================================================================== scoring
@@ -335,27 +339,29 @@ class Registrars:
     self.cache: dict[Any, Any] = {}
     self.seen: set[str] = set()
 
-  def options(self, spec: SetSpec, refine: bool, init: str = 'head', budget: float = 1.0):
-    """budget: fraction of the default instance-optimisation steps (every scale)."""
+  def options(self, spec: SetSpec, refine: bool, init: str = 'head', budget: float = 1.0,
+              finest: int = 0):
+    """budget: fraction of the default instance-optimisation steps (every scale); finest:
+    the head's finest level (``--head-finest-level``)."""
     from fmir_jax import refine as refine_lib
     from fmir_jax import register as register_lib
     io_opts = None
     if refine:
-      io_opts = refine_lib.RefineOptions(similarity=spec.similarity)
-      scale = budget / 20 if self.smoke else budget     # smoke: ~1/20 of the steps
-      io_opts = dataclasses.replace(io_opts, steps=tuple(max(1, round(s * scale))
-                                                         for s in io_opts.steps))
+      io_opts = refine_lib.RefineOptions(similarity=spec.similarity).with_budget(
+          budget / 20 if self.smoke else budget)           # smoke: ~1/20 of the steps
     return register_lib.RegisterOptions(grid='native', pyramid_factors=spec.factors,
-                                        refine=io_opts, io_init=init, overwrite=True)
+                                        refine=io_opts, io_init=init, overwrite=True,
+                                        head_finest_level=finest)
 
   def _log(self, line: str) -> None:
     if 'warning' in line and line not in self.seen:       # each warning once
       self.seen.add(line)
       self.progress('  fmir: ' + line)
 
-  def get(self, spec: SetSpec, refine: bool, init: str = 'head', budget: float = 1.0):
+  def get(self, spec: SetSpec, refine: bool, init: str = 'head', budget: float = 1.0,
+          finest: int = 0):
     from fmir_jax import register as register_lib
-    opts = self.options(spec, refine, init, budget)
+    opts = self.options(spec, refine, init, budget, finest)
     if opts not in self.cache:
       self.cache[opts] = register_lib.Registrar(self.checkpoint, opts, self._log)
     return self.cache[opts]
@@ -373,7 +379,7 @@ def parse_args(argv):
   p.add_argument('--smoke', action='store_true', help='tiny sizes, few refine steps')
   p.add_argument('--sets', default='cardiac,abdomen,inverted')
   p.add_argument('--methods', default=','.join(DEFAULT_METHODS),
-                 help=f'subset of {METHODS} (default: the first four)')
+                 help=f'subset of {METHODS} (default: all but the last)')
   p.add_argument('--io-curve', default='',
                  help="fractions of the default IO steps, e.g. '0.1,0.25,0.5': mean Dice of "
                       'IO started from the head and from zero at each budget (per set)')
@@ -412,6 +418,11 @@ def run_set(spec: SetSpec, args, registrars: Registrars | None,
         progress(ants_skipped(str(e)))
         args.ants = None
         continue
+    elif method == 'fmir_fast':
+      from fmir_jax import cli
+      registrar = registrars.get(spec, True, budget=cli.FAST_IO_BUDGET,
+                                 finest=cli.FAST_HEAD_FINEST_LEVEL)
+      rows = run_fmir(method, registrar, spec, pairs, refs, out_root, progress)
     else:
       registrar = registrars.get(spec, refine=method != 'fmir_head',
                                  init='zero' if method == 'fmir_io_zero' else 'head')

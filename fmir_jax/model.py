@@ -196,17 +196,23 @@ class FMIR(nnx.Module):
       pyramid.append(tuple(W.resize(f, shape) for f in pyramid[-1]))
     return pyramid
 
-  def level_loop(self, pyramid, shapes, fac, head0=None) -> FMIROutput:
+  def level_loop(self, pyramid, shapes, fac, head0=None, finest: int = 0) -> FMIROutput:
     """Coarse to fine: each level warps the moving features by the upsampled field so far,
     predicts a residual field, integrates it and composes (paper §2.3).
 
     head0: optional ``head0(x_moving, y_fixed, u_up) -> v`` for level 0 in place of
       ``blocks[0](warp(x_moving, u_up), y_fixed)`` (slab-wise execution, ``fmir_jax.slabs``).
+    finest: the finest level whose block runs (inference only; 0: all). The field of that
+      level is upsampled to level 0 as the level loop upsamples it between levels, and the
+      levels below it have no ``v_levels``/``u_levels`` entry.
     """
     cfg = self.cfg
+    if not 0 <= finest < cfg.levels:
+      raise ValueError(f'finest level {finest}: use 0..{cfg.levels - 1} for a '
+                       f'{cfg.levels}-level head')
     v_levels, u_levels = [None] * cfg.levels, [None] * cfg.levels
     u_up = None
-    for i in reversed(range(cfg.levels)):
+    for i in reversed(range(finest, cfg.levels)):
       x, y = pyramid[i]
       if i == 0 and head0 is not None:
         v = head0(x, y, u_up)
@@ -220,15 +226,19 @@ class FMIR(nnx.Module):
       v_levels[i], u_levels[i] = v, u
       if i > 0:
         u_up = W.resize_field(u, shapes[i - 1], fac[i - 1])
-    return FMIROutput(disp=u_levels[0], v_levels=tuple(v_levels), u_levels=tuple(u_levels))
+    for i in range(finest - 1, 0, -1):
+      u_up = W.resize_field(u_up, shapes[i - 1], fac[i - 1])
+    disp = u_levels[0] if finest == 0 else u_up
+    return FMIROutput(disp=disp, v_levels=tuple(v_levels), u_levels=tuple(u_levels))
 
-  def __call__(self, moving, fixed, *, factors=None) -> FMIROutput:
+  def __call__(self, moving, fixed, *, factors=None, finest: int = 0) -> FMIROutput:
     """Predicts the displacement that warps moving onto fixed.
 
     Args:
       moving, fixed: dicts with 'image' (B, H, W, D), 'feat' (B, D, h, w, c'),
         'interp_h' (B, H, h), 'interp_w' (B, W, w). Both volumes share one grid.
       factors: optional override of the per-axis pyramid factors (inference only).
+      finest: the finest level the head runs (``level_loop``; inference only).
 
     Returns:
       FMIROutput; ``disp`` samples moving at x + disp(x).
@@ -238,4 +248,5 @@ class FMIR(nnx.Module):
     b = moving['image'].shape[0]
     both = {k: jnp.concatenate([moving[k], fixed[k]], axis=0) for k in INPUT_KEYS}
     f0 = self.encode(*(both[k] for k in INPUT_KEYS))      # one pass for moving and fixed
-    return self.level_loop(self.feature_pyramid(f0[:b], f0[b:], shapes), shapes, fac)
+    return self.level_loop(self.feature_pyramid(f0[:b], f0[b:], shapes), shapes, fac,
+                           finest=finest)

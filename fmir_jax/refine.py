@@ -83,6 +83,14 @@ class RefineOptions:
     if self.squarings < 0 or not 0 < self.lr_end <= 1:
       raise ValueError(f'need squarings >= 0 and 0 < lr_end <= 1, got {self}.')
 
+  def with_budget(self, fraction: float) -> 'RefineOptions':
+    """The same options with every scale's steps scaled by ``fraction`` (at least 1 step
+    where there were any): ``fmir register --io-budget``."""
+    if not fraction > 0:
+      raise ValueError(f'budget must be > 0, got {fraction!r}.')
+    return dataclasses.replace(self, steps=tuple(max(1, round(s * fraction)) if s else 0
+                                                 for s in self.steps))
+
   @property
   def smooth_weight(self) -> float:
     if self.smooth is not None:

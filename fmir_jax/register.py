@@ -70,6 +70,9 @@ class RegisterOptions:
   refine: instance optimisation options (``refine.RefineOptions``) or None (off).
   io_init: 'head' (instance optimisation starts from the head's field) or 'zero' (from the
     identity, the head not run: the comparison of what the head's start is worth).
+  head_finest_level: the finest pyramid level the head runs (0: all; 1 skips the
+    full-resolution level, the costliest, and upsamples the level-1 field: with ``refine``
+    the instance optimisation adds the fine detail).
   """
   grid: str | None = None
   dataset_grid: str | None = None
@@ -84,6 +87,7 @@ class RegisterOptions:
   batch_size: int = 16
   refine: Any = None
   io_init: str = 'head'
+  head_finest_level: int = 0
   l2r_dir: str | None = None
   l2r_fixed_id: str | None = None
   l2r_moving_id: str | None = None
@@ -252,7 +256,9 @@ def write_outputs(out: str, report: dict[str, Any], arrays: dict[str, np.ndarray
                   affine: np.ndarray, l2r: tuple[list[str], np.ndarray | None],
                   overwrite: bool) -> None:
   """Writes the result files (temp folder beside OUT, then ``publish``) and the Learn2Reg
-  fields; ``report['files']`` lists them."""
+  fields; ``report['files']`` lists them, and ``report['times_s']['write_s']`` gains the
+  seconds spent writing the images."""
+  t0 = time.perf_counter()
   tmp = files.make_temp_dir(os.path.dirname(out), os.path.basename(out))
   try:
     for key in ('warped', 'warped_labels'):
@@ -265,6 +271,8 @@ def write_outputs(out: str, report: dict[str, Any], arrays: dict[str, np.ndarray
     if l2r[0]:
       report['files']['l2r'] = l2r[0]
     report['files']['report'] = os.path.join(out, OUT_FILES['report'])
+    times = report['times_s']
+    times['write_s'] = times.get('write_s', 0.0) + time.perf_counter() - t0
     report_lib.write_summary_json(os.path.join(tmp, OUT_FILES['report']), report)
     for path in l2r[0]:
       io.save_nifti(path, l2r[1], affine)
@@ -303,6 +311,9 @@ class Registrar:
       raise RegisterError('--io-init zero starts instance optimisation from the identity: '
                           'add --io.')
     self.log = log
+    if options.head_finest_level < 0:
+      raise RegisterError(f'--head-finest-level {options.head_finest_level}: use 0 (all '
+                          'levels) or more.')
     if checkpoint is None:
       checkpoint = default_checkpoint()
       log(f'checkpoint: the general head shipped with fmir-jax: {checkpoint}')
@@ -319,6 +330,9 @@ class Registrar:
     dataset, self.reader_options = self.run.dataset
     self.reader = datasets.get(opts.dataset_grid or dataset or 'custom')
     self.levels = self.run.model.levels
+    if opts.head_finest_level >= self.levels:
+      raise RegisterError(f'--head-finest-level {opts.head_finest_level}: this head has '
+                          f'{self.levels} levels, use 0..{self.levels - 1}.')
     if opts.pyramid_factors is not None:
       try:
         model_lib.level_factors(opts.pyramid_factors, self.levels)
@@ -329,7 +343,8 @@ class Registrar:
     self.pca = train_lib.pca_to_device(runs.pca_basis(self.run, self.header),
                                        train_lib.channel_norm(self.run.config))
     self._make_predict = lambda factors: train_lib.make_predict(
-        self.run.graphdef, c_prime=self.run.model.feature_channels, factors=factors)
+        self.run.graphdef, c_prime=self.run.model.feature_channels, factors=factors,
+        finest_level=opts.head_finest_level)
     self._compiled: dict[Any, Any] = {}
     self.refiner = None
     if opts.refine is not None:
@@ -453,7 +468,7 @@ class Registrar:
     report = {
         **{k: v and os.path.abspath(v) for k, v in dataclasses.asdict(paths).items()},
         'checkpoint': self.checkpoint, 'checkpoint_step': self.run.step,
-        'head': self.card and self.card['what'],
+        'head': self.card and self.card['what'], 'head_finest_level': opts.head_finest_level,
         'backbone': self.header['backbone'], 'layer': self.header['layer'],
         'encoder_input': dataclasses.asdict(enc),
         'grid': {'mode': grid.mode, 'reader': self.reader.NAME,

@@ -83,7 +83,7 @@ def auto_slab_rows(shape, batch: int, n: int, budget_bytes: int = SLAB_BUDGET_BY
 
 
 def forward_in_slabs(model: model_lib.FMIR, moving, fixed, *, rows: int,
-                     factors=None) -> model_lib.FMIROutput:
+                     factors=None, finest: int = 0) -> model_lib.FMIROutput:
   """``model(moving, fixed, factors=factors)`` with the compressor and the level-0 head run
   over slabs of ``rows`` rows (``slab_map``): the same result, and no full-size level-0
   activation, padded input or warped copy of the moving features is ever alive.
@@ -110,4 +110,4 @@ def forward_in_slabs(model: model_lib.FMIR, moving, fixed, *, rows: int,
     return slab_map(fn, (y, x if u_up is None else u_up), rows)
 
   pyramid = model.feature_pyramid(encode(moving), encode(fixed), shapes)
-  return model.level_loop(pyramid, shapes, fac, head0=head0)
+  return model.level_loop(pyramid, shapes, fac, head0=head0, finest=finest)

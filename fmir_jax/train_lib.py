@@ -251,12 +251,14 @@ def shard_batch(batch, mesh: Mesh):
 
 # ------------------------------------------------------------------------------ inference
 
-def make_predict(graphdef, *, c_prime: int, factors=None, slab_rows='auto'):
+def make_predict(graphdef, *, c_prime: int, factors=None, slab_rows='auto',
+                 finest_level: int = 0):
   """jit-compiled ``predict(params, moving, fixed, pca) -> disp (B,H,W,D,3)`` (PCA path).
 
   slab_rows: rows per slab for the level-0 compressor and head (``slabs.forward_in_slabs``;
   same result, bounded memory), None for whole volumes, or 'auto' (``slabs.auto_slab_rows``:
   slabs only when a volume's widest level-0 activation would pass 256 MiB).
+  finest_level: the finest pyramid level the head runs (``FMIR.level_loop``; 0: all).
   """
 
   def fn(params, moving, fixed, pca):
@@ -269,8 +271,9 @@ def make_predict(graphdef, *, c_prime: int, factors=None, slab_rows='auto'):
       rows = None if model.cfg.head_instance_norm else slabs.auto_slab_rows(
           moving['image'].shape[1:4], moving['image'].shape[0], model.cfg.n)
     if rows is None:
-      return model(moving, fixed, factors=factors).disp
-    return slabs.forward_in_slabs(model, moving, fixed, rows=rows, factors=factors).disp
+      return model(moving, fixed, factors=factors, finest=finest_level).disp
+    return slabs.forward_in_slabs(model, moving, fixed, rows=rows, factors=factors,
+                                  finest=finest_level).disp
 
   return jax.jit(fn)
 

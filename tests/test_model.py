@@ -142,3 +142,37 @@ def test_small_flow_init_starts_near_identity_whatever_the_input_scale():
   assert k.shape == (3, 3, 3, 27, 3) and float(jnp.abs(k).max()) <= (1 / (27 * 27)) ** 0.5 + 1e-6
   with pytest.raises(ValueError, match='flow init'):
     M.FMIR(M.FMIRConfig(feature_channels=4, n=4, levels=2, flow_init='zero'), rngs=nnx.Rngs(0))
+
+
+def test_head_stopping_at_level_1_upsamples_that_levels_field():
+  """finest=1 (fmir register --head-finest-level 1): the coarse levels are those of the full
+  pass, and the output is the level-1 field upsampled to level 0 (scipy oracle: linear
+  interpolation with aligned corners, components scaled by the pyramid factors)."""
+  cfg = M.FMIRConfig(feature_channels=5, n=4, levels=3, factors=(2, 2, 1), integration_steps=2,
+                     kernel_init='he')
+  model = M.FMIR(cfg, rngs=nnx.Rngs(2))
+  rng = np.random.default_rng(5)
+  h, w, d = 16, 12, 5
+
+  def vol():
+    return {'image': jnp.asarray(rng.random((1, h, w, d)), jnp.float32),
+            'feat': jnp.asarray(rng.normal(size=(1, d, 4, 3, 5)), jnp.float32),
+            'interp_h': jnp.asarray(rng.random((1, h, 4)), jnp.float32),
+            'interp_w': jnp.asarray(rng.random((1, w, 3)), jnp.float32)}
+
+  moving, fixed = vol(), vol()
+  full = model(moving, fixed)
+  fast = model(moving, fixed, finest=1)
+  np.testing.assert_array_equal(fast.u_levels[1], full.u_levels[1])
+  assert fast.v_levels[0] is None and fast.u_levels[0] is None
+  u1 = np.asarray(full.u_levels[1][0], np.float64)                   # (8, 6, 5, 3)
+  assert float(np.abs(u1).max()) > 0.05
+  pos = np.meshgrid(*[np.arange(n) * (m - 1) / (n - 1) for n, m in zip((h, w, d), u1.shape)],
+                    indexing='ij')
+  want = np.stack([f * ndimage.map_coordinates(u1[..., k], pos, order=1)
+                   for k, f in enumerate((2, 2, 1))], -1)
+  np.testing.assert_allclose(fast.disp[0], want, rtol=0, atol=1e-5)
+  with pytest.raises(ValueError, match='finest level 3'):
+    model(moving, fixed, finest=3)
+  slab = S.forward_in_slabs(model, moving, fixed, rows=4, finest=1).disp
+  np.testing.assert_allclose(slab, fast.disp, rtol=0, atol=2e-6)

@@ -89,6 +89,29 @@ def test_disp_to_fixed_world_is_the_affine_image_of_the_voxel_field():
   d = world.disp_to_fixed_world(u, reg_aff, (10, 9, 3), fixed_aff)
   np.testing.assert_allclose(d, np.broadcast_to(reg_aff[:3, :3] @ u[0, 0, 0], d.shape),
                              atol=1e-5)
+  # On the registration grid itself the field is only rotated into mm: the same numbers as
+  # resampling it at its own voxel centres (scipy, order 1).
+  v = np.random.default_rng(0).normal(size=(20, 20, 6, 3)).astype(np.float32)
+  same = world.disp_to_fixed_world(v, reg_aff, (20, 20, 6), reg_aff)
+  v_mm = v.astype(np.float64) @ reg_aff[:3, :3].T
+  np.testing.assert_allclose(same, v_mm, rtol=0, atol=1e-5)
+  idx = np.indices((20, 20, 6)).astype(float)
+  np.testing.assert_allclose(same, np.stack([ndimage.map_coordinates(v_mm[..., k], idx, order=1)
+                                             for k in range(3)], -1), rtol=0, atol=1e-5)
+
+
+def test_fast_sets_a_quarter_io_budget_and_head_level_1():
+  parse = lambda *a: cli.register_options(cli.build_parser().parse_args(
+      ['register', '--fixed', 'f', '--moving', 'm', '--out', 'o', *a]))
+  default = refine.RefineOptions()
+  fast = parse('--fast')
+  assert fast.head_finest_level == 1 and fast.refine.steps == (25, 20, 10, 2)
+  assert parse('--fast', '--head-finest-level', '0').head_finest_level == 0
+  assert parse('--fast', '--io-budget', '0.5').refine.steps == (50, 40, 20, 5)
+  assert parse('--io-budget', '0.1').refine.steps == (10, 8, 4, 1)
+  assert parse('--io').refine == default and parse('--io').head_finest_level == 0
+  assert parse().refine is None and parse().head_finest_level == 0
+  assert parse('--io-budget', '0.1', '--io-steps', '7').refine.steps == (10, 8, 4, 7)
 
 
 @pytest.mark.parametrize('name, given, expect', [
@@ -245,7 +268,8 @@ def _write(path, data, affine=np.diag([1.5, 1.5, 8.0, 1.0])):
 @pytest.mark.parametrize('case', ['missing', 'corrupt', '2d', 'single_slice', 'nan',
                                   'label_shape', 'label_affine', 'no_run', 'out_not_empty',
                                   'bad_spacing', 'out_is_file', 'out_under_file',
-                                  'native_too_coarse', 'l2r_under_file'])
+                                  'native_too_coarse', 'l2r_under_file', 'io_budget',
+                                  'finest_level'])
 def test_bad_input_exits_2_and_writes_nothing(run_dir, pair, tmp_path, capsys, case):
   img = np.random.default_rng(0).random((12, 12, 4)).astype(np.float32)
   good = _write(tmp_path / 'good.nii.gz', img)
@@ -293,6 +317,10 @@ def test_bad_input_exits_2_and_writes_nothing(run_dir, pair, tmp_path, capsys, c
   elif case == 'l2r_under_file':
     (tmp_path / 'notes.txt').write_text('user data')
     extra, expect = ['--l2r-export', str(tmp_path / 'notes.txt' / 'l2r')], '--l2r-export'
+  elif case == 'io_budget':
+    extra, expect = ['--io-budget', '0'], '--io-budget 0'
+  elif case == 'finest_level':                   # the test run's head has fewer levels
+    extra, expect = ['--head-finest-level', '9'], '--head-finest-level 9'
   argv = ['register', '--out', locals().get('argv_out', str(tmp_path / 'out'))] + extra
   for k, v in args.items():
     argv += [k, v]
