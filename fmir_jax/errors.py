@@ -16,6 +16,10 @@ class DatasetError(ValueError):
   """Bad input data: the message names the file and what is wrong (and the fix)."""
 
 
+class RegisterError(ValueError):
+  """Bad input to ``fmir register``: the message names the argument/file and the fix."""
+
+
 def parse_layer(layer: int | str | None, num_layers: int | None = None,
                 label: str = '') -> int | str | None:
   """A --layer value -> a ``hidden_states`` index or "last"; None stays None (the default).

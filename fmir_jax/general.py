@@ -26,12 +26,33 @@ import shutil
 import subprocess
 import sys
 import time
+from typing import Any
 
 from fmir_jax import files
 
 MARKER = '.fmir-general.json'
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights', 'general')
 CARD = 'general_head.json'
+
+
+def default_checkpoint() -> str:
+  """The general head shipped in the package (``SHIPPED``); RegisterError when missing."""
+  from fmir_jax.errors import RegisterError
+  if not os.path.isfile(os.path.join(SHIPPED, 'run.json')):
+    raise RegisterError(
+        f'no --checkpoint given and no general head is installed ({SHIPPED} holds no '
+        'run): pass --checkpoint RUN_DIR (a train.py --workdir), or build the general head: '
+        f'python -m fmir_jax.general --out general_out --ship {SHIPPED}')
+  return SHIPPED
+
+
+def read_card(checkpoint: str) -> dict[str, Any] | None:
+  """A run's head card (``general_head.json``: what it is, how it was trained), or None."""
+  path = os.path.join(checkpoint, CARD)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
 
 
 class GeneralError(ValueError):

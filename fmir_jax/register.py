@@ -9,12 +9,8 @@ A ``Registrar`` holds what a batch of pairs shares: the run (restored once), the
 grid shape, in this object, not in a module cache). ``register`` runs one pair,
 ``register_batch`` a CSV of pairs.
 
-Registration grid (``grid``):
-  * "model": the run's training grid, planned from the fixed image by the training
-    dataset's reader (``feature_extract.datasets.<reader>.model_grid``).
-  * "native": the fixed image's field of view at ``spacing_mm`` (default: the fixed
-    spacing), padded (centred) to multiples of the product of the pyramid factors.
-  Both images are resampled through world coordinates and normalised by the reader's own
+Registration grid (``grid``): "model" (the run's training grid) or "native" (the fixed
+image's field of view), planned by ``register_grid``. Both images are resampled through world coordinates and normalised by the reader's own
   ``preprocess`` (the function its ``load()`` uses), and sliced for the encoder at the
   training scale in encoder pixels per voxel (``runs.encoding_for``).
 
@@ -25,33 +21,30 @@ ITK/ANTs LPS: negate components 0 and 1) and ``io.l2r_names`` for the Learn2Reg 
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
-import math
 import os
 import shutil
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
 from fmir_jax import files
-from fmir_jax import grids
+from fmir_jax import general
 from fmir_jax import io
 from fmir_jax import metrics as metrics_lib
+from fmir_jax import register_grid
 from fmir_jax import report as report_lib
 from fmir_jax import runs
 from fmir_jax import world
+from fmir_jax.errors import RegisterError  # noqa: F401  (re-exported: register.RegisterError)
+from fmir_jax.register_grid import GRIDS, plan_grid
 
-GRIDS = ('model', 'native')
 DATASET_GRIDS = ('acdc', 'abdomen')
 OUT_FILES = {'warped': 'warped_moving.nii.gz', 'warped_labels': 'warped_moving_labels.nii.gz',
              'disp': 'disp_mm.nii.gz', 'report': 'report.json'}
-SPACING_WARN_RATIO = 1.5     # native spacing this far from the training spacing: warn
-
-
-class RegisterError(ValueError):
-  """Bad input to ``register``: the message names the argument/file and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,98 +107,7 @@ class LoadedPair:
   moving_labels: np.ndarray | None
 
 
-@dataclasses.dataclass(frozen=True)
-class Grid:
-  """The registration grid: shape, voxel -> world affine, how it was planned."""
-  shape: tuple[int, int, int]
-  affine: np.ndarray
-  mode: str
-  warnings: tuple[str, ...] = ()
-
-  @property
-  def spacing_mm(self) -> tuple[float, float, float]:
-    return grids.voxel_spacing(self.affine)
-
-
-# --------------------------------------------------------------------------- plan + load
-
-def default_checkpoint() -> str:
-  """The general head shipped in the package (``fmir_jax.general.SHIPPED``)."""
-  from fmir_jax import general
-  if not os.path.isfile(os.path.join(general.SHIPPED, 'run.json')):
-    raise RegisterError(
-        f'no --checkpoint given and no general head is installed ({general.SHIPPED} holds no '
-        'run): pass --checkpoint RUN_DIR (a train.py --workdir), or build the general head: '
-        f'python -m fmir_jax.general --out general_out --ship {general.SHIPPED}')
-  return general.SHIPPED
-
-
-def read_card(checkpoint: str) -> dict[str, Any] | None:
-  """The shipped head's card (``general_head.json``: what it is, how it was trained)."""
-  from fmir_jax import general
-  path = os.path.join(checkpoint, general.CARD)
-  if not os.path.isfile(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
-
-
-
-def factors_product(factors, levels: int) -> tuple[int, int, int]:
-  """Per-axis product of the pyramid factors over the levels-1 transitions."""
-  from fmir_jax import model as model_lib
-  fac = model_lib.level_factors(factors, levels)
-  return tuple(int(np.prod([f[k] for f in fac])) for k in range(3))
-
-
-def native_grid(shape: Sequence[int], affine: np.ndarray, src_spacing_mm: Sequence[float],
-                spacing_mm: Sequence[float], multiple: Sequence[int]
-                ) -> tuple[tuple[int, int, int], np.ndarray]:
-  """The fixed image's field of view at ``spacing_mm``, padded (centred) to multiples.
-
-  Raises:
-    RegisterError: an axis would have fewer than 2 voxels.
-  """
-  res_shape, res_affine = grids.spacing_grid(shape, affine, src_spacing_mm, spacing_mm)
-  if min(res_shape) < 2:
-    fov_mm = [n * s for n, s in zip(shape[:3], src_spacing_mm)]
-    raise RegisterError(
-        f'--grid native: at {tuple(float(s) for s in spacing_mm)} mm the fixed image '
-        f'({" x ".join(f"{f:.1f}" for f in fov_mm)} mm) gives a {res_shape} grid, with an axis '
-        'of fewer than 2 voxels; pass a finer --spacing (at most '
-        f'{",".join(f"{f / 2:.3g}" for f in fov_mm)} mm).')
-  out = tuple(int(math.ceil(n / m) * m) for n, m in zip(res_shape, multiple))
-  start = [-((o - n) // 2) for o, n in zip(out, res_shape)]
-  return out, grids.translate_affine(res_affine, start)
-
-
-def plan_grid(fixed: io.NiftiHeader, reader, reader_options: dict[str, Any], opts,
-              factors, levels: int, train_spacings_mm: Sequence[Sequence[float]]) -> Grid:
-  """The registration grid for a pair with this fixed image (see the module docstring);
-  ``train_spacings_mm``: the voxel sizes the head was trained at (a warning when the native
-  spacing is far from all of them)."""
-  if opts.grid == 'model':
-    if reader.target_shape(**reader_options) is None:
-      raise RegisterError(f'the run\'s {reader.NAME!r} features record no model grid (shape '
-                          'and spacing_mm): use --grid native.')
-    shape, affine = reader.model_grid(fixed, **reader_options)
-    return Grid(tuple(int(s) for s in shape), np.asarray(affine, float), 'model')
-  spacing = opts.spacing_mm or fixed.spacing_mm
-  shape, affine = native_grid(fixed.shape, fixed.affine, fixed.spacing_mm, spacing,
-                              factors_product(factors, levels))
-  warnings = ()
-  far = [np.any(r > SPACING_WARN_RATIO) or np.any(r < 1 / SPACING_WARN_RATIO)
-         for r in (np.asarray(spacing, float) / np.asarray(t, float) for t in train_spacings_mm)]
-  if far and all(far):
-    near = min(train_spacings_mm, key=lambda t: float(np.max(np.abs(np.log(
-        np.asarray(spacing, float) / np.asarray(t, float))))))
-    warnings = (f'native spacing {tuple(round(float(v), 3) for v in spacing)} mm is far '
-                f'from the training spacing {tuple(near)} mm: features and the head see '
-                f'another scale; consider --spacing {",".join(f"{v:g}" for v in near)}',)
-  return Grid(shape, affine, 'native', warnings)
-
+# --------------------------------------------------------------------------- load
 
 def load_pair(paths: PairFiles) -> LoadedPair:
   """Reads and validates the images and (optional) label maps."""
@@ -261,13 +163,19 @@ def write_outputs(out: str, report: dict[str, Any], arrays: dict[str, np.ndarray
   t0 = time.perf_counter()
   tmp = files.make_temp_dir(os.path.dirname(out), os.path.basename(out))
   try:
+    # The images are compressed in parallel (zlib releases the GIL).
+    jobs = [(io.save_dispvect, OUT_FILES['disp'], arrays['disp_mm'], {})]
     for key in ('warped', 'warped_labels'):
       if arrays.get(key) is not None:
-        io.save_nifti(os.path.join(tmp, OUT_FILES[key]), arrays[key], affine,
-                      intent='label' if key == 'warped_labels' else None)
+        jobs.append((io.save_nifti, OUT_FILES[key], arrays[key],
+                     {'intent': 'label' if key == 'warped_labels' else None}))
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+      for f in [pool.submit(fn, os.path.join(tmp, name), data, affine, **kw)
+                for fn, name, data, kw in jobs]:
+        f.result()
+    for key in ('warped', 'warped_labels', 'disp'):
+      if key == 'disp' or arrays.get(key) is not None:
         report['files'][key] = os.path.join(out, OUT_FILES[key])
-    io.save_dispvect(os.path.join(tmp, OUT_FILES['disp']), arrays['disp_mm'], affine)
-    report['files']['disp'] = os.path.join(out, OUT_FILES['disp'])
     if l2r[0]:
       report['files']['l2r'] = l2r[0]
     report['files']['report'] = os.path.join(out, OUT_FILES['report'])
@@ -290,7 +198,7 @@ class Registrar:
 
   Args:
     checkpoint: training run directory (``train.py --workdir``), or None for the general
-      head shipped with the package (``default_checkpoint``).
+      head shipped with the package (``general.default_checkpoint``).
     options: ``RegisterOptions``.
     log: called with one line per notable event (grid, warnings, refinement).
   """
@@ -315,9 +223,9 @@ class Registrar:
       raise RegisterError(f'--head-finest-level {options.head_finest_level}: use 0 (all '
                           'levels) or more.')
     if checkpoint is None:
-      checkpoint = default_checkpoint()
+      checkpoint = general.default_checkpoint()
       log(f'checkpoint: the general head shipped with fmir-jax: {checkpoint}')
-    self.card = read_card(checkpoint)
+    self.card = general.read_card(checkpoint)
     if self.card:
       log(f'head: {self.card["what"]}')
     self.checkpoint = os.path.abspath(checkpoint)
@@ -364,18 +272,12 @@ class Registrar:
       self.train_factors = [self.run.model.factors] * len(self.train_spacings_mm)
 
   def factors_for(self, spacing_mm) -> Any:
-    """Pyramid factors for a grid of this voxel size: --pyramid-factors; on the model grid
-    the run's; else those of the training store with this spacing; else
-    ``warp.factors_for_spacing`` (halve the axes within 1.5x of the finest)."""
-    from fmir_jax import warp
-    if self.options.pyramid_factors is not None:
-      return self.options.pyramid_factors
-    if self.options.grid == 'model':
-      return self.run.model.factors
-    for sp, f in zip(self.train_spacings_mm, self.train_factors):
-      if np.allclose(sp, spacing_mm, rtol=1e-3):
-        return f
-    return warp.factors_for_spacing(spacing_mm)
+    """Pyramid factors for a registration grid of this voxel size
+    (``register_grid.factors_for``)."""
+    return register_grid.factors_for(
+        spacing_mm, override=self.options.pyramid_factors, grid=self.options.grid,
+        model_factors=self.run.model.factors, train_spacings_mm=self.train_spacings_mm,
+        train_factors=self.train_factors)
 
   def _head(self, moving: dict, fixed: dict, factors) -> tuple[np.ndarray, float, float]:
     """(disp_vox (H, W, D, 3), compile seconds (0 when cached), run seconds)."""

@@ -22,6 +22,7 @@ from fmir_jax import grids
 from fmir_jax import io
 from fmir_jax import refine
 from fmir_jax import register
+from fmir_jax import register_grid
 from fmir_jax import world
 from tests.files_snapshot import snapshot
 from tests.tiny_run import GRID, INPLANE
@@ -140,7 +141,7 @@ def test_l2r_ambiguous_names_are_refused_and_names_follow_the_evaluation_code():
 
 def test_native_grid_is_padded_to_pyramid_multiples_and_keeps_the_centre():
   aff = np.diag([1.3, 1.3, 7.0, 1.0])
-  shape, new = register.native_grid((101, 90, 9), aff, (1.3, 1.3, 7.0), (2.0, 2.0, 7.0),
+  shape, new = register_grid.native_grid((101, 90, 9), aff, (1.3, 1.3, 7.0), (2.0, 2.0, 7.0),
                                     (4, 4, 1))
   assert shape == (68, 60, 9) and all(n % m == 0 for n, m in zip(shape, (4, 4, 1)))
   centre = lambda s, a: a[:3, :3] @ ((np.asarray(s) - 1) / 2) + a[:3, 3]  # noqa: E731
