@@ -1,6 +1,6 @@
 """Test-session setup: CPU only, and a persistent XLA compilation cache shared by the tests
-of one session, so identical programs (the same tiny model trained by several tests) compile
-once."""
+of one session and the processes they start (train.py, the notebook's kernel, benches), so
+identical programs (the same tiny model trained by several tests) compile once."""
 import os
 import tempfile
 
@@ -12,6 +12,9 @@ _CACHE = os.environ.get('FMIR_TEST_JAX_CACHE') or tempfile.mkdtemp(prefix='fmir-
 jax.config.update('jax_compilation_cache_dir', _CACHE)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', _CACHE)          # child processes
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 import pytest  # noqa: E402
 

@@ -109,8 +109,10 @@ def test_slab_wise_inference_equals_whole_volume(shape, rows):
             'interp_w': jnp.asarray(rng.random((1, w, 3)), jnp.float32)}
 
   moving, fixed = vol(), vol()
-  whole = model(moving, fixed).disp
-  slabs = S.forward_in_slabs(model, moving, fixed, rows=rows).disp
+  graphdef, params = nnx.split(model)
+  whole = jax.jit(lambda p, a, b: nnx.merge(graphdef, p)(a, b).disp)(params, moving, fixed)
+  slabs = jax.jit(lambda p, a, b: S.forward_in_slabs(nnx.merge(graphdef, p), a, b,
+                                                     rows=rows).disp)(params, moving, fixed)
   assert float(jnp.abs(whole).max()) > 0.1
   np.testing.assert_allclose(slabs, whole, rtol=0, atol=2e-6)
 
@@ -161,8 +163,9 @@ def test_head_stopping_at_level_1_upsamples_that_levels_field():
             'interp_w': jnp.asarray(rng.random((1, w, 3)), jnp.float32)}
 
   moving, fixed = vol(), vol()
-  full = model(moving, fixed)
-  fast = model(moving, fixed, finest=1)
+  run = nnx.jit(lambda m, a, b, finest: m(a, b, finest=finest), static_argnums=3)
+  full = run(model, moving, fixed, 0)
+  fast = run(model, moving, fixed, 1)
   np.testing.assert_array_equal(fast.u_levels[1], full.u_levels[1])
   assert fast.v_levels[0] is None and fast.u_levels[0] is None
   u1 = np.asarray(full.u_levels[1][0], np.float64)                   # (8, 6, 5, 3)
@@ -174,5 +177,6 @@ def test_head_stopping_at_level_1_upsamples_that_levels_field():
   np.testing.assert_allclose(fast.disp[0], want, rtol=0, atol=1e-5)
   with pytest.raises(ValueError, match='finest level 3'):
     model(moving, fixed, finest=3)
-  slab = S.forward_in_slabs(model, moving, fixed, rows=4, finest=1).disp
+  slab = nnx.jit(lambda m, a, b: S.forward_in_slabs(m, a, b, rows=4, finest=1).disp)(
+      model, moving, fixed)
   np.testing.assert_allclose(slab, fast.disp, rtol=0, atol=2e-6)
