@@ -92,14 +92,8 @@ def test_optimisation_on_a_known_deformation_raises_dice():
   assert dices[-1] > dices[0] + 0.05, (dices[0], dices[-1])
 
 
-@pytest.mark.parametrize('shape,rows', [((13, 11, 6), 4), ((9, 8, 4), 2), ((16, 12, 5), 1)])
-def test_slab_wise_inference_equals_whole_volume(shape, rows):
-  """Slab mode (compressor + level-0 head over row slabs with a 3-row halo, each slab
-  warping its own rows) reproduces the whole-volume forward pass (float32 rounding only;
-  a missing halo row changes the field by O(0.1))."""
-  cfg = M.FMIRConfig(feature_channels=5, n=4, levels=2, integration_steps=2, kernel_init='he')
-  model = M.FMIR(cfg, rngs=nnx.Rngs(1))
-  rng = np.random.default_rng(sum(shape))
+def _random_pair(rng, shape):
+  """Random (moving, fixed) model inputs on a (H, W, D) grid: 5-channel 4x3 patch grids."""
   h, w, d = shape
 
   def vol():
@@ -108,7 +102,17 @@ def test_slab_wise_inference_equals_whole_volume(shape, rows):
             'interp_h': jnp.asarray(rng.random((1, h, 4)), jnp.float32),
             'interp_w': jnp.asarray(rng.random((1, w, 3)), jnp.float32)}
 
-  moving, fixed = vol(), vol()
+  return vol(), vol()
+
+
+@pytest.mark.parametrize('shape,rows', [((13, 11, 6), 4), ((9, 8, 4), 2), ((16, 12, 5), 1)])
+def test_slab_wise_inference_equals_whole_volume(shape, rows):
+  """Slab mode (compressor + level-0 head over row slabs with a 3-row halo, each slab
+  warping its own rows) reproduces the whole-volume forward pass (float32 rounding only;
+  a missing halo row changes the field by O(0.1))."""
+  cfg = M.FMIRConfig(feature_channels=5, n=4, levels=2, integration_steps=2, kernel_init='he')
+  model = M.FMIR(cfg, rngs=nnx.Rngs(1))
+  moving, fixed = _random_pair(np.random.default_rng(sum(shape)), shape)
   graphdef, params = nnx.split(model)
   whole = jax.jit(lambda p, a, b: nnx.merge(graphdef, p)(a, b).disp)(params, moving, fixed)
   slabs = jax.jit(lambda p, a, b: S.forward_in_slabs(nnx.merge(graphdef, p), a, b,
@@ -153,16 +157,8 @@ def test_head_stopping_at_level_1_upsamples_that_levels_field():
   cfg = M.FMIRConfig(feature_channels=5, n=4, levels=3, factors=(2, 2, 1), integration_steps=2,
                      kernel_init='he')
   model = M.FMIR(cfg, rngs=nnx.Rngs(2))
-  rng = np.random.default_rng(5)
   h, w, d = 16, 12, 5
-
-  def vol():
-    return {'image': jnp.asarray(rng.random((1, h, w, d)), jnp.float32),
-            'feat': jnp.asarray(rng.normal(size=(1, d, 4, 3, 5)), jnp.float32),
-            'interp_h': jnp.asarray(rng.random((1, h, 4)), jnp.float32),
-            'interp_w': jnp.asarray(rng.random((1, w, 3)), jnp.float32)}
-
-  moving, fixed = vol(), vol()
+  moving, fixed = _random_pair(np.random.default_rng(5), (h, w, d))
   run = nnx.jit(lambda m, a, b, finest: m(a, b, finest=finest), static_argnums=3)
   full = run(model, moving, fixed, 0)
   fast = run(model, moving, fixed, 1)
