@@ -418,14 +418,13 @@ def run_set(spec: SetSpec, args, registrars: Registrars | None,
         progress(ants_skipped(str(e)))
         args.ants = None
         continue
-    elif method == 'fmir_fast':
-      from fmir_jax import cli
-      registrar = registrars.get(spec, True, budget=cli.FAST_IO_BUDGET,
-                                 finest=cli.FAST_HEAD_FINEST_LEVEL)
-      rows = run_fmir(method, registrar, spec, pairs, refs, out_root, progress)
     else:
+      from fmir_jax import cli
+      fast = method == 'fmir_fast'
       registrar = registrars.get(spec, refine=method != 'fmir_head',
-                                 init='zero' if method == 'fmir_io_zero' else 'head')
+                                 init='zero' if method == 'fmir_io_zero' else 'head',
+                                 budget=cli.FAST_IO_BUDGET if fast else 1.0,
+                                 finest=cli.FAST_HEAD_FINEST_LEVEL if fast else 0)
       rows = run_fmir(method, registrar, spec, pairs, refs, out_root, progress)
     result['methods'][method] = {'pairs': rows, 'summary': summarize(rows)}
   if args.io_curve:

@@ -10,9 +10,10 @@ grid shape, in this object, not in a module cache). ``register`` runs one pair,
 ``register_batch`` a CSV of pairs.
 
 Registration grid (``grid``): "model" (the run's training grid) or "native" (the fixed
-image's field of view), planned by ``register_grid``. Both images are resampled through world coordinates and normalised by the reader's own
-  ``preprocess`` (the function its ``load()`` uses), and sliced for the encoder at the
-  training scale in encoder pixels per voxel (``runs.encoding_for``).
+image's field of view), planned by ``register_grid``. Both images are resampled through
+world coordinates and normalised by the reader's own ``preprocess`` (the function its
+``load()`` uses), and sliced for the encoder at the training scale in encoder pixels per
+voxel (``runs.encoding_for``).
 
 Outputs on the fixed image's ORIGINAL grid: ``warped_moving.nii.gz``,
 ``warped_moving_labels.nii.gz``, ``disp_mm.nii.gz`` and ``report.json``; see
@@ -164,18 +165,15 @@ def write_outputs(out: str, report: dict[str, Any], arrays: dict[str, np.ndarray
   tmp = files.make_temp_dir(os.path.dirname(out), os.path.basename(out))
   try:
     # The images are compressed in parallel (zlib releases the GIL).
-    jobs = [(io.save_dispvect, OUT_FILES['disp'], arrays['disp_mm'], {})]
-    for key in ('warped', 'warped_labels'):
-      if arrays.get(key) is not None:
-        jobs.append((io.save_nifti, OUT_FILES[key], arrays[key],
-                     {'intent': 'label' if key == 'warped_labels' else None}))
+    jobs = {key: (io.save_nifti, arrays[key], {'intent': 'label' if key == 'warped_labels'
+                                                 else None})
+            for key in ('warped', 'warped_labels') if arrays.get(key) is not None}
+    jobs['disp'] = (io.save_dispvect, arrays['disp_mm'], {})
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
-      for f in [pool.submit(fn, os.path.join(tmp, name), data, affine, **kw)
-                for fn, name, data, kw in jobs]:
+      for f in [pool.submit(fn, os.path.join(tmp, OUT_FILES[key]), data, affine, **kw)
+                for key, (fn, data, kw) in jobs.items()]:
         f.result()
-    for key in ('warped', 'warped_labels', 'disp'):
-      if key == 'disp' or arrays.get(key) is not None:
-        report['files'][key] = os.path.join(out, OUT_FILES[key])
+    report['files'].update({key: os.path.join(out, OUT_FILES[key]) for key in jobs})
     if l2r[0]:
       report['files']['l2r'] = l2r[0]
     report['files']['report'] = os.path.join(out, OUT_FILES['report'])
@@ -219,9 +217,6 @@ class Registrar:
       raise RegisterError('--io-init zero starts instance optimisation from the identity: '
                           'add --io.')
     self.log = log
-    if options.head_finest_level < 0:
-      raise RegisterError(f'--head-finest-level {options.head_finest_level}: use 0 (all '
-                          'levels) or more.')
     if checkpoint is None:
       checkpoint = general.default_checkpoint()
       log(f'checkpoint: the general head shipped with fmir-jax: {checkpoint}')
@@ -238,7 +233,7 @@ class Registrar:
     dataset, self.reader_options = self.run.dataset
     self.reader = datasets.get(opts.dataset_grid or dataset or 'custom')
     self.levels = self.run.model.levels
-    if opts.head_finest_level >= self.levels:
+    if not 0 <= opts.head_finest_level < self.levels:
       raise RegisterError(f'--head-finest-level {opts.head_finest_level}: this head has '
                           f'{self.levels} levels, use 0..{self.levels - 1}.')
     if opts.pyramid_factors is not None:

@@ -156,6 +156,7 @@ def _warp_batched(vol: jax.Array, disp_vox: jax.Array, row0=None) -> jax.Array:
   if 8 * b * m * c * jnp.dtype(dtype).itemsize <= _ONE_GATHER_MAX_BYTES:
     out = _gather_cells(vol.astype(dtype), (grid + disp_vox).reshape(b, m, 3).astype(dtype))
   else:
+    # No padded copy of a volume this big: corner indices are clipped instead.
     coords = (grid + disp_vox).reshape(-1, 3)
     indices, weights = _sample_coords(coords, tuple(shape))    # (8, B*M)
     indices = indices + jnp.repeat(jnp.arange(b, dtype=jnp.int32) * n, m)[None]
