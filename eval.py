@@ -6,6 +6,9 @@ Any backbone (the head is backbone-agnostic; a new backbone needs its own PCA ba
 on that backbone's training features):
   python eval.py --workdir=runs/acdc --features=features/acdc_sam \
       --pca_store=features/acdc_sam
+A run of one channel_norm seen through another with the same PCA fit (standardise and
+matched train identically; README "Differences from the paper"):
+  python eval.py --workdir=runs/acdc --features=features/acdc_dinov3 --channel_norm=matched
 Cross-domain grid (Table 2): comma-separated runs x stores:
   python eval.py --workdir=runs/acdc_un,runs/acdc_ws --features=f/acdc_dino,f/abd_dino \
       --table2=results/table2.md
@@ -38,6 +41,8 @@ flags.DEFINE_string('out', '', 'Output directory (default: WORKDIR/eval/STORE_SP
 flags.DEFINE_integer('figures', 3, 'Per-pair figures to draw.')
 flags.DEFINE_integer('limit', 0, 'Evaluate only the first N pairs (0 = all).')
 flags.DEFINE_string('table2', '', 'Write the cross-domain Markdown table here.')
+flags.DEFINE_string('channel_norm', '', "Inference normalisation instead of the run's own, "
+                    'one with the same PCA fit (standardise <-> matched: they train alike).')
 distributed.define_flags(flags)
 flags.mark_flags_as_required(['workdir', 'features'])
 
@@ -65,7 +70,7 @@ def main(argv):
         summary = evaluation.evaluate_run(
             workdir, store_path, split=FLAGS.split, checkpoint=FLAGS.checkpoint,
             pca_store=(pca[i] if len(pca) > 1 else (pca[0] if pca else '')), out_dir=out,
-            figures=FLAGS.figures, limit=FLAGS.limit,
+            figures=FLAGS.figures, limit=FLAGS.limit, channel_norm=FLAGS.channel_norm,
             progress=lambda xs: tqdm(xs, desc=f'eval {os.path.basename(store_path)}'))
         print(f'\n{workdir} on {store_path} [{FLAGS.split}]')
         print(summary['table1'])
@@ -74,7 +79,7 @@ def main(argv):
               f"{os.path.dirname(summary['files']['summary_json'])}")
         header = store_lib.FeatureStore(store_path).header
         run = checkpoint.read_run_info(workdir)
-        norm = run.get('channel_norm', 'paper')
+        norm = summary['channel_norm']
         mode = run['mode'] + ('' if norm == 'paper' else f' ({norm})')
         trained_on = '+'.join(run.get('store_datasets') or []) or run['config']['name']
         key = (trained_on, mode, store_lib.dataset_name(header) or '?',

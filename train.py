@@ -9,7 +9,7 @@ Config fields users override most (--config.FIELD=VALUE; defaults in configs/com
                       training: '("f/acdc","f/abdomen")'
   data.eval_stores    validation stores (() = the training stores' val splits)
   mode                UN (random channels, paper default), WS (+ Dice on labels), -CR (PCA)
-  channel_norm        paper | release | standardise (feature normalisation around the
+  channel_norm        paper | release | standardise | matched (feature normalisation around the
                       channel draw and the PCA; README "Differences from the paper")
   feature_channels    c', channels the head sees (256)
   optim.lr            learning rate (1e-4; the demo: 3e-3)

@@ -27,6 +27,8 @@ def base_config() -> ml_collections.ConfigDict:
   #   paper       : raw channels drawn, centred PCA (paper §2.4 as written)
   #   release     : raw channels drawn, uncentred PCA (the authors' code)
   #   standardise : z-scored channels drawn, whitened PCA of the z-scored features
+  #   matched     : z-scored channels drawn; PCA of the z-scored features scaled and mixed to
+  #                 look like a draw (the head sees at inference what it trained on)
   c.channel_norm = 'paper'
 
   c.model = ml_collections.ConfigDict()

@@ -4,7 +4,7 @@ Training draws ``c'`` of the ``c`` feature channels uniformly without replacemen
 forward pass (the same indices for moving and fixed). Inference projects onto a PCA basis
 fitted once on training-set features, streamed in float64 with numpy.
 
-Three feature normalisations (``NORMS``; ``config.channel_norm`` picks one):
+Four feature normalisations (``NORMS``; ``config.channel_norm`` picks one):
 
 * ``paper``: raw channels drawn at training; centred PCA at inference (paper §2.4 as written).
 * ``release``: raw channels drawn; PCA of the UNCENTRED features (the authors' release,
@@ -12,6 +12,12 @@ Three feature normalisations (``NORMS``; ``config.channel_norm`` picks one):
 * ``standardise``: every channel z-scored with training-set statistics before the draw and
   before a PCA of the z-scored features (the correlation matrix), whose components are
   whitened, so that training and inference inputs both have zero mean and unit variance.
+* ``matched``: z-scored channels drawn at training, as ``standardise``; at inference the
+  PCA components of the z-scored features are scaled by sqrt(c'/c) and mixed by one fixed
+  reflection (``draw_matching_mix``) so that the head sees what a draw shows it: the
+  spectrum of a random c'-channel draw and, in the sum of its inputs, the sum of the
+  channels (scaled by c'/c) instead of one component per input. The mix is orthogonal, so
+  the inputs carry exactly the PCA's information.
 
 Features are channels-last: ``(..., c)``.
 """
@@ -70,16 +76,19 @@ class Norm:
   fit: 'centred' (covariance), 'uncentred' (second moment) or 'standardised' (correlation).
   whiten: divide each projected component by its standard deviation.
   draw_standardised: z-score channels before the training-time draw.
+  match_draw: scale the components by sqrt(c'/c) and mix them by ``draw_matching_mix``.
   """
   fit: str
   whiten: bool
   draw_standardised: bool
+  match_draw: bool = False
 
 
 NORMS = {
     'paper': Norm('centred', whiten=False, draw_standardised=False),
     'release': Norm('uncentred', whiten=False, draw_standardised=False),
     'standardise': Norm('standardised', whiten=True, draw_standardised=True),
+    'matched': Norm('standardised', whiten=False, draw_standardised=True, match_draw=True),
 }
 
 
@@ -236,13 +245,37 @@ class PCAAccumulator:
                     scale=scale, fit=fit)
 
 
+def draw_matching_mix(components: np.ndarray) -> np.ndarray:
+  """The reflection ``H`` (c' x c', symmetric, orthogonal) of the ``matched`` inference map.
+
+  ``H`` maps the unit vector along ``components.T @ 1`` to ``1 / sqrt(c')``. For the PCA
+  scores ``s = components.T @ z`` of a (z-scored) feature vector ``z``, the entries of
+  ``H @ s`` sum to ``sqrt(c') * 1.T @ P @ z / |components.T @ 1|`` (P: the projection onto
+  the components), which is ``sqrt(c'/c) * 1.T @ z`` when the channel sum lies in their
+  span; ``head_inputs``' factor sqrt(c'/c) makes it ``(c'/c) * 1.T @ z``, the mean over
+  random draws of the sum of a draw's c' channels. Plain PCA scores put that shared part
+  mostly into one input, a draw spreads it over all of them. Identity when the components
+  carry none of the channel sum.
+  """
+  comp = np.asarray(components, np.float64)
+  c, c_prime = comp.shape
+  a = comp.T @ np.ones(c)
+  if np.linalg.norm(a) < 1e-12 * np.sqrt(c):
+    return np.eye(c_prime)
+  v = a / np.linalg.norm(a) - np.full(c_prime, 1.0 / np.sqrt(c_prime))
+  if np.linalg.norm(v) < 1e-12:
+    return np.eye(c_prime)
+  return np.eye(c_prime) - 2.0 * np.outer(v, v) / (v @ v)
+
+
 def head_inputs(basis: PCABasis, norm: Norm) -> dict[str, np.ndarray]:
   """The float32 maps from ``c`` features to the head's ``c'`` inputs.
 
   Returns {'mean', 'components'} for ``pca_project`` (the basis's scale and, for
   ``norm.whiten``, the components' standard deviations folded into the matrix) and
   {'draw_mean', 'draw_scale'} applied before the training-time draw (zeros / ones for raw
-  channels).
+  channels). ``norm.match_draw``: the components scaled by sqrt(c'/c) and mixed by
+  ``draw_matching_mix``.
   """
   comp = np.asarray(basis.components, np.float64) / basis.scale[:, None]
   if norm.whiten:
@@ -250,6 +283,8 @@ def head_inputs(basis: PCABasis, norm: Norm) -> dict[str, np.ndarray]:
     # most 10x relative to the first, so that unseen data cannot blow up their values.
     ev = np.asarray(basis.explained_variance, np.float64)
     comp = comp / np.sqrt(np.maximum(ev, max(1e-2 * ev[0], 1e-12)))[None, :]
+  if norm.match_draw:
+    comp = comp * np.sqrt(basis.c_prime / basis.c) @ draw_matching_mix(basis.components)
   c = basis.c
   draw_mean = basis.mean if norm.draw_standardised else np.zeros(c)
   draw_scale = basis.scale if norm.draw_standardised else np.ones(c)

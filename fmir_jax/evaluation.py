@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fmir_jax import channel_reg
 from fmir_jax import data as data_lib
 from fmir_jax import metrics as metrics_lib
 from fmir_jax import model as model_lib
@@ -166,8 +167,12 @@ def settings_for_store(st, refs, trained_on: Sequence[str], settings: Sequence[d
 def evaluate_run(workdir: str, store_path: str, *, split: str = 'test',
                  checkpoint: str = 'best', pca_store: str = '', out_dir: str = '',
                  figures: int = 3, limit: int = 0, factors=None, progress=None,
-                 label_names: Sequence[str] | None = None) -> dict:
+                 label_names: Sequence[str] | None = None, channel_norm: str = '') -> dict:
   """Evaluates a run on a store's split; writes CSV, JSON, Markdown and figures.
+
+  channel_norm: the inference normalisation to use instead of the run's own; it must share
+    the run's PCA fit (``standardise`` and ``matched`` train identically, so either serves
+    a run trained with the other).
 
   Returns the summary dict (also written to ``out_dir/summary.json``).
   """
@@ -177,15 +182,24 @@ def evaluate_run(workdir: str, store_path: str, *, split: str = 'test',
   from fmir_jax import store as store_lib
   ckpt.read_run_info(workdir)        # "not a run" before any complaint about the output path
   tag = os.path.basename(os.path.normpath(store_path))
-  out_dir = out_dir or os.path.join(workdir, 'eval', f'{tag}_{split}')
+  out_dir = out_dir or os.path.join(workdir, 'eval', f'{tag}_{split}'
+                                   + (f'_{channel_norm}' if channel_norm else ''))
   why = ckpt.unwritable_reason(out_dir)
   if why:                            # before the compile
     raise ckpt.RunError(f'cannot write the evaluation to {out_dir}: {why}; pass --out=DIR '
                         'naming a writable directory')
   config, graphdef, params, info, step = load_run(workdir, checkpoint)
+  norm_name = channel_norm or config.get('channel_norm', 'paper')
+  norm = channel_reg.norm_of(norm_name)
+  own = train_lib.channel_norm(config)
+  if norm.fit != own.fit:
+    same = sorted(k for k, v in channel_reg.NORMS.items() if v.fit == own.fit)
+    raise ValueError(f'--channel_norm {norm_name} needs a {norm.fit} PCA but {workdir} was '
+                     f'trained with {config.get("channel_norm", "paper")} ({own.fit}); use '
+                     f'one of {same}')
   st = store_lib.FeatureStore(store_path)
   basis = pca_for_store(workdir, info, st, pca_store, progress)
-  pca = train_lib.pca_to_device(basis, train_lib.channel_norm(config))
+  pca = train_lib.pca_to_device(basis, norm)
   settings = info.get('store_settings') or [
       {'factors': None, 'num_classes': int(config.data.num_classes)}]
   refs = data_lib.eval_pairs([st], split, limit)
@@ -203,7 +217,7 @@ def evaluate_run(workdir: str, store_path: str, *, split: str = 'test',
              else metrics_lib.aggregate(per_pair))
   summary.update({
       'workdir': workdir, 'checkpoint_step': int(step), 'store': store_path, 'split': split,
-      'backbone': st.header.get('backbone'), 'mode': info['mode'],
+      'backbone': st.header.get('backbone'), 'mode': info['mode'], 'channel_norm': norm_name,
       'bidirectional_average': bidir, 'n_directed_pairs': len(results),
       'pyramid_factors': factors,
       'head_s_mean': float(np.mean([r.head_s for r in results])),

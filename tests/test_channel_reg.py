@@ -152,6 +152,66 @@ def test_standardised_fit_is_the_pca_of_z_scores_and_whitens_to_unit_variance():
     CR.norm_of('whiten')
 
 
+def _correlated(n, c, rank, seed):
+  """Features with one shared positive factor (as mind's channels) plus ``rank - 1`` others."""
+  rng = np.random.default_rng(seed)
+  latent = rng.standard_normal((n, rank))
+  mixing = rng.standard_normal((rank, c))
+  mixing[0] = 2.0 + rng.random(c)              # every channel loads on the first factor
+  x = latent @ mixing * rng.uniform(0.5, 3.0, c) + rng.uniform(-2, 2, c)
+  return x.astype(np.float32)
+
+
+def test_matched_inputs_are_scaled_rotated_pca_scores_with_a_draws_spectrum():
+  c, cp = 12, 5
+  x = _correlated(30000, c, 8, 11)
+  basis = CR.PCAAccumulator(c).update(x).finalize(cp, fit='standardised')
+  maps = CR.head_inputs(basis, CR.NORMS['matched'])
+  y = np.asarray(CR.pca_project(x, maps['mean'], maps['components']), np.float64)
+  z = (x - x.mean(0)) / x.std(0)
+  # oracle: numpy's eigen-decomposition of the correlation matrix
+  evals, evecs = np.linalg.eigh(np.corrcoef(x, rowvar=False))
+  top_vals, top = evals[::-1][:cp], evecs[:, ::-1][:, :cp]
+  # the inputs' covariance has the top-c' spectrum scaled by c'/c (an orthogonal mix of the
+  # PCA scores), not unit variances as whitening gives
+  np.testing.assert_allclose(np.linalg.eigvalsh(np.cov(y, rowvar=False, bias=True))[::-1],
+                             top_vals * cp / c, rtol=2e-3)
+  # the inputs span the PCA subspace: regressing them on the numpy scores is exact
+  scores = z @ top
+  coef, *_ = np.linalg.lstsq(scores, y, rcond=None)
+  np.testing.assert_allclose(scores @ coef, y, atol=2e-3 * np.abs(y).max())
+  np.testing.assert_allclose(coef.T @ coef, np.eye(cp) * cp / c, atol=2e-4)
+  # the sum of the inputs is the channel sum within the PCA subspace, scaled so that it is
+  # c'/c of the channel sum (the mean over draws of a draw's sum, below) when the channel
+  # sum lies in that subspace (here to 0.5 %)
+  projected = (z @ top @ top.T).sum(1)
+  in_span = np.linalg.norm(top.T @ np.ones(c)) / np.sqrt(c)
+  assert 0.99 < in_span <= 1.0
+  np.testing.assert_allclose(y.sum(1), projected * cp / c / in_span,
+                             atol=2e-3 * np.abs(y.sum(1)).max())
+  key, draws = jax.random.key(3), []
+  for k in jax.random.split(key, 4000):
+    draws.append(z[:200, np.asarray(CR.draw_channels(k, c, cp))].sum(1))
+  np.testing.assert_allclose(np.mean(draws, 0), z[:200].sum(1) * cp / c,
+                             atol=0.05 * np.abs(z[:200].sum(1)).max())
+  # the training-time draw sees z-scored channels, as 'standardise'
+  np.testing.assert_allclose(maps['draw_scale'], x.std(0), rtol=1e-4)
+
+
+def test_draw_matching_mix_is_an_orthogonal_reflection_onto_the_ones_direction():
+  rng = np.random.default_rng(2)
+  comp, _ = np.linalg.qr(rng.standard_normal((9, 4)))
+  h = CR.draw_matching_mix(comp)
+  np.testing.assert_allclose(h @ h.T, np.eye(4), atol=1e-12)
+  np.testing.assert_allclose(h, h.T, atol=1e-12)
+  a = comp.T @ np.ones(9)
+  np.testing.assert_allclose(h @ (a / np.linalg.norm(a)), np.full(4, 0.5), atol=1e-12)
+  # components orthogonal to the channel sum: nothing to spread, no mix
+  flat = np.zeros((4, 2))
+  flat[0, 0], flat[1, 0], flat[2, 1], flat[3, 1] = 1, -1, 1, -1
+  np.testing.assert_array_equal(CR.draw_matching_mix(flat / np.sqrt(2)), np.eye(2))
+
+
 def test_selection_inputs_show_the_head_the_training_draw():
   rng = np.random.default_rng(6)
   x = rng.standard_normal((50, 10)).astype(np.float32) * 3 + 1

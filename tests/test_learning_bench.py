@@ -6,10 +6,12 @@ draw, the curves (CSV equal to the trainer's own val.jsonl, PNG) and the cross-d
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, 'bench', 'learning.py')
@@ -17,7 +19,7 @@ BENCH = os.path.join(ROOT, 'bench', 'learning.py')
 
 def _bench(out, *args):
   return subprocess.run([sys.executable, BENCH, '--out', str(out), '--smoke', '--modes', 'UN',
-                         '--norms', 'standardise', *args], cwd=ROOT, capture_output=True,
+                         '--norms', 'matched', *args], cwd=ROOT, capture_output=True,
                         text=True, timeout=600)
 
 
@@ -25,7 +27,7 @@ def test_learning_smoke_curves_and_cross_domain_table(tmp_path):
   out = tmp_path / 'learning'
   r = _bench(out)
   assert r.returncode == 0, r.stderr[-3000:]
-  runs = ['cardiac_UN_standardise', 'abdomen_UN_standardise']
+  runs = ['cardiac_UN_matched', 'abdomen_UN_matched']
   with open(out / 'curves.csv') as f:
     rows = list(csv.DictReader(f))
   assert sorted({row['run'] for row in rows}) == sorted(runs)
@@ -37,7 +39,7 @@ def test_learning_smoke_curves_and_cross_domain_table(tmp_path):
       for key in ('dice', 'dice_draw', 'initial_dice', 'folding_fraction'):
         assert 0.0 <= rec[key] <= 1.0
         np.testing.assert_allclose(float(row[key]), rec[key], rtol=1e-12)
-      assert row['mode'] == 'UN' and row['channel_norm'] == 'standardise'
+      assert row['mode'] == 'UN' and row['channel_norm'] == 'matched'
   png = (out / 'learning_curves.png').read_bytes()
   assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 10_000
 
@@ -50,7 +52,7 @@ def test_learning_smoke_curves_and_cross_domain_table(tmp_path):
   for run in runs:
     train = {'cardiac': 'acdc', 'abdomen': 'abdomen'}[run.split('_')[0]]
     cells = [c.strip() for c in body[train].strip('|').split('|')]
-    assert cells[1] == 'UN (standardise)'
+    assert cells[1] == 'UN (matched)'
     tests = [h.strip().split()[0] for h in table[0].strip('|').split('|')[2:] if h.strip()]
     for test, cell in zip(tests, cells[2:]):
       folder = {'acdc': 'cardiac', 'abdomen': 'abdomen'}[test]
@@ -65,3 +67,15 @@ def test_learning_smoke_curves_and_cross_domain_table(tmp_path):
   again = _bench(out, '--no-table2')
   assert again.returncode == 0, again.stderr[-3000:]
   assert again.stdout.count(': done') == 2 and 'training to step' not in again.stdout
+
+  # eval.py --channel_norm: the matched run seen through the whitened PCA (the same fit,
+  # trained alike) goes to its own folder and says so; a norm of another fit is refused
+  # (eval.py prints it as one line, exit 2: ValueError is one of its USER_ERRORS)
+  from fmir_jax import evaluation
+  run, store = str(out / 'runs' / runs[0]), str(out / 'features' / 'cardiac')
+  other = evaluation.evaluate_run(run, store, split='test', figures=0, limit=2,
+                                  channel_norm='standardise')
+  assert other['channel_norm'] == 'standardise' and other['n_directed_pairs'] == 2
+  assert os.path.exists(os.path.join(run, 'eval', 'cardiac_test_standardise', 'summary.json'))
+  with pytest.raises(ValueError, match=re.escape("use one of ['matched', 'standardise']")):
+    evaluation.evaluate_run(run, store, split='test', figures=0, limit=2, channel_norm='paper')
