@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmir_jax import channel_reg
 from fmir_jax import data as data_lib
 from fmir_jax import metrics as metrics_lib
 from fmir_jax import model as model_lib
@@ -189,14 +188,8 @@ def evaluate_run(workdir: str, store_path: str, *, split: str = 'test',
     raise ckpt.RunError(f'cannot write the evaluation to {out_dir}: {why}; pass --out=DIR '
                         'naming a writable directory')
   config, graphdef, params, info, step = load_run(workdir, checkpoint)
+  norm = train_lib.channel_norm(config, channel_norm, run=workdir)
   norm_name = channel_norm or config.get('channel_norm', 'paper')
-  norm = channel_reg.norm_of(norm_name)
-  own = train_lib.channel_norm(config)
-  if norm.fit != own.fit:
-    same = sorted(k for k, v in channel_reg.NORMS.items() if v.fit == own.fit)
-    raise ValueError(f'--channel_norm {norm_name} needs a {norm.fit} PCA but {workdir} was '
-                     f'trained with {config.get("channel_norm", "paper")} ({own.fit}); use '
-                     f'one of {same}')
   st = store_lib.FeatureStore(store_path)
   basis = pca_for_store(workdir, info, st, pca_store, progress)
   pca = train_lib.pca_to_device(basis, norm)

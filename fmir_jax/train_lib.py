@@ -303,9 +303,23 @@ def fit_pca(stores, c_prime: int, split: str = 'train', max_volumes: int = 0,
   return acc.finalize(c_prime, fit=fit)
 
 
-def channel_norm(config) -> channel_reg.Norm:
-  """The run's feature normalisation (``config.channel_norm``; runs before it: 'paper')."""
-  return channel_reg.norm_of(config.get('channel_norm', 'paper'))
+def channel_norm(config, override: str = '', run: str = 'the run') -> channel_reg.Norm:
+  """The run's feature normalisation (``config.channel_norm``; runs before it: 'paper').
+
+  override: another normalisation to see the run through at inference; it must share the
+    run's PCA fit (``standardise`` and ``matched`` train identically). ``run`` names the
+    run in the error.
+  """
+  own_name = config.get('channel_norm', 'paper')
+  own = channel_reg.norm_of(own_name)
+  if not override:
+    return own
+  norm = channel_reg.norm_of(override)
+  if norm.fit != own.fit:
+    same = sorted(k for k, v in channel_reg.NORMS.items() if v.fit == own.fit)
+    raise ValueError(f'--channel_norm {override} needs a {norm.fit} PCA but {run} was trained '
+                     f'with {own_name} ({own.fit}); use one of {same}')
+  return norm
 
 
 def pca_to_device(basis: channel_reg.PCABasis | None, norm: channel_reg.Norm | None = None):

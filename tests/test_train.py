@@ -265,3 +265,18 @@ def test_per_store_settings_must_match_the_stores(store_dir, tmp_path):
       'blur_in_plane_only': (True, False)})
   with pytest.raises(ValueError, match='one per data.train_stores entry'):
     trainer.train_and_evaluate(cfg, str(tmp_path / 'bad'), quiet=True)
+
+
+def test_channel_norm_override_must_share_the_runs_pca_fit():
+  from fmir_jax import channel_reg
+  c = demo.get_config()
+  c.channel_norm = 'matched'
+  assert train_lib.channel_norm(c) == channel_reg.NORMS['matched']
+  assert train_lib.channel_norm(c, 'standardise') == channel_reg.NORMS['standardise']
+  with pytest.raises(ValueError, match=r"runs/x was trained with matched \(standardised\); "
+                                       r"use one of \['matched', 'standardise'\]"):
+    train_lib.channel_norm(c, 'paper', run='runs/x')
+  with pytest.raises(ValueError, match='unknown channel_norm'):
+    train_lib.channel_norm(c, 'whiten')
+  del c['channel_norm']            # runs from before the field: 'paper'
+  assert train_lib.channel_norm(c) == channel_reg.NORMS['paper']
