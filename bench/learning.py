@@ -102,11 +102,39 @@ def write_data(out: str, budget: Budget, datasets, seed: int) -> dict[str, str]:
   return stores
 
 
-def run_name(dataset: str, mode: str, norm: str) -> str:
-  return f'{dataset}_{mode.replace("-", "no")}_{norm}'
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One planned run: --plan 'dataset:mode:norm[:lr]' (lr 0 = the demo's, 3e-3)."""
+  dataset: str
+  mode: str
+  norm: str
+  lr: float = 0.0
+
+  @property
+  def name(self) -> str:
+    lr = f'_lr{self.lr:g}' if self.lr else ''
+    return f'{self.dataset}_{self.mode.replace("-", "no")}_{self.norm}{lr}'
 
 
-def config_for(ds: DataSet, store: str, mode: str, norm: str, budget: Budget, seed: int):
+def parse_run(text: str) -> Run:
+  """'cardiac:WS:matched:1e-3' -> Run; ValueError with the reason."""
+  parts = text.split(':')
+  if len(parts) not in (3, 4) or parts[0] not in DATASETS or parts[1] not in MODES:
+    raise ValueError(f'{text!r} is not dataset:mode:norm[:lr] with a dataset of '
+                     f'{sorted(DATASETS)} and a mode of {MODES}')
+  lr = 0.0
+  if len(parts) == 4:
+    try:
+      lr = float(parts[3])
+    except ValueError:
+      lr = -1.0
+    if not lr > 0:
+      raise ValueError(f'{text!r}: the learning rate {parts[3]!r} is not a positive number')
+  return Run(parts[0], parts[1], parts[2], lr)
+
+
+def config_for(ds: DataSet, store: str, mode: str, norm: str, budget: Budget, seed: int,
+               lr: float = 0.0):
   from configs import demo
   c = demo.get_config()
   c.name = ds.reader          # rows of table2 named like its columns (the store's dataset)
@@ -123,6 +151,8 @@ def config_for(ds: DataSet, store: str, mode: str, norm: str, budget: Budget, se
   c.train.eval_pairs = budget.val_pairs
   c.train.eval_channel_draw = True
   c.train.seed = seed
+  if lr:
+    c.optim.lr = lr
   if budget.tiny_model:
     c.feature_channels, c.model.n, c.model.levels, c.model.integration_steps = 8, 4, 2, 2
     c.loss.ncc_windows = c.loss.ncc_windows[:2]
@@ -130,20 +160,21 @@ def config_for(ds: DataSet, store: str, mode: str, norm: str, budget: Budget, se
 
 
 def train_runs(out: str, stores: dict, plan, budget: Budget, seed: int) -> list[str]:
-  """Trains every (dataset, mode, norm) of ``plan``; finished runs are skipped."""
+  """Trains every Run of ``plan``; finished runs are skipped."""
   from fmir_jax import trainer
   workdirs = []
-  for i, (name, mode, norm) in enumerate(plan):
-    wd = os.path.join(out, 'runs', run_name(name, mode, norm))
+  for i, run in enumerate(plan):
+    wd = os.path.join(out, 'runs', run.name)
     workdirs.append(wd)
-    steps = budget.steps_for(name)
+    steps = budget.steps_for(run.dataset)
     if steps in trainer.read_val_log(wd):
       print(f'[run {i + 1}/{len(plan)}] {os.path.basename(wd)}: done', flush=True)
       continue
     print(f'[run {i + 1}/{len(plan)}] {os.path.basename(wd)}: training to step {steps}',
           flush=True)
     t0 = time.perf_counter()
-    config = config_for(DATASETS[name], stores[name], mode, norm, budget, seed)
+    config = config_for(DATASETS[run.dataset], stores[run.dataset], run.mode, run.norm, budget,
+                        seed, run.lr)
     trainer.train_and_evaluate(config, wd, quiet=True)
     print(f'  {time.perf_counter() - t0:.0f} s', flush=True)
   return workdirs
@@ -159,7 +190,7 @@ def collect(workdirs) -> list[dict]:
     for step, rec in sorted(trainer.read_val_log(wd).items()):
       rows.append({'run': os.path.basename(wd), 'dataset': os.path.basename(wd).split('_')[0],
                    'mode': info['mode'], 'channel_norm': info.get('channel_norm', 'paper'),
-                   **rec})
+                   'lr': info['config']['optim']['lr'], **rec})
   return rows
 
 
@@ -168,7 +199,7 @@ def write_curves(out: str, rows: list[dict]) -> tuple[str, str]:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   csv_path = os.path.join(out, 'curves.csv')
-  fields = ['run', 'dataset', 'mode', 'channel_norm', 'step', 'initial_dice', 'dice',
+  fields = ['run', 'dataset', 'mode', 'channel_norm', 'lr', 'step', 'initial_dice', 'dice',
             'dice_draw', 'folding_fraction']
   with files.atomic_path(csv_path) as tmp, open(tmp, 'w', newline='') as f:
     w = csv.DictWriter(f, fieldnames=fields, extrasaction='ignore')
@@ -176,14 +207,15 @@ def write_curves(out: str, rows: list[dict]) -> tuple[str, str]:
     w.writerows(rows)
   datasets = sorted({r['dataset'] for r in rows})
   fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.2), squeeze=False)
-  colours: dict = {}            # one colour per (mode, channel_norm) in every panel
+  colours: dict = {}            # one colour per (mode, channel_norm, lr) in every panel
   for ax, name in zip(axes[0], datasets):
     runs = sorted({r['run'] for r in rows if r['dataset'] == name})
     for run in runs:
       rr = [r for r in rows if r['run'] == run]
       steps = [0] + [r['step'] for r in rr]
-      colour = colours.setdefault((rr[0]['mode'], rr[0]['channel_norm']), f'C{len(colours)}')
-      label = f'{rr[0]["mode"]} / {rr[0]["channel_norm"]}'
+      colour = colours.setdefault((rr[0]['mode'], rr[0]['channel_norm'], rr[0]['lr']),
+                                  f'C{len(colours)}')
+      label = f'{rr[0]["mode"]} / {rr[0]["channel_norm"]} / lr {rr[0]["lr"]:g}'
       ax.plot(steps, [100 * rr[0]['initial_dice']] + [100 * r['dice'] for r in rr],
               '-o', ms=3, color=colour, label=label + ' (PCA inputs)')
       if any('dice_draw' in r for r in rr):
@@ -228,7 +260,8 @@ def main(argv=None) -> int:
   p.add_argument('--abdomen-steps', type=int, default=150, help='per abdomen run')
   p.add_argument('--flow-init', default='small', help="model.flow_init: 'small' or 'torch'")
   p.add_argument('--plan', default='',
-                 help="explicit runs 'dataset:mode:norm,...' (default: datasets x modes x norms)")
+                 help="explicit runs 'dataset:mode:norm[:lr],...' (lr default: the demo's "
+                      "3e-3; default plan: datasets x modes x norms)")
   p.add_argument('--eval-every', type=int, default=25)
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--test-datasets', default=','.join(DATASETS),
@@ -261,18 +294,18 @@ def main(argv=None) -> int:
     return 2
   os.makedirs(a.out, exist_ok=True)
   if a.plan:
-    plan = [tuple(x.split(':')) for x in a.plan.split(',') if x]
-    for run in plan:
-      if len(run) != 3 or run[0] not in DATASETS or run[1] not in MODES:
-        p.error(f'--plan: {":".join(run)!r} is not dataset:mode:norm with a dataset of '
-                f'{sorted(DATASETS)} and a mode of {MODES}')
-    datasets = sorted({d for d, _, _ in plan}, key=list(DATASETS).index)
+    try:
+      plan = [parse_run(x) for x in a.plan.split(',') if x]
+    except ValueError as e:
+      p.error(f'--plan: {e}')
+    datasets = sorted({r.dataset for r in plan}, key=list(DATASETS).index)
   else:
-    plan = [(d, m, n) for d in datasets for m in modes
+    plan = [Run(d, m, n) for d in datasets for m in modes
             for n in ([a.cr_norm] if m == '-CR' else a.norms.split(','))]
   with open(os.path.join(a.out, 'command.json'), 'w') as f:
     json.dump({'argv': sys.argv[1:] if argv is None else list(argv),
-               'budget': dataclasses.asdict(budget), 'plan': plan}, f, indent=1)
+               'budget': dataclasses.asdict(budget),
+               'plan': [dataclasses.asdict(r) for r in plan]}, f, indent=1)
   if a.no_table2:
     test_sets = []
   stores = write_data(a.out, budget, [d for d in DATASETS if d in datasets or d in test_sets],

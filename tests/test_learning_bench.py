@@ -1,5 +1,5 @@
 """bench/learning.py --smoke end to end (a subprocess, as a user runs it): phantoms of both
-datasets, `mind` features, one UN run (cardiac) validated with PCA and with the training
+datasets, `mind` features, one UN run (cardiac, its own learning rate) validated with PCA and with the training
 draw, the curves (CSV equal to the trainer's own val.jsonl, PNG) and the cross-domain table
 on both test sets (values equal to eval.py's own summary.json files). A second call trains
 nothing.
@@ -20,7 +20,7 @@ BENCH = os.path.join(ROOT, 'bench', 'learning.py')
 
 def _bench(out, *args):
   return subprocess.run([sys.executable, BENCH, '--out', str(out), '--smoke', '--plan',
-                         'cardiac:UN:matched', *args], cwd=ROOT, capture_output=True,
+                         'cardiac:UN:matched:1e-3', *args], cwd=ROOT, capture_output=True,
                         text=True, timeout=600)
 
 
@@ -28,7 +28,7 @@ def test_learning_smoke_curves_and_cross_domain_table(tmp_path):
   out = tmp_path / 'learning'
   r = _bench(out)
   assert r.returncode == 0, r.stderr[-3000:]
-  runs = ['cardiac_UN_matched']
+  runs = ['cardiac_UN_matched_lr0.001']   # the plan's own learning rate names the run
   with open(out / 'curves.csv') as f:
     rows = list(csv.DictReader(f))
   assert sorted({row['run'] for row in rows}) == sorted(runs)
@@ -41,6 +41,9 @@ def test_learning_smoke_curves_and_cross_domain_table(tmp_path):
         assert 0.0 <= rec[key] <= 1.0
         np.testing.assert_allclose(float(row[key]), rec[key], rtol=1e-12)
       assert row['mode'] == 'UN' and row['channel_norm'] == 'matched'
+      assert float(row['lr']) == 1e-3
+    with open(out / 'runs' / run / 'run.json') as f:
+      assert json.load(f)['config']['optim']['lr'] == 1e-3
   png = (out / 'learning_curves.png').read_bytes()
   assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 10_000
 
@@ -80,3 +83,16 @@ def test_learning_smoke_curves_and_cross_domain_table(tmp_path):
   assert os.path.exists(os.path.join(run, 'eval', 'cardiac_test_standardise', 'summary.json'))
   with pytest.raises(ValueError, match=re.escape("use one of ['matched', 'standardise']")):
     evaluation.evaluate_run(run, store, split='test', figures=0, limit=2, channel_norm='paper')
+
+
+def test_learning_plan_parsing():
+  sys.path.insert(0, os.path.join(ROOT, 'bench'))
+  import learning
+  assert learning.parse_run('cardiac:-CR:paper').name == 'cardiac_noCR_paper'
+  run = learning.parse_run('abdomen:WS:matched:1e-3')
+  assert (run.lr, run.name) == (1e-3, 'abdomen_WS_matched_lr0.001')
+  for bad, why in (('cardiac:UN', 'not dataset:mode:norm'), ('brain:UN:paper', 'not dataset'),
+                   ('cardiac:XX:paper', 'not dataset'), ('cardiac:UN:paper:fast', 'positive'),
+                   ('cardiac:UN:paper:-1', 'positive'), ('cardiac:UN:paper:0', 'positive')):
+    with pytest.raises(ValueError, match=why):
+      learning.parse_run(bad)
