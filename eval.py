@@ -61,6 +61,7 @@ def main(argv):
     if distributed.launch_index(FLAGS) > 0:
       print(f'process {distributed.launch_index(FLAGS)}: evaluation runs on process 0')
       return
+    rows = evaluation.table2_rows(FLAGS.workdir, FLAGS.channel_norm)
     for workdir in FLAGS.workdir:
       for i, store_path in enumerate(FLAGS.features):
         out = FLAGS.out
@@ -78,11 +79,7 @@ def main(argv):
               f"{summary['feature_s_mean']:.3f} s/pair; files in "
               f"{os.path.dirname(summary['files']['summary_json'])}")
         header = store_lib.FeatureStore(store_path).header
-        run = checkpoint.read_run_info(workdir)
-        norm = summary['channel_norm']
-        mode = run['mode'] + ('' if norm == 'paper' else f' ({norm})')
-        trained_on = '+'.join(run.get('store_datasets') or []) or run['config']['name']
-        key = (trained_on, mode, store_lib.dataset_name(header) or '?',
+        key = (*rows[workdir], store_lib.dataset_name(header) or '?',
                store_lib.backbone_name(header))
         grid[key] = summary['metrics']
         initial[key[2]] = summary['metrics']

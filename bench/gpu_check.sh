@@ -16,7 +16,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 WHL=.whl
 PKGS=(nibabel==5.4.2 ml-collections==1.1.0 grain==0.2.18 tensorboardX==2.6.5 array-record
-      cloudpickle portpicker etils importlib-resources)
+      cloudpickle portpicker etils importlib-resources pytest-xdist==3.8.0 execnet)
 
 if [[ "${1:-}" == "--prepare" ]]; then
   mkdir -p "$WHL"
@@ -47,7 +47,7 @@ stage install 240 bash -c "$PY -m pip install -q --no-index --no-deps --find-lin
   ${PKGS[*]} && $PY -m pip install -q --no-deps --no-build-isolation -e ."
 stage env 60 bash -c "nvidia-smi; $PY -c 'import jax, torch, flax; print(jax.__version__, \
   jax.devices(), torch.__version__, torch.cuda.is_available(), flax.__version__)'"
-stage tests 300 "$PY" -m pytest -x -q -p no:cacheprovider tests/test_model.py \
+stage tests 300 "$PY" -m pytest -x -q -n 0 -p no:cacheprovider tests/test_model.py \
   tests/test_warp.py tests/test_losses.py tests/test_features.py tests/test_conv.py \
   tests/test_train.py
 stage bench 420 "$PY" bench/run.py --suite gpu --json "$OUT/gpu.json"

@@ -251,3 +251,26 @@ def evaluate_run(workdir: str, store_path: str, *, split: str = 'test',
   summary['table1'] = table
   return summary
 
+
+
+def table2_rows(workdirs: Sequence[str], channel_norm: str = '') -> dict[str, tuple[str, str]]:
+  """workdir -> (train set, mode label): the Table 2 row each run's scores go to.
+
+  The label is the mode, with the inference channel_norm when it is not the paper's
+  (``channel_norm`` overrides every run's own, as in ``evaluate_run``). Runs that would share
+  a row (same training data, mode and norm: e.g. two learning rates) are told apart by their
+  folder names, so no run's scores overwrite another's.
+  """
+  import os
+  from fmir_jax import checkpoint as ckpt
+  rows = {}
+  for wd in workdirs:
+    run = ckpt.read_run_info(wd)
+    norm = channel_norm or run.get('channel_norm', 'paper')
+    mode = run['mode'] + ('' if norm == 'paper' else f' ({norm})')
+    trained_on = '+'.join(run.get('store_datasets') or []) or run['config']['name']
+    rows[wd] = (trained_on, mode)
+  labels = list(rows.values())
+  return {wd: (t, m if labels.count((t, m)) == 1 else
+               f'{m} [{os.path.basename(os.path.normpath(wd))}]')
+          for wd, (t, m) in rows.items()}
