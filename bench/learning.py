@@ -128,8 +128,8 @@ def parse_run(text: str) -> Run:
       lr = float(parts[3])
     except ValueError:
       lr = -1.0
-    if not lr > 0:
-      raise ValueError(f'{text!r}: the learning rate {parts[3]!r} is not a positive number')
+    if not 0 < lr < float('inf'):
+      raise ValueError(f'{text!r}: the learning rate {parts[3]!r} is not a positive, finite number')
   return Run(parts[0], parts[1], parts[2], lr)
 
 

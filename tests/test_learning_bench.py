@@ -93,7 +93,8 @@ def test_learning_plan_parsing():
   assert (run.lr, run.name) == (1e-3, 'abdomen_WS_matched_lr0.001')
   for bad, why in (('cardiac:UN', 'not dataset:mode:norm'), ('brain:UN:paper', 'not dataset'),
                    ('cardiac:XX:paper', 'not dataset'), ('cardiac:UN:paper:fast', 'positive'),
-                   ('cardiac:UN:paper:-1', 'positive'), ('cardiac:UN:paper:0', 'positive')):
+                   ('cardiac:UN:paper:-1', 'positive'), ('cardiac:UN:paper:0', 'positive'),
+                   ('cardiac:UN:paper:inf', 'positive'), ('cardiac:UN:paper:nan', 'positive')):
     with pytest.raises(ValueError, match=why):
       learning.parse_run(bad)
 
