@@ -129,7 +129,8 @@ def parse_run(text: str) -> Run:
     except ValueError:
       lr = -1.0
     if not 0 < lr < float('inf'):
-      raise ValueError(f'{text!r}: the learning rate {parts[3]!r} is not a positive, finite number')
+      raise ValueError(f'{text!r}: the learning rate {parts[3]!r} is not a positive, finite '
+                       'number')
   return Run(parts[0], parts[1], parts[2], lr)
 
 
