@@ -1,8 +1,8 @@
 """bench/learning.py --smoke end to end (a subprocess, as a user runs it): phantoms of both
-datasets, `mind` features, one UN run (cardiac, its own learning rate) validated with PCA and with the training
-draw, the curves (CSV equal to the trainer's own val.jsonl, PNG) and the cross-domain table
-on both test sets (values equal to eval.py's own summary.json files). A second call trains
-nothing.
+datasets, `mind` features, one UN run (cardiac, its own learning rate) validated with PCA
+and with the training draw, the curves (CSV equal to the trainer's own val.jsonl, PNG) and
+the cross-domain table on both test sets (values equal to eval.py's own summary.json
+files). A second call trains nothing.
 """
 import csv
 import json
