@@ -252,7 +252,6 @@ def evaluate_run(workdir: str, store_path: str, *, split: str = 'test',
   return summary
 
 
-
 def table2_rows(workdirs: Sequence[str], channel_norm: str = '') -> dict[str, tuple[str, str]]:
   """workdir -> (train set, mode label): the Table 2 row each run's scores go to.
 
