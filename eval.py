@@ -43,6 +43,8 @@ flags.DEFINE_integer('limit', 0, 'Evaluate only the first N pairs (0 = all).')
 flags.DEFINE_string('table2', '', 'Write the cross-domain Markdown table here.')
 flags.DEFINE_string('channel_norm', '', "Inference normalisation instead of the run's own, "
                     'one with the same PCA fit (standardise <-> matched: they train alike).')
+flags.DEFINE_bool('reuse', False, 'Keep an evaluation already in --out when it scored the same '
+                  'checkpoint, store, split, pairs and normalisation (a long --table2 resumes).')
 distributed.define_flags(flags)
 flags.mark_flags_as_required(['workdir', 'features'])
 
@@ -62,25 +64,30 @@ def main(argv):
       print(f'process {distributed.launch_index(FLAGS)}: evaluation runs on process 0')
       return
     rows = evaluation.table2_rows(FLAGS.workdir, FLAGS.channel_norm)
+    columns = evaluation.table2_columns(FLAGS.features)
     for workdir in FLAGS.workdir:
       for i, store_path in enumerate(FLAGS.features):
         out = FLAGS.out
         if out and (len(FLAGS.workdir) > 1 or len(FLAGS.features) > 1):
           out = os.path.join(out, os.path.basename(os.path.normpath(workdir)),
                              os.path.basename(os.path.normpath(store_path)))
-        summary = evaluation.evaluate_run(
-            workdir, store_path, split=FLAGS.split, checkpoint=FLAGS.checkpoint,
-            pca_store=(pca[i] if len(pca) > 1 else (pca[0] if pca else '')), out_dir=out,
-            figures=FLAGS.figures, limit=FLAGS.limit, channel_norm=FLAGS.channel_norm,
-            progress=lambda xs: tqdm(xs, desc=f'eval {os.path.basename(store_path)}'))
-        print(f'\n{workdir} on {store_path} [{FLAGS.split}]')
+        how = dict(split=FLAGS.split, checkpoint=FLAGS.checkpoint, limit=FLAGS.limit,
+                   pca_store=(pca[i] if len(pca) > 1 else (pca[0] if pca else '')),
+                   channel_norm=FLAGS.channel_norm)
+        out = out or evaluation.default_out_dir(workdir, store_path, FLAGS.split,
+                                                FLAGS.channel_norm)
+        summary = FLAGS.reuse and evaluation.earlier_summary(workdir, store_path, out, **how)
+        print(f'\n{workdir} on {store_path} [{FLAGS.split}]'
+              + (f' (reused: {out})' if summary else ''))
+        summary = summary or evaluation.evaluate_run(
+            workdir, store_path, out_dir=out, figures=FLAGS.figures,
+            progress=lambda xs: tqdm(xs, desc=f'eval {os.path.basename(store_path)}'), **how)
         print(summary['table1'])
         print(f"head {summary['head_s_mean']:.3f} s/pair, features "
               f"{summary['feature_s_mean']:.3f} s/pair; files in "
               f"{os.path.dirname(summary['files']['summary_json'])}")
         header = store_lib.FeatureStore(store_path).header
-        key = (*rows[workdir], store_lib.dataset_name(header) or '?',
-               store_lib.backbone_name(header))
+        key = (*rows[workdir], columns[store_path], store_lib.backbone_name(header))
         grid[key] = summary['metrics']
         initial[key[2]] = summary['metrics']
   except USER_ERRORS as e:

@@ -4,17 +4,22 @@
   python bench/learning.py --out /tmp/learning --smoke             # about a minute (tests)
 
 Stages, each resumable (kill it and run the same command again):
-1. Data: cardiac phantoms in the ACDC layout on the demo's grid (48x48x16 at 2.4x2.4x10 mm)
-   and abdomen phantoms in the Learn2Reg layout on the reader's quarter grid (48x40x64 at
-   8 mm), both through the offline `mind` backbone (feature_extract/run.py).
-2. Runs: one head per dataset x mode x channel_norm, the demo's model size (configs/demo.py:
-   c'=16, n=8, 4 levels, He init, lr 3e-3), the same step budget for all. Every
-   --eval-every steps the trainer validates twice: with the inference-time inputs (the PCA
-   basis) and with the training-time inputs (one fixed channel draw, UN/WS); a gap between
-   the two curves is a train/inference mismatch. Runs already finished are skipped.
+1. Data: cardiac phantoms in the ACDC layout and abdomen phantoms in the Learn2Reg layout,
+   each read on two grids (DATASETS: cardiac = the demo's 48x48x16 at 2.4x2.4x10 mm, a
+   115 mm crop around the heart; cardiac_wide = 64x64x16 at 3.6x3.6x10 mm, the paper's
+   230 mm ACDC field of view at half its resolution; abdomen = the quarter grid, 48x40x64 at
+   8 mm; abdomen_half = the paper's 96x80x128 at 4 mm), through the offline `mind` backbone
+   (feature_extract/run.py).
+2. Runs: one head per dataset x mode x channel_norm (or --plan), the demo's model size
+   (configs/demo.py: c'=16, n=8, 4 levels, He init, lr 3e-3), the same step budget for all
+   runs of a dataset. Every --eval-every steps the trainer validates twice: with the
+   inference-time inputs (the PCA basis) and with the training-time inputs (one fixed
+   channel draw, UN/WS); a gap between the two curves is a train/inference mismatch. Runs
+   already finished are skipped.
 3. Outputs in OUT: curves.csv (every validation of every run), learning_curves.png
    (held-out Dice vs step per dataset), table2.md (each run's best checkpoint on the test
-   split of both datasets, the paper's Table 2 layout, made by eval.py --table2).
+   split of every --test-datasets store, the paper's Table 2 layout, made by eval.py
+   --table2 --reuse: evaluations already in OUT/eval for the same checkpoint are kept).
 """
 from __future__ import annotations
 
@@ -38,39 +43,71 @@ MODES = ('UN', 'WS', '-CR')
 
 @dataclasses.dataclass(frozen=True)
 class DataSet:
-  """One phantom dataset: how to write it, extract it and train on it."""
-  name: str             # cardiac | abdomen
+  """One phantom dataset: which phantoms, how to extract them and train on them."""
+  name: str             # cardiac | cardiac_wide | abdomen | abdomen_half
+  phantoms: str         # the phantom set it reads (out/data/PHANTOMS, shared by its grids)
   reader: str           # feature_extract dataset name
   options: dict         # reader options (feature_extract/run.py --dataset-option KEY=VALUE)
+  input_size: int       # encoder input K (feature_extract/run.py --input-size)
   factors: tuple        # pyramid factors
   num_classes: int
   blur_in_plane_only: bool
 
 
+# Two grids of each phantom set. cardiac: the demo's 115 mm crop around the heart (48x48x16
+# at 2.4 mm); cardiac_wide: the paper's ACDC field of view (128x128 at 1.8 mm = 230 mm) at
+# half its resolution (64x64x16 at 3.6 mm). abdomen: the quarter grid (48x40x64 at 8 mm, the
+# CPU training grid); abdomen_half: the paper's grid (96x80x128 at 4 mm).
 DATASETS = {
-    'cardiac': DataSet('cardiac', 'acdc', {'shape': [48, 48, 16], 'spacing_mm': [2.4, 2.4, 10.0]},
+    'cardiac': DataSet('cardiac', 'cardiac', 'acdc',
+                       {'shape': [48, 48, 16], 'spacing_mm': [2.4, 2.4, 10.0]}, 64,
                        (2, 2, 1), 3, True),
-    'abdomen': DataSet('abdomen', 'abdomen', {'resolution': 'quarter'}, (2, 2, 2), 13, False),
+    'cardiac_wide': DataSet('cardiac_wide', 'cardiac', 'acdc',
+                            {'shape': [64, 64, 16], 'spacing_mm': [3.6, 3.6, 10.0]}, 64,
+                            (2, 2, 1), 3, True),
+    'abdomen': DataSet('abdomen', 'abdomen', 'abdomen', {'resolution': 'quarter'}, 64,
+                       (2, 2, 2), 13, False),
+    'abdomen_half': DataSet('abdomen_half', 'abdomen', 'abdomen', {'resolution': 'half'}, 128,
+                            (2, 2, 2), 13, False),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-  steps: int                      # training steps per cardiac run
+  steps: int                      # training steps per run (unless dataset_steps says)
   eval_every: int
-  abdomen_steps: int = 0          # per abdomen run (0 = steps)
+  dataset_steps: tuple = ()       # ((dataset, steps), ...): a dataset's own step count
   flow_init: str = 'small'        # model.flow_init of every run
   cardiac_patients: int = 20      # ids 1-20: the ACDC split rule gives val patients 18-20
   cardiac_test: int = 4           # ids 101-104
   abdomen_scans: int = 30         # the Learn2Reg split: 1-20 train, 21-23 val, 24-30 test
-  abdomen_shape: tuple = (96, 80, 128)   # written at 4 mm; the reader resamples to 8 mm
-  input_size: int = 64
+  abdomen_shape: tuple = (96, 80, 128)   # written at 4 mm (abdomen: resampled to 8 mm)
+  input_scale: float = 1.0        # smoke: the encoder input K of every dataset x this
   val_pairs: int = 0              # validation pairs per check (0 = all)
   tiny_model: bool = False        # smoke: 2 levels, n=4, c'=8 (compiles in seconds)
+  eval_limit: int = 0             # table2: first N test pairs per store (0 = all)
 
   def steps_for(self, dataset: str) -> int:
-    return self.abdomen_steps if dataset == 'abdomen' and self.abdomen_steps else self.steps
-  eval_limit: int = 0             # table2: first N test pairs per store (0 = all)
+    return dict(self.dataset_steps).get(dataset, self.steps)
+
+
+def write_phantoms(raw: str, kind: str, budget: Budget, seed: int) -> None:
+  """The phantom set ``kind`` in its dataset's raw layout (skipped once complete)."""
+  done = os.path.join(raw, 'phantoms.json')
+  if os.path.exists(done):
+    return
+  print(f'[data] {kind} phantoms -> {raw}', flush=True)
+  if kind == 'cardiac':
+    first = 21 - budget.cardiac_patients
+    phantoms.write_acdc_phantoms(raw, budget.cardiac_patients, seed, first_id=first,
+                                 inplane_size=(150, 200))
+    phantoms.write_acdc_phantoms(raw, budget.cardiac_test, seed, first_id=101,
+                                 inplane_size=(150, 200))
+  else:
+    phantoms.write_abdomen_phantoms(raw, budget.abdomen_scans, seed,
+                                    shape=budget.abdomen_shape, spacing_mm=4.0)
+  with files.atomic_path(done) as tmp, open(tmp, 'w') as f:
+    json.dump({'kind': kind, 'seed': seed, 'budget': dataclasses.asdict(budget)}, f)
 
 
 def write_data(out: str, budget: Budget, datasets, seed: int) -> dict[str, str]:
@@ -79,25 +116,16 @@ def write_data(out: str, budget: Budget, datasets, seed: int) -> dict[str, str]:
   stores = {}
   for name in datasets:
     ds = DATASETS[name]
-    raw = os.path.join(out, 'data', name)
+    raw = os.path.join(out, 'data', ds.phantoms)
     store = os.path.join(out, 'features', name)
     stores[name] = store
     if os.path.exists(os.path.join(store, 'index.json')):
       continue
-    print(f'[data] {name} phantoms -> {raw}', flush=True)
-    if name == 'cardiac':
-      first = 21 - budget.cardiac_patients
-      phantoms.write_acdc_phantoms(raw, budget.cardiac_patients, seed, first_id=first,
-                                   inplane_size=(150, 200))
-      phantoms.write_acdc_phantoms(raw, budget.cardiac_test, seed, first_id=101,
-                                   inplane_size=(150, 200))
-    else:
-      phantoms.write_abdomen_phantoms(raw, budget.abdomen_scans, seed,
-                                      shape=budget.abdomen_shape, spacing_mm=4.0)
+    write_phantoms(raw, ds.phantoms, budget, seed)
     summary = pipeline.extract_dataset(
         backbone='mind', dataset=ds.reader, data_root=raw, out=store,
-        input_size=budget.input_size, device='cpu', dataset_options=ds.options,
-        progress=False)
+        input_size=max(16, int(ds.input_size * budget.input_scale)), device='cpu',
+        dataset_options=ds.options, progress=False)
     print(f'[data] {name}: {summary.line()}', flush=True)
   return stores
 
@@ -181,15 +209,15 @@ def train_runs(out: str, stores: dict, plan, budget: Budget, seed: int) -> list[
   return workdirs
 
 
-def collect(workdirs) -> list[dict]:
+def collect(plan, workdirs) -> list[dict]:
   """One row per validation of every run (the trainer's val.jsonl)."""
   from fmir_jax import checkpoint as ckpt
   from fmir_jax import trainer
   rows = []
-  for wd in workdirs:
+  for run, wd in zip(plan, workdirs):
     info = ckpt.read_run_info(wd)
     for step, rec in sorted(trainer.read_val_log(wd).items()):
-      rows.append({'run': os.path.basename(wd), 'dataset': os.path.basename(wd).split('_')[0],
+      rows.append({'run': os.path.basename(wd), 'dataset': run.dataset,
                    'mode': info['mode'], 'channel_norm': info.get('channel_norm', 'paper'),
                    'lr': info['config']['optim']['lr'], **rec})
   return rows
@@ -243,7 +271,7 @@ def table2(out: str, workdirs, stores: dict, limit: int = 0) -> str:
   cmd = [sys.executable, os.path.join(ROOT, 'eval.py'), '--workdir=' + ','.join(workdirs),
          '--features=' + ','.join(stores[k] for k in sorted(stores)), '--split=test',
          '--figures=0', f'--limit={limit}', f'--out={os.path.join(out, "eval")}',
-         f'--table2={path}']
+         f'--table2={path}', '--reuse']
   print('[table2] ' + ' '.join(cmd), flush=True)
   subprocess.run(cmd, check=True, cwd=ROOT)
   return path
@@ -257,16 +285,19 @@ def main(argv=None) -> int:
   p.add_argument('--norms', default='paper,matched',
                  help='channel_norm values for UN and WS (fmir_jax/channel_reg.py NORMS)')
   p.add_argument('--cr-norm', default='paper', help='channel_norm of the -CR runs')
-  p.add_argument('--steps', type=int, default=300, help='training steps per cardiac run')
+  p.add_argument('--steps', type=int, default=300, help='training steps per run')
   p.add_argument('--abdomen-steps', type=int, default=150, help='per abdomen run')
+  p.add_argument('--dataset-steps', default='',
+                 help="a dataset's own step count, 'NAME=STEPS,...' (e.g. cardiac_wide=750)")
   p.add_argument('--flow-init', default='small', help="model.flow_init: 'small' or 'torch'")
   p.add_argument('--plan', default='',
                  help="explicit runs 'dataset:mode:norm[:lr],...' (lr default: the demo's "
                       "3e-3; default plan: datasets x modes x norms)")
   p.add_argument('--eval-every', type=int, default=25)
   p.add_argument('--seed', type=int, default=0)
-  p.add_argument('--test-datasets', default=','.join(DATASETS),
-                 help='test sets of the cross-domain table (extracted when missing)')
+  p.add_argument('--test-datasets', default='cardiac,abdomen',
+                 help=f'test sets of the cross-domain table (extracted when missing); of '
+                      f'{",".join(DATASETS)}')
   p.add_argument('--no-table2', action='store_true')
   p.add_argument('--smoke', action='store_true', help='tiny data and 2 steps (tests)')
   a = p.parse_args(argv)
@@ -280,14 +311,21 @@ def main(argv=None) -> int:
   for m in modes:
     if m not in MODES:
       p.error(f'--modes: unknown {m!r}; use {MODES}')
+  dataset_steps = {'abdomen': a.abdomen_steps}
+  for item in [x for x in a.dataset_steps.split(',') if x]:
+    name, _, n = item.partition('=')
+    if name not in DATASETS or not n.isdigit() or int(n) < 1:
+      p.error(f'--dataset-steps: {item!r} is not NAME=STEPS with a NAME of {sorted(DATASETS)} '
+              'and STEPS a positive whole number')
+    dataset_steps[name] = int(n)
   if a.smoke:   # compile faster (as the other benches' smoke runs); timings mean nothing
     os.environ.setdefault('XLA_FLAGS', '--xla_backend_optimization_level=0')
     budget = Budget(steps=2, eval_every=2, cardiac_patients=6, cardiac_test=1,
-                    abdomen_scans=30, abdomen_shape=(24, 20, 32), input_size=32,
+                    abdomen_scans=30, abdomen_shape=(24, 20, 32), input_scale=0.5,
                     eval_limit=2, val_pairs=2, tiny_model=True)
   else:
-    budget = Budget(steps=a.steps, eval_every=a.eval_every, abdomen_steps=a.abdomen_steps,
-                    flow_init=a.flow_init)
+    budget = Budget(steps=a.steps, eval_every=a.eval_every,
+                    dataset_steps=tuple(sorted(dataset_steps.items())), flow_init=a.flow_init)
   try:
     files.check_writable_dir(a.out, '--out')
   except files.OutputPathError as e:
@@ -312,7 +350,7 @@ def main(argv=None) -> int:
   stores = write_data(a.out, budget, [d for d in DATASETS if d in datasets or d in test_sets],
                       a.seed)
   workdirs = train_runs(a.out, stores, plan, budget, a.seed)
-  rows = collect(workdirs)
+  rows = collect(plan, workdirs)
   csv_path, png = write_curves(a.out, rows)
   print(f'curves: {csv_path}, {png}')
   for wd in workdirs:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import time
 from typing import Callable, Sequence
 
@@ -163,6 +165,13 @@ def settings_for_store(st, refs, trained_on: Sequence[str], settings: Sequence[d
   return {'factors': factors, 'num_classes': num_classes}
 
 
+def default_out_dir(workdir: str, store_path: str, split: str, channel_norm: str = '') -> str:
+  """Where ``evaluate_run`` writes without an ``out_dir``: WORKDIR/eval/STORE_SPLIT[_NORM]."""
+  tag = os.path.basename(os.path.normpath(store_path))
+  return os.path.join(workdir, 'eval', f'{tag}_{split}'
+                      + (f'_{channel_norm}' if channel_norm else ''))
+
+
 def evaluate_run(workdir: str, store_path: str, *, split: str = 'test',
                  checkpoint: str = 'best', pca_store: str = '', out_dir: str = '',
                  figures: int = 3, limit: int = 0, factors=None, progress=None,
@@ -175,14 +184,11 @@ def evaluate_run(workdir: str, store_path: str, *, split: str = 'test',
 
   Returns the summary dict (also written to ``out_dir/summary.json``).
   """
-  import os
   from fmir_jax import checkpoint as ckpt
   from fmir_jax import report
   from fmir_jax import store as store_lib
   ckpt.read_run_info(workdir)        # "not a run" before any complaint about the output path
-  tag = os.path.basename(os.path.normpath(store_path))
-  out_dir = out_dir or os.path.join(workdir, 'eval', f'{tag}_{split}'
-                                   + (f'_{channel_norm}' if channel_norm else ''))
+  out_dir = out_dir or default_out_dir(workdir, store_path, split, channel_norm)
   why = ckpt.unwritable_reason(out_dir)
   if why:                            # before the compile
     raise ckpt.RunError(f'cannot write the evaluation to {out_dir}: {why}; pass --out=DIR '
@@ -212,7 +218,7 @@ def evaluate_run(workdir: str, store_path: str, *, split: str = 'test',
       'workdir': workdir, 'checkpoint_step': int(step), 'store': store_path, 'split': split,
       'backbone': st.header.get('backbone'), 'mode': info['mode'], 'channel_norm': norm_name,
       'bidirectional_average': bidir, 'n_directed_pairs': len(results),
-      'pyramid_factors': factors,
+      'pyramid_factors': factors, 'pca_store': pca_store,
       'head_s_mean': float(np.mean([r.head_s for r in results])),
       'feature_s_mean': float(np.nanmean([r.feature_s for r in results]))
       if any(np.isfinite(r.feature_s) for r in results) else float('nan'),
@@ -252,6 +258,50 @@ def evaluate_run(workdir: str, store_path: str, *, split: str = 'test',
   return summary
 
 
+def earlier_summary(workdir: str, store_path: str, out_dir: str, *, split: str = 'test',
+                    checkpoint: str = 'best', limit: int = 0, channel_norm: str = '',
+                    pca_store: str = '') -> dict | None:
+  """The summary an earlier ``evaluate_run`` left in ``out_dir``, if it scored this very
+  evaluation: same run folder and checkpoint step (and written after that checkpoint was
+  saved), store, split, number of pairs, channel_norm and PCA store. Else None.
+
+  Lets a long cross-domain table (``eval.py --reuse``) resume where it stopped.
+  """
+  from fmir_jax import checkpoint as ckpt
+  from fmir_jax import store as store_lib
+  path = os.path.join(out_dir, 'summary.json')
+  try:
+    with open(path) as f:
+      s = json.load(f)
+    with open(os.path.join(out_dir, 'table1.md')) as f:
+      table = f.read()
+  except (OSError, ValueError):
+    return None
+  mgr, step = ckpt.best_or_latest(workdir, checkpoint)
+  norm = channel_norm or ckpt.read_run_info(workdir).get('channel_norm', 'paper')
+  refs = data_lib.eval_pairs([store_lib.FeatureStore(store_path)], split, limit)
+  same = (isinstance(s, dict)
+          and os.path.abspath(s.get('workdir', '')) == os.path.abspath(workdir)
+          and os.path.abspath(s.get('store', '')) == os.path.abspath(store_path)
+          and s.get('split') == split and s.get('checkpoint_step') == int(step)
+          and s.get('channel_norm') == norm and s.get('pca_store', '') == pca_store
+          and s.get('n_directed_pairs') == len(refs)
+          and os.path.getmtime(path) > os.path.getmtime(ckpt.step_dir(mgr, step)))
+  return {**s, 'table1': table} if same else None
+
+
+def table2_columns(store_paths: Sequence[str]) -> dict[str, str]:
+  """store path -> its Table 2 column: the store's dataset name, with the folder name added
+  when two stores share a dataset (e.g. one phantom set on two grids), so that neither
+  overwrites the other's cells."""
+  from fmir_jax import store as store_lib
+  names = {p: store_lib.dataset_name(store_lib.FeatureStore(p).header) or '?'
+           for p in store_paths}
+  values = list(names.values())
+  return {p: n if values.count(n) == 1 else f'{n} [{os.path.basename(os.path.normpath(p))}]'
+          for p, n in names.items()}
+
+
 def table2_rows(workdirs: Sequence[str], channel_norm: str = '') -> dict[str, tuple[str, str]]:
   """workdir -> (train set, mode label): the Table 2 row each run's scores go to.
 
@@ -260,7 +310,6 @@ def table2_rows(workdirs: Sequence[str], channel_norm: str = '') -> dict[str, tu
   a row (same training data, mode and norm: e.g. two learning rates) are told apart by their
   folder names, so no run's scores overwrite another's.
   """
-  import os
   from fmir_jax import checkpoint as ckpt
   rows = {}
   for wd in workdirs:

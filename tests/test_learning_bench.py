@@ -1,8 +1,9 @@
 """bench/learning.py --smoke end to end (a subprocess, as a user runs it): phantoms of both
 datasets, `mind` features, one UN run (cardiac, its own learning rate) validated with PCA
 and with the training draw, the curves (CSV equal to the trainer's own val.jsonl, PNG) and
-the cross-domain table on both test sets (values equal to eval.py's own summary.json
-files). A second call trains nothing.
+the cross-domain table on three test stores, two of them the cardiac phantoms on two grids
+(values equal to eval.py's own summary.json files). A second call trains nothing and
+reuses every evaluation.
 """
 import csv
 import json
@@ -20,7 +21,8 @@ BENCH = os.path.join(ROOT, 'bench', 'learning.py')
 
 def _bench(out, *args):
   return subprocess.run([sys.executable, BENCH, '--out', str(out), '--smoke', '--plan',
-                         'cardiac:UN:matched:1e-3', *args], cwd=ROOT, capture_output=True,
+                         'cardiac:UN:matched:1e-3', '--test-datasets',
+                         'cardiac,cardiac_wide,abdomen', *args], cwd=ROOT, capture_output=True,
                         text=True, timeout=600)
 
 
@@ -48,7 +50,10 @@ def test_learning_smoke_curves_and_cross_domain_table(tmp_path):
   assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 10_000
 
   table = (out / 'table2.md').read_text().splitlines()
-  assert 'acdc Dice (%)' in table[0] and 'abdomen Dice (%)' in table[0]
+  # one phantom set on two grids: two columns, told apart by the store's folder name
+  tests = [h.strip().rsplit(' Dice (%)', 1)[0] for h in table[0].strip('|').split('|')[2:]
+           if h.strip()]
+  assert tests == ['abdomen', 'acdc [cardiac]', 'acdc [cardiac_wide]']
   assert table[3].startswith('| Initial')
   body = {tuple(c.strip() for c in line.strip('|').split('|'))[0]: line for line in table[4:]}
   assert set(body) == {'acdc'}
@@ -57,9 +62,8 @@ def test_learning_smoke_curves_and_cross_domain_table(tmp_path):
     train = {'cardiac': 'acdc', 'abdomen': 'abdomen'}[run.split('_')[0]]
     cells = [c.strip() for c in body[train].strip('|').split('|')]
     assert cells[1] == 'UN (matched)'
-    tests = [h.strip().split()[0] for h in table[0].strip('|').split('|')[2:] if h.strip()]
     for test, cell in zip(tests, cells[2:]):
-      folder = {'acdc': 'cardiac', 'abdomen': 'abdomen'}[test]
+      folder = test.split('[')[-1].rstrip(']') if '[' in test else test
       with open(out / 'eval' / run / folder / 'summary.json') as f:
         s = json.load(f)
       assert s['n_directed_pairs'] == 2
@@ -68,15 +72,28 @@ def test_learning_smoke_curves_and_cross_domain_table(tmp_path):
       want = [2, 2, 2] if test == 'abdomen' else [2, 2, 1]
       assert np.asarray(s['pyramid_factors']).reshape(-1, 3).tolist()[0] == want
 
-  again = _bench(out, '--no-table2')
+  again = _bench(out)
   assert again.returncode == 0, again.stderr[-3000:]
   assert again.stdout.count(': done') == 1 and 'training to step' not in again.stdout
+  assert again.stdout.count('(reused: ') == 3 and 'eval ' not in again.stderr
+  assert (out / 'table2.md').read_text().splitlines() == table
+  # reused only for the same evaluation: other pairs, or a checkpoint saved after it, redo it
+  from fmir_jax import checkpoint as ckpt
+  from fmir_jax import evaluation
+  run, store = str(out / 'runs' / runs[0]), str(out / 'features' / 'cardiac')
+  done = str(out / 'eval' / runs[0] / 'cardiac')
+  kept = evaluation.earlier_summary(run, store, done, limit=2)
+  assert kept['n_directed_pairs'] == 2 and kept['table1'].startswith('| Model')
+  assert evaluation.earlier_summary(run, store, done, limit=1) is None
+  assert evaluation.earlier_summary(run, store, done, limit=2, channel_norm='standardise') is None
+  mgr, step = ckpt.best_or_latest(run, 'best')
+  later = os.path.getmtime(os.path.join(done, 'summary.json')) + 10
+  os.utime(ckpt.step_dir(mgr, step), (later, later))
+  assert evaluation.earlier_summary(run, store, done, limit=2) is None
 
   # eval.py --channel_norm: the matched run seen through the whitened PCA (the same fit,
   # trained alike) goes to its own folder and says so; a norm of another fit is refused
   # (eval.py prints it as one line, exit 2: ValueError is one of its USER_ERRORS)
-  from fmir_jax import evaluation
-  run, store = str(out / 'runs' / runs[0]), str(out / 'features' / 'cardiac')
   other = evaluation.evaluate_run(run, store, split='test', figures=0, limit=2,
                                   channel_norm='standardise')
   assert other['channel_norm'] == 'standardise' and other['n_directed_pairs'] == 2
@@ -85,9 +102,16 @@ def test_learning_smoke_curves_and_cross_domain_table(tmp_path):
     evaluation.evaluate_run(run, store, split='test', figures=0, limit=2, channel_norm='paper')
 
 
-def test_learning_plan_parsing():
+def test_learning_plan_parsing(tmp_path, capsys):
   sys.path.insert(0, os.path.join(ROOT, 'bench'))
   import learning
+  budget = learning.Budget(steps=7, eval_every=1, dataset_steps=(('abdomen', 3),))
+  assert [budget.steps_for(d) for d in ('cardiac', 'cardiac_wide', 'abdomen')] == [7, 7, 3]
+  for bad in ('brain=10', 'cardiac=0', 'cardiac=x', 'cardiac'):
+    with pytest.raises(SystemExit) as e:
+      learning.main(['--out', str(tmp_path / 'o'), '--dataset-steps', bad])
+    assert e.value.code == 2 and 'is not NAME=STEPS' in capsys.readouterr().err
+  assert not (tmp_path / 'o').exists()
   assert learning.parse_run('cardiac:-CR:paper').name == 'cardiac_noCR_paper'
   run = learning.parse_run('abdomen:WS:matched:1e-3')
   assert (run.lr, run.name) == (1e-3, 'abdomen_WS_matched_lr0.001')
