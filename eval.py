@@ -12,6 +12,8 @@ matched train identically; README "Differences from the paper"):
 Cross-domain grid (Table 2): comma-separated runs x stores:
   python eval.py --workdir=runs/acdc_un,runs/acdc_ws --features=f/acdc_dino,f/abd_dino \
       --table2=results/table2.md
+  (add --out=results/eval --reuse to keep the evaluations already made there for the same
+  checkpoint, store, split and pairs: a killed or extended table resumes)
 """
 import os
 import sys
