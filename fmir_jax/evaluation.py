@@ -297,9 +297,8 @@ def table2_columns(store_paths: Sequence[str]) -> dict[str, str]:
   from fmir_jax import store as store_lib
   names = {p: store_lib.dataset_name(store_lib.FeatureStore(p).header) or '?'
            for p in store_paths}
-  values = list(names.values())
-  return {p: n if values.count(n) == 1 else f'{n} [{os.path.basename(os.path.normpath(p))}]'
-          for p, n in names.items()}
+  shared = _shared(names)
+  return {p: _with_folder(n, p) if p in shared else n for p, n in names.items()}
 
 
 def table2_rows(workdirs: Sequence[str], channel_norm: str = '') -> dict[str, tuple[str, str]]:
@@ -318,7 +317,16 @@ def table2_rows(workdirs: Sequence[str], channel_norm: str = '') -> dict[str, tu
     mode = run['mode'] + ('' if norm == 'paper' else f' ({norm})')
     trained_on = '+'.join(run.get('store_datasets') or []) or run['config']['name']
     rows[wd] = (trained_on, mode)
-  labels = list(rows.values())
-  return {wd: (t, m if labels.count((t, m)) == 1 else
-               f'{m} [{os.path.basename(os.path.normpath(wd))}]')
-          for wd, (t, m) in rows.items()}
+  shared = _shared(rows)
+  return {wd: (t, _with_folder(m, wd) if wd in shared else m) for wd, (t, m) in rows.items()}
+
+
+def _shared(keys: dict) -> set:
+  """The paths (dict keys) whose value another path has too."""
+  values = list(keys.values())
+  return {p for p, k in keys.items() if values.count(k) > 1}
+
+
+def _with_folder(label: str, path: str) -> str:
+  """'label [folder]': a Table 2 label told apart by the folder name of its run or store."""
+  return f'{label} [{os.path.basename(os.path.normpath(path))}]'
