@@ -26,12 +26,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fmir_jax import errors
 from fmir_jax import geometry
 
 RESIZE_MODES = ('upsample', 'pad')
 
 
-class SlicingError(ValueError):
+class SlicingError(errors.UserError, ValueError):
   """Bad slicing arguments or input volume (message names the argument and the fix)."""
 
 

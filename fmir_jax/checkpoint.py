@@ -29,6 +29,7 @@ from absl import logging
 
 from fmir_jax import channel_reg
 from fmir_jax import distributed
+from fmir_jax import errors
 from fmir_jax import files
 from fmir_jax import store as store_lib
 
@@ -36,7 +37,7 @@ RUN_FILE = 'run.json'
 SET_ASIDE_DIR = 'corrupt_checkpoints'
 
 
-class RunError(ValueError):
+class RunError(errors.UserError, ValueError):
   """A run directory, checkpoint or PCA file that cannot be used; the message names the path
   and the fix."""
 

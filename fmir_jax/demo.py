@@ -18,6 +18,7 @@ import shutil
 import sys
 import time
 
+from fmir_jax import errors
 from fmir_jax import files
 
 MARKER = '.fmir-demo.json'
@@ -38,7 +39,7 @@ BANNER = """\
 ================================================================================"""
 
 
-class DemoError(ValueError):
+class DemoError(errors.UserError, ValueError):
   """OUT cannot hold the demo: the message names the folder and the fix."""
 
 

@@ -8,15 +8,23 @@ re-exported where they were first defined (``feature_extract.backbones.BackboneE
 from __future__ import annotations
 
 
-class BackboneError(RuntimeError):
+class UserError(Exception):
+  """The base of every error a user can fix: bad input, flag, file or output path.
+
+  Its message names the argument or file and the fix. Entry points catch this class only
+  (one line on stderr, exit status 2); anything else is a bug and keeps its traceback.
+  """
+
+
+class BackboneError(UserError, RuntimeError):
   """A backbone cannot be loaded or used as asked (message says how to fix it)."""
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
   """Bad input data: the message names the file and what is wrong (and the fix)."""
 
 
-class RegisterError(ValueError):
+class RegisterError(UserError, ValueError):
   """Bad input to ``fmir register``: the message names the argument/file and the fix."""
 
 

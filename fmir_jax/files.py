@@ -16,8 +16,10 @@ import shutil
 import tempfile
 from typing import Iterator
 
+from fmir_jax import errors
 
-class OutputPathError(ValueError):
+
+class OutputPathError(errors.UserError, ValueError):
   """An output path cannot be written: the message names the path and the fix."""
 
 

@@ -28,6 +28,7 @@ import sys
 import time
 from typing import Any
 
+from fmir_jax import errors
 from fmir_jax import files
 
 MARKER = '.fmir-general.json'
@@ -55,7 +56,7 @@ def read_card(checkpoint: str) -> dict[str, Any] | None:
     return json.load(f)
 
 
-class GeneralError(ValueError):
+class GeneralError(errors.UserError, ValueError):
   """OUT or DIR cannot be used: the message names the folder and the fix."""
 
 

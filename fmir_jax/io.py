@@ -16,12 +16,13 @@ from typing import Any, Sequence
 import nibabel as nib
 import numpy as np
 
+from fmir_jax import errors
 from fmir_jax import files
 
 _WHATS = ("image", "label")
 
 
-class NiftiError(ValueError):
+class NiftiError(errors.UserError, ValueError):
   """A NIfTI file cannot be used: the message names the file, the problem and the fix."""
 
 

@@ -50,6 +50,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from fmir_jax import errors
 from fmir_jax import jsonutil
 
 FORMAT_VERSION = 1
@@ -75,7 +76,7 @@ REPAIR_HINT = ('Re-run the feature_extract/run.py command that wrote this store,
                'volumes and repairs the store in place.')
 
 
-class StoreError(ValueError):
+class StoreError(errors.UserError, ValueError):
   """A feature store is missing, corrupt, incomplete, or does not match what is expected."""
 
 

@@ -17,14 +17,15 @@ from tqdm import tqdm
 
 from fmir_jax import channel_reg
 from fmir_jax import checkpoint as ckpt
-from fmir_jax import distributed
 from fmir_jax import data as data_lib
+from fmir_jax import distributed
+from fmir_jax import errors
 from fmir_jax import evaluation
 from fmir_jax import store as store_lib
 from fmir_jax import train_lib
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(errors.UserError, FloatingPointError):
   pass
 
 
