@@ -16,8 +16,17 @@ import numpy as np
 from scipy import ndimage
 
 
+# A source spacing passed with an affine may differ from the affine's column norms by float32
+# rounding of header fields, not more (both must describe the same voxels).
+SPACING_RTOL = 1e-3
+
+
 def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
-  """Voxel size in mm per array axis: the norms of the affine's first three columns."""
+  """Voxel size in mm per array axis: the norms of the affine's first three columns.
+
+  The one source of truth for voxel size (``io.NiftiHeader.spacing_mm`` is this of the file's
+  affine); a header's pixdim is only compared with it.
+  """
   return tuple(float(v) for v in np.linalg.norm(np.asarray(affine, float)[:3, :3], axis=0))
 
 
@@ -101,6 +110,9 @@ def spacing_grid(src_shape: Sequence[int], src_affine: np.ndarray,
   """The grid with a new voxel size covering the same physical extent, same axis order.
 
   The new shape is ``round(n * src_spacing / spacing)`` per axis; the grid centre stays put.
+  ``src_spacing_mm`` must be ``voxel_spacing(src_affine)`` (e.g. ``NiftiHeader.spacing_mm``):
+  another value (a header's pixdim that disagrees with its sform) would give a grid whose
+  voxels are not ``spacing_mm`` in size, so it is refused.
 
   Returns:
     (shape, affine) of the new grid.
@@ -110,6 +122,11 @@ def spacing_grid(src_shape: Sequence[int], src_affine: np.ndarray,
   if np.any(~np.isfinite(z)) or np.any(z <= 0):
     raise ValueError(f"spacing_grid: spacings must be > 0, got source {src_spacing_mm} and "
                      f"target {spacing_mm}.")
+  norms = np.asarray(voxel_spacing(src_affine))
+  if np.any(np.abs(np.asarray(src_spacing_mm, float) - norms) > SPACING_RTOL * norms):
+    raise ValueError(f"spacing_grid: source spacing {tuple(src_spacing_mm)} mm is not the "
+                     f"voxel size of its affine {tuple(round(v, 6) for v in norms)} mm; pass "
+                     "grids.voxel_spacing(affine) (NiftiHeader.spacing_mm).")
   n_out = np.maximum(1, np.round(n_in / z)).astype(int)
   t = np.eye(4)
   t[:3, :3] = np.diag(z)
@@ -127,7 +144,7 @@ def resample_to_spacing(data: np.ndarray, affine: np.ndarray, spacing_mm: Sequen
     affine: 4x4 voxel -> world (mm).
     spacing_mm: target voxel size per array axis.
     order: 0 nearest (labels), 1 linear (images).
-    src_spacing_mm: source voxel size (the header zooms); default: from ``affine``.
+    src_spacing_mm: source voxel size, ``voxel_spacing(affine)`` (the default).
     cval: value outside the source.
 
   Returns:
@@ -251,7 +268,7 @@ def target_grid(src_shape: Sequence[int], src_affine: np.ndarray,
   Args:
     src_shape: (H, W, D) of the source.
     src_affine: its 4x4 voxel -> world (mm).
-    src_spacing_mm: its voxel size (header zooms).
+    src_spacing_mm: its voxel size, ``voxel_spacing(src_affine)`` (``NiftiHeader.spacing_mm``).
     spacing_mm: target voxel size.
     out_shape: target shape.
     center_src_vox: crop centre, in source voxel coordinates.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import warnings
 from typing import Any, Sequence
 
 import nibabel as nib
@@ -18,6 +19,7 @@ import numpy as np
 
 from fmir_jax import errors
 from fmir_jax import files
+from fmir_jax import grids
 
 _WHATS = ("image", "label")
 
@@ -26,21 +28,42 @@ class NiftiError(errors.UserError, ValueError):
   """A NIfTI file cannot be used: the message names the file, the problem and the fix."""
 
 
+class NiftiWarning(UserWarning):
+  """A NIfTI file is usable but its header contradicts itself (the message names the file)."""
+
+
+# pixdim and the affine's column norms may differ by float32 rounding of the header fields;
+# beyond this relative difference they describe different voxel sizes.
+PIXDIM_RTOL = 1e-3
+LABEL_ID_MAX = int(np.iinfo(np.int32).max)   # label ids must fit int32 (io.label_dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class NiftiHeader:
   """What the header of one NIfTI file says (no pixel data read).
 
   path: the file.
   shape: voxel shape (3 entries after validation, 4 when ``allow_4d``).
-  affine: 4x4 voxel -> world (RAS, mm) matrix.
-  spacing_mm: voxel size from the header zooms, per array axis (first 3 axes).
+  affine: 4x4 voxel -> world (RAS, mm) matrix (nibabel's ``img.affine``: the sform, else
+    the qform, else pixdim alone).
+  spacing_mm: voxel size per array axis: the norms of the affine's first three columns
+    (``grids.voxel_spacing``), the one source of truth for voxel size everywhere; pixdim is
+    only compared with it (``warnings``).
   dtype: on-disk data type name.
+  pixdim_mm: pixdim[1:4] as the header stores it (None when unknown).
+  qform_code, sform_code: the header's codes (0: not set; None when unknown).
+  warnings: one line per header inconsistency found (e.g. pixdim vs affine), also issued
+    as a ``NiftiWarning`` unless the reader asked not to (``warn=False``).
   """
   path: str
   shape: tuple[int, ...]
   affine: np.ndarray
   spacing_mm: tuple[float, float, float]
   dtype: str
+  pixdim_mm: tuple[float, float, float] | None = None
+  qform_code: int | None = None
+  sform_code: int | None = None
+  warnings: tuple[str, ...] = ()
 
   def to_dict(self) -> dict[str, Any]:
     """JSON-serialisable form."""
@@ -77,14 +100,35 @@ def _open(path: str, what: str) -> nib.Nifti1Image:
   return img
 
 
-def _header_of(path: str, img: nib.Nifti1Image, what: str, allow_4d: bool) -> NiftiHeader:
-  """Validates dimensionality and spacing from the header."""
+def _check_dtype(path: str, img: nib.Nifti1Image, what: str) -> None:
+  """Refuses voxel types that have no one real value per voxel (before reading any data)."""
+  dtype = img.get_data_dtype()
+  if dtype.names is not None or dtype.kind == "V":
+    raise NiftiError(
+        f"{path}: {what} is a colour image (voxel type {dtype.descr}); registration needs "
+        "one intensity per voxel: convert it to greyscale (e.g. the mean of the channels) "
+        "and save it as a 3D NIfTI.")
+  if dtype.kind == "c":
+    raise NiftiError(
+        f"{path}: {what} is complex-valued ({dtype}); its imaginary part would be lost: "
+        "save the magnitude (np.abs) as a real-valued NIfTI instead.")
+  if dtype.kind not in "biuf":
+    raise NiftiError(f"{path}: {what} has voxel type {dtype}, not a number; re-export it "
+                     "as an integer or float NIfTI.")
+
+
+def _header_of(path: str, img: nib.Nifti1Image, what: str, allow_4d: bool,
+               warn: bool = True) -> NiftiHeader:
+  """Validates voxel type, dimensionality, spacing and affine from the header."""
+  _check_dtype(path, img, what)
   shape = tuple(int(s) for s in img.shape)
   if len(shape) == 4 and shape[3] == 1:
     shape = shape[:3]
   if len(shape) != 3 and not (allow_4d and len(shape) == 4):
     hint = (" (a 4D cine/time series: pass the single 3D frame file instead)"
-            if len(shape) == 4 else "")
+            if len(shape) == 4 else
+            " (a vector/multi-component image: pass one 3D intensity volume)"
+            if len(shape) == 5 else "")
     raise NiftiError(
         f"{path}: {what} has shape {shape}, expected a 3D volume (H, W, D){hint}.")
   zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
@@ -99,8 +143,43 @@ def _header_of(path: str, img: nib.Nifti1Image, what: str, allow_4d: bool) -> Ni
     raise NiftiError(
         f"{path}: {what} has a singular or non-finite affine {affine.tolist()}. Fix the "
         "sform/qform of the file.")
+  spacing = grids.voxel_spacing(affine)
+  codes = tuple(int(img.header[k]) for k in ("qform_code", "sform_code"))
+  notes = ()
+  if any(abs(z - s) > PIXDIM_RTOL * s for z, s in zip(zooms, spacing)):
+    form = "sform" if codes[1] else "qform"
+    notes = (f"{path}: pixdim says {_fmt(zooms)} mm per voxel but the {form} (the affine "
+             f"that places the voxels in world space) says {_fmt(spacing)} mm; using "
+             f"{_fmt(spacing)} mm. Set pixdim to match the {form} (or fix the {form}) to "
+             "silence this.",)
+    if warn:
+      warnings.warn(notes[0], NiftiWarning, stacklevel=3)
   return NiftiHeader(path=os.fspath(path), shape=shape, affine=affine,
-                     spacing_mm=zooms, dtype=str(img.get_data_dtype()))
+                     spacing_mm=spacing, dtype=str(img.get_data_dtype()),
+                     pixdim_mm=zooms, qform_code=codes[0], sform_code=codes[1],
+                     warnings=notes)
+
+
+def _fmt(values: Sequence[float]) -> str:
+  return "x".join(f"{float(v):.4g}" for v in values)
+
+
+def require_world_placement(header: NiftiHeader, what: str = "image") -> None:
+  """Refuses a file whose header sets neither a qform nor an sform (both codes 0).
+
+  nibabel then places the voxels at an arbitrary origin with pixdim alone, so where the
+  volume lies in world space is unknown. Registration (``fmir register``) resamples both
+  images through world coordinates and needs it; the dataset readers do not (they centre
+  each volume on its own model grid), so they accept such files.
+
+  Raises:
+    NiftiError: both codes are 0.
+  """
+  if header.qform_code == 0 and header.sform_code == 0:
+    raise NiftiError(
+        f"{header.path}: {what} has neither a qform nor an sform (both codes 0), so its "
+        "position in world space is unknown; set one, e.g. with nibabel: "
+        "img.set_sform(affine, code=1); nib.save(img, path).")
 
 
 def _raw_pixdim(path: str, img: nib.Nifti1Image) -> tuple[float, ...]:
@@ -114,45 +193,49 @@ def _raw_pixdim(path: str, img: nib.Nifti1Image) -> tuple[float, ...]:
                      "The file is corrupt; re-export or re-download it.") from e
 
 
-def read_header(path: str, *, what: str = "image", allow_4d: bool = False) -> NiftiHeader:
+def read_header(path: str, *, what: str = "image", allow_4d: bool = False,
+                warn: bool = True) -> NiftiHeader:
   """Reads and validates a NIfTI header without loading pixel data.
 
   Args:
     path: .nii or .nii.gz file.
     what: "image" or "label" (used in messages).
     allow_4d: accept a 4D file.
+    warn: issue ``header.warnings`` as ``NiftiWarning`` (False: the caller reports them).
 
   Returns:
     The validated ``NiftiHeader``.
 
   Raises:
-    NiftiError: missing/unreadable file, not 3D, bad spacing or affine.
+    NiftiError: missing/unreadable file, colour or complex voxels, not 3D, bad spacing or
+      affine.
   """
   _check_what(what)
-  return _header_of(os.fspath(path), _open(path, what), what, allow_4d)
+  return _header_of(os.fspath(path), _open(path, what), what, allow_4d, warn)
 
 
-def load_nifti(path: str, *, what: str = "image", allow_4d: bool = False
+def load_nifti(path: str, *, what: str = "image", allow_4d: bool = False, warn: bool = True
                ) -> tuple[np.ndarray, np.ndarray, NiftiHeader]:
   """Loads a NIfTI volume and validates it.
 
   Args:
     path: .nii or .nii.gz file.
     what: "image" -> float32 data; "label" -> integer data (uint8 if the values fit,
-      else int32), checked to be integer valued and >= 0.
+      else int32), checked to be integer valued, >= 0 and at most ``LABEL_ID_MAX``.
     allow_4d: accept a 4D file (H, W, D, T).
+    warn: as in ``read_header``.
 
   Returns:
     (data (H, W, D[, T]), affine 4x4 voxel -> world mm, header).
 
   Raises:
-    NiftiError: missing/corrupt file, not 3D, NaN/inf voxels, bad spacing, non-integer or
-      negative labels.
+    NiftiError: missing/corrupt file, colour or complex voxels, not 3D, NaN/inf voxels or
+      values beyond float32, bad spacing, non-integer, negative or too large label ids.
   """
   _check_what(what)
   path = os.fspath(path)
   img = _open(path, what)
-  header = _header_of(path, img, what, allow_4d)
+  header = _header_of(path, img, what, allow_4d, warn)
   try:
     data = np.asanyarray(img.dataobj)
   except Exception as e:
@@ -161,6 +244,7 @@ def load_nifti(path: str, *, what: str = "image", allow_4d: bool = False
         "truncated or corrupt; re-export or re-download it.") from e
   data = np.asarray(data).reshape(header.shape)
   if what == "image":
+    _check_float32_range(data, path)
     data = data.astype(np.float32, copy=False)
     bad = ~np.isfinite(data)
     if bad.any():
@@ -173,8 +257,22 @@ def load_nifti(path: str, *, what: str = "image", allow_4d: bool = False
   return data, header.affine, header
 
 
+def _check_float32_range(data: np.ndarray, path: str) -> None:
+  """Refuses finite values that float32 cannot hold (they would turn into inf)."""
+  if data.dtype.kind != "f" or data.dtype.itemsize <= 4:
+    return
+  big = np.isfinite(data) & (np.abs(data) > np.finfo(np.float32).max)
+  if big.any():
+    top = float(np.abs(data[big]).max())
+    raise NiftiError(
+        f"{path}: image has {int(big.sum())} voxel values beyond float32's range (largest "
+        f"|value| {top:.4g}, float32 holds up to {float(np.finfo(np.float32).max):.4g}); "
+        "rescale the image (e.g. divide by a constant) and save it again.")
+
+
 def _as_label_array(data: np.ndarray, path: str) -> np.ndarray:
-  """Checks that a label map is integer valued and >= 0; returns uint8 or int32."""
+  """Checks that a label map is integer valued, >= 0 and fits int32; returns uint8 or
+  int32 (ids are kept exact: a larger id is refused, never wrapped)."""
   if np.issubdtype(data.dtype, np.floating):
     if not np.all(np.isfinite(data)):
       raise NiftiError(f"{path}: label map has NaN/inf voxels. Re-export the segmentation.")
@@ -186,6 +284,11 @@ def _as_label_array(data: np.ndarray, path: str) -> np.ndarray:
   if data.size and data.min() < 0:
     raise NiftiError(f"{path}: label map has negative values (min {data.min()}). Labels must "
                      "be 0 (background) or positive class ids.")
+  if data.size and data.max() > LABEL_ID_MAX:
+    top = int(data.max())                  # whole (checked above): exact as an int
+    raise NiftiError(f"{path}: label map has class id {top}, larger than {LABEL_ID_MAX} "
+                     "(int32), the largest id supported; renumber the labels (e.g. "
+                     "consecutive ids 1, 2, ...).")
   out_dtype = np.uint8 if (data.size == 0 or data.max() <= 255) else np.int32
   return data.astype(out_dtype)
 

@@ -82,7 +82,9 @@ def _as_classes(classes: Sequence[int]) -> tuple[int, ...]:
   return out
 
 
-def _as_disp(disp_vox: np.ndarray) -> np.ndarray:
+def _as_disp(disp_vox: np.ndarray, name: str = "disp_vox") -> np.ndarray:
+  """Validates a displacement field; ``name`` says in messages which field (which pair or
+  file) it is."""
   disp = np.asarray(disp_vox)
   if disp.ndim != 4 or disp.shape[-1] != 3:
     raise ValueError(f"disp_vox: expected shape (H, W, D, 3) (voxels, component k along "
@@ -91,8 +93,11 @@ def _as_disp(disp_vox: np.ndarray) -> np.ndarray:
   if min(disp.shape[:3]) < 2:
     raise ValueError(f"disp_vox: every spatial axis needs >= 2 voxels for finite "
                      f"differences, got {disp.shape[:3]}.")
-  if not np.all(np.isfinite(disp)):
-    raise ValueError("disp_vox contains NaN or inf.")
+  bad = ~np.isfinite(disp)
+  if bad.any():
+    first = tuple(int(i) for i in np.argwhere(bad)[0][:3])
+    raise ValueError(f"{name} contains NaN or inf ({int(bad.sum())} of {disp.size} values, "
+                     f"first at voxel {first}).")
   return disp
 
 
@@ -230,14 +235,15 @@ def hd95_per_class(pred_labels: np.ndarray, true_labels: np.ndarray,
 # --------------------------------------------------------------------------- Jacobian
 
 
-def jacobian_matrix(disp_vox: np.ndarray) -> np.ndarray:
+def jacobian_matrix(disp_vox: np.ndarray, name: str = "disp_vox") -> np.ndarray:
   """Jacobian of x -> x + u(x): (H, W, D, 3, 3), entry [..., i, j] = δij + ∂u_i/∂x_j.
 
   Derivatives per voxel (unit grid spacing) by ``np.gradient``: central differences
   inside, one-sided first-order differences on the outermost voxels. The determinant is
   the same in voxel or mm units (a diagonal rescaling cancels), so no spacing is needed.
+  ``name`` names the field in error messages (e.g. the pair or file it belongs to).
   """
-  disp = _as_disp(disp_vox).astype(np.float64, copy=False)
+  disp = _as_disp(disp_vox, name).astype(np.float64, copy=False)
   jac = np.empty(disp.shape[:3] + (3, 3), dtype=np.float64)
   for i in range(3):
     for j, grad in enumerate(np.gradient(disp[..., i], axis=(0, 1, 2))):
@@ -245,9 +251,9 @@ def jacobian_matrix(disp_vox: np.ndarray) -> np.ndarray:
   return jac
 
 
-def jacobian_determinant(disp_vox: np.ndarray) -> np.ndarray:
+def jacobian_determinant(disp_vox: np.ndarray, name: str = "disp_vox") -> np.ndarray:
   """det(I + ∇u) per voxel: (H, W, D, 3) voxel displacement -> (H, W, D) float64."""
-  j = jacobian_matrix(disp_vox)
+  j = jacobian_matrix(disp_vox, name)
   return (j[..., 0, 0] * (j[..., 1, 1] * j[..., 2, 2] - j[..., 1, 2] * j[..., 2, 1])
           - j[..., 0, 1] * (j[..., 1, 0] * j[..., 2, 2] - j[..., 1, 2] * j[..., 2, 0])
           + j[..., 0, 2] * (j[..., 1, 0] * j[..., 2, 1] - j[..., 1, 1] * j[..., 2, 0]))
@@ -307,9 +313,11 @@ def folding_fraction(disp_vox: np.ndarray, crop: int = BORDER_CROP_VOX) -> float
   return _folding_of(crop_border(jacobian_determinant(disp_vox), crop))
 
 
-def field_regularity(disp_vox: np.ndarray, crop: int = BORDER_CROP_VOX) -> dict[str, float]:
-  """{'folding_fraction', 'sdlogj'} of one field from one Jacobian determinant."""
-  jac_det = crop_border(jacobian_determinant(disp_vox), crop)
+def field_regularity(disp_vox: np.ndarray, crop: int = BORDER_CROP_VOX, *,
+                     name: str = "disp_vox") -> dict[str, float]:
+  """{'folding_fraction', 'sdlogj'} of one field from one Jacobian determinant (``name``
+  names the field in error messages)."""
+  jac_det = crop_border(jacobian_determinant(disp_vox, name), crop)
   return {'folding_fraction': _folding_of(jac_det), 'sdlogj': _sdlogj_of(jac_det)}
 
 
@@ -401,7 +409,8 @@ def evaluate_pair(disp_vox: np.ndarray, moving_labels: np.ndarray,
   (Learn2Reg ``compute_dice``/``compute_hd95``); otherwise its entries are NaN, before
   and after registration alike.
   """
-  disp = _as_disp(disp_vox)
+  pair = f" of pair {moving} -> {fixed}" if (moving or fixed) else ""
+  disp = _as_disp(disp_vox, f"disp_vox{pair}")
   mov = _as_labels("moving_labels", moving_labels)
   fix = _as_labels("fixed_labels", fixed_labels)
   _same_shape("moving_labels", mov, "fixed_labels", fix)

@@ -100,3 +100,46 @@ def l2r_disp_vox(disp_mm: np.ndarray, fixed_affine: np.ndarray,
   p = voxel_world(shape, fixed_affine) + disp_mm
   idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing='ij'), -1)
   return (p @ inv[:3, :3].T + inv[:3, 3] - idx).astype(np.float32)
+
+
+def grid_corners(shape: Sequence[int], affine: np.ndarray) -> np.ndarray:
+  """World mm (8, 3) of the corners of a grid's extent: half a voxel beyond the outer voxel
+  centres, the edge rule of ``grids.sample_voxels``."""
+  lo, hi = -0.5, np.asarray(shape[:3], np.float64) - 0.5
+  vox = np.array([[hi[0] if i else lo, hi[1] if j else lo, hi[2] if k else lo]
+                  for i in (0, 1) for j in (0, 1) for k in (0, 1)])
+  a = np.asarray(affine, np.float64)
+  return vox @ a[:3, :3].T + a[:3, 3]
+
+
+def bounding_box(shape: Sequence[int], affine: np.ndarray) -> np.ndarray:
+  """(2, 3) world mm: the lowest and highest x, y, z (RAS) of a grid's extent."""
+  c = grid_corners(shape, affine)
+  return np.stack([c.min(0), c.max(0)])
+
+
+def grids_overlap(shape_a: Sequence[int], affine_a: np.ndarray, shape_b: Sequence[int],
+                  affine_b: np.ndarray, tol_mm: float = 1e-6) -> bool:
+  """Whether the extents of two grids (parallelepipeds in world space) share a volume.
+
+  Exact for any affines (rotated, sheared): two convex parallelepipeds are disjoint iff
+  their projections on one of the separating-axis candidates are (the face normals of each
+  and the cross products of their edges). Extents that only touch do not overlap.
+  """
+  def box(shape, affine):
+    a = np.asarray(affine, np.float64)
+    edges = a[:3, :3] * np.asarray(shape[:3], np.float64)       # column k: axis k's extent
+    centre = a[:3, :3] @ ((np.asarray(shape[:3], np.float64) - 1) / 2) + a[:3, 3]
+    return centre, edges.T                                      # rows: edge vectors
+  (ca, ea), (cb, eb) = box(shape_a, affine_a), box(shape_b, affine_b)
+  axes = [np.cross(e[i], e[j]) for e in (ea, eb) for i, j in ((0, 1), (1, 2), (2, 0))]
+  axes += [np.cross(u, v) for u in ea for v in eb]
+  for axis in axes:
+    norm = np.linalg.norm(axis)
+    if norm < 1e-12:                     # parallel edges: no new candidate
+      continue
+    axis = axis / norm
+    radius = 0.5 * (np.abs(ea @ axis).sum() + np.abs(eb @ axis).sum())
+    if abs(float((ca - cb) @ axis)) >= radius - tol_mm:
+      return False
+  return True
