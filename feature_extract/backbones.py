@@ -30,8 +30,10 @@ import difflib
 import hashlib
 import json
 import os
+import pickle
 import socket
 import urllib.parse
+import zipfile
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -217,9 +219,32 @@ def _looks_like_path(weights: str) -> bool:
           or '\\' in weights)
 
 
+_CONVERT = ('convert the weights to safetensors on a machine you trust (transformers: '
+            'Model.from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True)) and '
+            'pass --weights OUT')
+
+
+def _is_pickle(path: str) -> bool:
+  """A raw pickle, or torch.save's zip with a pickled ``data.pkl``."""
+  try:
+    with open(path, 'rb') as f:
+      if f.read(1) == b'\x80':
+        return True
+    with zipfile.ZipFile(path) as z:
+      return any(n.endswith('data.pkl') for n in z.namelist())
+  except (OSError, zipfile.BadZipFile):
+    return False
+
+
 def _from_pretrained(cls: Any, source: str, weights: str, **kwargs: Any) -> Any:
-  """from_pretrained that refuses checkpoints leaving parameters randomly initialised."""
-  model, info = cls.from_pretrained(source, output_loading_info=True, **kwargs)
+  """from_pretrained that refuses checkpoints leaving parameters randomly initialised, and
+  pickled weights that torch's weights-only loader refuses (they would run code)."""
+  try:
+    model, info = cls.from_pretrained(source, output_loading_info=True, **kwargs)
+  except pickle.UnpicklingError as e:
+    raise BackboneError(f'--weights {weights}: the weights are a pickle that the safe '
+                        'loader refuses (it names code to run), and fmir-jax never unpickles '
+                        f'such files: {_CONVERT}.') from e
   missing = sorted(info.get('missing_keys') or [])
   if missing:
     raise BackboneError(f'--weights {weights}: the checkpoint lacks {len(missing)} parameters '
@@ -233,6 +258,13 @@ def _load_pretrained(cls: Any, name: str, weights: str) -> tuple[Any, str]:
   import transformers  # pylint: disable=g-import-not-at-top
   transformers.utils.logging.set_verbosity_error()
   transformers.utils.logging.disable_progress_bar()
+  if os.path.isfile(os.path.expanduser(weights)):
+    if _is_pickle(os.path.expanduser(weights)):
+      raise BackboneError(f'--weights {weights}: a pickled file (torch.save), which fmir-jax '
+                          f'does not load (unpickling runs code): {_CONVERT}.')
+    raise BackboneError(f'--weights {weights}: a file, not a model directory; pass the '
+                        'directory that holds it and its config.json (as save_pretrained or '
+                        '`hf download REPO_ID --local-dir DIR` write it).')
   if os.path.isdir(os.path.expanduser(weights)):
     model_dir = os.path.expanduser(weights)
     if not os.path.exists(os.path.join(model_dir, 'config.json')):

@@ -9,7 +9,8 @@ flags::
 
 ``extract`` is the step below it (volume sources and a loaded backbone -> store);
 ``encode_volume`` and ``make_header`` serve the code that encodes images at registration time.
-Bad input raises one of ``USER_ERRORS``, whose message names the flag or file and the fix.
+Bad input raises a ``fmir_jax.errors.UserError`` (``USER_ERRORS``), whose message names the
+flag or file and the fix.
 """
 from __future__ import annotations
 
@@ -26,9 +27,8 @@ from feature_extract import backbones
 from feature_extract import datasets
 from feature_extract import slicing
 from feature_extract.datasets.base import Pair, VolumeSource
-from fmir_jax import io as fmir_io
 from fmir_jax import store
-from fmir_jax.errors import BackboneError, DatasetError, parse_layer
+from fmir_jax.errors import BackboneError, DatasetError, UserError, parse_layer
 
 DATASET_DEFAULTS = {
     'acdc': {'layer': 2, 'input_size': 256, 'resize': 'upsample', 'pad_to': None,
@@ -45,9 +45,10 @@ PREPROCESSING = {
     'interpolation': 'torch bilinear, align_corners=False, antialias=False',
     'mask': 'normalised slices multiplied by the non-padding mask',
 }
-# What bad input (flags, files, an existing store) raises; the CLI turns these into exit 2.
-USER_ERRORS = (DatasetError, BackboneError, store.StoreError, slicing.SlicingError,
-               fmir_io.NiftiError)
+# What bad input (flags, files, an existing store) raises: the project's user-error family
+# (DatasetError, BackboneError, StoreError, SlicingError, NiftiError, ...); the CLI turns it
+# into exit 2. A tuple, for ``except USER_ERRORS``.
+USER_ERRORS = (UserError,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,7 +281,7 @@ def extract_dataset(*, out: str, data_root: str | None, dataset: str = 'acdc',
   Returns:
     ExtractSummary (``index_path`` None while other workers remain).
   Raises:
-    One of USER_ERRORS on bad input.
+    fmir_jax.errors.UserError (a subclass) on bad input.
   """
   log = log or _log
   if num_shards < 1 or not 0 <= shard_index < num_shards:

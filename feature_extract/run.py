@@ -34,9 +34,10 @@ if __package__ in (None, ''):  # run as a script: import this checkout's package
 from feature_extract import backbones  # pylint: disable=g-import-not-at-top
 from feature_extract import pipeline  # pylint: disable=g-import-not-at-top
 from feature_extract import slicing  # pylint: disable=g-import-not-at-top
+from fmir_jax import entry  # pylint: disable=g-import-not-at-top
 from fmir_jax import store  # pylint: disable=g-import-not-at-top
 import torch  # pylint: disable=g-import-not-at-top,g-bad-import-order
-from fmir_jax.errors import DatasetError  # pylint: disable=g-import-not-at-top
+from fmir_jax.errors import DatasetError, UserError  # pylint: disable=g-import-not-at-top
 
 
 def _parse_option(text: str) -> tuple[str, Any]:
@@ -52,36 +53,44 @@ def _parse_option(text: str) -> tuple[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=entry.HelpFormatter)
   p.add_argument('--backbone', default='dinov3', metavar='NAME',
-                 help=f'{" | ".join(backbones.BACKBONES)} (aliases: {backbones.alias_text()}); '
-                 'default dinov3')
+                 help=f'{" | ".join(backbones.BACKBONES)} (aliases: {backbones.alias_text()})')
   p.add_argument('--dataset', default='acdc', help='acdc | abdomen | custom')
-  p.add_argument('--data-root', help='dataset folder (custom: the pair-list file)')
-  p.add_argument('--out', required=True, help='feature store directory')
-  p.add_argument('--weights', help='Hub id or local directory (default per backbone)')
-  p.add_argument('--layer', help='hidden_states index (0 = embeddings) or "last"')
-  p.add_argument('--input-size', type=int, help='K (default per dataset/backbone)')
-  p.add_argument('--resize', choices=slicing.RESIZE_MODES)
-  p.add_argument('--pad-to', type=int, help='pad mode: square canvas side in voxels')
-  p.add_argument('--splits', default='train,val,test')
+  p.add_argument('--data-root', help='dataset folder (custom: the pair-list file) '
+                 '(default: none; every dataset needs one)')
+  p.add_argument('--out', required=True, help='feature store directory (required)')
+  p.add_argument('--weights', help='Hub id or local directory (default: per backbone, '
+                 f'{", ".join(f"{k}: {v}" for k, v in backbones.DEFAULT_WEIGHTS.items())})')
+  p.add_argument('--layer', help='hidden_states index (0 = embeddings) or "last" '
+                 '(default: per dataset, see above)')
+  p.add_argument('--input-size', type=int,
+                 help='K (default: per dataset/backbone, see above)')
+  p.add_argument('--resize', choices=slicing.RESIZE_MODES,
+                 help='how slices reach K x K (default: per dataset, see above)')
+  p.add_argument('--pad-to', type=int, help='pad mode: square canvas side in voxels '
+                 '(default: per dataset, see above; none: the slice\'s larger side)')
+  p.add_argument('--splits', default='train,val,test', help='comma-separated splits to extract')
   p.add_argument('--device', default='auto',
                  help='auto | cpu | cuda[:N] (auto under a launcher: cuda:LOCAL_RANK)')
-  p.add_argument('--dtype', default='float32', choices=sorted(backbones.DTYPES))
+  p.add_argument('--dtype', default='float32', choices=sorted(backbones.DTYPES),
+                 help='compute dtype of the encoder')
   p.add_argument('--batch-size', type=int, default=16, help='slices per forward pass')
   p.add_argument('--num-shards', type=int, default=None,
                  help='number of workers (default: the launcher\'s, torchrun WORLD_SIZE or '
                       'SLURM_NTASKS, else 1)')
   p.add_argument('--shard-index', type=int, default=None,
                  help='this worker (default: the launcher\'s RANK or SLURM_PROCID, else 0)')
-  p.add_argument('--volumes-per-shard', type=int, default=8)
+  p.add_argument('--volumes-per-shard', type=int, default=8,
+                 help='volumes per safetensors shard file')
   p.add_argument('--merge', action='store_true',
                  help='join the workers into index.json (the last worker to finish does this '
                       'itself)')
-  p.add_argument('--feature-dtype', default='float16', choices=('float16', 'float32'))
+  p.add_argument('--feature-dtype', default='float16', choices=('float16', 'float32'),
+                 help='dtype of the stored features')
   p.add_argument('--dataset-option', action='append', default=[], metavar='KEY=VALUE',
-                 help='reader option (JSON value or string); repeatable')
-  p.add_argument('--no-progress', action='store_true')
+                 help='reader option (JSON value or string); repeatable (default: none)')
+  p.add_argument('--no-progress', action='store_true', help='no progress bar')
   return p
 
 
@@ -113,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shard_index=args.shard_index, volumes_per_shard=args.volumes_per_shard,
         feature_dtype=args.feature_dtype, dataset_options=options,
         progress=not args.no_progress, log=_log)
-  except pipeline.USER_ERRORS as e:
+  except UserError as e:            # the project's user-error family; bugs keep a traceback
     _log(f'error: {e}')
     return 2
   _log(f'done: {summary.line()}')

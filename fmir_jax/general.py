@@ -28,12 +28,13 @@ import sys
 import time
 from typing import Any
 
+from fmir_jax import entry
 from fmir_jax import errors
 from fmir_jax import files
 
 MARKER = '.fmir-general.json'
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights', 'general')
-CARD = 'general_head.json'
+CARD = 'general_head.json'         # checkpoint.HEAD_CARD
 
 
 def default_checkpoint() -> str:
@@ -48,12 +49,48 @@ def default_checkpoint() -> str:
 
 
 def read_card(checkpoint: str) -> dict[str, Any] | None:
-  """A run's head card (``general_head.json``: what it is, how it was trained), or None."""
+  """A run's head card (``general_head.json``: what it is, how it was trained, the sha256 of
+  every shipped file), or None."""
+  from fmir_jax.checkpoint import RunError
   path = os.path.join(checkpoint, CARD)
   if not os.path.isfile(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      card = json.load(f)
+  except (OSError, ValueError) as e:
+    raise RunError(f'{path} is not readable JSON ({" ".join(str(e).split())}); '
+                   f'{_reship_fix(checkpoint)}') from e
+  if not isinstance(card, dict):
+    raise RunError(f'{path} is not a JSON object; {_reship_fix(checkpoint)}')
+  return card
+
+
+def _reship_fix(checkpoint: str) -> str:
+  if os.path.abspath(checkpoint) == SHIPPED:
+    return ('reinstall fmir-jax (pip install --force-reinstall fmir-jax, or git checkout '
+            f'{SHIPPED} in a clone), or rebuild the head: python -m fmir_jax.general --out '
+            f'general_out --ship {SHIPPED}')
+  return (f'ship it again: python -m fmir_jax.general --out OUT --ship {checkpoint}, or pass '
+          '--checkpoint with the training run itself')
+
+
+def seal(dest: str) -> str:
+  """Records the sha256 of every other file of a shipped head in its card (``sha256``;
+  ``runs.load_run`` checks them), and of its checkpoint in the step folder
+  (``checkpoint.DIGESTS_FILE``) where the run recorded none. Returns the card's path."""
+  from fmir_jax import checkpoint as ckpt
+  for folder in sorted(os.listdir(os.path.join(dest, 'best'))):
+    step = os.path.join(dest, 'best', folder)
+    if os.path.isdir(step) and not os.path.exists(os.path.join(step, ckpt.DIGESTS_FILE)):
+      ckpt.record_digests(step)
+  card_path = os.path.join(dest, CARD)
+  with open(card_path) as f:
+    card = json.load(f)
+  card['sha256'] = ckpt.folder_digests(dest, skip=(CARD,))
+  with files.atomic_path(card_path) as tmp, open(tmp, 'w') as f:
+    json.dump(card, f, indent=1)
+  return card_path
 
 
 class GeneralError(errors.UserError, ValueError):
@@ -158,6 +195,10 @@ def ship(workdir: str, dest: str, command: list[str], seed: int) -> str:
   if best not in val:
     raise GeneralError(f'{workdir}: no validated checkpoint to ship (step {best} has no '
                        'validation record); train past the first validation first.')
+  problem = ckpt.digest_problem(ckpt.step_dir(manager, best))
+  if problem:
+    raise GeneralError(f'{workdir}: the checkpoint to ship is damaged ({problem}); train the '
+                       'run again (or restore its files) before shipping it.')
   entries = {ckpt.RUN_FILE: ckpt.RUN_FILE, 'pca': 'pca', trainer.VAL_LOG: trainer.VAL_LOG,
              os.path.join('best', str(best)): os.path.join('best', str(best))}
   tmp = files.make_temp_dir(os.path.dirname(os.path.abspath(dest)), os.path.basename(dest))
@@ -173,6 +214,7 @@ def ship(workdir: str, dest: str, command: list[str], seed: int) -> str:
             if val else {}, 'written': time.strftime('%Y-%m-%d %H:%M:%S')}
     with open(os.path.join(tmp, CARD), 'w') as f:
       json.dump(card, f, indent=1)
+    seal(tmp)                            # the sha256 of every file, checked when loaded
     if os.path.isdir(dest):
       for name in (ckpt.RUN_FILE, 'pca', trainer.VAL_LOG, 'best', CARD):
         path = os.path.join(dest, name)
@@ -191,38 +233,42 @@ def ship(workdir: str, dest: str, command: list[str], seed: int) -> str:
   return card_path
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog='python -m fmir_jax.general',
+                              description=__doc__.splitlines()[0],
+                              formatter_class=entry.HelpFormatter)
   p.add_argument('--out', default='general_out', help='working folder (resumable)')
   p.add_argument('--train-pairs', type=int, default=200, help='synthetic pairs per grid')
   p.add_argument('--val-pairs', type=int, default=3, help='validation pairs per phantom set')
-  p.add_argument('--steps', type=int, default=0, help='training steps (0: the config\'s)')
-  p.add_argument('--seed', type=int, default=0)
-  p.add_argument('--ship', default='', help=f'copy the trained head here (e.g. {SHIPPED})')
-  a = p.parse_args(argv)
+  p.add_argument('--steps', type=int, default=0,
+                 help="training steps (default: 0, the config's num_steps)")
+  p.add_argument('--seed', type=int, default=0, help='seed of the data and the training')
+  p.add_argument('--ship', default='', metavar='DIR',
+                 help=f'copy the trained head here (e.g. {SHIPPED}; default: no copy)')
+  return p
+
+
+def main(argv=None) -> int:
+  a = build_parser().parse_args(argv)
   from fmir_jax import checkpoint as ckpt
   from fmir_jax import trainer
+  workdir = os.path.join(a.out, 'run')
   try:
     prepare_out(a.out)
     lists = write_data(a.out, train_pairs=a.train_pairs, val_pairs=a.val_pairs, seed=a.seed)
     stores = extract(a.out, lists)
-  except (GeneralError, files.OutputPathError, ValueError) as e:
+    t0 = time.perf_counter()
+    trainer.train_and_evaluate(config_for(stores, a.steps, a.seed), workdir)
+    print(f'[train] {workdir}: {time.perf_counter() - t0:.0f} s')
+    _, best = ckpt.best_or_latest(workdir, 'best')
+    print(f'[train] best checkpoint: step {best}: {trainer.read_val_log(workdir).get(best)}')
+    if a.ship:
+      card = ship(workdir, a.ship, ['python', '-m', 'fmir_jax.general',
+                                    *(argv or sys.argv[1:])], a.seed)
+      print(f'[ship] {a.ship} ({card})')
+  except errors.UserError as e:
     print(f'general: error: {e}', file=sys.stderr)
     return 2
-  workdir = os.path.join(a.out, 'run')
-  t0 = time.perf_counter()
-  trainer.train_and_evaluate(config_for(stores, a.steps, a.seed), workdir)
-  print(f'[train] {workdir}: {time.perf_counter() - t0:.0f} s')
-  _, best = ckpt.best_or_latest(workdir, 'best')
-  print(f'[train] best checkpoint: step {best}: {trainer.read_val_log(workdir).get(best)}')
-  if a.ship:
-    try:
-      card = ship(workdir, a.ship, ['python', '-m', 'fmir_jax.general', *(argv or sys.argv[1:])],
-                  a.seed)
-    except (GeneralError, files.OutputPathError) as e:
-      print(f'general: error: {e}', file=sys.stderr)
-      return 2
-    print(f'[ship] {a.ship} ({card})')
   return 0
 
 

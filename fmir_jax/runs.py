@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from fmir_jax import errors
 from fmir_jax.checkpoint import RunError  # noqa: F401  (the one error type for runs)
 
 
@@ -47,7 +48,10 @@ class RunInfo:
 
 
 def load_run(workdir: str, which: str = 'best') -> RunInfo:
-  """Loads a training run directory (reads only) with clear errors."""
+  """Loads a training run directory (reads only) with clear errors: RunError, one line
+  naming the file and the fix, for a run.json that does not describe a model, a checkpoint
+  whose files changed since they were written (sha256), one of another shape, and a shipped
+  head whose files do not match its card."""
   from fmir_jax import checkpoint as ckpt
   from fmir_jax import evaluation
   if not os.path.isdir(workdir):
@@ -56,9 +60,13 @@ def load_run(workdir: str, which: str = 'best') -> RunInfo:
   if not os.path.exists(os.path.join(workdir, ckpt.RUN_FILE)):
     raise RunError(f'--checkpoint {workdir}: no {ckpt.RUN_FILE}; this is not an fmir-jax '
                    'training run directory (train.py --workdir=... creates it).')
+  problem = ckpt.shipped_head_problem(workdir)   # its card records its files' sha256
+  if problem:
+    raise RunError(f'--checkpoint {workdir}: {problem}. Reinstall fmir-jax (its shipped head), '
+                   'or ship the run again: python -m fmir_jax.general --out OUT --ship DIR')
   try:
     config, graphdef, params, info, step = evaluation.load_run(workdir, which)
-  except (FileNotFoundError, ValueError) as e:
+  except errors.UserError as e:
     raise RunError(f'--checkpoint {workdir}: {e}') from e
   return RunInfo(workdir, config, graphdef, params, info, int(step))
 

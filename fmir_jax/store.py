@@ -51,6 +51,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from fmir_jax import errors
+from fmir_jax import files
 from fmir_jax import jsonutil
 
 FORMAT_VERSION = 1
@@ -249,12 +250,6 @@ def _parse_shard_header(path: str) -> tuple[dict[str, Any], int, int]:
   return head, data_start, size
 
 
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 22), b''):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 # (absolute path, inode, size in bytes, mtime in ns, sha256) of shards hashed in this process.
@@ -273,7 +268,7 @@ def _sha256_problem(path: str, expected_sha256: str) -> str | None:
     return None
   with _VERIFY_LOCK:  # one thread hashes a shard; the others wait for its verdict
     if token not in _VERIFIED:
-      if _sha256(path) != expected_sha256:
+      if files.file_digest(path) != expected_sha256:
         return f'{path}: sha256 mismatch with the manifest (the bytes changed on disk)'
       _VERIFIED.add(token)
   return None
