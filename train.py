@@ -24,22 +24,18 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from fmir_jax import checkpoint
 from fmir_jax import distributed
 from fmir_jax import entry
-from fmir_jax import store as store_lib
+from fmir_jax import errors
+from fmir_jax import train_lib
 from fmir_jax import trainer
 
 FLAGS = flags.FLAGS
-# Errors the user can fix (bad store, config, run directory, checkpoint, non-finite loss):
-# one line on stderr and exit status 2, no traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, store_lib.StoreError,
-               checkpoint.RunError)
 config_flags.DEFINE_config_file('config', None, 'Training config file (configs/*.py).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, PCA basis, TensorBoard).')
 flags.DEFINE_integer('stop_after_steps', 0, 'Leave after this many steps of this invocation '
-                     '(the next invocation resumes).')
+                     '(the next invocation resumes; 0 = run to the end).', lower_bound=0)
 distributed.define_flags(flags)
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -47,11 +43,14 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
+  # Errors the user can fix (bad config, store, run directory, checkpoint, non-finite loss):
+  # one line on stderr and exit status 2. Anything else is a bug and keeps its traceback.
   try:
+    train_lib.check_config(FLAGS.config)       # before any start-up, file or compilation
     distributed.initialize_from_flags(FLAGS)
     result = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir,
                                         stop_after_steps=FLAGS.stop_after_steps)
-  except USER_ERRORS as e:
+  except errors.UserError as e:
     print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
     sys.exit(2)
   best = max(result.val_dice.values()) if result.val_dice else float('nan')

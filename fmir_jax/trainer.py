@@ -82,8 +82,8 @@ class _NoWriter:
 def open_stores(paths) -> list[store_lib.FeatureStore]:
   paths = [p for p in (paths if isinstance(paths, (list, tuple)) else [paths]) if p]
   if not paths:
-    raise ValueError('no feature store given: set --config.data.train_stores=PATH '
-                     '(written by feature_extract/run.py)')
+    raise train_lib.ConfigError('no feature store given: set --config.data.train_stores=PATH '
+                                '(written by feature_extract/run.py)')
   stores = [store_lib.FeatureStore(p) for p in paths]
   for st in stores[1:]:
     if st.header['channels'] != stores[0].header['channels']:
@@ -91,6 +91,40 @@ def open_stores(paths) -> list[store_lib.FeatureStore]:
           f'{st.path}: {st.header["channels"]} channels but {stores[0].path} has '
           f'{stores[0].header["channels"]}: stores trained together must share a backbone')
   return stores
+
+
+def _check_train_pairs(stores, batch_size: int) -> None:
+  """The training pairs can be batched: there are some, and with ``batch_size`` > 1 a step's
+  pairs come from one store and share one grid (``data.train_batches`` stacks them)."""
+  with_pairs = [st for st in stores if st.pairs('train')]
+  paths = ', '.join(str(st.path) for st in stores)
+  if not with_pairs:
+    raise store_lib.StoreError(f'no \'train\' pairs in feature store(s) {paths}: extract '
+                               'features for that split (feature_extract/run.py --splits ...)')
+  if batch_size > 1 and len(with_pairs) > 1:
+    raise train_lib.ConfigError(
+        f'--config.train.batch_size={batch_size} with {len(with_pairs)} training stores '
+        f'({paths}): a step takes its pairs from one store, use batch_size 1')
+  if batch_size > 1:
+    st = with_pairs[0]
+    shapes = {st.info(k).shape for pair in st.pairs('train') for k in pair}
+    if len(shapes) > 1:
+      raise train_lib.ConfigError(
+          f'--config.train.batch_size={batch_size}: the training volumes of {st.path} have '
+          f'different shapes {sorted(shapes)}, which do not stack; use batch_size 1')
+
+
+def _check_batch_split(config, num_devices: int) -> None:
+  """A step's entries (pairs, doubled when bidirectional) split evenly over the processes
+  and over the devices of the mesh."""
+  batch = int(config.train.batch_size)
+  per_pair = 2 if config.train.bidirectional else 1
+  for count, what in ((jax.process_count(), 'processes'), (num_devices, 'devices')):
+    if (batch * per_pair) % count:
+      raise train_lib.ConfigError(
+          f'--config.train.batch_size={batch}: {batch * per_pair} pairs per step do not split '
+          f'over {count} {what}; set --config.train.batch_size to a multiple of '
+          f'{count // math.gcd(count, per_pair)}')
 
 
 def total_steps(config, num_pairs: int) -> int:
@@ -116,8 +150,9 @@ def store_settings(config, num_stores: int) -> list[dict[str, Any]]:
   out = []
   for name in ('factors', 'num_classes', 'blur_in_plane_only'):
     if len(ps[name]) != num_stores:
-      raise ValueError(f'data.per_store.{name} has {len(ps[name])} entries for {num_stores} '
-                       'training stores: give one per data.train_stores entry')
+      raise train_lib.ConfigError(
+          f'--config.data.per_store.{name} has {len(ps[name])} entries for {num_stores} '
+          'training stores: give one per data.train_stores entry')
   for i in range(num_stores):
     out.append({'factors': tuple(int(v) for v in ps.factors[i]),
                 'num_classes': int(ps.num_classes[i]),
@@ -140,6 +175,11 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
   stop_after_steps: leave after this many steps of this invocation (a time slice on a
     preemptible machine); the next call resumes from the last checkpoint.
   """
+  # Every user error that needs no compiled program is raised before the run folder exists.
+  train_lib.check_config(config)
+  if int(stop_after_steps) < 0:
+    raise train_lib.ConfigError(f'--stop_after_steps={stop_after_steps}: must be >= 0 '
+                                '(0 = run to the end)')
   why = ckpt.unwritable_reason(workdir)
   if why:
     raise ckpt.RunError(f'--workdir={workdir}: {why}; pass a directory path you can write to')
@@ -149,11 +189,12 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
   eval_stores = open_stores(list(config.data.eval_stores)) if config.data.eval_stores \
       else stores
   header = stores[0].header
+  _check_train_pairs(stores, int(config.train.batch_size))
   refs = data_lib.list_pairs(stores, 'train')
   n_steps = total_steps(config, len(refs))
   c_prime = int(config.feature_channels)
-  graphdef, state, tx, mcfg = train_lib.create(config, int(header['channels']), n_steps)
   mesh = mesh or train_lib.make_mesh()
+  _check_batch_split(config, int(mesh.devices.size))
   # each training store's settings, with its voxel spacing (evaluation matches stores by it)
   settings = [dict(s, spacing_mm=list(st.info(st.keys()[0]).spacing_mm))
               for s, st in zip(store_settings(config, len(stores)), stores)]
@@ -161,6 +202,16 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
   eval_settings = settings if eval_stores is stores else [
       evaluation.settings_for_store(st, [data_lib.PairRef(0, m, f) for m, f in st.pairs('val')],
                                     store_datasets, settings) for st in eval_stores]
+  val_refs = []   # the validation pairs of each validation store
+  for st in eval_stores:
+    refs_i = [data_lib.PairRef(0, m, f) for m, f in st.pairs('val')]
+    val_refs.append(refs_i[:int(config.train.eval_pairs)] if int(config.train.eval_pairs)
+                    else refs_i)
+  if not any(val_refs):
+    raise store_lib.StoreError(
+        'no validation pairs in ' + ', '.join(st.path for st in eval_stores)
+        + ': extract features for the val split (or set --config.data.eval_stores)')
+  graphdef, state, tx, mcfg = train_lib.create(config, int(header['channels']), n_steps)
 
   os.makedirs(workdir, exist_ok=True)
   run_info = json.loads(json.dumps({
@@ -175,8 +226,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
     old_norm = old.get('channel_norm', 'paper')
     if (old['model'] != run_info['model'] or old['mode'] != mode
         or old_norm != run_info['channel_norm']):
-      raise ValueError(f'{workdir} holds a run with another model/mode/channel_norm '
-                       f'({old["mode"]}, {old_norm}, {old["model"]}); use a new --workdir')
+      raise ckpt.RunError(f'{workdir} holds a run with another model/mode/channel_norm '
+                          f'({old["mode"]}, {old_norm}, {old["model"]}); use a new --workdir')
     store_lib.check_compatible(old['store_header'], header)
   primary = distributed.is_primary()      # writes the run's shared files (multi-host runs)
   if primary:
@@ -226,17 +277,11 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
                                                 mesh=mesh, factors=st_set['factors'])
     step_of_store.append(step_fns[key])
   val_sets = []   # (predict, store, refs, classes) per validation store
-  for i, (st, st_set) in enumerate(zip(eval_stores, eval_settings)):
-    refs_i = [data_lib.PairRef(0, m, f) for m, f in st.pairs('val')]
-    if int(config.train.eval_pairs):
-      refs_i = refs_i[:int(config.train.eval_pairs)]
+  for st, st_set, refs_i in zip(eval_stores, eval_settings, val_refs):
     if refs_i:
       val_sets.append((train_lib.make_predict(graphdef, c_prime=c_prime,
                                               factors=st_set['factors']),
                        st, refs_i, tuple(range(1, st_set['num_classes'] + 1))))
-  if not val_sets:
-    raise ValueError('no validation pairs in ' + ', '.join(st.path for st in eval_stores)
-                     + ': extract features for the val split (or set data.eval_stores)')
   end = n_steps if not stop_after_steps else min(n_steps, start + int(stop_after_steps))
 
   writer = SummaryWriter(os.path.join(workdir, 'tb')) if primary else _NoWriter()
