@@ -22,17 +22,15 @@ from absl import flags
 from absl import logging
 from tqdm import tqdm
 
-from fmir_jax import checkpoint
 from fmir_jax import distributed
 from fmir_jax import entry
+from fmir_jax import errors
 from fmir_jax import evaluation
+from fmir_jax import files
 from fmir_jax import report
 from fmir_jax import store as store_lib
 
 FLAGS = flags.FLAGS
-# Errors the user can fix (bad run, store, checkpoint choice, PCA file, output path): one
-# line on stderr and exit status 2, no traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, store_lib.StoreError, checkpoint.RunError)
 flags.DEFINE_list('workdir', None, 'Training run directory (or several, comma-separated).')
 flags.DEFINE_list('features', None, 'Feature store(s) to evaluate on.')
 flags.DEFINE_list('pca_store', [], 'Per --features entry (or one for all): a store of the '
@@ -45,6 +43,8 @@ flags.DEFINE_integer('limit', 0, 'Evaluate only the first N pairs (0 = all).')
 flags.DEFINE_string('table2', '', 'Write the cross-domain Markdown table here.')
 flags.DEFINE_string('channel_norm', '', "Inference normalisation instead of the run's own, "
                     'one with the same PCA fit (standardise <-> matched: they train alike).')
+flags.DEFINE_bool('overwrite', False, 'Replace an earlier evaluation in --out (and an earlier '
+                  '--table2 file); files fmir-jax did not write are never replaced.')
 flags.DEFINE_bool('reuse', False, 'Keep an evaluation already in --out when it scored the same '
                   'checkpoint, store, split, pairs and normalisation (a long --table2 resumes).')
 distributed.define_flags(flags)
@@ -60,6 +60,8 @@ def main(argv):
     sys.exit(2)
   grid, initial = {}, {}
   try:
+    if FLAGS.table2:       # before any work (and again when it is written)
+      files.check_result_file(FLAGS.table2, FLAGS.overwrite, '--table2')
     # A multi-host launch (every host runs this command): process 0 evaluates alone, on its
     # own devices, and writes; the others have nothing to do.
     if distributed.launch_index(FLAGS) > 0:
@@ -83,7 +85,8 @@ def main(argv):
               + (f' (reused: {out})' if summary else ''))
         summary = summary or evaluation.evaluate_run(
             workdir, store_path, out_dir=out, figures=FLAGS.figures,
-            progress=lambda xs: tqdm(xs, desc=f'eval {os.path.basename(store_path)}'), **how)
+            progress=lambda xs: tqdm(xs, desc=f'eval {os.path.basename(store_path)}'),
+            overwrite=FLAGS.overwrite, **how)
         print(summary['table1'])
         print(f"head {summary['head_s_mean']:.3f} s/pair, features "
               f"{summary['feature_s_mean']:.3f} s/pair; files in "
@@ -92,15 +95,13 @@ def main(argv):
         key = (*rows[workdir], columns[store_path], store_lib.backbone_name(header))
         grid[key] = summary['metrics']
         initial[key[2]] = summary['metrics']
-  except USER_ERRORS as e:
+    if FLAGS.table2:
+      table = report.markdown_table2(grid, initial)
+      files.write_result_file(FLAGS.table2, table, FLAGS.overwrite, '--table2')
+      print(table)
+  except errors.UserError as e:
     print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
     sys.exit(2)
-  if FLAGS.table2:
-    table = report.markdown_table2(grid, initial)
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.table2)), exist_ok=True)
-    with open(FLAGS.table2, 'w') as f:
-      f.write(table)
-    print(table)
 
 
 if __name__ == '__main__':

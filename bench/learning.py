@@ -271,7 +271,7 @@ def table2(out: str, workdirs, stores: dict, limit: int = 0) -> str:
   cmd = [sys.executable, os.path.join(ROOT, 'eval.py'), '--workdir=' + ','.join(workdirs),
          '--features=' + ','.join(stores[k] for k in sorted(stores)), '--split=test',
          '--figures=0', f'--limit={limit}', f'--out={os.path.join(out, "eval")}',
-         f'--table2={path}', '--reuse']
+         f'--table2={path}', '--reuse', '--overwrite']
   print('[table2] ' + ' '.join(cmd), flush=True)
   subprocess.run(cmd, check=True, cwd=ROOT)
   return path

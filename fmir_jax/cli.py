@@ -14,6 +14,7 @@ summary and the others go on; the exit code is 1 when any pair failed.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Callable, Sequence
@@ -35,7 +36,7 @@ def _layer(text: str | None):
 
 
 def parse_triple(text: str | None, what: str, cast: Callable = float):
-  """'a,b,c' -> (a, b, c) of positive numbers, or None."""
+  """'a,b,c' -> (a, b, c) of finite positive numbers, or None."""
   from fmir_jax.register import RegisterError
   if text is None:
     return None
@@ -43,8 +44,8 @@ def parse_triple(text: str | None, what: str, cast: Callable = float):
     vals = tuple(cast(p) for p in text.split(','))
   except ValueError:
     raise RegisterError(f'{what} {text!r}: expected three comma-separated numbers.') from None
-  if len(vals) != 3 or min(vals) <= 0:
-    raise RegisterError(f'{what} {text!r}: expected three positive numbers.')
+  if len(vals) != 3 or not all(math.isfinite(v) and v > 0 for v in vals):
+    raise RegisterError(f'{what} {text!r}: expected three finite positive numbers.')
   return vals
 
 
@@ -164,16 +165,6 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _user_errors() -> tuple[type, ...]:
-  from fmir_jax import files
-  from fmir_jax import io
-  from fmir_jax import register
-  from fmir_jax import runs
-  from fmir_jax import store
-  return (register.RegisterError, runs.RunError, io.NiftiError, errors.BackboneError,
-          store.StoreError, errors.DatasetError, files.OutputPathError)
-
-
 def enable_compilation_cache(args: argparse.Namespace) -> str | None:
   """Points JAX's persistent compilation cache at a folder and caches every program there:
   --cache-dir, else $FMIR_CACHE_DIR, else a cache JAX already has (JAX_COMPILATION_CACHE_DIR),
@@ -181,10 +172,14 @@ def enable_compilation_cache(args: argparse.Namespace) -> str | None:
   if args.no_cache:
     return None
   import jax
+  from fmir_jax import files
   path = (args.cache_dir or os.environ.get('FMIR_CACHE_DIR')
           or jax.config.jax_compilation_cache_dir      # JAX_COMPILATION_CACHE_DIR
           or os.path.join(os.path.expanduser('~'), '.cache', 'fmir-jax', 'jax'))
-  os.makedirs(path, exist_ok=True)
+  flag = '--cache-dir' if args.cache_dir else 'the compilation cache'
+  files.check_writable_dir(path, flag)
+  with files.disk_errors(path, flag):
+    os.makedirs(path, exist_ok=True)
   jax.config.update('jax_compilation_cache_dir', path)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
@@ -219,15 +214,19 @@ def register_options(args: argparse.Namespace):
   """``register.RegisterOptions`` from the parsed flags (--fast filled in); RegisterError for
   values out of range."""
   from fmir_jax import register
+  finite = lambda x: x is None or math.isfinite(x)  # noqa: E731
   if args.io_steps is not None and args.io_steps < 1:
     raise register.RegisterError(f'--io-steps {args.io_steps}: need at least 1 step.')
-  if args.io_lr is not None and not args.io_lr > 0:
-    raise register.RegisterError(f'--io-lr {args.io_lr}: need a positive step size.')
-  if args.io_fold is not None and not args.io_fold >= 0:
-    raise register.RegisterError(f'--io-fold {args.io_fold}: need a weight >= 0.')
-  if args.io_budget is not None and not args.io_budget > 0:
-    raise register.RegisterError(f'--io-budget {args.io_budget}: need a fraction > 0 '
+  if args.io_lr is not None and not (args.io_lr > 0 and finite(args.io_lr)):
+    raise register.RegisterError(f'--io-lr {args.io_lr}: need a finite positive step size.')
+  if args.io_fold is not None and not (args.io_fold >= 0 and finite(args.io_fold)):
+    raise register.RegisterError(f'--io-fold {args.io_fold}: need a finite weight >= 0.')
+  if args.io_budget is not None and not (args.io_budget > 0 and finite(args.io_budget)):
+    raise register.RegisterError(f'--io-budget {args.io_budget}: need a finite fraction > 0 '
                                  '(e.g. 0.25).')
+  if args.batch_size < 1:
+    raise register.RegisterError(f'--batch-size {args.batch_size}: need at least 1 slice '
+                                 'per encoder forward.')
   finest = args.head_finest_level
   finest = (FAST_HEAD_FINEST_LEVEL if args.fast else 0) if finest is None else finest
   return register.RegisterOptions(
@@ -246,7 +245,6 @@ def run_register(args: argparse.Namespace) -> int:
   from fmir_jax import register
   from fmir_jax import register_batch
   say = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
-  errors = _user_errors()
   try:
     one = [args.fixed, args.moving]
     if args.pairs is not None and any(one + [args.fixed_labels, args.moving_labels]):
@@ -258,18 +256,29 @@ def run_register(args: argparse.Namespace) -> int:
     cache = enable_compilation_cache(args)
     if args.pairs is not None:
       summary = register_batch.register_batch(args.pairs, args.checkpoint, args.out,
-                                              options=opts, log=say, errors=errors)
+                                              options=opts, log=say)
     else:
       report = register.register(args.fixed, args.moving, args.checkpoint, args.out,
                                  fixed_labels=args.fixed_labels,
                                  moving_labels=args.moving_labels, options=opts, log=say)
-  except errors as e:
+  except errors.UserError as e:
     print(f'fmir register: error: {e}', file=sys.stderr)
     return 2
+  except register_batch.BatchInterrupted as e:
+    s = e.summary
+    print(f'fmir register: interrupted; {s["pairs"] - s["not_run"]} of {s["pairs"]} pairs '
+          f'done, summary so far: {e.summary_csv}. Run the same command again to register '
+          'the rest.', file=sys.stderr)
+    return 130
+  except KeyboardInterrupt:
+    print('fmir register: interrupted; nothing was written for the pair in progress.',
+          file=sys.stderr)
+    return 130
   say(f'compilation cache: {cache or "off"}')
   if args.pairs is not None:
     if not args.quiet:
-      print(f"{summary['pairs']} pairs, {summary['failed']} failed; summary: "
+      resumed = f', {summary["resumed"]} kept from an earlier run' if summary['resumed'] else ''
+      print(f"{summary['pairs']} pairs, {summary['failed']} failed{resumed}; summary: "
             f"{os.path.join(os.path.abspath(args.out), 'summary.csv')}")
     return 1 if summary['failed'] else 0
   if not args.quiet:

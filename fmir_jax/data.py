@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 import grain
 import numpy as np
 
+from fmir_jax import errors
 from fmir_jax import geometry
 from fmir_jax import store as store_lib
 
@@ -50,7 +51,7 @@ def list_pairs(stores: Sequence[store_lib.FeatureStore], split: str) -> list[Pai
   refs = [PairRef(i, m, f) for i, st in enumerate(stores) for m, f in st.pairs(split)]
   if not refs:
     paths = ', '.join(str(st.path) for st in stores)
-    raise ValueError(f'no {split!r} pairs in feature store(s) {paths}: extract features for '
+    raise store_lib.StoreError(f'no {split!r} pairs in feature store(s) {paths}: extract features for '
                      f'that split (feature_extract/run.py --splits ...)')
   return refs
 
@@ -72,7 +73,7 @@ def _stack(items: list[dict]) -> dict:
     return {k: _stack([it[k] for it in items]) for k in first}
   shapes = {np.shape(it) for it in items}
   if len(shapes) != 1:
-    raise ValueError(f'cannot batch volumes of different shapes {sorted(shapes)}: use '
+    raise errors.ConfigError(f'cannot batch volumes of different shapes {sorted(shapes)}: use '
                      'batch_size 1 (or one store per run) when grids differ')
   return np.stack(items)
 
@@ -104,7 +105,7 @@ class _TrainSource:
     batch = _stack(items)
     sources = {self.refs[i].store for i in idx}
     if len(sources) != 1:
-      raise ValueError(f'step {step} draws pairs from several stores {sorted(sources)}: with '
+      raise errors.ConfigError(f'step {step} draws pairs from several stores {sorted(sources)}: with '
                        'several training stores use batch_size 1')
     batch['store'] = np.asarray(sources.pop(), np.int32)   # which store (host-side only)
     return batch

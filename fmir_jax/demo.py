@@ -12,9 +12,9 @@ trainer.train_and_evaluate (train.py), evaluation.evaluate_run (eval.py) and the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -22,7 +22,7 @@ from fmir_jax import errors
 from fmir_jax import files
 
 MARKER = '.fmir-demo.json'
-ENTRIES = ('acdc_phantoms', 'features', 'run', 'register')   # what a demo writes in OUT
+ENTRIES = ('acdc_phantoms', 'features', 'run', 'eval', 'register')   # what a demo writes in OUT
 
 BANNER = """\
 ================================================================================
@@ -39,38 +39,102 @@ BANNER = """\
 ================================================================================"""
 
 
+
 class DemoError(errors.UserError, ValueError):
   """OUT cannot hold the demo: the message names the folder and the fix."""
+
+
+# The marker lists every file a demo wrote (relative path -> [size, mtime_ns]) and, while a
+# stage runs, the files its entry held before ("pending"): so a rerun removes exactly what
+# the demo wrote, also after a kill, and nothing the user added or changed since.
+
+
+def _listing(root: str) -> dict[str, list[int]]:
+  """Every plain file under ``root`` (relative path -> [size, mtime_ns])."""
+  found = {}
+  for folder, _, names in os.walk(root):
+    for name in names:
+      path = os.path.join(folder, name)
+      if os.path.isfile(path) and not os.path.islink(path):
+        st = os.stat(path)
+        found[os.path.relpath(path, root)] = [st.st_size, st.st_mtime_ns]
+  return found
+
+
+def _read_marker(out: str) -> dict:
+  marker = os.path.join(out, MARKER)
+  try:
+    with open(marker) as f:
+      state = json.load(f)
+    written, pending = state['files'], state.get('pending', {})
+    if not isinstance(written, dict) or not isinstance(pending, dict):
+      raise TypeError('files/pending are not mappings')
+  except KeyError:
+    raise DemoError(f'{marker}: made by an older demo that did not list its files, so a '
+                    'rerun cannot tell them from yours; choose a new --out folder.') from None
+  except (OSError, ValueError, TypeError) as e:
+    raise DemoError(f'{marker}: unreadable demo marker ({e}); choose a new --out folder.') \
+        from None
+  return {'files': written, 'pending': pending}
+
+
+def _write_marker(out: str, state: dict) -> None:
+  with files.atomic_path(os.path.join(out, MARKER)) as tmp, open(tmp, 'w') as f:
+    json.dump({'written_by': 'python -m fmir_jax.demo', 'entries': list(ENTRIES), **state}, f)
+
+
+def _remove_written(out: str, state: dict) -> None:
+  """Removes the files an earlier demo wrote (unchanged since), then the folders that this
+  left empty; every other file stays."""
+  now = _listing(out)
+  doomed = {p for p, stat in state['files'].items() if now.get(p) == stat}
+  for entry, before in state['pending'].items():       # a stage that was killed
+    doomed |= {p for p in now if p.startswith(entry + os.sep) and p not in set(before)}
+  for rel in sorted(doomed):
+    if rel.split(os.sep)[0] in ENTRIES:
+      os.remove(os.path.join(out, rel))
+  for rel in sorted({os.path.dirname(p) for p in doomed}, key=len, reverse=True):
+    while rel and rel.split(os.sep)[0] in ENTRIES:
+      path = os.path.join(out, rel)
+      if not os.path.isdir(path) or os.listdir(path):
+        break
+      os.rmdir(path)
+      rel = os.path.dirname(rel)
 
 
 def prepare_out(out: str) -> None:
   """Makes ``out`` ready for a demo run, deleting only what an earlier demo wrote there.
 
-  A new or empty folder is created and marked (``MARKER`` lists the demo's entries). A
-  folder an earlier demo marked gets those entries removed; the user's other files in it
-  stay. Any other non-empty folder is refused: the demo never deletes what it did not write.
+  A new or empty folder is created and marked. In a folder an earlier demo marked, the files
+  that demo wrote are removed (those the user changed since, and every other file, stay).
+  Any other non-empty folder is refused: the demo never deletes what it did not write.
   """
   files.check_writable_dir(out, '--out')
   marker = os.path.join(out, MARKER)
+  state = {'files': {}, 'pending': {}}
   if os.path.isdir(out) and os.listdir(out):
     if not os.path.isfile(marker):
       raise DemoError(f'--out {out}: folder exists, is not empty and was not made by the demo '
                       f'(no {MARKER} in it); choose a new or empty folder.')
-    try:
-      with open(marker) as f:
-        listed = json.load(f)['entries']
-    except (OSError, ValueError, KeyError, TypeError) as e:
-      raise DemoError(f'{marker}: unreadable demo marker ({e}); choose a new --out folder.') \
-          from None
-    for name in set(listed) & set(ENTRIES):
-      path = os.path.join(out, name)
-      if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-      elif os.path.lexists(path):
-        os.remove(path)
+    _remove_written(out, _read_marker(out))
   os.makedirs(out, exist_ok=True)
-  with files.atomic_path(marker) as tmp, open(tmp, 'w') as f:
-    json.dump({'written_by': 'python -m fmir_jax.demo', 'entries': list(ENTRIES)}, f)
+  _write_marker(out, state)
+
+
+@contextlib.contextmanager
+def _stage_writes(out: str, entry: str):
+  """Records, in the marker, the files a stage writes under OUT/ENTRY (pending while it
+  runs, so a kill leaves them removable)."""
+  state = _read_marker(out)
+  root = os.path.join(out, entry)
+  before = {os.path.join(entry, p): s for p, s in _listing(root).items()}
+  state['pending'][entry] = sorted(before)
+  _write_marker(out, state)
+  yield
+  after = {os.path.join(entry, p): s for p, s in _listing(root).items()}
+  state['files'].update({p: s for p, s in after.items() if before.get(p) != s})
+  del state['pending'][entry]
+  _write_marker(out, state)
 
 
 def _stage(name: str):
@@ -106,20 +170,22 @@ def run(out: str, *, patients: int = 20, test_patients: int = 4, steps: int = 10
   t = _stage(f'1/5 synthetic cardiac phantoms in the ACDC release layout -> {data_root}')
   # Patients end at 20 so the official split rule yields validation patients (18-20).
   first = max(1, 21 - patients)
-  phantoms.write_acdc_phantoms(data_root, patients, seed, first_id=first,
-                               inplane_size=(150, 200))
-  phantoms.write_acdc_phantoms(data_root, test_patients, seed, first_id=101,
-                               inplane_size=(150, 200))
+  with _stage_writes(out, 'acdc_phantoms'):
+    phantoms.write_acdc_phantoms(data_root, patients, seed, first_id=first,
+                                 inplane_size=(150, 200))
+    phantoms.write_acdc_phantoms(data_root, test_patients, seed, first_id=101,
+                                 inplane_size=(150, 200))
   times['phantoms_s'] = time.perf_counter() - t
   print(f'{patients} training/validation patients ({first}-{first + patients - 1}), '
         f'{test_patients} test '
         f'patients (101-{100 + test_patients})')
 
   t = _stage(f'2/5 `mind` features (offline backbone) -> {features}')
-  extracted = pipeline.extract_dataset(
-      backbone='mind', dataset='acdc', data_root=data_root, out=features,
-      input_size=input_size, device='cpu',
-      dataset_options={'shape': list(grid), 'spacing_mm': list(spacing_mm)})
+  with _stage_writes(out, 'features'):
+    extracted = pipeline.extract_dataset(
+        backbone='mind', dataset='acdc', data_root=data_root, out=features,
+        input_size=input_size, device='cpu',
+        dataset_options={'shape': list(grid), 'spacing_mm': list(spacing_mm)})
   print(extracted.line())
   times['features_s'] = time.perf_counter() - t
 
@@ -131,11 +197,14 @@ def run(out: str, *, patients: int = 20, test_patients: int = 4, steps: int = 10
   config.train.checkpoint_every = max(steps // 2, 1)
   config.train.eval_pairs = eval_pairs or config.train.eval_pairs
   config.train.seed = seed
-  result = trainer.train_and_evaluate(config, workdir)
+  with _stage_writes(out, 'run'):
+    result = trainer.train_and_evaluate(config, workdir)
   times['train_s'] = time.perf_counter() - t
 
   t = _stage('4/5 evaluation on the held-out test phantoms')
-  summary = evaluation.evaluate_run(workdir, features, split='test', figures=figures)
+  with _stage_writes(out, 'eval'):
+    summary = evaluation.evaluate_run(workdir, features, split='test', figures=figures,
+                                      out_dir=os.path.join(out, 'eval'))
   times['eval_s'] = time.perf_counter() - t
   print(summary['table1'])
 
@@ -149,12 +218,13 @@ def run(out: str, *, patients: int = 20, test_patients: int = 4, steps: int = 10
     ed, es = acdc.parse_info_cfg(os.path.join(pdir, 'Info.cfg'))
     frame = lambda f, gt='': os.path.join(pdir, f'patient{pid:03d}_frame{f:02d}{gt}.nii.gz')
     reg_out = os.path.join(out, 'register')
-    rc = cli.main(['register', '--fixed', frame(ed), '--moving', frame(es),
-                   '--fixed-labels', frame(ed, '_gt'), '--moving-labels', frame(es, '_gt'),
-                   '--checkpoint', workdir, '--out', reg_out, '--grid', 'model',
-                   '--io-steps', str(io_steps)])
+    with _stage_writes(out, 'register'):
+      rc = cli.main(['register', '--fixed', frame(ed), '--moving', frame(es),
+                     '--fixed-labels', frame(ed, '_gt'), '--moving-labels', frame(es, '_gt'),
+                     '--checkpoint', workdir, '--out', reg_out, '--grid', 'model',
+                     '--io-steps', str(io_steps)])
     if rc:
-      raise RuntimeError(f'fmir register failed (exit {rc})')
+      raise DemoError(f'fmir register failed (exit {rc}; its message is above).')
     times['register_s'] = time.perf_counter() - t
     reg = reg_out
 
@@ -200,7 +270,7 @@ def main(argv=None) -> int:
     kw = dict(steps=a.steps or 100)
   try:
     run(a.out, seed=a.seed, register=not a.no_register, **kw)
-  except (DemoError, files.OutputPathError) as e:
+  except errors.UserError as e:
     print(f'demo: error: {e}', file=sys.stderr)
     return 2
   return 0

@@ -20,6 +20,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fmir_jax import errors
+
 # Environment of the launchers whose processes JAX finds on its own (cluster detection).
 _AUTO_ENV = ('SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS')
 
@@ -40,11 +42,11 @@ def initialize(coordinator: str = '', num_processes: int = 0, process_id: int = 
   """
   explicit = bool(coordinator) or num_processes > 0 or process_id >= 0
   if explicit and not (coordinator and num_processes > 0 and process_id >= 0):
-    raise ValueError('multi-host start-up needs all of --coordinator=HOST:PORT, '
+    raise errors.ConfigError('multi-host start-up needs all of --coordinator=HOST:PORT, '
                      '--num_processes=N and --process_id=I (0 <= I < N), or none of them '
                      '(SLURM and TPU pods are detected)')
   if explicit and not 0 <= process_id < num_processes:
-    raise ValueError(f'--process_id={process_id} must lie in [0, --num_processes='
+    raise errors.ConfigError(f'--process_id={process_id} must lie in [0, --num_processes='
                      f'{num_processes})')
   auto = not explicit and (int(os.environ.get('SLURM_NTASKS', '1')) > 1
                            or any(v in os.environ for v in _AUTO_ENV[1:]))
@@ -104,7 +106,7 @@ def share(n: int, index: int | None = None, count: int | None = None) -> slice:
   index = jax.process_index() if index is None else index
   count = jax.process_count() if count is None else count
   if n % count:
-    raise ValueError(f'a global batch of {n} does not split over {count} processes: set '
+    raise errors.ConfigError(f'a global batch of {n} does not split over {count} processes: set '
                      f'--config.train.batch_size to a multiple of {count}')
   per = n // count
   return slice(index * per, (index + 1) * per)

@@ -16,6 +16,10 @@ class UserError(Exception):
   """
 
 
+class ConfigError(UserError, ValueError):
+  """A setting (flag or config field) that cannot work: the message names it and the range."""
+
+
 class BackboneError(UserError, RuntimeError):
   """A backbone cannot be loaded or used as asked (message says how to fix it)."""
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import shutil
 import time
 from typing import Callable, Sequence
 
@@ -12,8 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmir_jax import data as data_lib
+from fmir_jax import files
 from fmir_jax import metrics as metrics_lib
 from fmir_jax import model as model_lib
+from fmir_jax import store as store_lib
 from fmir_jax import train_lib
 from fmir_jax import warp as W
 
@@ -70,8 +74,9 @@ def evaluate_pairs(predict: Callable, params, stores: Sequence, refs: Sequence[d
     feat_s = _feature_seconds(st, ref.moving) + _feature_seconds(st, ref.fixed)
     info = st.info(ref.fixed)
     if not (item['moving']['has_labels'] and item['fixed']['has_labels']):
-      raise ValueError(f'pair {ref.moving} -> {ref.fixed} in {st.path} has no labels: Dice '
-                       'and HD95 need labels for both volumes')
+      raise store_lib.StoreError(
+          f'pair {ref.moving} -> {ref.fixed} in {st.path} has no labels: Dice and HD95 need '
+          'labels for both volumes')
     m = metrics_lib.evaluate_pair(
         disp, item['moving']['labels'], item['fixed']['labels'], classes, info.spacing_mm,
         warp_labels_nearest, moving=ref.moving, fixed=ref.fixed, subject=info.subject,
@@ -99,10 +104,16 @@ def load_run(workdir: str, checkpoint: str = 'best'):
   import ml_collections
   from fmir_jax import checkpoint as ckpt
   info = ckpt.read_run_info(workdir)
+  ckpt.check_run_info(workdir, info)                      # one line naming run.json and key
   mgr, step = ckpt.best_or_latest(workdir, checkpoint)    # before the compile: fails fast
   config = ml_collections.ConfigDict(info['config'])
-  graphdef, state, _, _ = train_lib.create(config, int(info['store_header']['channels']),
-                                           int(info['total_steps']))
+  try:
+    graphdef, state, _, _ = train_lib.create(config, int(info['store_header']['channels']),
+                                             int(info['total_steps']))
+  except ValueError as e:   # a value the model refuses (unknown activation, c' > channels)
+    raise ckpt.RunError(f'{os.path.join(workdir, ckpt.RUN_FILE)}: the model it describes '
+                        f'cannot be built ({e}); put back the run.json that train.py wrote '
+                        'for this run') from e
   restored = ckpt.restore_chosen(workdir, mgr, step, state)
   params = restored.params if hasattr(restored, 'params') else restored[1]
   return config, graphdef, params, info, step
@@ -117,13 +128,12 @@ def pca_for_store(workdir: str, run_info: dict, store, pca_store_path: str = '',
   ``pca_store_path`` (a store of the same backbone) and saved. Refuses otherwise.
   """
   from fmir_jax import checkpoint as ckpt
-  from fmir_jax import store as store_lib
   c_prime = int(run_info['config']['feature_channels'])
   basis = ckpt.load_pca(workdir, store.header)
   if basis is not None:
     return basis
   if not pca_store_path:
-    raise ValueError(
+    raise ckpt.RunError(
         f'{store.path}: features of backbone {store.header.get("backbone")} (layer '
         f'{store.header.get("layer")}) have no PCA basis in {workdir}/pca. Pass '
         '--pca_store=PATH, a feature store of the same backbone on training data, to fit one '
@@ -131,7 +141,9 @@ def pca_for_store(workdir: str, run_info: dict, store, pca_store_path: str = '',
   src = store_lib.FeatureStore(pca_store_path)
   store_lib.check_compatible(store.header, src.header)
   if int(store.header['channels']) < c_prime:
-    raise ValueError(f'{store.path}: {store.header["channels"]} channels < c\'={c_prime}')
+    raise store_lib.StoreError(f'{store.path}: {store.header["channels"]} channels < '
+                               f"c'={c_prime}, the channels the head {workdir} needs; "
+                               'extract features with at least that many channels')
   basis = train_lib.fit_pca([src], c_prime, progress=progress,
                             fit=train_lib.channel_norm(run_info['config']).fit)
   ckpt.save_pca(workdir, store.header, basis, source=pca_store_path)
@@ -175,24 +187,27 @@ def default_out_dir(workdir: str, store_path: str, split: str, channel_norm: str
 def evaluate_run(workdir: str, store_path: str, *, split: str = 'test',
                  checkpoint: str = 'best', pca_store: str = '', out_dir: str = '',
                  figures: int = 3, limit: int = 0, factors=None, progress=None,
-                 label_names: Sequence[str] | None = None, channel_norm: str = '') -> dict:
+                 label_names: Sequence[str] | None = None, channel_norm: str = '',
+                 overwrite: bool = False) -> dict:
   """Evaluates a run on a store's split; writes CSV, JSON, Markdown and figures.
 
   channel_norm: the inference normalisation to use instead of the run's own; it must share
     the run's PCA fit (``standardise`` and ``matched`` train identically, so either serves
     a run trained with the other).
+  overwrite: replace an earlier evaluation in ``out_dir`` (files of other names, and files
+    fmir-jax did not write, are never touched; ``files.check_replaceable``).
 
-  Returns the summary dict (also written to ``out_dir/summary.json``).
+  Returns the summary dict (also written to ``out_dir/summary.json``). The files appear
+  together when everything is computed (``files.publish_result``).
   """
   from fmir_jax import checkpoint as ckpt
-  from fmir_jax import report
-  from fmir_jax import store as store_lib
   ckpt.read_run_info(workdir)        # "not a run" before any complaint about the output path
   out_dir = out_dir or default_out_dir(workdir, store_path, split, channel_norm)
   why = ckpt.unwritable_reason(out_dir)
   if why:                            # before the compile
     raise ckpt.RunError(f'cannot write the evaluation to {out_dir}: {why}; pass --out=DIR '
                         'naming a writable directory')
+  files.check_result_dir(out_dir, EVAL_FILES, overwrite, '--out')
   config, graphdef, params, info, step = load_run(workdir, checkpoint)
   norm = train_lib.channel_norm(config, channel_norm, run=workdir)
   norm_name = channel_norm or config.get('channel_norm', 'paper')
@@ -223,39 +238,59 @@ def evaluate_run(workdir: str, store_path: str, *, split: str = 'test',
       'feature_s_mean': float(np.nanmean([r.feature_s for r in results]))
       if any(np.isfinite(r.feature_s) for r in results) else float('nan'),
   })
-  os.makedirs(out_dir, exist_ok=True)
-  rows = []
-  for r in results:
-    row = r.metrics.to_row()
-    row.update(head_s=r.head_s, feature_s=r.feature_s)
-    rows.append(row)
-  report.write_pair_csv(os.path.join(out_dir, 'pairs.csv'), rows)
-  report.write_summary_json(os.path.join(out_dir, 'summary.json'), summary)
-  name = f'FMIR ({info["mode"]}, {store_lib.backbone_name(st.header)})'
-  table = report.markdown_table1({name: summary['metrics']})
-  with open(os.path.join(out_dir, 'table1.md'), 'w') as f:
-    f.write(table)
-  figs = []
-  for r in results[:figures]:
-    item = data_lib.pair_item([st], r.ref)
-    m, fx = item['moving'], item['fixed']
-    disp = r.disp_vox
-    warped = np.asarray(W.warp(jnp.asarray(m['image'])[..., None], jnp.asarray(disp)))[..., 0]
-    warped_lab = warp_labels_nearest(m['labels'], disp)
-    path = os.path.join(out_dir, f'pair_{r.ref.moving}_to_{r.ref.fixed}.png')
-    report.pair_figure(path, fx['image'], m['image'], warped, fx['labels'], m['labels'],
-                       warped_lab, disp, title=f'{r.ref.moving} -> {r.ref.fixed}')
-    figs.append(path)
-  names = list(label_names) if label_names else [f'label {c}' for c in classes]
-  box = os.path.join(out_dir, 'dice_boxplot.png')
-  report.dice_boxplot(box, {n: [p.dice[c] for p in per_pair] for n, c in zip(names, classes)})
-  summary['files'] = {'pairs_csv': os.path.join(out_dir, 'pairs.csv'),
-                      'summary_json': os.path.join(out_dir, 'summary.json'),
-                      'table1_md': os.path.join(out_dir, 'table1.md'),
-                      'figures': figs + [box]}
-  report.write_summary_json(os.path.join(out_dir, 'summary.json'), summary)
+  with files.disk_errors(out_dir, '--out'):
+    table = _write_evaluation(out_dir, summary, results, per_pair, st, info, classes,
+                              figures, label_names, overwrite)
   summary['table1'] = table
   return summary
+
+
+EVAL_FILES = ('pairs.csv', 'summary.json', 'table1.md', 'dice_boxplot.png')
+
+
+def _write_evaluation(out_dir, summary, results, per_pair, st, info, classes, figures,
+                      label_names, overwrite) -> str:
+  """The evaluation's files, made in a temporary folder beside ``out_dir`` and published
+  together; returns Table 1 (Markdown)."""
+  from fmir_jax import report
+  parent = os.path.dirname(os.path.abspath(out_dir))
+  tmp = files.make_temp_dir(parent, os.path.basename(os.path.abspath(out_dir)))
+  try:
+    rows = []
+    for r in results:
+      row = r.metrics.to_row()
+      row.update(head_s=r.head_s, feature_s=r.feature_s)
+      rows.append(row)
+    report.write_pair_csv(os.path.join(tmp, 'pairs.csv'), rows)
+    name = f'FMIR ({info["mode"]}, {store_lib.backbone_name(st.header)})'
+    table = report.markdown_table1({name: summary['metrics']})
+    with open(os.path.join(tmp, 'table1.md'), 'w') as f:
+      f.write(table)
+    figs = []
+    for r in results[:figures]:
+      item = data_lib.pair_item([st], r.ref)
+      m, fx = item['moving'], item['fixed']
+      disp = r.disp_vox
+      warped = np.asarray(W.warp(jnp.asarray(m['image'])[..., None], jnp.asarray(disp)))[..., 0]
+      warped_lab = warp_labels_nearest(m['labels'], disp)
+      fig = f'pair_{r.ref.moving}_to_{r.ref.fixed}.png'
+      report.pair_figure(os.path.join(tmp, fig), fx['image'], m['image'], warped, fx['labels'],
+                         m['labels'], warped_lab, disp, title=f'{r.ref.moving} -> {r.ref.fixed}')
+      figs.append(os.path.join(out_dir, fig))
+    names = list(label_names) if label_names else [f'label {c}' for c in classes]
+    report.dice_boxplot(os.path.join(tmp, 'dice_boxplot.png'),
+                        {n: [p.dice[c] for p in per_pair] for n, c in zip(names, classes)})
+    summary['files'] = {'pairs_csv': os.path.join(out_dir, 'pairs.csv'),
+                        'summary_json': os.path.join(out_dir, 'summary.json'),
+                        'table1_md': os.path.join(out_dir, 'table1.md'),
+                        'figures': figs + [os.path.join(out_dir, 'dice_boxplot.png')]}
+    report.write_summary_json(os.path.join(tmp, 'summary.json'), summary)
+    earlier = set(EVAL_FILES) | {n for n in (os.listdir(out_dir) if os.path.isdir(out_dir)
+                                             else []) if re.match(r'pair_.*\.png$', n)}
+    files.publish_result(tmp, out_dir, 'summary.json', earlier, overwrite)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return table
 
 
 def earlier_summary(workdir: str, store_path: str, out_dir: str, *, split: str = 'test',
@@ -268,7 +303,6 @@ def earlier_summary(workdir: str, store_path: str, out_dir: str, *, split: str =
   Lets a long cross-domain table (``eval.py --reuse``) resume where it stopped.
   """
   from fmir_jax import checkpoint as ckpt
-  from fmir_jax import store as store_lib
   path = os.path.join(out_dir, 'summary.json')
   try:
     with open(path) as f:

@@ -10,6 +10,9 @@ Standard library only (imported by the PyTorch stage and the JAX stage alike).
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -66,6 +69,9 @@ def check_writable_dir(path: str, flag: str) -> None:
       ancestor is not writable.
   """
   full = os.path.abspath(path)
+  if os.path.islink(full) and not os.path.exists(full):
+    raise OutputPathError(f'{flag} {path}: is a link to {os.readlink(full)}, which does not '
+                          'exist; create that folder or choose another path.')
   if os.path.exists(full) and not os.path.isdir(full):
     raise OutputPathError(f'{flag} {path}: exists and is a file, not a folder; choose a '
                           'folder path.')
@@ -120,44 +126,155 @@ def remove_stale_temp_dirs(parent: str, tag: str) -> list[str]:
   return removed
 
 
+# --------------------------------------------------------------------------- what we wrote
+#
+# Each result folder keeps MANIFEST: the sha256 of every file the project wrote there. A file
+# of a name a command writes is "ours" only while its content still has a recorded digest;
+# anything else at that name (the user's file, or ours edited since) is never replaced.
+
+MANIFEST = '.fmir-written.json'
+
+
+def file_digest(path: str) -> str:
+  """sha256 of a file's bytes (hex)."""
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 22), b''):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _read_manifest(folder: str) -> dict[str, list[str]]:
+  try:
+    with open(os.path.join(folder, MANIFEST)) as f:
+      listed = json.load(f).get('files', {})
+  except (OSError, ValueError, AttributeError):
+    return {}
+  if not isinstance(listed, dict):
+    return {}
+  return {str(k): [str(d) for d in v] for k, v in listed.items() if isinstance(v, list)}
+
+
+def _write_manifest(folder: str, listed: dict[str, list[str]]) -> None:
+  with atomic_path(os.path.join(folder, MANIFEST)) as tmp, open(tmp, 'w') as f:
+    json.dump({'written_by': 'fmir-jax', 'files': dict(sorted(listed.items()))}, f, indent=1)
+
+
+def record_written(folder: str, digests: dict[str, str], keep_old: bool = False) -> None:
+  """Records ``name -> sha256`` of files the project wrote in ``folder`` (a name's earlier
+  digests are kept too with ``keep_old``: for the moment between recording and renaming)."""
+  listed = _read_manifest(folder)
+  for name, digest in digests.items():
+    listed[name] = sorted(set(listed.get(name, [])) | {digest}) if keep_old else [digest]
+  _write_manifest(folder, listed)
+
+
+def is_ours(path: str) -> bool:
+  """True when ``path`` is a plain file the project wrote and nobody has changed since."""
+  if not os.path.isfile(path) or os.path.islink(path):
+    return False
+  folder, name = os.path.split(os.path.abspath(path))
+  digests = _read_manifest(folder).get(name)
+  return bool(digests) and file_digest(path) in digests
+
+
+def check_replaceable(folder: str, names, overwrite: bool, flag: str) -> None:
+  """Refuses to write ``names`` into ``folder`` where that would replace a file the project
+  did not write (never), or an earlier result of ours without ``overwrite``."""
+  present = [n for n in names if os.path.lexists(os.path.join(folder, n))]
+  foreign = [n for n in present if not is_ours(os.path.join(folder, n))]
+  if foreign:
+    raise OutputPathError(
+        f'{flag} {folder}: {", ".join(foreign)} {"was" if len(foreign) == 1 else "were"} not '
+        'written by fmir-jax (or changed since) and is never replaced; move '
+        f'{"it" if len(foreign) == 1 else "them"} away or choose another {flag}.')
+  if present and not overwrite:
+    raise OutputPathError(f'{flag} {folder}: holds an earlier result ({", ".join(present)}); '
+                          'pass --overwrite to replace those files (other files in it are '
+                          f'kept) or choose a new {flag}.')
+
+
+@contextlib.contextmanager
+def disk_errors(folder: str, flag: str) -> Iterator[None]:
+  """Turns a full disk, a quota or a read-only folder met while writing into one line."""
+  try:
+    yield
+  except OSError as e:
+    if e.errno not in _DISK_ERRNOS:
+      raise
+    raise OutputPathError(f'{flag} {folder}: {os.strerror(e.errno).lower()} while writing '
+                          f'{e.filename or "the results"}; nothing there was replaced. Free '
+                          f'space or choose another {flag}.') from None
+
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def check_result_file(path: str, overwrite: bool, flag: str) -> None:
+  """Refuses, before any work, a result file path that cannot be written or would replace a
+  file under the rule of ``check_replaceable``."""
+  folder, name = os.path.split(os.path.abspath(path))
+  if os.path.isdir(os.path.join(folder, name)):
+    raise OutputPathError(f'{flag} {path}: is a folder; pass a file path.')
+  check_writable_dir(folder, flag)
+  if os.path.isdir(folder):
+    check_replaceable(folder, [name], overwrite, flag)
+
+
+def write_result_file(path: str, data: bytes | str, overwrite: bool, flag: str) -> None:
+  """Writes one result file atomically under the rules of ``check_replaceable`` and records
+  it as ours."""
+  path = os.path.abspath(path)
+  folder, name = os.path.split(path)
+  check_result_file(path, overwrite, flag)
+  blob = data.encode() if isinstance(data, str) else data
+  with disk_errors(folder, flag):
+    with atomic_path(path) as tmp:
+      with open(tmp, 'wb') as f:
+        f.write(blob)
+      record_written(folder, {name: hashlib.sha256(blob).hexdigest()}, keep_old=True)
+    record_written(folder, {name: hashlib.sha256(blob).hexdigest()})
+
+
 # --------------------------------------------------------------------------- result folders
 
 
 def check_result_dir(out: str, names, overwrite: bool, flag: str) -> None:
   """Refuses, before any work, a result folder that cannot be written, or that holds files
-  of the names a command writes (an earlier result) unless ``overwrite``. Other files in it
-  are allowed: they are never touched."""
+  of the names a command writes: the user's (always) or an earlier result of ours (unless
+  ``overwrite``). Other files in it are allowed: they are never touched."""
   check_writable_dir(out, flag)
-  if not os.path.isdir(out) or overwrite:
-    return
-  taken = [n for n in names if os.path.lexists(os.path.join(out, n))]
-  if taken:
-    raise OutputPathError(f'{flag} {out}: holds an earlier result ({", ".join(taken)}); pass '
-                          '--overwrite to replace those files (other files in it are kept) '
-                          f'or choose a new {flag}.')
+  if os.path.isdir(out):
+    check_replaceable(out, names, overwrite, flag)
 
 
-def publish_result(tmp_dir: str, out: str, last: str, earlier: set[str],
-                   overwrite: bool) -> None:
-  """Moves the finished files of ``tmp_dir`` into the result folder ``out``.
+def publish_result(tmp_dir: str, out: str, last: str, earlier, overwrite: bool,
+                   flag: str = '--out') -> None:
+  """Moves the finished files of ``tmp_dir`` into the result folder ``out`` and records them
+  as ours (``MANIFEST``).
 
   A new ``out`` is ``tmp_dir`` renamed (all or nothing). Into an existing one the files are
-  moved one by one, ``last`` (the report) last; ``earlier`` names of an earlier result that
-  this one does not write again are removed; nothing else in ``out`` is touched.
+  moved one by one, ``last`` (the report) last, after the same check as before the work
+  (a file may have appeared meanwhile); names in ``earlier`` (what this kind of result
+  writes) that this one does not write again are removed when they are ours; nothing else in
+  ``out`` is touched.
   """
+  names = sorted((n for n in os.listdir(tmp_dir) if n != MANIFEST), key=lambda n: n == last)
+  digests = {n: file_digest(os.path.join(tmp_dir, n)) for n in names}
   if not os.path.exists(out):
+    _write_manifest(tmp_dir, {n: [d] for n, d in digests.items()})
     os.replace(tmp_dir, out)
     return
-  names = sorted(os.listdir(tmp_dir), key=lambda n: n == last)
-  taken = [n for n in names if os.path.lexists(os.path.join(out, n))]
-  if taken and not overwrite:       # appeared since the check at the start
-    raise OutputPathError(f'{out}: {", ".join(taken)} appeared while this ran; nothing was '
-                          'replaced. Pass --overwrite or choose a new folder.')
+  check_replaceable(out, names, overwrite, flag)
+  record_written(out, digests, keep_old=True)
   for name in names:
     os.replace(os.path.join(tmp_dir, name), os.path.join(out, name))
-  for name in earlier - set(names):
-    path = os.path.join(out, name)
-    if os.path.isfile(path) and not os.path.islink(path):
-      os.remove(path)
-  os.rmdir(tmp_dir)
-
+  stale = [n for n in set(earlier) - set(names) if is_ours(os.path.join(out, n))]
+  for name in stale:
+    os.remove(os.path.join(out, name))
+  listed = _read_manifest(out)
+  listed.update({n: [d] for n, d in digests.items()})
+  for name in stale:
+    listed.pop(name, None)
+  _write_manifest(out, listed)
+  shutil.rmtree(tmp_dir, ignore_errors=True)

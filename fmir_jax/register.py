@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import json
 import os
 import shutil
 import time
@@ -111,9 +110,15 @@ class LoadedPair:
 # --------------------------------------------------------------------------- load
 
 def load_pair(paths: PairFiles) -> LoadedPair:
-  """Reads and validates the images and (optional) label maps."""
+  """Reads and validates the images and (optional) label maps.
+
+  Both images must be placed in world space (a qform or an sform: registration resamples
+  through world coordinates). Header warnings (pixdim vs affine) are not issued here but
+  kept in the headers: ``register_grid.check_inputs`` logs and reports them.
+  """
   def image(path):
-    data, _, hdr = io.load_nifti(path, what='image')
+    data, _, hdr = io.load_nifti(path, what='image', warn=False)
+    io.require_world_placement(hdr, 'image')
     if min(hdr.shape) < 2:
       raise RegisterError(f'{path}: image has shape {hdr.shape}: a single slice is a 2D '
                           'image; registration needs a 3D volume with at least 2 voxels per '
@@ -123,7 +128,8 @@ def load_pair(paths: PairFiles) -> LoadedPair:
   def labels(path, hdr):
     if path is None:
       return None
-    lab, lab_affine, lab_hdr = io.load_nifti(path, what='label')
+    # A label map's voxel size is its image's (check_same_grid): its pixdim is not used.
+    lab, lab_affine, lab_hdr = io.load_nifti(path, what='label', warn=False)
     io.check_same_grid(hdr.path, hdr.affine, hdr.shape, lab_hdr.path, lab_affine,
                        lab_hdr.shape)
     return lab
@@ -143,18 +149,6 @@ def check_out_dir(out: str, overwrite: bool) -> None:
   files.check_result_dir(out, OUT_FILES.values(), overwrite, '--out')
 
 
-def _earlier_outputs(out: str) -> set[str]:
-  """Names of the files an earlier register run wrote in OUT, as its report.json lists them."""
-  try:
-    with open(os.path.join(out, OUT_FILES['report'])) as f:
-      listed = json.load(f).get('files', {})
-  except (OSError, ValueError, AttributeError):
-    return set()
-  names = {os.path.basename(str(p)) for p in listed.values()} if isinstance(listed, dict) \
-      else set()
-  return names & set(OUT_FILES.values())
-
-
 def write_outputs(out: str, report: dict[str, Any], arrays: dict[str, np.ndarray],
                   affine: np.ndarray, l2r: tuple[list[str], np.ndarray | None],
                   overwrite: bool) -> None:
@@ -162,6 +156,11 @@ def write_outputs(out: str, report: dict[str, Any], arrays: dict[str, np.ndarray
   fields; ``report['files']`` lists them, and ``report['times_s']['write_s']`` gains the
   seconds spent writing the images."""
   t0 = time.perf_counter()
+  with files.disk_errors(out, '--out'):
+    _write_outputs(out, report, arrays, affine, l2r, overwrite, t0)
+
+
+def _write_outputs(out, report, arrays, affine, l2r, overwrite, t0) -> None:
   tmp = files.make_temp_dir(os.path.dirname(out), os.path.basename(out))
   try:
     # The images are compressed in parallel (zlib releases the GIL).
@@ -180,12 +179,41 @@ def write_outputs(out: str, report: dict[str, Any], arrays: dict[str, np.ndarray
     times = report['times_s']
     times['write_s'] = times.get('write_s', 0.0) + time.perf_counter() - t0
     report_lib.write_summary_json(os.path.join(tmp, OUT_FILES['report']), report)
-    for path in l2r[0]:
-      io.save_nifti(path, l2r[1], affine)
-    files.publish_result(tmp, out, OUT_FILES['report'], _earlier_outputs(out), overwrite)
+    if l2r[0]:
+      write_l2r(l2r[0], l2r[1], affine, overwrite)
+    files.publish_result(tmp, out, OUT_FILES['report'], OUT_FILES.values(), overwrite)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def check_l2r(paths: list[str], overwrite: bool) -> None:
+  """The Learn2Reg export folder under the rule of ``files.check_replaceable``."""
+  folder = os.path.dirname(paths[0])
+  files.check_writable_dir(folder, '--l2r-export')
+  if os.path.isdir(folder):
+    files.check_replaceable(folder, [os.path.basename(p) for p in paths], overwrite,
+                            '--l2r-export')
+
+
+def write_l2r(paths: list[str], field: np.ndarray, affine: np.ndarray,
+              overwrite: bool) -> None:
+  """Writes the Learn2Reg fields (checked again: a file may have appeared meanwhile)."""
+  check_l2r(paths, overwrite)
+  folder = os.path.dirname(paths[0])
+  files.remove_stale_temp_dirs(folder, 'l2r')
+  tmp = files.make_temp_dir(folder, 'l2r')
+  try:
+    for path in paths:
+      io.save_nifti(os.path.join(tmp, os.path.basename(path)), field, affine)
+    digests = {os.path.basename(p): files.file_digest(os.path.join(tmp, os.path.basename(p)))
+               for p in paths}
+    files.record_written(folder, digests, keep_old=True)
+    for path in paths:
+      os.replace(os.path.join(tmp, os.path.basename(path)), path)
+    files.record_written(folder, digests)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -304,6 +332,7 @@ class Registrar:
       l2r_names = [os.path.join(os.path.abspath(opts.l2r_dir), n) for n in io.l2r_names(
           io.l2r_case(paths.fixed, opts.l2r_fixed_id, '--l2r-fixed-id'),
           io.l2r_case(paths.moving, opts.l2r_moving_id, '--l2r-moving-id'))]
+      check_l2r(l2r_names, opts.overwrite)
     for stale in files.remove_stale_temp_dirs(os.path.dirname(out), os.path.basename(out)):
       self.log(f'removed {stale} (left by a killed earlier run)')
     times: dict[str, float] = {}
@@ -313,6 +342,8 @@ class Registrar:
     factors = self.factors_for(opts.spacing_mm or pair.fixed_header.spacing_mm)
     grid = plan_grid(pair.fixed_header, self.reader, self.reader_options, opts, factors,
                      self.levels, self.train_spacings_mm)
+    grid = register_grid.check_inputs(grid, pair.fixed_header, pair.moving_header, factors,
+                                      self.levels, self.backbone)
     images = {name: self.reader.preprocess(img, hdr, grid.shape, grid.affine,
                                            **self.reader_options)[0]
               for name, img, hdr in (('fixed', pair.fixed, pair.fixed_header),

@@ -4,13 +4,17 @@ import os
 
 
 def snapshot(root) -> dict:
-  """{relative path: bytes (files) or None (folders)} of everything under root."""
+  """{relative path: bytes (files), None (folders) or ('link', target)} of everything under
+  root."""
   out = {}
   for d, dirs, names in os.walk(root):
     for n in dirs:
       out[os.path.relpath(os.path.join(d, n), root)] = None
     for n in names:
       path = os.path.join(d, n)
+      if os.path.islink(path):
+        out[os.path.relpath(path, root)] = ('link', os.readlink(path))
+        continue
       with open(path, 'rb') as f:
         out[os.path.relpath(path, root)] = f.read()
   return out

@@ -18,6 +18,9 @@ from bench import torch_fmir
 from fmir_jax import model as model_lib
 from fmir_jax import train_lib
 
+# End to end: runs the benchmarks at smoke size (the unit run leaves it out: -m "not slow").
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASE = common.Case('t', (12, 10, 6), (3, 3), (0.0, 0.0), (2.0, 2.0), (2, 2, 1), channels=6,
                    c_prime=5, n=3, levels=3, steps=3, patch_size=8)

@@ -9,6 +9,9 @@ import pytest
 
 from tests import synth
 
+# End to end: trains and evaluates through train.py / eval.py processes (the unit run leaves it out: -m "not slow").
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--config.feature_channels=4', '--config.model.n=4', '--config.model.levels=2',
         '--config.model.integration_steps=2', '--config.loss.ncc_windows=(5,3)',

@@ -5,6 +5,7 @@ import os
 import re
 
 import numpy as np
+import pytest
 
 from fmir_jax import demo
 from tests.files_snapshot import snapshot
@@ -22,6 +23,7 @@ def test_readme_states_the_two_commands_and_ci_runs_the_test_command():
   assert 'exec .venv/bin/python -m fmir_jax.demo' in open(os.path.join(ROOT, 'demo.sh')).read()
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_reduced(tmp_path):
   out = str(tmp_path / 'demo')
   res = demo.run(out, patients=6, test_patients=1, steps=3, input_size=32, eval_pairs=2,
@@ -68,12 +70,13 @@ def test_rerun_removes_only_what_the_earlier_demo_wrote(tmp_path):
   out = tmp_path / 'demo'
   demo.prepare_out(str(out))                    # a new folder: created and marked
   for name in demo.ENTRIES:                     # what a demo run writes
-    (out / name).mkdir()
-    (out / name / 'x.bin').write_bytes(b'demo')
+    with demo._stage_writes(str(out), name):
+      (out / name).mkdir()
+      (out / name / 'x.bin').write_bytes(b'demo')
   (out / 'notes.txt').write_text('added by the user afterwards')
   (out / 'mine').mkdir()
   (out / 'mine' / 'data.csv').write_text('1,2')
   demo.prepare_out(str(out))
   assert snapshot(out) == {demo.MARKER: (out / demo.MARKER).read_bytes(),
-                        'notes.txt': b'added by the user afterwards', 'mine': None,
-                        os.path.join('mine', 'data.csv'): b'1,2'}
+                           'notes.txt': b'added by the user afterwards', 'mine': None,
+                           os.path.join('mine', 'data.csv'): b'1,2'}

@@ -351,6 +351,7 @@ def test_out_under_read_only_folder_exits_2(toy, tmp_path, capsys):
   assert f'{tmp_path / "ro" / "feat"}: cannot create the feature store folder' in line, line
 
 
+@pytest.mark.slow
 def test_two_launched_workers_make_the_store_without_a_merge_step(tmp_path):
   """torchrun-style workers (RANK/WORLD_SIZE in the environment, no --num-shards) running at
   the same time: each extracts its share, the last to finish writes index.json; the store

@@ -38,6 +38,7 @@ def test_upsample_matches_torch_bilinear(shape, patch):
   np.testing.assert_allclose(got[0], want, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('dims', [(2, 5, 4, 3, 6, 13, 11), (1, 1, 3, 5, 4, 9, 16)])
 def test_exact_path_equals_reference(dims):
   b, d, h, w, c, H, W = dims

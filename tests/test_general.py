@@ -134,6 +134,7 @@ def general_run(tmp_path_factory):
   return out, workdir, result
 
 
+@pytest.mark.slow
 def test_short_general_training_lowers_the_loss_and_validates_out_of_domain(general_run):
   out, workdir, result = general_run
   losses = [result.losses[s] for s in sorted(result.losses)]
@@ -146,6 +147,7 @@ def test_short_general_training_lowers_the_loss_and_validates_out_of_domain(gene
   assert all(0 < v['initial_dice'] < 1 for v in val)
 
 
+@pytest.mark.slow
 def test_ship_then_register_without_checkpoint(general_run, tmp_path, monkeypatch, capsys):
   out, workdir, _ = general_run
   dest = tmp_path / 'shipped'
@@ -183,6 +185,7 @@ def test_ship_then_register_without_checkpoint(general_run, tmp_path, monkeypatc
   assert rc == 2 and 'python -m fmir_jax.general' in err and not (tmp_path / 'r2').exists()
 
 
+@pytest.mark.slow
 def test_the_shipped_general_head_registers_with_no_checkpoint(general_run, tmp_path, capsys):
   """What `pip install` gives: `fmir register --fixed F --moving M --out O`, nothing else."""
   card = json.load(open(os.path.join(general.SHIPPED, general.CARD)))

@@ -15,6 +15,9 @@ import sys
 import numpy as np
 import pytest
 
+# End to end: trains and evaluates through the bench (the unit run leaves it out: -m "not slow").
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, 'bench', 'learning.py')
 

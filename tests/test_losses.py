@@ -103,6 +103,7 @@ def test_gaussian_blur_matches_scipy_reflect(in_plane_only):
   np.testing.assert_allclose(out, ref, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_image_and_label_pyramids_match_scipy_torch():
   img = _rand((1, 12, 10, 6, 1), 7)
   shapes = W.pyramid_shapes((12, 10, 6), (2, 2, 1), 3)
@@ -135,6 +136,7 @@ def _tiny_problem(seed, dtype=np.float32, levels=3):
   return shapes, fixed, moving, ml, fl, v
 
 
+@pytest.mark.slow
 def test_multilevel_loss_terms_and_identity_case():
   shapes, fixed, moving, ml, fl, v = _tiny_problem(9, levels=2)
   zeros = [jnp.zeros_like(x) for x in v]

@@ -29,6 +29,7 @@ def _inputs(image, c, patch, seed):
           geometry.model_inputs(image, feat, geo, batch=True).items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('shape,factors', [((32, 32, 8), (2, 2, 1)), ((33, 27, 15), (2, 2, 2))])
 def test_output_shapes(shape, factors):
   cfg = M.FMIRConfig(feature_channels=4, n=4, levels=5, factors=factors, integration_steps=2)
@@ -45,6 +46,7 @@ def test_output_shapes(shape, factors):
   assert expected[-1] == ((2, 2, 8) if factors == (2, 2, 1) else (3, 2, 1))
 
 
+@pytest.mark.slow
 def test_optimisation_on_a_known_deformation_raises_dice():
   shape = (32, 32, 6)
   yy, xx = np.meshgrid(np.arange(32), np.arange(32), indexing='ij')
@@ -105,6 +107,7 @@ def _random_pair(rng, shape):
   return vol(), vol()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('shape,rows', [((13, 11, 6), 4), ((9, 8, 4), 2), ((16, 12, 5), 1)])
 def test_slab_wise_inference_equals_whole_volume(shape, rows):
   """Slab mode (compressor + level-0 head over row slabs with a 3-row halo, each slab
@@ -128,6 +131,7 @@ def test_auto_slab_rows():
   assert (rows + 2 * S.SLAB_HALO) * 160 * 256 * 64 * 4 <= S.SLAB_BUDGET_BYTES
 
 
+@pytest.mark.slow
 def test_small_flow_init_starts_near_identity_whatever_the_input_scale():
   # VoxelMorph's N(0, 1e-5) field layer: the untrained head predicts a near-zero field even
   # for inputs 10x larger than the image; PyTorch's default init does not (voxels).
@@ -150,6 +154,7 @@ def test_small_flow_init_starts_near_identity_whatever_the_input_scale():
     M.FMIR(M.FMIRConfig(feature_channels=4, n=4, levels=2, flow_init='zero'), rngs=nnx.Rngs(0))
 
 
+@pytest.mark.slow
 def test_head_stopping_at_level_1_upsamples_that_levels_field():
   """finest=1 (fmir register --head-finest-level 1): the coarse levels are those of the full
   pass, and the output is the level-1 field upsampled to level 0 (scipy oracle: linear

@@ -23,6 +23,9 @@ import pytest
 from fmir_jax import report
 from tests import synth
 
+# End to end: launches several processes that train (the unit run leaves it out: -m "not slow").
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
 

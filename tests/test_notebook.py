@@ -3,7 +3,11 @@ outputs."""
 import os
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
+
+# End to end: executes the notebook in a kernel (the unit run leaves it out: -m "not slow").
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, 'notebooks', 'fmir_colab.ipynb')

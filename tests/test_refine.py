@@ -68,6 +68,7 @@ def ncc_refiner():
   return refine.Refiner(NCC)
 
 
+@pytest.mark.slow
 def test_recovers_known_smooth_deformation(ncc_refiner):
   moving, fixed, u_true = pair(0)
   u, rec = ncc_refiner.refine(moving, fixed, (1.0, 1.0, 1.0))
@@ -78,6 +79,7 @@ def test_recovers_known_smooth_deformation(ncc_refiner):
   assert epe(u, u_true) < 0.4 * epe(0 * u_true, u_true)
 
 
+@pytest.mark.slow
 def test_true_field_init_is_kept(ncc_refiner):
   moving, fixed, u_true = pair(1)
   u0, rec0 = ncc_refiner.refine(moving, fixed, (1.0, 1.0, 1.0))
@@ -87,6 +89,7 @@ def test_true_field_init_is_kept(ncc_refiner):
   assert epe(u1, u_true) < 0.5 * epe(u0, u_true)
 
 
+@pytest.mark.slow
 def test_mind_recovers_inverted_contrast():
   moving, fixed, u_true = pair(2)
   inverted = 1.0 - moving                     # warp(inverted, u*) = 1 - fixed
@@ -102,6 +105,7 @@ def test_mind_recovers_inverted_contrast():
   assert epe(u, u_true) < 0.5 * epe(0 * u_true, u_true)
 
 
+@pytest.mark.slow
 def test_diffeomorphic_large_deformation_does_not_fold():
   moving, fixed, u_true = pair(3, max_vox=7.0, sigma=4.0)
   assert jacobian_det(u_true).min() < 0          # the truth itself folds: a hard case
@@ -114,6 +118,7 @@ def test_diffeomorphic_large_deformation_does_not_fold():
   assert mse(warp_np(moving, u), fixed) < mse(moving, fixed) / 3
 
 
+@pytest.mark.slow
 def test_fold_penalty_matches_numpy_jacobian_and_unfolds_a_hard_pair():
   rng = np.random.default_rng(9)
   u = rng.normal(0, 0.6, (10, 9, 8, 3))

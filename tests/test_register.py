@@ -18,6 +18,7 @@ from scipy import ndimage
 
 from feature_extract.datasets import phantoms
 from fmir_jax import cli
+from fmir_jax import files
 from fmir_jax import grids
 from fmir_jax import io
 from fmir_jax import refine
@@ -188,6 +189,7 @@ def test_warp_to_fixed_follows_the_half_voxel_edge_rule():
 # --------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_cli_native_grid_outputs_match_independent_resampler_and_l2r(run_dir, pair, tmp_path,
                                                                       capsys):
   out, l2r = tmp_path / 'out', tmp_path / 'l2r'
@@ -241,6 +243,7 @@ def test_cli_native_grid_outputs_match_independent_resampler_and_l2r(run_dir, pa
   assert np.mean(l2r_lab == warped_lab) > 0.995
 
 
+@pytest.mark.slow
 def test_instance_optimisation_recovers_a_known_translation(run_dir, pair, tmp_path):
   out = tmp_path / 'out'
   rep = register.register(
@@ -271,6 +274,7 @@ def _write(path, data, affine=np.diag([1.5, 1.5, 8.0, 1.0])):
                                   'bad_spacing', 'out_is_file', 'out_under_file',
                                   'native_too_coarse', 'l2r_under_file', 'io_budget',
                                   'finest_level'])
+@pytest.mark.slow
 def test_bad_input_exits_2_and_writes_nothing(run_dir, pair, tmp_path, capsys, case):
   img = np.random.default_rng(0).random((12, 12, 4)).astype(np.float32)
   good = _write(tmp_path / 'good.nii.gz', img)
@@ -302,8 +306,8 @@ def test_bad_input_exits_2_and_writes_nothing(run_dir, pair, tmp_path, capsys, c
   elif case == 'out_not_empty':         # an earlier result: refused without --overwrite
     (tmp_path / 'out').mkdir()
     (tmp_path / 'out' / 'keep.txt').write_text('x')
-    (tmp_path / 'out' / 'report.json').write_text('{"files": {}}')
-    expect = '--overwrite'
+    (tmp_path / 'out' / 'report.json').write_text('{"files": {}}')   # the user's own file
+    expect = 'report.json was not written by fmir-jax'
   elif case == 'bad_spacing':
     extra, expect = ['--grid', 'native', '--spacing', '2,0,3'], '--spacing'
   elif case == 'out_is_file':
@@ -333,6 +337,7 @@ def test_bad_input_exits_2_and_writes_nothing(run_dir, pair, tmp_path, capsys, c
   assert snapshot(tmp_path) == before   # nothing written, changed or left behind
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_only_register_files_with_the_users_umask(run_dir, pair, tmp_path):
   """--overwrite into a folder with the user's files: they stay byte for byte; the earlier
   result is replaced (its warped labels, not written again, removed); modes follow the
@@ -364,7 +369,8 @@ def test_overwrite_replaces_only_register_files_with_the_users_umask(run_dir, pa
     os.umask(old_mask)
   after = snapshot(out)
   assert {k: after.get(k, 'gone') for k in user} == user
-  assert set(after) == set(user) | {'warped_moving.nii.gz', 'disp_mm.nii.gz', 'report.json'}
+  assert set(after) == set(user) | {'warped_moving.nii.gz', 'disp_mm.nii.gz', 'report.json',
+                                    files.MANIFEST}
   assert after['report.json'] != old_report
   for name in ('warped_moving.nii.gz', 'disp_mm.nii.gz', 'report.json'):
     assert os.stat(out / name).st_mode & 0o777 == 0o640, name
@@ -380,6 +386,7 @@ def test_overwrite_replaces_only_register_files_with_the_users_umask(run_dir, pa
   assert os.stat(tmp_path / 'new' / 'warped_moving.nii.gz').st_mode & 0o777 == 0o644
 
 
+@pytest.mark.slow
 def test_other_backbone_without_pca_basis_is_refused(run_dir, pair, tmp_path, capsys):
   import transformers
   cfg = transformers.Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -400,6 +407,7 @@ def test_other_backbone_without_pca_basis_is_refused(run_dir, pair, tmp_path, ca
   assert not (tmp_path / 'out').exists()
 
 
+@pytest.mark.slow
 def test_batch_mode_equals_single_calls_and_goes_on_after_a_failed_pair(run_dir, pair, tmp_path,
                                                                          capsys):
   """--pairs: one process, one compile per grid shape, per-pair folders equal to single

@@ -16,6 +16,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+# End to end: runs the register benchmark at smoke size (the unit run leaves it out: -m "not slow").
+pytestmark = pytest.mark.slow
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, 'bench', 'register_bench.py')

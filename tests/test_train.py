@@ -64,6 +64,7 @@ def _params(workdir, step, cfg):
   return jax.tree.map(np.asarray, ckpt.restore(last, state, step).params)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted(store_dir, full_run, tmp_path, caplog):
   """Killed after 4 steps while saving step 4: that checkpoint is corrupt. The resume warns,
   sets it aside, redoes steps 3-6 from step 2 and saves step 4 again, as the full run did."""
@@ -99,6 +100,7 @@ def _walk(root):
   return sorted((os.path.relpath(d, root), sorted(ds), sorted(fs)) for d, ds, fs in os.walk(root))
 
 
+@pytest.mark.slow
 def test_evaluation_reads_a_run_without_writing_to_it(store_dir, full_run, tmp_path):
   """eval.py / fmir register on a run without best/ (never validated): nothing appears."""
   run = str(tmp_path / 'run')
@@ -115,6 +117,7 @@ def test_evaluation_reads_a_run_without_writing_to_it(store_dir, full_run, tmp_p
   assert _walk(run) == before
 
 
+@pytest.mark.slow
 def test_a_damaged_pca_file_is_refitted_by_the_command_its_error_gives(store_dir, full_run,
                                                                         tmp_path):
   run = str(tmp_path / 'run')
@@ -140,6 +143,7 @@ def _tb_scalars(path):
           for tag, d in report.tensorboard_scalars(path).items()}
 
 
+@pytest.mark.slow
 def test_a_killed_run_keeps_its_tensorboard_scalars(store_dir, full_run, tmp_path):
   """SIGKILL at the start of step 5 (as a preemption would): the event file holds the logged
   losses of the steps before (the newest log step may still be in tensorboardX's queue)."""
@@ -171,6 +175,7 @@ def test_a_killed_run_keeps_its_tensorboard_scalars(store_dir, full_run, tmp_pat
     np.testing.assert_allclose(losses[step], full_run.losses[step], rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mode', ['WS'])   # UN: the resume test; -CR: tests/test_demo.py
 def test_modes_train_and_lower_the_loss(store_dir, tmp_path, mode):
   cfg = tiny_config(store_dir, num_steps=12, eval_every=12, checkpoint_every=12)
@@ -203,6 +208,7 @@ def test_non_finite_stops_with_last_good_state(store_dir, tmp_path, monkeypatch)
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(restored.params))
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device(store_dir):
   script = textwrap.dedent(f"""
       import os
@@ -236,6 +242,7 @@ def test_sharded_step_equals_single_device(store_dir):
   assert 'SHARDED_OK' in r.stdout, r.stdout + r.stderr
 
 
+@pytest.mark.slow
 def test_hybrid_stores_with_their_own_factors_and_labels(store_dir, tmp_path):
   """Hybrid training (configs/hybrid.py): a cardiac-like store with (2,2,1) and an
   abdomen-like store of another grid with (2,2,2), one compiled step per store."""

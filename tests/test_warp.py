@@ -224,6 +224,7 @@ def test_chunked_resize_matches_torch(in_shape, out_shape, monkeypatch):
   np.testing.assert_allclose(out, np.moveaxis(ref.numpy(), 1, -1), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_warp_rows_and_chunked_gather_match_scipy(monkeypatch):
   vol = _rand((2,) + SHAPE + (2,), 14)
   disp = _rand((2,) + SHAPE + (3,), 15, scale=2.0)
@@ -239,6 +240,7 @@ def test_warp_rows_and_chunked_gather_match_scipy(monkeypatch):
     W.warp_rows(jnp.asarray(vol), jnp.asarray(disp[:1, 2:5]), 2)
 
 
+@pytest.mark.slow
 def test_chunked_gather_gradients_equal_one_gather(monkeypatch):
   vol = jnp.asarray(_rand((1,) + SHAPE + (2,), 16))
   disp = jnp.asarray(_rand((1,) + SHAPE + (3,), 17, scale=1.5))

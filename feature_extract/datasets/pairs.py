@@ -76,14 +76,20 @@ def read_pair_table(path: str) -> list[dict[str, Any]]:
                          f"{_COLUMNS[:2]} (optional {_COLUMNS[2:]}).")
     rows = [dict(r, where=f"{path} entry {i}") for i, r in enumerate(data)]
   else:
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:     # a byte-order mark is fine
       reader = csv.DictReader(f)
       header = [h.strip() for h in (reader.fieldnames or [])]
       if "moving" not in header or "fixed" not in header:
         raise DatasetError(f"{path}: CSV header {header} must contain 'moving' and 'fixed' "
                            f"(optional {_COLUMNS[2:]}).")
-      rows = [dict({k.strip(): (v or "").strip() for k, v in r.items() if k},
-                   where=f"{path} line {i + 2}") for i, r in enumerate(reader)]
+      rows = []
+      for r in reader:                  # line_num: the file's line, blank lines counted
+        where = f"{path} line {reader.line_num}"
+        if r.get(None):
+          raise DatasetError(f"{where}: {len(header) + len(r[None])} fields, the header has "
+                             f"{len(header)}; quote paths that contain commas.")
+        rows.append(dict({k.strip(): (v or "").strip() for k, v in r.items() if k},
+                         where=where))
   if not rows:
     raise DatasetError(f"{path}: the pair list is empty.")
   for r in rows:
