@@ -189,8 +189,9 @@ def test_shard_sha256_is_computed_once_per_process(tmp_path, monkeypatch):
   monkeypatch.delenv('FMIR_SKIP_SHARD_VERIFY', raising=False)
   _write(tmp_path).close()
   hashed = []
-  real_sha256 = store._sha256
-  monkeypatch.setattr(store, '_sha256', lambda path: hashed.append(path) or real_sha256(path))
+  real_sha256 = store.files.file_digest
+  monkeypatch.setattr(store.files, 'file_digest',
+                      lambda path: hashed.append(path) or real_sha256(path))
   for _ in range(2):                                               # two readers, one process
     fs = store.FeatureStore(str(tmp_path))
     for key in KEYS:
