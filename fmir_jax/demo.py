@@ -89,7 +89,8 @@ def _remove_written(out: str, state: dict) -> None:
   now = _listing(out)
   doomed = {p for p, stat in state['files'].items() if now.get(p) == stat}
   for entry, before in state['pending'].items():       # a stage that was killed
-    doomed |= {p for p in now if p.startswith(entry + os.sep) and p not in set(before)}
+    before = set(before)
+    doomed |= {p for p in now if p.startswith(entry + os.sep) and p not in before}
   for rel in sorted(doomed):
     if rel.split(os.sep)[0] in ENTRIES:
       os.remove(os.path.join(out, rel))

@@ -222,18 +222,19 @@ def check_result_file(path: str, overwrite: bool, flag: str) -> None:
 
 
 def write_result_file(path: str, data: bytes | str, overwrite: bool, flag: str) -> None:
-  """Writes one result file atomically under the rules of ``check_replaceable`` and records
-  it as ours."""
+  """Writes one result file under the rules of ``check_replaceable`` (``publish_result``)."""
   path = os.path.abspath(path)
   folder, name = os.path.split(path)
   check_result_file(path, overwrite, flag)
-  blob = data.encode() if isinstance(data, str) else data
   with disk_errors(folder, flag):
-    with atomic_path(path) as tmp:
-      with open(tmp, 'wb') as f:
-        f.write(blob)
-      record_written(folder, {name: hashlib.sha256(blob).hexdigest()}, keep_old=True)
-    record_written(folder, {name: hashlib.sha256(blob).hexdigest()})
+    remove_stale_temp_dirs(folder, name)
+    tmp = make_temp_dir(folder, name)
+    try:
+      with open(os.path.join(tmp, name), 'wb') as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+      publish_result(tmp, folder, name, (), overwrite, flag)
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- result folders

@@ -189,29 +189,20 @@ def _write_outputs(out, report, arrays, affine, l2r, overwrite, t0) -> None:
 
 def check_l2r(paths: list[str], overwrite: bool) -> None:
   """The Learn2Reg export folder under the rule of ``files.check_replaceable``."""
-  folder = os.path.dirname(paths[0])
-  files.check_writable_dir(folder, '--l2r-export')
-  if os.path.isdir(folder):
-    files.check_replaceable(folder, [os.path.basename(p) for p in paths], overwrite,
-                            '--l2r-export')
+  files.check_result_dir(os.path.dirname(paths[0]), [os.path.basename(p) for p in paths],
+                         overwrite, '--l2r-export')
 
 
 def write_l2r(paths: list[str], field: np.ndarray, affine: np.ndarray,
               overwrite: bool) -> None:
-  """Writes the Learn2Reg fields (checked again: a file may have appeared meanwhile)."""
-  check_l2r(paths, overwrite)
+  """Writes the Learn2Reg fields through a temporary folder (``files.publish_result``)."""
   folder = os.path.dirname(paths[0])
   files.remove_stale_temp_dirs(folder, 'l2r')
   tmp = files.make_temp_dir(folder, 'l2r')
   try:
     for path in paths:
       io.save_nifti(os.path.join(tmp, os.path.basename(path)), field, affine)
-    digests = {os.path.basename(p): files.file_digest(os.path.join(tmp, os.path.basename(p)))
-               for p in paths}
-    files.record_written(folder, digests, keep_old=True)
-    for path in paths:
-      os.replace(os.path.join(tmp, os.path.basename(path)), path)
-    files.record_written(folder, digests)
+    files.publish_result(tmp, folder, '', (), overwrite, '--l2r-export')
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
 

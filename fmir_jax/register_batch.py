@@ -135,6 +135,7 @@ def write_summary(out: str, summary: dict) -> None:
   """OUT/summary.csv and summary.json, replaced together (only ever ours)."""
   from fmir_jax import report as report_lib
   with files.disk_errors(out, '--out'):
+    files.remove_stale_temp_dirs(out, 'summary')
     tmp = files.make_temp_dir(out, 'summary')
     try:
       report_lib.write_pair_csv(os.path.join(tmp, SUMMARY_FILES[0]), summary['rows'])
