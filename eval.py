@@ -22,13 +22,13 @@ from absl import flags
 from absl import logging
 from tqdm import tqdm
 
-from fmir_jax import distributed
+from fmir_jax.train import distributed
 from fmir_jax import entry
-from fmir_jax import errors
-from fmir_jax import evaluation
-from fmir_jax import files
-from fmir_jax import report
-from fmir_jax import store as store_lib
+from fmir_jax.core import errors
+from fmir_jax.evaluate import evaluation
+from fmir_jax.core import files
+from fmir_jax.evaluate import report
+from fmir_jax.core import store as store_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('workdir', None, 'Training run directory (or several, comma-separated).')

@@ -24,11 +24,11 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from fmir_jax import distributed
+from fmir_jax.train import distributed
 from fmir_jax import entry
-from fmir_jax import errors
-from fmir_jax import train_lib
-from fmir_jax import trainer
+from fmir_jax.core import errors
+from fmir_jax.train import step as step_lib
+from fmir_jax.train import loop
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training config file (configs/*.py).',
@@ -46,9 +46,9 @@ def main(argv):
   # Errors the user can fix (bad config, store, run directory, checkpoint, non-finite loss):
   # one line on stderr and exit status 2. Anything else is a bug and keeps its traceback.
   try:
-    train_lib.check_config(FLAGS.config)       # before any start-up, file or compilation
+    step_lib.check_config(FLAGS.config)       # before any start-up, file or compilation
     distributed.initialize_from_flags(FLAGS)
-    result = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir,
+    result = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir,
                                         stop_after_steps=FLAGS.stop_after_steps)
   except errors.UserError as e:
     print(f'error: {" ".join(str(e).split())}', file=sys.stderr)

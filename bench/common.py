@@ -1,7 +1,7 @@
 """Shared benchmark setup: problem sizes, synthetic batches, timing and memory helpers.
 
 Numpy only at import (no jax, no torch), so both the JAX and the PyTorch sides can use it.
-Batches follow ``fmir_jax.data``: ``{'moving': {...}, 'fixed': {...}}`` with
+Batches follow ``fmir_jax.train.data``: ``{'moving': {...}, 'fixed': {...}}`` with
 image (B, H, W, D) float32 in [0, 1], feat (B, D, h, w, c) float16 patch grid,
 interp_h (B, H, h), interp_w (B, W, w), labels (B, H, W, D) uint8, has_labels (B,) bool.
 """
@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
-from fmir_jax import geometry
+from fmir_jax.core import patches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +24,7 @@ class Case:
   """One problem size.
 
   shape: volume (H, W, D) in voxels; patch: patch grid (h, w); pad_px, resize: in-plane
-  geometry of the K x K encoder input (``geometry.patch_geometry``); factors: pyramid factors.
+  geometry of the K x K encoder input (``patches.patch_geometry``); factors: pyramid factors.
   """
   name: str
   shape: tuple[int, int, int]
@@ -56,8 +56,8 @@ CASES = {c.name: c for c in (ACDC, ABDOMEN_HALF, ABDOMEN_FULL, SMOKE)}
 
 
 def geometry_of(case: Case) -> dict[str, list[float]]:
-  """The case's patch geometry ({"offset", "scale"}, ``geometry.patch_geometry``)."""
-  return geometry.patch_geometry(case.pad_px, case.resize, case.patch_size)
+  """The case's patch geometry ({"offset", "scale"}, ``patches.patch_geometry``)."""
+  return patches.patch_geometry(case.pad_px, case.resize, case.patch_size)
 
 
 def volume(case: Case, rng: np.random.Generator, *, channels: int | None = None) -> dict:
@@ -71,7 +71,7 @@ def volume(case: Case, rng: np.random.Generator, *, channels: int | None = None)
   img = ndimage.gaussian_filter(rng.random((h, w, d), dtype=np.float32), (2.0, 2.0, 1.0))
   img = (img - img.min()) / max(float(np.ptp(img)), 1e-6)
   feat = rng.standard_normal((d, case.patch[0], case.patch[1], c), dtype=np.float32)
-  return {**geometry.model_inputs(img, feat.astype(np.float16), geometry_of(case)),
+  return {**patches.model_inputs(img, feat.astype(np.float16), geometry_of(case)),
           'labels': np.zeros((h, w, d), np.uint8), 'has_labels': np.asarray(False)}
 
 

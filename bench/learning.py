@@ -35,8 +35,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from feature_extract.datasets import phantoms  # noqa: E402
-from fmir_jax import files  # noqa: E402
+from feature_extract.synthetic import phantoms  # noqa: E402
+from fmir_jax.core import files  # noqa: E402
 
 MODES = ('UN', 'WS', '-CR')
 
@@ -190,13 +190,13 @@ def config_for(ds: DataSet, store: str, mode: str, norm: str, budget: Budget, se
 
 def train_runs(out: str, stores: dict, plan, budget: Budget, seed: int) -> list[str]:
   """Trains every Run of ``plan``; finished runs are skipped."""
-  from fmir_jax import trainer
+  from fmir_jax.train import loop
   workdirs = []
   for i, run in enumerate(plan):
     wd = os.path.join(out, 'runs', run.name)
     workdirs.append(wd)
     steps = budget.steps_for(run.dataset)
-    if steps in trainer.read_val_log(wd):
+    if steps in loop.read_val_log(wd):
       print(f'[run {i + 1}/{len(plan)}] {os.path.basename(wd)}: done', flush=True)
       continue
     print(f'[run {i + 1}/{len(plan)}] {os.path.basename(wd)}: training to step {steps}',
@@ -204,19 +204,19 @@ def train_runs(out: str, stores: dict, plan, budget: Budget, seed: int) -> list[
     t0 = time.perf_counter()
     config = config_for(DATASETS[run.dataset], stores[run.dataset], run.mode, run.norm, budget,
                         seed, run.lr)
-    trainer.train_and_evaluate(config, wd, quiet=True)
+    loop.train_and_evaluate(config, wd, quiet=True)
     print(f'  {time.perf_counter() - t0:.0f} s', flush=True)
   return workdirs
 
 
 def collect(plan, workdirs) -> list[dict]:
   """One row per validation of every run (the trainer's val.jsonl)."""
-  from fmir_jax import checkpoint as ckpt
-  from fmir_jax import trainer
+  from fmir_jax.train import checkpoint as ckpt
+  from fmir_jax.train import loop
   rows = []
   for run, wd in zip(plan, workdirs):
     info = ckpt.read_run_info(wd)
-    for step, rec in sorted(trainer.read_val_log(wd).items()):
+    for step, rec in sorted(loop.read_val_log(wd).items()):
       rows.append({'run': os.path.basename(wd), 'dataset': run.dataset,
                    'mode': info['mode'], 'channel_norm': info.get('channel_norm', 'paper'),
                    'lr': info['config']['optim']['lr'], **rec})
@@ -283,7 +283,7 @@ def main(argv=None) -> int:
   p.add_argument('--datasets', default='cardiac,abdomen')
   p.add_argument('--modes', default='UN,WS,-CR')
   p.add_argument('--norms', default='paper,matched',
-                 help='channel_norm values for UN and WS (fmir_jax/channel_reg.py NORMS)')
+                 help='channel_norm values for UN and WS (fmir_jax/model/channel_reg.py NORMS)')
   p.add_argument('--cr-norm', default='paper', help='channel_norm of the -CR runs')
   p.add_argument('--steps', type=int, default=300, help='training steps per run')
   p.add_argument('--abdomen-steps', type=int, default=150, help='per abdomen run')

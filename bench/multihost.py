@@ -32,7 +32,7 @@ def _cmd(store: str, workdir: str, steps: int, *extra: str) -> list[str]:
 
 def _events(workdir: str) -> dict[int, tuple[float, float]]:
   """step -> (wall time, train/loss) from the run's TensorBoard files."""
-  from fmir_jax import report
+  from fmir_jax.evaluate import report
   return report.tensorboard_scalars(os.path.join(workdir, 'tb')).get('train/loss', {})
 
 
@@ -51,9 +51,9 @@ def main(argv=None) -> int:
   p.add_argument('--steps', type=int, default=30)
   p.add_argument('--json', default='')
   a = p.parse_args(argv)
-  from tests import synth
+  from tests.helpers import synthetic_stores
   with tempfile.TemporaryDirectory() as tmp:
-    store = synth.write_store(os.path.join(tmp, 'features'), shape=(32, 32, 8), channels=16)
+    store = synthetic_stores.write_store(os.path.join(tmp, 'features'), shape=(32, 32, 8), channels=16)
     one = os.path.join(tmp, 'one')
     _run([(_cmd(store, one, a.steps), 4)], tmp, 'one')
     with socket.socket() as s:

@@ -1,4 +1,4 @@
-"""Seconds per pair of the multi-scale instance optimisation (fmir_jax/refine.py).
+"""Seconds per pair of the multi-scale instance optimisation (fmir_jax/register/refine.py).
 
   python bench/refine_speed.py                 # 80x96x80 (1 mm) and 128x128x16 (1.8x1.8x10)
   python bench/refine_speed.py --pairs 5 --json bench_results/refine.json
@@ -25,7 +25,7 @@ from scipy import ndimage
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from fmir_jax import refine  # pylint: disable=g-import-not-at-top
+from fmir_jax.register import refine  # pylint: disable=g-import-not-at-top
 
 GRIDS = {'80x96x80': ((80, 96, 80), (1.0, 1.0, 1.0)),
          '128x128x16': ((128, 128, 16), (1.8, 1.8, 10.0))}

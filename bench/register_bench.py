@@ -9,8 +9,8 @@ optimisation, side by side on synthetic NIfTI pairs with known smooth deformatio
 Sets (deterministic from --seed). Fixed = a phantom; moving = the same phantom warped by a
 random smooth deformation (a Gaussian-smoothed random velocity field integrated by scaling
 and squaring, i.e. diffeomorphic, peak 5-8 mm), so the labels are exact ground truth:
-  (feature_extract/datasets/phantom_pairs.py)
-  cardiac   ACDC-like phantom (feature_extract/datasets/phantoms.py), 112x112x12 voxels at
+  (feature_extract/synthetic/phantom_pairs.py)
+  cardiac   ACDC-like phantom (feature_extract/synthetic/phantoms.py), 112x112x12 voxels at
             1.6x1.6x8 mm, oblique orientation; deformation mostly in-plane (slice axis x0.3).
   abdomen   CT-like abdomen phantom (phantoms.abdomen_phantom, given a torso that changes
             along z: ``torso_profile``), 80x96x80 at 2 mm.
@@ -67,10 +67,10 @@ sys.path.insert(0, ROOT)
 # numpy/scipy/nibabel only (jax is imported after XLA_FLAGS is set, in main).
 from feature_extract.datasets.phantom_pairs import (  # noqa: E402
     Pair, SetSpec, set_specs, write_set)
-from fmir_jax import files  # noqa: E402
-from fmir_jax import io  # noqa: E402
-from fmir_jax import metrics as metrics_lib  # noqa: E402
-from fmir_jax import world  # noqa: E402
+from fmir_jax.core import files  # noqa: E402
+from fmir_jax.core import nifti  # noqa: E402
+from fmir_jax.core import metrics as metrics_lib  # noqa: E402
+from fmir_jax.core import world  # noqa: E402
 
 ANTS_PYTHON = os.path.join(ROOT, '.venv-ants', 'bin', 'python')
 ANTS_WORKER = os.path.join(ROOT, 'bench', 'ants_worker.py')
@@ -98,8 +98,8 @@ class Reference:
 
 def load_reference(pair: Pair) -> Reference:
   """Reads the pair's label files (the files the methods registered)."""
-  fixed, f_aff, f_hdr = io.load_nifti(pair.fixed_labels, what='label')
-  moving, m_aff, _ = io.load_nifti(pair.moving_labels, what='label')
+  fixed, f_aff, f_hdr = nifti.load_nifti(pair.fixed_labels, what='label')
+  moving, m_aff, _ = nifti.load_nifti(pair.moving_labels, what='label')
   initial = world.warp_to_fixed(moving, m_aff, fixed.shape, f_aff, None, order=0)
   classes = sorted((set(np.unique(fixed).tolist()) & set(np.unique(moving).tolist())) - {0})
   return Reference(fixed, initial, classes, f_aff, f_hdr.spacing_mm)
@@ -183,7 +183,7 @@ def run_fmir(method: str, registrar, spec: SetSpec, pairs: list[Pair],
   seconds: wall time of ``register`` (read, preprocess, features, head, refinement,
   resampling to the fixed grid, writing) minus the compile time it reports.
   """
-  from fmir_jax import register as register_lib
+  from fmir_jax.register import registrar as register_lib
   rows = []
   for i, (pair, ref) in enumerate(zip(pairs, refs), start=1):
     out = os.path.join(out_root, pair.name)
@@ -193,7 +193,7 @@ def run_fmir(method: str, registrar, spec: SetSpec, pairs: list[Pair],
         pair.fixed, pair.moving, None, pair.moving_labels), out)
     wall = time.perf_counter() - t0
     compile_s = float(report['times_s']['compile_s'])       # head + refinement programs
-    warped, _, _ = io.load_nifti(os.path.join(out, 'warped_moving_labels.nii.gz'),
+    warped, _, _ = nifti.load_nifti(os.path.join(out, 'warped_moving_labels.nii.gz'),
                                  what='label')
     disp_vox = read_field(os.path.join(out, 'disp_mm.nii.gz'), ref.affine, lps=False)
     row = {'pair': pair.name, 'seconds': wall - compile_s, 'compile_s': compile_s,
@@ -242,7 +242,7 @@ def run_ants(python: str, spec: SetSpec, pairs: list[Pair], refs: list[Reference
   rows = []
   for pair, ref in zip(pairs, refs):
     rec = records[pair.name]
-    warped, _, _ = io.load_nifti(rec['warped_labels'], what='label')
+    warped, _, _ = nifti.load_nifti(rec['warped_labels'], what='label')
     disp_vox = read_field(rec['warp'], ref.affine, lps=True)
     rows.append({'pair': pair.name, 'seconds': rec['seconds'],
                  'registration_s': rec['registration_s'], 'compile_s': None,
@@ -343,8 +343,8 @@ class Registrars:
               finest: int = 0):
     """budget: fraction of the default instance-optimisation steps (every scale); finest:
     the head's finest level (``--head-finest-level``)."""
-    from fmir_jax import refine as refine_lib
-    from fmir_jax import register as register_lib
+    from fmir_jax.register import refine as refine_lib
+    from fmir_jax.register import registrar as register_lib
     io_opts = None
     if refine:
       io_opts = refine_lib.RefineOptions(similarity=spec.similarity).with_budget(
@@ -360,7 +360,7 @@ class Registrars:
 
   def get(self, spec: SetSpec, refine: bool, init: str = 'head', budget: float = 1.0,
           finest: int = 0):
-    from fmir_jax import register as register_lib
+    from fmir_jax.register import registrar as register_lib
     opts = self.options(spec, refine, init, budget, finest)
     if opts not in self.cache:
       self.cache[opts] = register_lib.Registrar(self.checkpoint, opts, self._log)

@@ -62,7 +62,7 @@ IMPLS = ('jax_exact', 'jax_straight', 'torch')
 def _jax_setup(case: common.Case, exact: bool):
   import jax  # pylint: disable=g-import-not-at-top
   from configs import common as config_common  # pylint: disable=g-import-not-at-top
-  from fmir_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from fmir_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
   cfg = config_common.base_config()
   cfg.feature_channels = case.c_prime
   cfg.model.n = case.n
@@ -72,8 +72,8 @@ def _jax_setup(case: common.Case, exact: bool):
   cfg.model.exact_feature_path = exact
   cfg.loss.ncc_windows = cfg.loss.ncc_windows[:case.levels]   # losses.NCC_WINDOWS, per level
   cfg.loss.blur_in_plane_only = case.factors[2] == 1
-  graphdef, state, tx, _ = train_lib.create(cfg, case.channels, 10_000)
-  return jax, train_lib, cfg, graphdef, state, tx
+  graphdef, state, tx, _ = step_lib.create(cfg, case.channels, 10_000)
+  return jax, step_lib, cfg, graphdef, state, tx
 
 
 def _compiled_stats(lowered, t_lower: float) -> tuple[object, dict]:
@@ -99,13 +99,13 @@ def _device_peak(jax) -> int | None:
 def jax_task(case: common.Case, exact: bool, *, infer: bool, train: bool, repeats: int,
              warmup: int, run: bool = True, run_train: bool = True) -> dict:
   """Inference and/or train step of the JAX model; see the module docstring."""
-  jax, train_lib, cfg, graphdef, state, tx = _jax_setup(case, exact)
+  jax, step_lib, cfg, graphdef, state, tx = _jax_setup(case, exact)
   batch = common.pair_batch(case)
   out: dict = {}
   if infer:
-    predict = train_lib.make_predict(graphdef, c_prime=case.c_prime)
-    moving = train_lib.model_inputs(batch['moving'])
-    fixed = train_lib.model_inputs(batch['fixed'])
+    predict = step_lib.make_predict(graphdef, c_prime=case.c_prime)
+    moving = step_lib.model_inputs(batch['moving'])
+    fixed = step_lib.model_inputs(batch['fixed'])
     pca = common.pca_basis(case)
     args = jax.device_put((state.params, moving, fixed, pca))
     del moving, fixed
@@ -122,11 +122,11 @@ def jax_task(case: common.Case, exact: bool, *, infer: bool, train: bool, repeat
     stats['peak_device_bytes'] = _device_peak(jax)
     out['infer'] = stats
   if train:
-    spec = train_lib.LossSpec.from_config(cfg, 'UN', num_classes=3)
-    mesh = train_lib.make_mesh(jax.devices()[:1])
-    step = train_lib.make_train_step(graphdef, tx, spec, c_prime=case.c_prime, mode='UN',
+    spec = step_lib.LossSpec.from_config(cfg, 'UN', num_classes=3)
+    mesh = step_lib.make_mesh(jax.devices()[:1])
+    step = step_lib.make_train_step(graphdef, tx, spec, c_prime=case.c_prime, mode='UN',
                                      mesh=mesh)
-    b = train_lib.shard_batch(batch, mesh)
+    b = step_lib.shard_batch(batch, mesh)
     t0 = time.perf_counter()
     lowered = step.lower(state, b, None)
     compiled, stats = _compiled_stats(lowered, time.perf_counter() - t0)
@@ -215,11 +215,11 @@ def torch_task(case: common.Case, *, infer: bool, train: bool, repeats: int, war
 
 def store_task(case: common.Case, steps: int) -> dict:
   """Feature-store read rate: a synthetic store of `case` (c float16 features), read by
-  ``fmir_jax.data.train_batches`` (Grain, threads, prefetch) as training does."""
+  ``fmir_jax.train.data.train_batches`` (Grain, threads, prefetch) as training does."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from feature_extract.datasets.base import Volume  # pylint: disable=g-import-not-at-top
-  from fmir_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from fmir_jax import store as store_lib  # pylint: disable=g-import-not-at-top
+  from fmir_jax.train import data as data_lib  # pylint: disable=g-import-not-at-top
+  from fmir_jax.core import store as store_lib  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   subjects = 4
   keys = [f's{s}_{f}' for s in range(subjects) for f in ('ed', 'es')]
@@ -285,7 +285,7 @@ def end_to_end_task(threads: int, quick: bool = False) -> dict:
   from bench import extract  # pylint: disable=g-import-not-at-top
   from feature_extract import backbones  # pylint: disable=g-import-not-at-top
   from feature_extract import pipeline  # pylint: disable=g-import-not-at-top
-  from fmir_jax import geometry  # pylint: disable=g-import-not-at-top
+  from fmir_jax.core import patches  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(threads)
   transformers.utils.logging.disable_progress_bar()
   torch.manual_seed(0)
@@ -293,8 +293,8 @@ def end_to_end_task(threads: int, quick: bool = False) -> dict:
   case = dataclasses.replace(common.SMOKE if quick else common.ACDC,
                              channels=dino_cfg.hidden_size)
   k = 64 if quick else 512
-  jax, train_lib, _, graphdef, state, _ = _jax_setup(case, True)
-  predict = train_lib.make_predict(graphdef, c_prime=case.c_prime)
+  jax, step_lib, _, graphdef, state, _ = _jax_setup(case, True)
+  predict = step_lib.make_predict(graphdef, c_prime=case.c_prime)
   pca = jax.device_put(common.pca_basis(case))
   rng = np.random.default_rng(0)
   images = [common.volume(case, rng)['image'] for _ in range(2)]
@@ -308,7 +308,7 @@ def end_to_end_task(threads: int, quick: bool = False) -> dict:
       for img in images:
         feat, geo = pipeline.encode_volume(img, bb, input_size=k, resize='upsample',
                                          pad_to=None, batch_size=16)
-        vols.append(dict(geometry.model_inputs(img, np.asarray(feat), geo, batch=True)))
+        vols.append(dict(patches.model_inputs(img, np.asarray(feat), geo, batch=True)))
       d1 = predict(state.params, vols[0], vols[1], pca)
       d2 = predict(state.params, vols[1], vols[0], pca)
       jax.block_until_ready((d1, d2))

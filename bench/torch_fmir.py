@@ -29,7 +29,7 @@ Shape3 = tuple[int, int, int]
 
 
 def pyramid_shapes(shape: Sequence[int], factors: Sequence[int], levels: int) -> list[Shape3]:
-  """Level i + 1 = ceil(level i / s) per axis (as ``fmir_jax.warp.pyramid_shapes``)."""
+  """Level i + 1 = ceil(level i / s) per axis (as ``fmir_jax.ops.warp.pyramid_shapes``)."""
   shapes = [tuple(int(n) for n in shape)]
   for _ in range(levels - 1):
     shapes.append(tuple(math.ceil(n / s) for n, s in zip(shapes[-1], factors)))
@@ -183,7 +183,7 @@ class TorchFMIR(nn.Module):
 
 
 def load_jax_params(model: TorchFMIR, params) -> None:
-  """Copies parameters of a JAX ``fmir_jax.model.FMIR`` (``nnx.state`` / ``nnx.split``).
+  """Copies parameters of a JAX ``fmir_jax.model.network.FMIR`` (``nnx.state`` / ``nnx.split``).
 
   Kernels go from (kH, kW, kD, in, out) to (out, in, kH, kW, kD); the input channel order of
   the first compressor conv (0 = intensity, 1.. = features) is the same on both sides.
@@ -269,7 +269,7 @@ def gaussian_blur(x: torch.Tensor, sigma: float, in_plane_only: bool,
 
 
 def registration_loss(model: TorchFMIR, out, moving: dict, fixed: dict, *,
-                      # mirrors fmir_jax.losses.NCC_WINDOWS (this oracle imports no fmir_jax)
+                      # mirrors fmir_jax.ops.losses.NCC_WINDOWS (this oracle imports no fmir_jax)
                       windows: Sequence[int] = (9, 5, 3, 3, 3), sigma: float = 1.0,
                       in_plane_only: bool = True, smooth: float = 1.0) -> torch.Tensor:
   """Sum over levels i of (NCC(warp(m_i, u_i), f_i) + smooth * diffusion(v_i)) / 2**i."""

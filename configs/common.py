@@ -1,7 +1,7 @@
 """Shared config defaults (paper §2.3–2.5). Dataset configs override what differs."""
 import ml_collections
 
-from fmir_jax import losses
+from fmir_jax.ops import losses
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -23,7 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
   #   -CR : unsupervised, PCA at training and inference (ablation)
   c.mode = 'UN'
   c.feature_channels = 256             # c'
-  # Feature normalisation around the draw and the PCA (fmir_jax/channel_reg.py NORMS):
+  # Feature normalisation around the draw and the PCA (fmir_jax/model/channel_reg.py NORMS):
   #   paper       : raw channels drawn, centred PCA (paper §2.4 as written)
   #   release     : raw channels drawn, uncentred PCA (the authors' code)
   #   standardise : z-scored channels drawn, whitened PCA of the z-scored features

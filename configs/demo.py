@@ -4,7 +4,7 @@ and the pyramid depth are reduced, and the mode is -CR with He init, so that tra
 an effect within minutes on 2 CPU cores. `--config.mode=UN` runs the paper's mode.
 """
 from configs import common
-from fmir_jax import losses
+from fmir_jax.ops import losses
 
 
 def get_config():

@@ -1,5 +1,5 @@
 """The general head (`fmir register`'s default): domain-randomised synthetic pairs
-(feature_extract/datasets/synth.py) on an isotropic and an anisotropic grid, offline `mind`
+(feature_extract/synthetic/randomised.py) on an isotropic and an anisotropic grid, offline `mind`
 features, validated on cardiac, abdomen and inverted-contrast phantom pairs (anatomies the
 generator does not imitate), the best checkpoint chosen on them.
 
@@ -14,7 +14,7 @@ custom --data-root general_out/data/synth_iso/pairs.csv ...), override
 UN mode needs about ten times the steps (README, "Training modes at CPU scale").
 """
 from configs import common
-from fmir_jax import losses
+from fmir_jax.ops import losses
 
 OUT = 'general_out'
 TRAIN = ('synth_iso', 'synth_aniso')          # feature stores under OUT/features/

@@ -40,8 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fmir_jax.errors import BackboneError  # re-exported: its home is fmir_jax.errors
-from fmir_jax.errors import parse_layer
+from fmir_jax.core.errors import BackboneError  # re-exported: its home is fmir_jax.errors
+from fmir_jax.core.errors import parse_layer
 
 BACKBONES = ('dinov3', 'dinov2', 'sam', 'mind')
 ALIASES = {'dino': 'dinov3', 'sam-b': 'sam'}   # what people call them -> BACKBONES name

@@ -9,7 +9,7 @@ flags::
 
 ``extract`` is the step below it (volume sources and a loaded backbone -> store);
 ``encode_volume`` and ``make_header`` serve the code that encodes images at registration time.
-Bad input raises a ``fmir_jax.errors.UserError`` (``USER_ERRORS``), whose message names the
+Bad input raises a ``fmir_jax.core.errors.UserError`` (``USER_ERRORS``), whose message names the
 flag or file and the fix.
 """
 from __future__ import annotations
@@ -27,8 +27,8 @@ from feature_extract import backbones
 from feature_extract import datasets
 from feature_extract import slicing
 from feature_extract.datasets.base import Pair, VolumeSource
-from fmir_jax import store
-from fmir_jax.errors import BackboneError, DatasetError, UserError, parse_layer
+from fmir_jax.core import store
+from fmir_jax.core.errors import BackboneError, DatasetError, UserError, parse_layer
 
 DATASET_DEFAULTS = {
     'acdc': {'layer': 2, 'input_size': 256, 'resize': 'upsample', 'pad_to': None,
@@ -281,7 +281,7 @@ def extract_dataset(*, out: str, data_root: str | None, dataset: str = 'acdc',
   Returns:
     ExtractSummary (``index_path`` None while other workers remain).
   Raises:
-    fmir_jax.errors.UserError (a subclass) on bad input.
+    fmir_jax.core.errors.UserError (a subclass) on bad input.
   """
   log = log or _log
   if num_shards < 1 or not 0 <= shard_index < num_shards:

@@ -35,9 +35,9 @@ from feature_extract import backbones  # pylint: disable=g-import-not-at-top
 from feature_extract import pipeline  # pylint: disable=g-import-not-at-top
 from feature_extract import slicing  # pylint: disable=g-import-not-at-top
 from fmir_jax import entry  # pylint: disable=g-import-not-at-top
-from fmir_jax import store  # pylint: disable=g-import-not-at-top
+from fmir_jax.core import store  # pylint: disable=g-import-not-at-top
 import torch  # pylint: disable=g-import-not-at-top,g-bad-import-order
-from fmir_jax.errors import DatasetError, UserError  # pylint: disable=g-import-not-at-top
+from fmir_jax.core.errors import DatasetError, UserError  # pylint: disable=g-import-not-at-top
 
 
 def _parse_option(text: str) -> tuple[str, Any]:

@@ -14,7 +14,7 @@ padding is exactly zero after normalisation (authors' practice).
 Bilinear is torch's ``interpolate(mode="bilinear", align_corners=False, antialias=False)``: an
 output pixel x samples the input at (x + 0.5) * N / n - 0.5. Hence voxel i of an axis of size N
 resized to n = N*r pixels starting ``pad`` pixels into the K x K input sits at input pixel
-``pad + (i + 0.5) * r - 0.5``; ``fmir_jax.geometry.patch_geometry`` turns that into patch-grid
+``pad + (i + 0.5) * r - 0.5``; ``fmir_jax.core.patches.patch_geometry`` turns that into patch-grid
 coordinates.
 """
 from __future__ import annotations
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fmir_jax import errors
-from fmir_jax import geometry
+from fmir_jax.core import errors
+from fmir_jax.core import patches
 
 RESIZE_MODES = ('upsample', 'pad')
 
@@ -57,7 +57,7 @@ class SliceLayout:
 
   def geometry(self, patch_size: int) -> dict[str, list[float]]:
     """{"offset": [oy, ox], "scale": [sy, sx]}: voxel i -> patch coordinate offset + scale*i."""
-    return geometry.patch_geometry(self.pad_px, self.resize_factor, patch_size)
+    return patches.patch_geometry(self.pad_px, self.resize_factor, patch_size)
 
   def mask(self) -> np.ndarray:
     """(K, K) bool: input pixels whose centre lies inside the volume content."""

@@ -19,7 +19,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from fmir_jax import errors
+from fmir_jax.core import errors
 
 # --fast: a quarter of instance optimisation's default steps, from a head that stops at
 # pyramid level 1 (on the register benchmark, Dice within 0.3 points of the default
@@ -37,7 +37,7 @@ def _layer(text: str | None):
 
 def parse_triple(text: str | None, what: str, cast: Callable = float):
   """'a,b,c' -> (a, b, c) of finite positive numbers, or None."""
-  from fmir_jax.register import RegisterError
+  from fmir_jax.register.registrar import RegisterError
   if text is None:
     return None
   try:
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
   r.add_argument('--dtype', default='float32', help='encoder compute dtype (default: float32)')
   r.add_argument('--batch-size', type=int, default=16,
                  help='slices per encoder forward (default: 16)')
-  from fmir_jax import refine as refine_lib     # jax, no torch: the defaults shown below
+  from fmir_jax.register import refine as refine_lib     # jax, no torch: the defaults shown below
   io_default = refine_lib.RefineOptions()
   fmt = lambda xs: ','.join(f'{x:g}' for x in xs)
   io_g = r.add_argument_group('instance optimisation (refines the head\'s field on each pair)')
@@ -172,7 +172,7 @@ def enable_compilation_cache(args: argparse.Namespace) -> str | None:
   if args.no_cache:
     return None
   import jax
-  from fmir_jax import files
+  from fmir_jax.core import files
   path = (args.cache_dir or os.environ.get('FMIR_CACHE_DIR')
           or jax.config.jax_compilation_cache_dir      # JAX_COMPILATION_CACHE_DIR
           or os.path.join(os.path.expanduser('~'), '.cache', 'fmir-jax', 'jax'))
@@ -193,7 +193,7 @@ def refine_options(args: argparse.Namespace):
   if not (args.io or args.fast or budget is not None or args.io_steps or args.io_similarity
           or args.io_diffeomorphic or args.io_fold is not None):
     return None
-  from fmir_jax import refine
+  from fmir_jax.register import refine
   kw = {'diffeomorphic': args.io_diffeomorphic}
   default = refine.RefineOptions()
   if budget is not None:
@@ -211,25 +211,25 @@ def refine_options(args: argparse.Namespace):
 
 
 def register_options(args: argparse.Namespace):
-  """``register.RegisterOptions`` from the parsed flags (--fast filled in); RegisterError for
+  """``register_lib.RegisterOptions`` from the parsed flags (--fast filled in); RegisterError for
   values out of range."""
-  from fmir_jax import register
+  from fmir_jax.register import registrar as register_lib
   finite = lambda x: x is None or math.isfinite(x)  # noqa: E731
   if args.io_steps is not None and args.io_steps < 1:
-    raise register.RegisterError(f'--io-steps {args.io_steps}: need at least 1 step.')
+    raise register_lib.RegisterError(f'--io-steps {args.io_steps}: need at least 1 step.')
   if args.io_lr is not None and not (args.io_lr > 0 and finite(args.io_lr)):
-    raise register.RegisterError(f'--io-lr {args.io_lr}: need a finite positive step size.')
+    raise register_lib.RegisterError(f'--io-lr {args.io_lr}: need a finite positive step size.')
   if args.io_fold is not None and not (args.io_fold >= 0 and finite(args.io_fold)):
-    raise register.RegisterError(f'--io-fold {args.io_fold}: need a finite weight >= 0.')
+    raise register_lib.RegisterError(f'--io-fold {args.io_fold}: need a finite weight >= 0.')
   if args.io_budget is not None and not (args.io_budget > 0 and finite(args.io_budget)):
-    raise register.RegisterError(f'--io-budget {args.io_budget}: need a finite fraction > 0 '
+    raise register_lib.RegisterError(f'--io-budget {args.io_budget}: need a finite fraction > 0 '
                                  '(e.g. 0.25).')
   if args.batch_size < 1:
-    raise register.RegisterError(f'--batch-size {args.batch_size}: need at least 1 slice '
+    raise register_lib.RegisterError(f'--batch-size {args.batch_size}: need at least 1 slice '
                                  'per encoder forward.')
   finest = args.head_finest_level
   finest = (FAST_HEAD_FINEST_LEVEL if args.fast else 0) if finest is None else finest
-  return register.RegisterOptions(
+  return register_lib.RegisterOptions(
       grid=args.grid, dataset_grid=args.dataset_grid,
       spacing_mm=parse_triple(args.spacing, '--spacing'),
       pyramid_factors=parse_factors(args.pyramid_factors),
@@ -242,23 +242,23 @@ def register_options(args: argparse.Namespace):
 
 
 def run_register(args: argparse.Namespace) -> int:
-  from fmir_jax import register
-  from fmir_jax import register_batch
+  from fmir_jax.register import registrar as register_lib
+  from fmir_jax.register import batch as register_batch
   say = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
   try:
     one = [args.fixed, args.moving]
     if args.pairs is not None and any(one + [args.fixed_labels, args.moving_labels]):
-      raise register.RegisterError('--pairs registers the pairs of a CSV: leave out '
+      raise register_lib.RegisterError('--pairs registers the pairs of a CSV: leave out '
                                    '--fixed/--moving/--fixed-labels/--moving-labels.')
     if args.pairs is None and not all(one):
-      raise register.RegisterError('pass --fixed and --moving (one pair) or --pairs CSV.')
+      raise register_lib.RegisterError('pass --fixed and --moving (one pair) or --pairs CSV.')
     opts = register_options(args)
     cache = enable_compilation_cache(args)
     if args.pairs is not None:
       summary = register_batch.register_batch(args.pairs, args.checkpoint, args.out,
                                               options=opts, log=say)
     else:
-      report = register.register(args.fixed, args.moving, args.checkpoint, args.out,
+      report = register_lib.register(args.fixed, args.moving, args.checkpoint, args.out,
                                  fixed_labels=args.fixed_labels,
                                  moving_labels=args.moving_labels, options=opts, log=say)
   except errors.UserError as e:
@@ -282,7 +282,7 @@ def run_register(args: argparse.Namespace) -> int:
             f"{os.path.join(os.path.abspath(args.out), 'summary.csv')}")
     return 1 if summary['failed'] else 0
   if not args.quiet:
-    print('\n'.join(register.summary_lines(report)))
+    print('\n'.join(register_lib.summary_lines(report)))
   return 0
 
 

@@ -6,7 +6,7 @@ registering one NIfTI pair. CPU only, no downloads.
 
 Every stage is the library/CLI code a user runs on real data: the ACDC reader on the
 official release layout, pipeline.extract_dataset (feature_extract/run.py),
-trainer.train_and_evaluate (train.py), evaluation.evaluate_run (eval.py) and the
+loop.train_and_evaluate (train.py), evaluation.evaluate_run (eval.py) and the
 `fmir register` command.
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ import os
 import sys
 import time
 
-from fmir_jax import errors
-from fmir_jax import files
+from fmir_jax.core import errors
+from fmir_jax.core import files
 
 MARKER = '.fmir-demo.json'
 ENTRIES = ('acdc_phantoms', 'features', 'run', 'eval', 'register')   # what a demo writes in OUT
@@ -155,9 +155,9 @@ def run(out: str, *, patients: int = 20, test_patients: int = 4, steps: int = 10
   paper's 128x128x16 at 1.8x1.8x10 mm) so that training takes minutes on two CPU cores.
   """
   from feature_extract import pipeline
-  from feature_extract.datasets import phantoms
-  from fmir_jax import evaluation
-  from fmir_jax import trainer
+  from feature_extract.synthetic import phantoms
+  from fmir_jax.evaluate import evaluation
+  from fmir_jax.train import loop
   from configs import demo as demo_config
 
   prepare_out(out)
@@ -199,7 +199,7 @@ def run(out: str, *, patients: int = 20, test_patients: int = 4, steps: int = 10
   config.train.eval_pairs = eval_pairs or config.train.eval_pairs
   config.train.seed = seed
   with _stage_writes(out, 'run'):
-    result = trainer.train_and_evaluate(config, workdir)
+    result = loop.train_and_evaluate(config, workdir)
   times['train_s'] = time.perf_counter() - t
 
   t = _stage('4/5 evaluation on the held-out test phantoms')

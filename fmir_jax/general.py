@@ -4,13 +4,13 @@
   python -m fmir_jax.general --out general_out --ship DIR      # + copy the run for shipping
 
 Stages, each resumable (run the same command again after a kill):
-1. data: domain-randomised pairs (``feature_extract.datasets.synth``, train split) for each
+1. data: domain-randomised pairs (``feature_extract.synthetic.randomised``, train split) for each
    grid of ``configs.general.TRAIN``, and out-of-domain validation pairs
    (``phantom_pairs``: cardiac, abdomen, inverted contrast; seed 1, the register benchmark
    uses seed 0) -- NIfTI + pairs.csv under OUT/data/;
 2. features: `mind` feature stores by the normal extraction path (the "custom" reader on
    each pairs.csv, one encoder pixel per voxel) under OUT/features/;
-3. training: ``trainer.train_and_evaluate`` (train.py) into OUT/run;
+3. training: ``loop.train_and_evaluate`` (train.py) into OUT/run;
 4. --ship DIR: the best checkpoint, run.json, PCA basis, validation log and a
    ``general_head.json`` card (command, seed, commit, validation figures) copied to DIR
    (what ``fmir register`` loads when no --checkpoint is given: fmir_jax/weights/general).
@@ -29,8 +29,8 @@ import time
 from typing import Any
 
 from fmir_jax import entry
-from fmir_jax import errors
-from fmir_jax import files
+from fmir_jax.core import errors
+from fmir_jax.core import files
 
 MARKER = '.fmir-general.json'
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights', 'general')
@@ -39,7 +39,7 @@ CARD = 'general_head.json'         # checkpoint.HEAD_CARD
 
 def default_checkpoint() -> str:
   """The general head shipped in the package (``SHIPPED``); RegisterError when missing."""
-  from fmir_jax.errors import RegisterError
+  from fmir_jax.core.errors import RegisterError
   if not os.path.isfile(os.path.join(SHIPPED, 'run.json')):
     raise RegisterError(
         f'no --checkpoint given and no general head is installed ({SHIPPED} holds no '
@@ -51,7 +51,7 @@ def default_checkpoint() -> str:
 def read_card(checkpoint: str) -> dict[str, Any] | None:
   """A run's head card (``general_head.json``: what it is, how it was trained, the sha256 of
   every shipped file), or None."""
-  from fmir_jax.checkpoint import RunError
+  from fmir_jax.train.checkpoint import RunError
   path = os.path.join(checkpoint, CARD)
   if not os.path.isfile(path):
     return None
@@ -79,7 +79,7 @@ def seal(dest: str) -> str:
   """Records the sha256 of every other file of a shipped head in its card (``sha256``;
   ``runs.load_run`` checks them), and of its checkpoint in the step folder
   (``checkpoint.DIGESTS_FILE``) where the run recorded none. Returns the card's path."""
-  from fmir_jax import checkpoint as ckpt
+  from fmir_jax.train import checkpoint as ckpt
   for folder in sorted(os.listdir(os.path.join(dest, 'best'))):
     step = os.path.join(dest, 'best', folder)
     if os.path.isdir(step) and not os.path.exists(os.path.join(step, ckpt.DIGESTS_FILE)):
@@ -114,17 +114,17 @@ def write_data(out: str, *, train_pairs: int, val_pairs: int, seed: int,
                train_settings=None, val_sets=None, log=print) -> dict[str, tuple[str, dict]]:
   """Stage 1: pairs on disk. Returns {store name: (pairs.csv, custom reader options)}.
 
-  train_settings / val_sets: ``synth.Setting`` and ``phantom_pairs.SetSpec`` lists in the
+  train_settings / val_sets: ``randomised.Setting`` and ``phantom_pairs.SetSpec`` lists in the
   order of ``configs.general.TRAIN`` / ``VAL`` (default: the full-size ones; tests pass
   small ones).
   """
   from configs import general as cfg
-  from feature_extract.datasets import phantom_pairs
-  from feature_extract.datasets import synth
+  from feature_extract.synthetic import phantom_pairs
+  from feature_extract.synthetic import randomised
   lists = {}
-  settings = train_settings or [synth.SETTINGS[n.removeprefix('synth_')] for n in cfg.TRAIN]
+  settings = train_settings or [randomised.SETTINGS[n.removeprefix('synth_')] for n in cfg.TRAIN]
   for name, s in zip(cfg.TRAIN, settings):
-    csv_path = synth.write_pairs(os.path.join(out, 'data', 'synth'), s, train_pairs, seed,
+    csv_path = randomised.write_pairs(os.path.join(out, 'data', 'synth'), s, train_pairs, seed,
                                  progress=log)
     lists[name] = (csv_path, {'shape': list(s.shape), 'spacing_mm': list(s.spacing_mm)})
   specs = {sp.name: sp for sp in (val_sets or phantom_pairs.set_specs(smoke=False))}
@@ -184,13 +184,13 @@ def _commit() -> str:
 def ship(workdir: str, dest: str, command: list[str], seed: int) -> str:
   """Stage 4: copies what inference needs from ``workdir`` to ``dest`` (a new folder, or one
   an earlier ship wrote: only its own entries are replaced). Returns the card's path."""
-  from fmir_jax import checkpoint as ckpt
-  from fmir_jax import trainer
+  from fmir_jax.train import checkpoint as ckpt
+  from fmir_jax.train import loop
   card_path = os.path.join(dest, CARD)
   if os.path.isdir(dest) and os.listdir(dest) and not os.path.isfile(card_path):
     raise GeneralError(f'--ship {dest}: folder exists, is not empty and holds no {CARD}; '
                        'choose a new or empty folder.')
-  val = trainer.read_val_log(workdir)
+  val = loop.read_val_log(workdir)
   manager, best = ckpt.best_or_latest(workdir, 'best')
   if best not in val:
     raise GeneralError(f'{workdir}: no validated checkpoint to ship (step {best} has no '
@@ -199,7 +199,7 @@ def ship(workdir: str, dest: str, command: list[str], seed: int) -> str:
   if problem:
     raise GeneralError(f'{workdir}: the checkpoint to ship is damaged ({problem}); train the '
                        'run again (or restore its files) before shipping it.')
-  entries = {ckpt.RUN_FILE: ckpt.RUN_FILE, 'pca': 'pca', trainer.VAL_LOG: trainer.VAL_LOG,
+  entries = {ckpt.RUN_FILE: ckpt.RUN_FILE, 'pca': 'pca', loop.VAL_LOG: loop.VAL_LOG,
              os.path.join('best', str(best)): os.path.join('best', str(best))}
   tmp = files.make_temp_dir(os.path.dirname(os.path.abspath(dest)), os.path.basename(dest))
   try:
@@ -216,7 +216,7 @@ def ship(workdir: str, dest: str, command: list[str], seed: int) -> str:
       json.dump(card, f, indent=1)
     seal(tmp)                            # the sha256 of every file, checked when loaded
     if os.path.isdir(dest):
-      for name in (ckpt.RUN_FILE, 'pca', trainer.VAL_LOG, 'best', CARD):
+      for name in (ckpt.RUN_FILE, 'pca', loop.VAL_LOG, 'best', CARD):
         path = os.path.join(dest, name)
         if os.path.isdir(path):
           shutil.rmtree(path)
@@ -250,18 +250,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   a = build_parser().parse_args(argv)
-  from fmir_jax import checkpoint as ckpt
-  from fmir_jax import trainer
+  from fmir_jax.train import checkpoint as ckpt
+  from fmir_jax.train import loop
   workdir = os.path.join(a.out, 'run')
   try:
     prepare_out(a.out)
     lists = write_data(a.out, train_pairs=a.train_pairs, val_pairs=a.val_pairs, seed=a.seed)
     stores = extract(a.out, lists)
     t0 = time.perf_counter()
-    trainer.train_and_evaluate(config_for(stores, a.steps, a.seed), workdir)
+    loop.train_and_evaluate(config_for(stores, a.steps, a.seed), workdir)
     print(f'[train] {workdir}: {time.perf_counter() - t0:.0f} s')
     _, best = ckpt.best_or_latest(workdir, 'best')
-    print(f'[train] best checkpoint: step {best}: {trainer.read_val_log(workdir).get(best)}')
+    print(f'[train] best checkpoint: step {best}: {loop.read_val_log(workdir).get(best)}')
     if a.ship:
       card = ship(workdir, a.ship, ['python', '-m', 'fmir_jax.general',
                                     *(argv or sys.argv[1:])], a.seed)

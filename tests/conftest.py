@@ -28,7 +28,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope='session')
 def run_dir(tmp_path_factory):
-  """The tiny trained run of tests/tiny_run.py, shared by the register tests (read only)."""
-  from tests import tiny_run
+  """The tiny trained run of tests/helpers/tiny_run.py, shared by the register tests (read only)."""
+  from tests.helpers import tiny_run
   return tiny_run.build(str(tmp_path_factory.mktemp('data')),
                         str(tmp_path_factory.mktemp('run')))

@@ -15,8 +15,8 @@ from flax import nnx
 
 from bench import common
 from bench import torch_fmir
-from fmir_jax import model as model_lib
-from fmir_jax import train_lib
+from fmir_jax.model import network as model_lib
+from fmir_jax.train import step as step_lib
 
 # End to end: runs the benchmarks at smoke size (the unit run leaves it out: -m "not slow").
 pytestmark = pytest.mark.slow
@@ -78,11 +78,11 @@ def test_torch_reference_equals_jax_model(exact):
 def test_torch_loss_and_gradient_equal_jax():
   graphdef, params, tm = _models(True)
   jx, th = _inputs()
-  spec = train_lib.LossSpec(windows=(5, 3, 3), blur_in_plane_only=True)
+  spec = step_lib.LossSpec(windows=(5, 3, 3), blur_in_plane_only=True)
 
   def loss_fn(p):
     out = nnx.merge(graphdef, p)(jx['moving'], jx['fixed'])
-    return train_lib.registration_loss(out, jx['moving'], jx['fixed'], spec)[0]
+    return step_lib.registration_loss(out, jx['moving'], jx['fixed'], spec)[0]
 
   loss_j, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
   loss_t = torch_fmir.registration_loss(tm, tm(th['moving'], th['fixed']), th['moving'],
@@ -138,7 +138,7 @@ def test_corner_by_corner_warp_matches_scipy(monkeypatch):
   """The memory-bounded warp branch (used for large maps) against scipy, with its gradient
   equal to the one-gather branch's."""
   from scipy import ndimage
-  from fmir_jax import warp as W
+  from fmir_jax.ops import warp as W
   rng = np.random.default_rng(2)
   vol = rng.normal(size=(1, 7, 6, 5, 2)).astype(np.float32)
   disp = rng.uniform(-2.0, 2.0, size=(1, 7, 6, 5, 3)).astype(np.float32)

@@ -1,11 +1,11 @@
-"""Tests for fmir_jax.channel_reg against numpy oracles (np.cov, np.linalg.svd)."""
+"""Tests for fmir_jax.model.channel_reg against numpy oracles (np.cov, np.linalg.svd)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmir_jax import channel_reg as CR
+from fmir_jax.model import channel_reg as CR
 
 
 def test_draw_channels_distinct_deterministic_and_random():

@@ -9,8 +9,8 @@ import pickle
 import numpy as np
 import pytest
 
-from fmir_jax import channel_reg
-from fmir_jax import checkpoint as ckpt
+from fmir_jax.model import channel_reg
+from fmir_jax.train import checkpoint as ckpt
 
 HEADER = {'backbone': {'name': 'synthetic', 'weights_sha256': 'none'}, 'layer': 0,
           'channels': 6, 'patch_size': 2}

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests import synth
+from tests.helpers import synthetic_stores
 
 # End to end: trains and evaluates through train.py / eval.py processes (the unit run leaves it out: -m "not slow").
 pytestmark = pytest.mark.slow
@@ -32,7 +32,7 @@ def cli_run(tmp_path_factory):
   """(store, workdir, cache) of a 4-step run trained by train.py (checkpoints 2 and 4); tests
   copy it to change it."""
   tmp_path = tmp_path_factory.mktemp('cli')
-  store = synth.write_store(str(tmp_path / 'features'))
+  store = synthetic_stores.write_store(str(tmp_path / 'features'))
   cache = str(tmp_path / 'cache')
   workdir = str(tmp_path / 'run')
   r = _run(['train.py', '--config=configs/demo.py', f'--workdir={workdir}',

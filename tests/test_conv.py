@@ -6,7 +6,7 @@ import pytest
 import torch
 from flax import nnx
 
-from fmir_jax import conv
+from fmir_jax.ops import conv
 
 
 def _torch_conv3d(x, kernel):

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 from feature_extract import datasets
-from feature_extract.datasets import abdomen, acdc, phantoms
-from feature_extract.datasets import pairs as custom
+from feature_extract.datasets import abdomen, acdc
+from feature_extract.synthetic import phantoms
+from feature_extract.datasets import custom
 from feature_extract.datasets.base import DatasetError
-from fmir_jax import grids
-from fmir_jax import io
+from fmir_jax.core import resample
+from fmir_jax.core import nifti
 
 _AFF = np.diag([1.5, 1.5, 8.0, 1.0])
 
@@ -56,7 +57,7 @@ def test_get_registry():
 def test_acdc_splits_and_pair_counts_without_loading_pixels(acdc150, monkeypatch):
   def no_pixels(*a, **k):
     raise AssertionError("scan() must not load pixel data")
-  monkeypatch.setattr(io, "load_nifti", no_pixels)
+  monkeypatch.setattr(nifti, "load_nifti", no_pixels)
   sources = acdc.scan(str(acdc150))
   assert len(sources) == 300
   per_split = collections.Counter(s.split for s in sources)
@@ -93,7 +94,7 @@ def test_abdomen_splits_and_pair_counts(tmp_path, monkeypatch):
   for layout in ("img", "imagesTr"):
     phantoms.write_abdomen_phantoms(tmp_path / layout, 30, seed=0, layout=layout,
                                     shape=(8, 8, 8))
-  monkeypatch.setattr(io, "load_nifti", lambda *a, **k: pytest.fail("loaded pixels"))
+  monkeypatch.setattr(nifti, "load_nifti", lambda *a, **k: pytest.fail("loaded pixels"))
   for layout in ("img", "imagesTr"):
     sources = abdomen.scan(str(tmp_path / layout))
     assert [s.key for s in sources] == [f"img{i:04d}" for i in range(1, 31)]
@@ -135,7 +136,7 @@ def test_abdomen_half_is_block_mean_of_full(tmp_path):
   core = hu.reshape(48, 4, 40, 4, 64, 4)[:, 1:3, :, 1:3, :, 1:3].mean(axis=(1, 3, 5))
   np.testing.assert_allclose(quarter.image, (core + 500.0) / 1300.0, atol=1e-5)
   np.testing.assert_allclose(quarter.spacing_mm, (8.0, 8.0, 8.0), rtol=1e-6)
-  gm = grids.GridMap.from_dict(half.meta["grid"])
+  gm = resample.GridMap.from_dict(half.meta["grid"])
   back = gm.to_source(half.labels, order=0)
   assert np.mean(back[lab == 6] == 6) > 0.9
 
@@ -165,7 +166,7 @@ def test_acdc_round_trip_from_phantoms(tmp_path):
     assert v.labels.dtype == np.uint8 and set(np.unique(v.labels)) == {0, 1, 2, 3}
     np.testing.assert_allclose(v.spacing_mm, (1.8, 1.8, 10.0), rtol=1e-5)
     assert v.meta["centre_rule"] == "ed_label_centroid"
-    src, _, _ = io.load_nifti(v.meta["source_image"])
+    src, _, _ = nifti.load_nifti(v.meta["source_image"])
     lo, hi = np.percentile(src, [1, 99])
     assert v.meta["intensity"]["low"] == pytest.approx(lo)
     assert v.meta["intensity"]["high"] == pytest.approx(hi)
@@ -174,8 +175,8 @@ def test_acdc_round_trip_from_phantoms(tmp_path):
     has_data = np.flatnonzero(v.image.max(axis=(0, 1)) > 0)
     assert len(has_data) == n_data and has_data[0] == 8 - n_data // 2
     # The labels map back onto the source grid.
-    gm = grids.GridMap.from_dict(json.loads(json.dumps(v.meta["grid"])))
-    src_lab, _, _ = io.load_nifti(v.meta["source_label"], what="label")
+    gm = resample.GridMap.from_dict(json.loads(json.dumps(v.meta["grid"])))
+    src_lab, _, _ = nifti.load_nifti(v.meta["source_label"], what="label")
     back = gm.to_source(v.labels, order=0)
     for c in (1, 2, 3):
       d = 2 * np.sum((back == c) & (src_lab == c)) / (np.sum(back == c) + np.sum(src_lab == c))
@@ -234,19 +235,19 @@ def test_acdc_bad_inputs(tmp_path):
 
   root, folder = _fresh(tmp_path, 4)
   _save(folder / "patient004_frame01_gt.nii.gz", np.zeros((8, 8, 5), np.uint8))
-  with pytest.raises(io.NiftiError, match="patient004_frame01_gt.nii.gz: label shape"):
+  with pytest.raises(nifti.NiftiError, match="patient004_frame01_gt.nii.gz: label shape"):
     acdc.scan(str(root))
 
   root, folder = _fresh(tmp_path, 5)
   shifted = _AFF.copy()
   shifted[1, 3] = 3.0
   _save(folder / "patient005_frame09_gt.nii.gz", np.zeros((8, 8, 4), np.uint8), shifted)
-  with pytest.raises(io.NiftiError, match="patient005_frame09_gt.nii.gz: label affine"):
+  with pytest.raises(nifti.NiftiError, match="patient005_frame09_gt.nii.gz: label affine"):
     acdc.scan(str(root))
 
   root, folder = _fresh(tmp_path, 6)
   _save(folder / "patient006_frame01.nii.gz", np.zeros((8, 8, 4, 2), np.float32))
-  with pytest.raises(io.NiftiError, match="patient006_frame01.nii.gz: image .*4D"):
+  with pytest.raises(nifti.NiftiError, match="patient006_frame01.nii.gz: image .*4D"):
     acdc.scan(str(root))
 
   root, folder = _fresh(tmp_path, 7)
@@ -254,7 +255,7 @@ def test_acdc_bad_inputs(tmp_path):
   bad[0, 0, 0] = np.inf
   _save(folder / "patient007_frame09.nii.gz", bad)
   sources = acdc.scan(str(root))  # headers are fine ...
-  with pytest.raises(io.NiftiError, match="patient007_frame09.nii.gz: image has 1 NaN/inf"):
+  with pytest.raises(nifti.NiftiError, match="patient007_frame09.nii.gz: image has 1 NaN/inf"):
     sources[1].load()  # ... the pixels are not.
 
   root, folder = _fresh(tmp_path, 8)
@@ -347,7 +348,7 @@ def test_custom_pairs_bad_inputs(tmp_path):
   with pytest.raises(DatasetError, match="l.csv: CSV header"):
     custom.scan(str(p), **opts)
   p.write_text("moving,fixed\na.nii.gz,missing.nii.gz\n")
-  with pytest.raises(io.NiftiError, match="missing.nii.gz: image file does not exist"):
+  with pytest.raises(nifti.NiftiError, match="missing.nii.gz: image file does not exist"):
     custom.scan(str(p), **opts)
   p.write_text("moving,fixed,split\na.nii.gz,a.nii.gz,dev\n")
   with pytest.raises(DatasetError, match="l.csv line 2: split 'dev'"):
@@ -381,9 +382,9 @@ def _truncated_source(tmp_path, reader):
 
 @pytest.mark.parametrize("reader", ["acdc", "abdomen", "custom"])
 def test_truncated_nifti_fails_load_with_one_line_naming_file_and_fix(tmp_path, reader):
-  # feature_extract/run.py turns exactly these errors (io.NiftiError, DatasetError) into exit 2.
+  # feature_extract/run.py turns exactly these errors (nifti.NiftiError, DatasetError) into exit 2.
   source, image = _truncated_source(tmp_path, reader)
-  with pytest.raises((io.NiftiError, DatasetError)) as err:
+  with pytest.raises((nifti.NiftiError, DatasetError)) as err:
     source.load()
   msg = str(err.value)
   assert msg.startswith(f"{image}: cannot read the image ") and "\n" not in msg, msg

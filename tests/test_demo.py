@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fmir_jax import demo
-from tests.files_snapshot import snapshot
+from tests.helpers.snapshot import snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -18,7 +18,7 @@ from feature_extract import pipeline
 from feature_extract import run
 from feature_extract import slicing
 from feature_extract.datasets.base import DatasetError, Pair, Volume, VolumeSource
-from fmir_jax import store
+from fmir_jax.core import store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (12, 10, 3)
@@ -219,7 +219,8 @@ def test_tiny_dinov3_saved_locally_end_to_end(toy, tmp_path, name):
 
 
 def test_real_acdc_reader_on_phantoms(tmp_path, capsys):
-  from feature_extract.datasets import acdc, phantoms  # pylint: disable=g-import-not-at-top
+  from feature_extract.datasets import acdc  # pylint: disable=g-import-not-at-top
+  from feature_extract.synthetic import phantoms
   phantoms.write_acdc_phantoms(str(tmp_path / 'acdc'), 1, seed=0, first_id=19,
                                inplane_size=(40, 60))
   argv = ['--backbone', 'mind', '--dataset', 'acdc', '--data-root', str(tmp_path / 'acdc'),
@@ -291,7 +292,7 @@ def _one_error_line(err):
 
 
 def test_corrupt_nifti_exits_2_and_keeps_finished_volumes(tmp_path, capsys):
-  from feature_extract.datasets import phantoms  # pylint: disable=g-import-not-at-top
+  from feature_extract.synthetic import phantoms  # pylint: disable=g-import-not-at-top
   root = tmp_path / 'acdc'
   phantoms.write_acdc_phantoms(str(root), 2, seed=0, first_id=19, inplane_size=(40, 60))
   bad = root / 'training' / 'patient020' / 'patient020_frame14.nii.gz'   # patient020_es
@@ -313,7 +314,7 @@ def test_corrupt_nifti_exits_2_and_keeps_finished_volumes(tmp_path, capsys):
 
 
 def test_nifti_with_unreadable_header_exits_2_at_scan(tmp_path, capsys):
-  from feature_extract.datasets import phantoms  # pylint: disable=g-import-not-at-top
+  from feature_extract.synthetic import phantoms  # pylint: disable=g-import-not-at-top
   root = tmp_path / 'acdc'
   phantoms.write_acdc_phantoms(str(root), 1, seed=0, first_id=19, inplane_size=(40, 60))
   bad = root / 'training' / 'patient019' / 'patient019_frame12.nii.gz'
@@ -356,7 +357,7 @@ def test_two_launched_workers_make_the_store_without_a_merge_step(tmp_path):
   """torchrun-style workers (RANK/WORLD_SIZE in the environment, no --num-shards) running at
   the same time: each extracts its share, the last to finish writes index.json; the store
   equals a single worker's."""
-  from feature_extract.datasets import phantoms
+  from feature_extract.synthetic import phantoms
   root = tmp_path / 'acdc'
   phantoms.write_acdc_phantoms(str(root), 3, 0, inplane_size=(40, 48))
   argv = [sys.executable, 'feature_extract/run.py', '--backbone', 'mind', '--dataset', 'acdc',

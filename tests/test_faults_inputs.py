@@ -17,14 +17,14 @@ import pytest
 from scipy import ndimage
 from scipy import optimize
 
-from feature_extract.datasets import pairs as custom_pairs
-from fmir_jax import errors
-from fmir_jax import grids
-from fmir_jax import io
-from fmir_jax import metrics
-from fmir_jax import register
-from fmir_jax import register_grid
-from fmir_jax import world
+from feature_extract.datasets import custom as custom_pairs
+from fmir_jax.core import errors
+from fmir_jax.core import resample
+from fmir_jax.core import nifti
+from fmir_jax.core import metrics
+from fmir_jax.register import registrar as register_lib
+from fmir_jax.register import grid as register_grid
+from fmir_jax.core import world
 
 
 def _save(path, data, affine=np.eye(4), *, pixdim=None, codes=(1, 1)):
@@ -59,8 +59,8 @@ def test_spacing_is_the_affine_column_norms_with_a_warning_when_pixdim_disagrees
                pixdim=(2.0, 2.0, 2.0), codes=(0, 2))
   oracle = np.linalg.norm(nib.load(path).affine[:3, :3], axis=0)     # nibabel's affine
   assert nib.load(path).header.get_zooms() == (2.0, 2.0, 2.0)       # the header says 2 mm
-  with pytest.warns(io.NiftiWarning) as record:
-    hdr = io.read_header(path)
+  with pytest.warns(nifti.NiftiWarning) as record:
+    hdr = nifti.read_header(path)
   np.testing.assert_allclose(hdr.spacing_mm, oracle, rtol=1e-12)
   np.testing.assert_allclose(hdr.spacing_mm, (1.0, 1.5, 3.0))
   assert hdr.pixdim_mm == (2.0, 2.0, 2.0) and (hdr.qform_code, hdr.sform_code) == (0, 2)
@@ -70,19 +70,19 @@ def test_spacing_is_the_affine_column_norms_with_a_warning_when_pixdim_disagrees
   assert hdr.warnings == (msg,)
   with warnings.catch_warnings():
     warnings.simplefilter('error')
-    _, affine, quiet = io.load_nifti(path, warn=False)      # the caller reports it itself
+    _, affine, quiet = nifti.load_nifti(path, warn=False)      # the caller reports it itself
     assert quiet.warnings == (msg,) and np.allclose(affine, SFORM)
     consistent = _save(tmp_path / 'ok.nii.gz', np.zeros((6, 5, 4), np.float32), SFORM)
-    assert io.read_header(consistent).warnings == ()        # no warning when they agree
+    assert nifti.read_header(consistent).warnings == ()        # no warning when they agree
 
 
 def test_grids_planned_from_such_a_file_have_the_affine_voxel_size(tmp_path):
   path = _save(tmp_path / 'f.nii.gz', np.zeros((12, 10, 8), np.float32), SFORM,
                pixdim=(2.0, 2.0, 2.0))
-  hdr = io.read_header(path, warn=False)
+  hdr = nifti.read_header(path, warn=False)
   # The model grid of a dataset reader (the store's spacing, hence eval's HD95).
   shape, affine = custom_pairs.model_grid(hdr, shape=(8, 8, 4), spacing_mm=(2.0, 2.0, 6.0))
-  np.testing.assert_allclose(grids.voxel_spacing(affine), (2.0, 2.0, 6.0), rtol=1e-12)
+  np.testing.assert_allclose(resample.voxel_spacing(affine), (2.0, 2.0, 6.0), rtol=1e-12)
   # The native registration grid at the fixed image's own spacing is the fixed grid.
   opts = types.SimpleNamespace(grid='native', spacing_mm=None, pyramid_factors=None)
   grid = register_grid.plan_grid(hdr, None, {}, opts, (2, 2, 1), 2, [])
@@ -90,7 +90,7 @@ def test_grids_planned_from_such_a_file_have_the_affine_voxel_size(tmp_path):
   np.testing.assert_allclose(grid.affine, SFORM, atol=1e-12)
   # A source spacing that is not its affine's (the old pixdim path) is refused.
   with pytest.raises(ValueError, match='not the voxel size of its affine'):
-    grids.spacing_grid(hdr.shape, hdr.affine, hdr.pixdim_mm, (2.0, 2.0, 6.0))
+    resample.spacing_grid(hdr.shape, hdr.affine, hdr.pixdim_mm, (2.0, 2.0, 6.0))
 
 
 def _hd95_oracle(a, b, spacing):
@@ -113,7 +113,7 @@ def test_hd95_of_such_a_file_is_in_the_affine_mm(tmp_path, axis, at, closed_form
   index[axis] = at[1]
   moved[tuple(index)] = 1
   path = _save(tmp_path / 'fixed_gt.nii.gz', fixed, SFORM, pixdim=(2.0, 2.0, 2.0))
-  lab, _, hdr = io.load_nifti(path, what='label', warn=False)
+  lab, _, hdr = nifti.load_nifti(path, what='label', warn=False)
   got = metrics.label_overlap_before_after(moved, moved, lab, hdr.spacing_mm)
   spacing = np.linalg.norm(nib.load(path).affine[:3, :3], axis=0)
   assert got['hd95_after']['1'] == pytest.approx(closed_form_mm, abs=1e-9)
@@ -128,16 +128,16 @@ def test_a_file_with_neither_qform_nor_sform_is_refused_for_registration(tmp_pat
   img = np.random.default_rng(0).random((6, 6, 4)).astype(np.float32)
   bare = _save(tmp_path / 'bare.nii.gz', img, codes=(0, 0))
   placed = _save(tmp_path / 'placed.nii.gz', img, SFORM, codes=(1, 0))   # a qform is enough
-  hdr = io.read_header(bare)                  # the dataset readers still accept it
+  hdr = nifti.read_header(bare)                  # the dataset readers still accept it
   assert (hdr.qform_code, hdr.sform_code) == (0, 0)
-  with pytest.raises(io.NiftiError) as e:
-    io.require_world_placement(hdr)
+  with pytest.raises(nifti.NiftiError) as e:
+    nifti.require_world_placement(hdr)
   text = _one_line(e)
   assert text.startswith(bare) and 'neither a qform nor an sform' in text and 'set_sform' in text
-  io.require_world_placement(io.read_header(placed))
+  nifti.require_world_placement(nifti.read_header(placed))
   for fixed, moving in ((bare, placed), (placed, bare)):
-    with pytest.raises(io.NiftiError, match='^' + bare + ': image has neither'):
-      register.load_pair(register.PairFiles(fixed, moving))
+    with pytest.raises(nifti.NiftiError, match='^' + bare + ': image has neither'):
+      register_lib.load_pair(register_lib.PairFiles(fixed, moving))
 
 
 def _lp_overlap(shape_a, aff_a, shape_b, aff_b):
@@ -193,7 +193,7 @@ def test_world_overlap_matches_a_linear_programming_oracle():
 
 
 def _header(tmp_path, name, shape, affine):
-  return io.read_header(_save(tmp_path / name, np.zeros(shape, np.float32), affine))
+  return nifti.read_header(_save(tmp_path / name, np.zeros(shape, np.float32), affine))
 
 
 def test_inputs_that_do_not_overlap_are_refused_with_both_bounding_boxes(tmp_path):
@@ -234,8 +234,8 @@ def test_label_ids_beyond_int32_are_refused_not_wrapped(tmp_path, dtype, value, 
   lab[1, 2, 0], lab[2, 2, 2] = 7, value
   path = _save(tmp_path / 'big_gt.nii.gz', lab)
   assert np.asarray(nib.load(path).dataobj).max() == value       # stored exactly
-  with pytest.raises(io.NiftiError) as e:
-    io.load_nifti(path, what='label')
+  with pytest.raises(nifti.NiftiError) as e:
+    nifti.load_nifti(path, what='label')
   text = _one_line(e)
   assert text.startswith(path) and f'class id {shown}' in text and 'int32' in text
 
@@ -244,12 +244,12 @@ def test_the_largest_int32_label_id_is_kept_exact_and_fractional_ids_refused(tmp
   lab = np.zeros((4, 4, 3), np.int64)
   lab[0, 0, 0], lab[3, 3, 2] = 2**31 - 1, 5
   path = _save(tmp_path / 'top_gt.nii.gz', lab)
-  got, _, _ = io.load_nifti(path, what='label')
+  got, _, _ = nifti.load_nifti(path, what='label')
   assert got.dtype == np.int32
   np.testing.assert_array_equal(got, np.asarray(nib.load(path).dataobj))
   frac = _save(tmp_path / 'frac_gt.nii.gz', np.full((3, 3, 3), 2.5, np.float32))
-  with pytest.raises(io.NiftiError, match='frac_gt.nii.gz.*non-integer'):
-    io.load_nifti(frac, what='label')
+  with pytest.raises(nifti.NiftiError, match='frac_gt.nii.gz.*non-integer'):
+    nifti.load_nifti(frac, what='label')
 
 
 def test_complex_and_colour_images_are_refused_before_reading_voxels(tmp_path):
@@ -263,8 +263,8 @@ def test_complex_and_colour_images_are_refused_before_reading_voxels(tmp_path):
   for path, what, words in ((cplx, 'image', ('complex', 'magnitude')),
                             (cplx, 'label', ('complex', 'magnitude')),
                             (colour, 'image', ('colour', 'greyscale'))):
-    for read in (io.read_header, io.load_nifti):
-      with pytest.raises(io.NiftiError) as e:
+    for read in (nifti.read_header, nifti.load_nifti):
+      with pytest.raises(nifti.NiftiError) as e:
         read(path, what=what)
       text = _one_line(e)
       assert text.startswith(path) and all(w in text for w in words), text
@@ -274,18 +274,18 @@ def test_float64_beyond_float32_range_is_named_as_such(tmp_path):
   img = np.zeros((4, 4, 3), np.float64)
   img[1, 2, 0], img[3, 0, 1] = -2e39, 1e39
   path = _save(tmp_path / 'huge.nii.gz', img)
-  with pytest.raises(io.NiftiError) as e:
-    io.load_nifti(path)
+  with pytest.raises(nifti.NiftiError) as e:
+    nifti.load_nifti(path)
   text = _one_line(e)
   assert text.startswith(path) and "2 voxel values beyond float32's range" in text
   assert '2e+39' in text and 'rescale' in text and 'NaN' not in text
   img = np.zeros((4, 4, 3), np.float64)
   img[0, 0, 0] = 3e38                                # within float32: loaded as is
-  got, _, _ = io.load_nifti(_save(tmp_path / 'ok.nii.gz', img))
+  got, _, _ = nifti.load_nifti(_save(tmp_path / 'ok.nii.gz', img))
   assert got[0, 0, 0] == np.float32(3e38) and got.dtype == np.float32
   img[0, 0, 1] = np.inf                              # a real inf stays a NaN/inf error
-  with pytest.raises(io.NiftiError, match=r'1 NaN/inf voxels \(first at voxel \(0, 0, 1\)\)'):
-    io.load_nifti(_save(tmp_path / 'inf.nii.gz', img))
+  with pytest.raises(nifti.NiftiError, match=r'1 NaN/inf voxels \(first at voxel \(0, 0, 1\)\)'):
+    nifti.load_nifti(_save(tmp_path / 'inf.nii.gz', img))
 
 
 # --------------------------------------------------------------------------- item 12: names
@@ -367,7 +367,7 @@ def test_available_memory_is_meminfo_or_sysconf():
 @pytest.fixture(scope='module')
 def registrar():
   """The general head shipped with the package (no training, no download)."""
-  return register.Registrar(None)
+  return register_lib.Registrar(None)
 
 
 def _blob_pair(root, shape=(24, 24, 16), affine=np.diag([2.0, 2.0, 2.0, 1.0]), shift=2,
@@ -391,7 +391,7 @@ def test_register_reports_the_pixdim_warning_and_hd95_in_affine_mm(registrar, tm
   files = _blob_pair(str(tmp_path), pixdim=(4.0, 4.0, 4.0))
   logged = []
   registrar.log = logged.append
-  rep = registrar.register(register.PairFiles(**files), str(tmp_path / 'out'))
+  rep = registrar.register(register_lib.PairFiles(**files), str(tmp_path / 'out'))
   np.testing.assert_allclose(rep['grid']['spacing_mm'], (2.0, 2.0, 2.0))
   assert rep['grid']['shape'] == [24, 24, 16]
   said = [w for w in rep['warnings'] if 'pixdim says 4x4x4' in w]
@@ -434,7 +434,7 @@ def test_register_refuses_before_any_heavy_work(registrar, tmp_path, monkeypatch
   monkeypatch.setattr(reg.reader, 'preprocess',
                       lambda *a, **k: pytest.fail('resampled before refusing'))
   with pytest.raises(errors.UserError) as e:
-    reg.register(register.PairFiles(**files), str(tmp_path / 'out'))
+    reg.register(register_lib.PairFiles(**files), str(tmp_path / 'out'))
   text = _one_line(e)
   assert expect in text, text
   assert not os.path.exists(tmp_path / 'out')
@@ -442,7 +442,7 @@ def test_register_refuses_before_any_heavy_work(registrar, tmp_path, monkeypatch
     # The --spacing it names fits: planned again at that spacing, the estimate is within
     # the memory available (and the estimate it quotes is the one planned first).
     spacing = tuple(float(v) for v in text.split('--spacing ')[1].split(' ')[0].split(','))
-    hdr = io.read_header(files['fixed'])
+    hdr = nifti.read_header(files['fixed'])
     opts = dataclasses.replace(reg.options, spacing_mm=spacing)
     factors = reg.factors_for(spacing)
     grid = register_grid.plan_grid(hdr, reg.reader, reg.reader_options, opts, factors,

@@ -11,16 +11,16 @@ import os
 import numpy as np
 import pytest
 
-from feature_extract.datasets import phantoms
+from feature_extract.synthetic import phantoms
 from fmir_jax import cli
 from fmir_jax import demo
-from fmir_jax import evaluation
-from fmir_jax import files
-from fmir_jax import io
-from fmir_jax import register
-from fmir_jax import register_batch
-from tests.files_snapshot import snapshot
-from tests.tiny_run import INPLANE
+from fmir_jax.evaluate import evaluation
+from fmir_jax.core import files
+from fmir_jax.core import nifti
+from fmir_jax.register import registrar as register_lib
+from fmir_jax.register import batch as register_batch
+from tests.helpers.snapshot import snapshot
+from tests.helpers.tiny_run import INPLANE
 
 
 # --------------------------------------------------------------------------- the rule
@@ -160,10 +160,10 @@ def test_pairs_csv_bom_extra_fields_and_blank_lines(tmp_path):
       ('a.nii.gz', 'b.nii.gz'), ('c.nii.gz', 'd.nii.gz')]
   assert said == [f'--pairs {path}: skipped blank lines 3, 4']
   path.write_text('fixed,moving\na.nii.gz,b.nii.gz,c.nii.gz\n')
-  with pytest.raises(register.RegisterError, match='line 2: 3 fields, the header has 2'):
+  with pytest.raises(register_lib.RegisterError, match='line 2: 3 fields, the header has 2'):
     register_batch.read_pairs_csv(str(path))
   path.write_text('fixed,moving\n\n')
-  with pytest.raises(register.RegisterError, match='at least one pair|no pairs'):
+  with pytest.raises(register_lib.RegisterError, match='at least one pair|no pairs'):
     register_batch.read_pairs_csv(str(path))
 
 
@@ -203,7 +203,7 @@ def test_batch_refuses_the_users_summary_and_resumes_after_ctrl_c(run_dir, frame
   assert snapshot(out) == {'summary.csv': b'mine'}
   (out / 'summary.csv').unlink()
 
-  real = register.Registrar.register
+  real = register_lib.Registrar.register
   calls = []
 
   def interrupted_at_the_second(self, paths, pair_out):
@@ -212,13 +212,13 @@ def test_batch_refuses_the_users_summary_and_resumes_after_ctrl_c(run_dir, frame
       raise KeyboardInterrupt
     return real(self, paths, pair_out)
 
-  monkeypatch.setattr(register.Registrar, 'register', interrupted_at_the_second)
+  monkeypatch.setattr(register_lib.Registrar, 'register', interrupted_at_the_second)
   assert cli.main(argv) == 130
   err = capsys.readouterr().err
   assert '1 of 2 pairs done' in err and 'Run the same command again' in err
   first = json.loads((out / 'summary.json').read_text())
   assert [r['status'] for r in first['rows']] == ['ok', 'not run']
-  monkeypatch.setattr(register.Registrar, 'register', real)
+  monkeypatch.setattr(register_lib.Registrar, 'register', real)
   pair1 = sorted(glob.glob(str(out / '0001_*' / '*')))
   stamp = {p: os.stat(p).st_mtime_ns for p in pair1}
   assert cli.main(argv) == 0                             # resumes: pair 1 kept, pair 2 run
@@ -235,14 +235,14 @@ def test_batch_refuses_the_users_summary_and_resumes_after_ctrl_c(run_dir, frame
 def test_batch_records_an_unexpected_error_and_goes_on(run_dir, frames, tmp_path, capsys,
                                                        monkeypatch):
   pairs = _pairs_csv(tmp_path / 'pairs.csv', frames)
-  real = io.load_nifti
+  real = nifti.load_nifti
 
   def rgb_bug(path, **kw):                # a bug of ours on one file: not a user error
     if path == frames[0][1]:
       raise TypeError('planted bug')
     return real(path, **kw)
 
-  monkeypatch.setattr(io, 'load_nifti', rgb_bug)
+  monkeypatch.setattr(nifti, 'load_nifti', rgb_bug)
   out = tmp_path / 'batch'
   rc = cli.main(['register', '--pairs', pairs, '--checkpoint', run_dir, '--out', str(out)])
   assert rc == 1
@@ -265,7 +265,7 @@ def test_a_full_disk_while_writing_keeps_the_earlier_result(run_dir, frames, tmp
   def full(path, *a, **kw):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
 
-  monkeypatch.setattr(io, 'save_dispvect', full)
+  monkeypatch.setattr(nifti, 'save_dispvect', full)
   assert cli.main(argv + ['--overwrite']) == 2
   err = capsys.readouterr().err
   assert 'no space left on device' in err and str(out) in err
@@ -317,8 +317,8 @@ def test_evaluation_never_replaces_the_users_files(run_dir, tmp_path):
 
 
 def test_custom_pair_list_bom_extra_fields_and_line_numbers(tmp_path):
-  from feature_extract.datasets import pairs as custom_pairs
-  from fmir_jax.errors import DatasetError
+  from feature_extract.datasets import custom as custom_pairs
+  from fmir_jax.core.errors import DatasetError
   path = tmp_path / 'list.csv'
   path.write_bytes('\ufeffmoving,fixed\na.nii.gz,b.nii.gz\n'.encode())
   assert [(r['moving'], r['fixed']) for r in custom_pairs.read_pair_table(str(path))] == [

@@ -16,11 +16,11 @@ import types
 import numpy as np
 import pytest
 
-from fmir_jax import checkpoint as ckpt
-from fmir_jax import distributed
-from fmir_jax import errors
+from fmir_jax.train import checkpoint as ckpt
+from fmir_jax.train import distributed
+from fmir_jax.core import errors
 from fmir_jax import general
-from fmir_jax import runs
+from fmir_jax.train import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -205,8 +205,8 @@ def test_a_deleted_best_checkpoint_is_refused_when_the_run_validated(tmp_path):
 
 
 def test_the_validation_log_is_the_trainers():
-  from fmir_jax import trainer
-  assert ckpt.VAL_LOG == trainer.VAL_LOG
+  from fmir_jax.train import loop
+  assert ckpt.VAL_LOG == loop.VAL_LOG
 
 
 def test_best_of_a_run_that_never_validated_is_the_last_one_and_says_so(tmp_path, caplog):
@@ -227,11 +227,11 @@ def _shipped_info():
 def test_run_json_of_the_trainer_and_of_the_shipped_head_pass():
   import dataclasses
   from configs import demo
-  from fmir_jax import train_lib
+  from fmir_jax.train import step as step_lib
   ckpt.check_run_info('run', _shipped_info())
-  c = demo.get_config()         # what trainer.train_and_evaluate writes
+  c = demo.get_config()         # what loop.train_and_evaluate writes
   info = json.loads(json.dumps({'config': c.to_dict(), 'model': dataclasses.asdict(
-      train_lib.model_config(c, 24)), 'store_header': {'channels': 24}, 'total_steps': 10}))
+      step_lib.model_config(c, 24)), 'store_header': {'channels': 24}, 'total_steps': 10}))
   ckpt.check_run_info('run', info)
 
 

@@ -14,10 +14,10 @@ from ml_collections import config_flags
 
 from configs import demo
 from fmir_jax import entry
-from fmir_jax import errors
-from fmir_jax import train_lib
-from fmir_jax import trainer
-from tests import synth
+from fmir_jax.core import errors
+from fmir_jax.train import step as step_lib
+from fmir_jax.train import loop
+from tests.helpers import synthetic_stores
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, 'configs', 'demo.py')
@@ -25,7 +25,7 @@ DEMO = os.path.join(ROOT, 'configs', 'demo.py')
 
 @pytest.fixture(scope='module')
 def store_dir(tmp_path_factory):
-  return synth.write_store(str(tmp_path_factory.mktemp('store') / 'features'))
+  return synthetic_stores.write_store(str(tmp_path_factory.mktemp('store') / 'features'))
 
 
 def _train(args, tmp_path):
@@ -74,10 +74,11 @@ def test_a_genuine_bug_keeps_its_traceback(store_dir, tmp_path):
       sys.argv = ['train.py', '--config={DEMO}', '--workdir={workdir}',
                   '--config.data.train_stores=("{store_dir}",)']
       import train
-      from fmir_jax import entry, train_lib
+      from fmir_jax import entry
+      from fmir_jax.train import step as step_lib
       def planted(*args, **kwargs):
         raise ValueError('planted bug')
-      train_lib.create = planted
+      step_lib.create = planted
       entry.run_absl(train.main)
       """)
   r = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True,
@@ -212,8 +213,8 @@ def _config_with(path, value):
 
 @pytest.mark.parametrize('path,value,valid', BAD_VALUES)
 def test_check_config_names_the_field_and_its_valid_range(path, value, valid):
-  with pytest.raises(train_lib.ConfigError) as err:
-    train_lib.check_config(_config_with(path, value))
+  with pytest.raises(step_lib.ConfigError) as err:
+    step_lib.check_config(_config_with(path, value))
   message = str(err.value)
   assert message.startswith(f'--config.{path}='), message
   assert valid in message and '\n' not in message, message
@@ -223,17 +224,17 @@ def test_check_config_names_the_field_and_its_valid_range(path, value, valid):
 def test_check_config_accepts_the_shipped_configs_and_catches_no_steps():
   import importlib
   for name in ('acdc', 'abdomen', 'hybrid', 'demo', 'general'):
-    train_lib.check_config(importlib.import_module(f'configs.{name}').get_config())
+    step_lib.check_config(importlib.import_module(f'configs.{name}').get_config())
   c = demo.get_config()
   c.train.num_steps, c.train.epochs = 0, 0
-  with pytest.raises(train_lib.ConfigError, match='train no step'):
-    train_lib.check_config(c)
+  with pytest.raises(step_lib.ConfigError, match='train no step'):
+    step_lib.check_config(c)
   c = demo.get_config()
   c.data.per_store = ml_collections.ConfigDict({'factors': ((2, 2, 1), (2, 2)),
                                                 'num_classes': (3, 3),
                                                 'blur_in_plane_only': (True, True)})
-  with pytest.raises(train_lib.ConfigError, match=r'data\.per_store\.factors\[1\]'):
-    train_lib.check_config(c)
+  with pytest.raises(step_lib.ConfigError, match=r'data\.per_store\.factors\[1\]'):
+    step_lib.check_config(c)
 
 
 def _tiny(store_dir, **train):
@@ -244,8 +245,8 @@ def _tiny(store_dir, **train):
 def test_training_user_errors_are_user_errors_and_write_nothing(store_dir, tmp_path):
   """The conditions train.py used to catch as plain ValueError: each is a UserError now and
   is raised before the run folder is created."""
-  other = synth.write_store(str(tmp_path / 'other'), seed=1)
-  no_val = synth.write_store(str(tmp_path / 'noval'), val=(), test=(3, 4), seed=2)
+  other = synthetic_stores.write_store(str(tmp_path / 'other'), seed=1)
+  no_val = synthetic_stores.write_store(str(tmp_path / 'noval'), val=(), test=(3, 4), seed=2)
   workdir = tmp_path / 'w'
   cases = [(_tiny(store_dir, batch_size=0), '--config.train.batch_size=0')]
   c = _tiny(store_dir)
@@ -267,20 +268,20 @@ def test_training_user_errors_are_user_errors_and_write_nothing(store_dir, tmp_p
   cases.append((c, 'data.per_store.factors has 2 entries for 1'))
   for config, expected in cases:
     with pytest.raises(errors.UserError, match=re.escape(expected)) as err:
-      trainer.train_and_evaluate(config, str(workdir), quiet=True)
+      loop.train_and_evaluate(config, str(workdir), quiet=True)
     assert isinstance(err.value, ValueError)            # existing `except ValueError` callers
     assert not workdir.exists(), expected
-  with pytest.raises(train_lib.ConfigError, match='must be >= 0'):
-    trainer.train_and_evaluate(_tiny(store_dir), str(workdir), stop_after_steps=-1)
+  with pytest.raises(step_lib.ConfigError, match='must be >= 0'):
+    loop.train_and_evaluate(_tiny(store_dir), str(workdir), stop_after_steps=-1)
   assert not workdir.exists()
 
 
 def test_a_batch_that_does_not_split_over_the_devices_is_refused_up_front(store_dir):
-  trainer._check_batch_split(_tiny(store_dir, batch_size=4), 2)
-  trainer._check_batch_split(_tiny(store_dir, batch_size=1, bidirectional=True), 2)
-  with pytest.raises(train_lib.ConfigError, match='3 pairs per step do not split over 2 '
+  loop._check_batch_split(_tiny(store_dir, batch_size=4), 2)
+  loop._check_batch_split(_tiny(store_dir, batch_size=1, bidirectional=True), 2)
+  with pytest.raises(step_lib.ConfigError, match='3 pairs per step do not split over 2 '
                                                   'devices; set --config.train.batch_size to '
                                                   'a multiple of 2'):
-    trainer._check_batch_split(_tiny(store_dir, batch_size=3), 2)
-  with pytest.raises(train_lib.ConfigError, match='multiple of 2'):
-    trainer._check_batch_split(_tiny(store_dir, batch_size=1, bidirectional=True), 4)
+    loop._check_batch_split(_tiny(store_dir, batch_size=3), 2)
+  with pytest.raises(step_lib.ConfigError, match='multiple of 2'):
+    loop._check_batch_split(_tiny(store_dir, batch_size=1, bidirectional=True), 4)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from fmir_jax import features
+from fmir_jax.ops import upsample
 
 
 def _linear_interp(n_out, n_in, offset, scale):
@@ -31,7 +31,7 @@ def test_upsample_matches_torch_bilinear(shape, patch):
   feat = rng.normal(size=(1, 3, h, w, 5)).astype(np.float32)
   ah = _linear_interp(h * r, h, 0.5 / r - 0.5, 1 / r)[None]
   aw = _linear_interp(w * r, w, 0.5 / r - 0.5, 1 / r)[None]
-  got = np.asarray(features.upsample_features(jnp.asarray(feat), ah, aw))  # (1,H,W,D,c)
+  got = np.asarray(upsample.upsample_features(jnp.asarray(feat), ah, aw))  # (1,H,W,D,c)
   t = torch.from_numpy(feat[0]).permute(0, 3, 1, 2)  # (D, c, h, w)
   want = torch.nn.functional.interpolate(t, scale_factor=r, mode='bilinear',
                                          align_corners=False).permute(2, 3, 0, 1).numpy()
@@ -51,8 +51,8 @@ def test_exact_path_equals_reference(dims):
   # axis and a dense random matrix for the other.
   ah = jnp.asarray(np.stack([_linear_interp(H, h, 0.3, (h - 1) / max(H - 1, 1))] * b))
   aw = jax.random.uniform(k3, (b, W, w))
-  fast = features.conv3_of_upsampled(feat, kernel, ah, aw)
-  ref = features.conv3_of_upsampled_reference(feat, kernel, ah, aw)
+  fast = upsample.conv3_of_upsampled(feat, kernel, ah, aw)
+  ref = upsample.conv3_of_upsampled_reference(feat, kernel, ah, aw)
   assert fast.shape == (b, H, W, d, n)
   np.testing.assert_allclose(np.asarray(fast), np.asarray(ref), rtol=1e-4,
                              atol=1e-4 * float(jnp.abs(ref).max()))
@@ -60,9 +60,9 @@ def test_exact_path_equals_reference(dims):
   cot = jax.random.normal(k4, ref.shape)
   def loss(fn, f, k):
     return jnp.sum(fn(f, k, ah, aw) * cot)
-  gf = jax.grad(lambda f, k: loss(features.conv3_of_upsampled, f, k), argnums=(0, 1))(
+  gf = jax.grad(lambda f, k: loss(upsample.conv3_of_upsampled, f, k), argnums=(0, 1))(
       feat, kernel)
-  gr = jax.grad(lambda f, k: loss(features.conv3_of_upsampled_reference, f, k),
+  gr = jax.grad(lambda f, k: loss(upsample.conv3_of_upsampled_reference, f, k),
                 argnums=(0, 1))(feat, kernel)
   for a, r in zip(gf, gr):
     np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4,
@@ -76,7 +76,7 @@ def test_reference_conv_matches_torch():
   k = rng.normal(size=(3, 3, 3, 5, 2)).astype(np.float32)
   eye_h = np.eye(3, dtype=np.float32)[None]
   eye_w = np.eye(4, dtype=np.float32)[None]
-  got = np.asarray(features.conv3_of_upsampled_reference(x, k, eye_h, eye_w))  # (1,3,4,2,2)
+  got = np.asarray(upsample.conv3_of_upsampled_reference(x, k, eye_h, eye_w))  # (1,3,4,2,2)
   vol = torch.from_numpy(x).permute(0, 4, 2, 3, 1)  # (B, c, H, W, D)
   wt = torch.from_numpy(k).permute(4, 3, 0, 1, 2)  # (out, in, kH, kW, kD)
   want = torch.nn.functional.conv3d(vol, wt, padding=1).permute(0, 2, 3, 4, 1).numpy()

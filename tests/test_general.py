@@ -12,21 +12,21 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from feature_extract.datasets import pairs as custom_pairs
-from feature_extract.datasets import phantom_pairs
-from feature_extract.datasets import synth
+from feature_extract.datasets import custom as custom_pairs
+from feature_extract.synthetic import phantom_pairs
+from feature_extract.synthetic import randomised
 from fmir_jax import cli
-from fmir_jax import evaluation
+from fmir_jax.evaluate import evaluation
 from fmir_jax import general
-from fmir_jax import io
-from fmir_jax import metrics
+from fmir_jax.core import nifti
+from fmir_jax.core import metrics
 
-SMALL = synth.Setting('iso', (24, 24, 20), (2.0, 2.0, 2.0))
-SMALL_ANISO = synth.Setting('aniso', (32, 32, 6), (1.6, 1.6, 8.0), through_plane=0.3)
+SMALL = randomised.Setting('iso', (24, 24, 20), (2.0, 2.0, 2.0))
+SMALL_ANISO = randomised.Setting('aniso', (32, 32, 6), (1.6, 1.6, 8.0), through_plane=0.3)
 
 
 def test_generator_is_deterministic_and_labels_follow_the_deformation():
-  a, b, c = (synth.draw_pair(SMALL, i, 7) for i in (3, 3, 4))
+  a, b, c = (randomised.draw_pair(SMALL, i, 7) for i in (3, 3, 4))
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x, y)
   assert not np.array_equal(a[2], c[2])
@@ -47,7 +47,7 @@ def test_generator_is_deterministic_and_labels_follow_the_deformation():
 @pytest.mark.parametrize('p_invert, sign', [(0.0, 1), (1.0, -1)])
 def test_images_follow_their_labels_with_one_contrast_or_its_inverse(p_invert, sign):
   s = dataclasses.replace(SMALL, p_invert=p_invert)
-  fixed, moving, fixed_lab, moving_lab, _ = synth.draw_pair(s, 1, 0)
+  fixed, moving, fixed_lab, moving_lab, _ = randomised.draw_pair(s, 1, 0)
   labels = [k for k in np.unique(fixed_lab) if (fixed_lab == k).sum() > 50
             and (moving_lab == k).sum() > 50]
   mf = np.array([fixed[fixed_lab == k].mean() for k in labels])
@@ -59,18 +59,18 @@ def test_images_follow_their_labels_with_one_contrast_or_its_inverse(p_invert, s
 
 
 def test_pair_lists_resume_and_the_custom_reader_reads_them(tmp_path):
-  csv = synth.write_pairs(str(tmp_path), SMALL, 2, seed=0)
+  csv = randomised.write_pairs(str(tmp_path), SMALL, 2, seed=0)
   first = tmp_path / 'iso' / 'pair0000_fixed.nii.gz'
   stamp = first.stat().st_mtime_ns
-  csv = synth.write_pairs(str(tmp_path), SMALL, 3, seed=0)
+  csv = randomised.write_pairs(str(tmp_path), SMALL, 3, seed=0)
   assert first.stat().st_mtime_ns == stamp           # kept, not redrawn
   sources = custom_pairs.scan(csv, shape=SMALL.shape, spacing_mm=SMALL.spacing_mm)
   assert len(sources) == 6 and len(custom_pairs.pairs(sources)) == 3
   vol = next(s for s in sources if s.key.startswith('pair0002_fixed')).load()
-  _, _, fixed_lab, _, _ = synth.draw_pair(SMALL, 2, 0)
+  _, _, fixed_lab, _, _ = randomised.draw_pair(SMALL, 2, 0)
   np.testing.assert_array_equal(vol.labels, fixed_lab)
-  lab, affine, _ = io.load_nifti(str(tmp_path / 'iso' / 'pair0002_fixed_labels.nii.gz'))
-  np.testing.assert_allclose(affine, synth.affine_for(SMALL))
+  lab, affine, _ = nifti.load_nifti(str(tmp_path / 'iso' / 'pair0002_fixed_labels.nii.gz'))
+  np.testing.assert_allclose(affine, randomised.affine_for(SMALL))
 
 
 class _Store:
@@ -90,7 +90,7 @@ class _Store:
 
 
 def test_validation_store_settings_match_by_dataset_and_spacing():
-  from fmir_jax.data import PairRef
+  from fmir_jax.train.data import PairRef
   refs = [PairRef(0, 'a', 'b')]
   trained = ['custom', 'custom']
   settings = [{'factors': (2, 2, 2), 'num_classes': 16, 'spacing_mm': [2.0, 2.0, 2.0]},
@@ -116,7 +116,7 @@ def test_validation_store_settings_match_by_dataset_and_spacing():
 def general_run(tmp_path_factory):
   """configs/general.py shrunk: 3 generated pairs per grid, 1 validation pair per phantom
   set, 12 steps."""
-  from fmir_jax import trainer
+  from fmir_jax.train import loop
   out = str(tmp_path_factory.mktemp('general'))
   general.prepare_out(out)
   lists = general.write_data(out, train_pairs=3, val_pairs=1, seed=0,
@@ -130,7 +130,7 @@ def general_run(tmp_path_factory):
   c.train.log_every = 1
   c.data.prefetch = 1
   workdir = os.path.join(out, 'run')
-  result = trainer.train_and_evaluate(c, workdir, quiet=True)
+  result = loop.train_and_evaluate(c, workdir, quiet=True)
   return out, workdir, result
 
 

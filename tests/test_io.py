@@ -1,4 +1,4 @@
-"""Tests for fmir_jax.io: NIfTI read/write, validation and resampling."""
+"""Tests for fmir_jax.core.nifti: NIfTI read/write, validation and resampling."""
 import gzip
 import json
 import os
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from fmir_jax import grids
-from fmir_jax import io
-from fmir_jax import world
+from fmir_jax.core import resample
+from fmir_jax.core import nifti
+from fmir_jax.core import world
 
 
 def _affine(spacing, origin=(0.0, 0.0, 0.0), rot_deg=0.0, flip=False):
@@ -37,10 +37,10 @@ def test_resample_to_spacing_preserves_sphere_volume_and_extent():
   lab = _sphere(shape, src_sp, r, center)
   aff = _affine(src_sp, origin=(-10, 5, 3), rot_deg=30, flip=True)
   true_vol = 4 / 3 * np.pi * r ** 3
-  out, out_aff = grids.resample_to_spacing(lab, aff, dst_sp, order=0)
-  img, img_aff = grids.resample_to_spacing(lab.astype(np.float32), aff, dst_sp, order=1)
+  out, out_aff = resample.resample_to_spacing(lab, aff, dst_sp, order=0)
+  img, img_aff = resample.resample_to_spacing(lab.astype(np.float32), aff, dst_sp, order=1)
   assert out.dtype == np.uint8 and set(np.unique(out)) <= {0, 1}
-  np.testing.assert_allclose(grids.voxel_spacing(out_aff), dst_sp, rtol=1e-9)
+  np.testing.assert_allclose(resample.voxel_spacing(out_aff), dst_sp, rtol=1e-9)
   np.testing.assert_allclose(out_aff, img_aff)
   vox = np.prod(dst_sp)
   assert abs(out.sum() * vox / true_vol - 1) < 0.04
@@ -62,7 +62,7 @@ def test_resample_to_grid_matches_map_coordinates_oracle():
   src = _affine((1.0, 1.2, 2.0), origin=(3, -2, 1), rot_deg=20)
   dst = _affine((0.8, 0.9, 1.7), origin=(4, 0, 2.5), rot_deg=-35, flip=True)
   dst_shape = (14, 13, 9)
-  out = grids.resample_to_grid(data, src, dst, dst_shape, order=1, cval=-7.0)
+  out = resample.resample_to_grid(data, src, dst, dst_shape, order=1, cval=-7.0)
   idx = np.indices(dst_shape).reshape(3, -1)
   world = dst @ np.vstack([idx, np.ones(idx.shape[1])])
   src_vox = (np.linalg.inv(src) @ world)[:3]
@@ -77,8 +77,8 @@ def test_label_upsample_round_trip_is_exact():
   rng = np.random.default_rng(1)
   lab = rng.integers(0, 4, size=(7, 6, 5)).astype(np.uint8)
   aff = _affine((1.5, 1.5, 4.0), rot_deg=90)
-  shape, up_aff = grids.spacing_grid(lab.shape, aff, (1.5, 1.5, 4.0), (0.75, 0.5, 2.0))
-  gm = grids.GridMap(lab.shape, aff, shape, up_aff)
+  shape, up_aff = resample.spacing_grid(lab.shape, aff, (1.5, 1.5, 4.0), (0.75, 0.5, 2.0))
+  gm = resample.GridMap(lab.shape, aff, shape, up_aff)
   up = gm.to_target(lab, order=0)
   assert up.shape == (14, 18, 10) and up.dtype == np.uint8
   np.testing.assert_array_equal(gm.to_source(up, order=0), lab)
@@ -87,12 +87,12 @@ def test_label_upsample_round_trip_is_exact():
 def test_crop_or_pad_matches_numpy_padding():
   rng = np.random.default_rng(2)
   data = rng.normal(size=(9, 6, 5))
-  out, start = grids.crop_or_pad(data, (2.2, 4.6, 2.0), (6, 10, 3), cval=-1)
+  out, start = resample.crop_or_pad(data, (2.2, 4.6, 2.0), (6, 10, 3), cval=-1)
   assert start == (-1, 0, 1)
   padded = np.pad(data, [(1, 0), (0, 4), (0, 0)], constant_values=-1)
   np.testing.assert_array_equal(out, padded[0:6, 0:10, 1:4])
   # Centred identity.
-  same, st = grids.crop_or_pad(data, (4.0, 2.5, 2.0), data.shape)
+  same, st = resample.crop_or_pad(data, (4.0, 2.5, 2.0), data.shape)
   assert st == (0, 0, 0)
   np.testing.assert_array_equal(same, data)
 
@@ -103,18 +103,18 @@ def test_target_grid_equals_resample_then_crop():
   sp = (1.3, 1.3, 7.0)
   aff = _affine(sp, origin=(-20, 10, 5), rot_deg=180, flip=True)
   centre = (17.3, 21.8, 4.0)
-  gm = grids.target_grid(img.shape, aff, sp, (1.8, 1.8, 10.0), (24, 20, 8), centre)
+  gm = resample.target_grid(img.shape, aff, sp, (1.8, 1.8, 10.0), (24, 20, 8), centre)
   direct = gm.to_target(img, order=1)
-  res, res_aff = grids.resample_to_spacing(img, aff, (1.8, 1.8, 10.0), order=1)
+  res, res_aff = resample.resample_to_spacing(img, aff, (1.8, 1.8, 10.0), order=1)
   centre_res = (np.linalg.inv(res_aff) @ aff @ np.append(centre, 1))[:3]
-  ref, start = grids.crop_or_pad(res, centre_res, (24, 20, 8))
+  ref, start = resample.crop_or_pad(res, centre_res, (24, 20, 8))
   np.testing.assert_allclose(direct, ref, atol=1e-5)
-  np.testing.assert_allclose(gm.dst_affine, grids.translate_affine(res_aff, start))
+  np.testing.assert_allclose(gm.dst_affine, resample.translate_affine(res_aff, start))
   # JSON round trip of the grid map.
-  back = grids.GridMap.from_dict(json.loads(json.dumps(gm.to_dict())))
+  back = resample.GridMap.from_dict(json.loads(json.dumps(gm.to_dict())))
   assert back == gm
   with pytest.raises(ValueError, match="malformed"):
-    grids.GridMap.from_dict({"src_shape": [1, 2, 3]})
+    resample.GridMap.from_dict({"src_shape": [1, 2, 3]})
 
 
 def test_save_load_round_trip(tmp_path):
@@ -122,19 +122,19 @@ def test_save_load_round_trip(tmp_path):
   img = rng.normal(size=(5, 4, 3))
   lab = rng.integers(0, 14, size=(5, 4, 3))
   aff = _affine((1.0, 2.0, 3.0), origin=(1, 2, 3), rot_deg=10)
-  io.save_nifti(tmp_path / "img.nii.gz", img, aff)
-  io.save_nifti(tmp_path / "lab.nii.gz", lab, aff, intent="label")
+  nifti.save_nifti(tmp_path / "img.nii.gz", img, aff)
+  nifti.save_nifti(tmp_path / "lab.nii.gz", lab, aff, intent="label")
   assert sorted(os.listdir(tmp_path)) == ["img.nii.gz", "lab.nii.gz"]  # no temp files left
-  data, a, hdr = io.load_nifti(tmp_path / "img.nii.gz")
+  data, a, hdr = nifti.load_nifti(tmp_path / "img.nii.gz")
   assert data.dtype == np.float32
   np.testing.assert_allclose(data, img.astype(np.float32))
   np.testing.assert_allclose(a, aff, atol=1e-5)
   np.testing.assert_allclose(hdr.spacing_mm, (1.0, 2.0, 3.0), rtol=1e-6)
-  labd, _, lh = io.load_nifti(tmp_path / "lab.nii.gz", what="label")
+  labd, _, lh = nifti.load_nifti(tmp_path / "lab.nii.gz", what="label")
   assert labd.dtype == np.uint8 and lh.dtype == "uint8"
   np.testing.assert_array_equal(labd, lab)
   with pytest.raises(ValueError, match="does not fit int32"):
-    io.save_nifti(tmp_path / "x.nii.gz", lab.astype(np.int64) * 2**31, aff)
+    nifti.save_nifti(tmp_path / "x.nii.gz", lab.astype(np.int64) * 2**31, aff)
 
 
 def _write(path, data, affine=None, zooms=None):
@@ -146,50 +146,50 @@ def _write(path, data, affine=None, zooms=None):
 
 
 def test_load_errors(tmp_path):
-  with pytest.raises(io.NiftiError, match="does not exist"):
-    io.load_nifti(tmp_path / "missing.nii.gz")
+  with pytest.raises(nifti.NiftiError, match="does not exist"):
+    nifti.load_nifti(tmp_path / "missing.nii.gz")
   bad = tmp_path / "garbage.nii.gz"
   bad.write_bytes(b"not a nifti at all" * 10)
-  with pytest.raises(io.NiftiError, match="garbage.nii.gz.*corrupt"):
-    io.load_nifti(bad)
+  with pytest.raises(nifti.NiftiError, match="garbage.nii.gz.*corrupt"):
+    nifti.load_nifti(bad)
   # Valid header, truncated voxel data: header reads, data load fails clearly.
   full = _write(tmp_path / "full.nii", np.ones((20, 20, 20), np.float32))
   raw = open(full, "rb").read()
   trunc = tmp_path / "trunc.nii.gz"
   trunc.write_bytes(gzip.compress(raw[:2000]))
-  assert io.read_header(trunc).shape == (20, 20, 20)
-  with pytest.raises(io.NiftiError, match="(?s)trunc.nii.gz.*truncated"):
-    io.load_nifti(trunc)
-  with pytest.raises(io.NiftiError, match="flat.nii.gz.*expected a 3D"):
-    io.load_nifti(_write(tmp_path / "flat.nii.gz", np.zeros((4, 4), np.float32)))
+  assert nifti.read_header(trunc).shape == (20, 20, 20)
+  with pytest.raises(nifti.NiftiError, match="(?s)trunc.nii.gz.*truncated"):
+    nifti.load_nifti(trunc)
+  with pytest.raises(nifti.NiftiError, match="flat.nii.gz.*expected a 3D"):
+    nifti.load_nifti(_write(tmp_path / "flat.nii.gz", np.zeros((4, 4), np.float32)))
   four = _write(tmp_path / "cine_4d.nii.gz", np.zeros((4, 4, 3, 5), np.float32))
-  with pytest.raises(io.NiftiError, match="cine_4d.nii.gz.*4D"):
-    io.load_nifti(four)
-  assert io.load_nifti(four, allow_4d=True)[0].shape == (4, 4, 3, 5)
+  with pytest.raises(nifti.NiftiError, match="cine_4d.nii.gz.*4D"):
+    nifti.load_nifti(four)
+  assert nifti.load_nifti(four, allow_4d=True)[0].shape == (4, 4, 3, 5)
   nan = np.zeros((3, 3, 3), np.float32)
   nan[1, 2, 0] = np.nan
-  with pytest.raises(io.NiftiError, match=r"nan.nii.gz.*1 NaN/inf.*\(1, 2, 0\)"):
-    io.load_nifti(_write(tmp_path / "nan.nii.gz", nan))
-  with pytest.raises(io.NiftiError, match="zero.nii.gz.*spacing"):
-    io.load_nifti(_write(tmp_path / "zero.nii.gz", np.zeros((3, 3, 3), np.float32),
+  with pytest.raises(nifti.NiftiError, match=r"nan.nii.gz.*1 NaN/inf.*\(1, 2, 0\)"):
+    nifti.load_nifti(_write(tmp_path / "nan.nii.gz", nan))
+  with pytest.raises(nifti.NiftiError, match="zero.nii.gz.*spacing"):
+    nifti.load_nifti(_write(tmp_path / "zero.nii.gz", np.zeros((3, 3, 3), np.float32),
                          zooms=(1.0, 0.0, 1.0)))
   frac = _write(tmp_path / "frac.nii.gz", np.full((3, 3, 3), 0.5, np.float32))
-  with pytest.raises(io.NiftiError, match="frac.nii.gz.*non-integer"):
-    io.load_nifti(frac, what="label")
+  with pytest.raises(nifti.NiftiError, match="frac.nii.gz.*non-integer"):
+    nifti.load_nifti(frac, what="label")
   neg = _write(tmp_path / "neg.nii.gz", np.full((3, 3, 3), -1, np.int16))
-  with pytest.raises(io.NiftiError, match="neg.nii.gz.*negative"):
-    io.load_nifti(neg, what="label")
+  with pytest.raises(nifti.NiftiError, match="neg.nii.gz.*negative"):
+    nifti.load_nifti(neg, what="label")
 
 
 def test_check_same_grid():
   a = _affine((1.0, 1.0, 5.0))
-  io.check_same_grid("i.nii", a, (4, 4, 2), "l.nii", a + 1e-6, (4, 4, 2))
-  with pytest.raises(io.NiftiError, match="l.nii: label shape .*differs.*i.nii"):
-    io.check_same_grid("i.nii", a, (4, 4, 2), "l.nii", a, (4, 4, 3))
+  nifti.check_same_grid("i.nii", a, (4, 4, 2), "l.nii", a + 1e-6, (4, 4, 2))
+  with pytest.raises(nifti.NiftiError, match="l.nii: label shape .*differs.*i.nii"):
+    nifti.check_same_grid("i.nii", a, (4, 4, 2), "l.nii", a, (4, 4, 3))
   b = a.copy()
   b[0, 3] += 0.5
-  with pytest.raises(io.NiftiError, match="l.nii: label affine differs .* by up to 0.5 mm"):
-    io.check_same_grid("i.nii", a, (4, 4, 2), "l.nii", b, (4, 4, 2))
+  with pytest.raises(nifti.NiftiError, match="l.nii: label affine differs .* by up to 0.5 mm"):
+    nifti.check_same_grid("i.nii", a, (4, 4, 2), "l.nii", b, (4, 4, 2))
 
 
 def test_displacement_units_round_trip():
@@ -212,9 +212,9 @@ def test_labels_above_255_are_written_with_a_type_that_holds_them(tmp_path, top,
   """FreeSurfer aseg ids (up to 2035) and larger: nibabel reads back the exact ids."""
   lab = np.zeros((5, 4, 3), np.int64)
   lab[1, 1, 1], lab[2, 3, 0], lab[4, 0, 2] = 1, top // 2, top
-  path = io.save_nifti(str(tmp_path / 'aseg.nii.gz'), lab, np.eye(4), intent='label')
+  path = nifti.save_nifti(str(tmp_path / 'aseg.nii.gz'), lab, np.eye(4), intent='label')
   img = nib.load(path)
   assert img.get_data_dtype() == dtype
   np.testing.assert_array_equal(np.asarray(img.dataobj), lab)
-  back, _, _ = io.load_nifti(path, what='label')
+  back, _, _ = nifti.load_nifti(path, what='label')
   np.testing.assert_array_equal(back, lab)

@@ -1,5 +1,5 @@
 """Dependency direction: fmir_jax imports the PyTorch stage only inside the functions that
-encode images; the errors and the --layer check both sides use live in fmir_jax.errors."""
+encode images; the errors and the --layer check both sides use live in fmir_jax.core.errors."""
 import os
 import subprocess
 import sys
@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from fmir_jax import cli
-from fmir_jax import errors
+from fmir_jax.core import errors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -81,8 +81,8 @@ def test_learning_smoke_curves_and_cross_domain_table(tmp_path):
   assert again.stdout.count('(reused: ') == 3 and 'eval ' not in again.stderr
   assert (out / 'table2.md').read_text().splitlines() == table
   # reused only for the same evaluation: other pairs, or a checkpoint saved after it, redo it
-  from fmir_jax import checkpoint as ckpt
-  from fmir_jax import evaluation
+  from fmir_jax.train import checkpoint as ckpt
+  from fmir_jax.evaluate import evaluation
   run, store = str(out / 'runs' / runs[0]), str(out / 'features' / 'cardiac')
   done = str(out / 'eval' / runs[0] / 'cardiac')
   kept = evaluation.earlier_summary(run, store, done, limit=2)
@@ -128,7 +128,7 @@ def test_learning_plan_parsing(tmp_path, capsys):
 
 def test_table2_rows_keep_runs_that_share_a_mode_apart(tmp_path):
   """Two runs of one mode and norm (two learning rates) get a row each in Table 2."""
-  from fmir_jax import evaluation
+  from fmir_jax.evaluate import evaluation
   runs = {'ws_a': ('WS', 'matched'), 'ws_lr0.001': ('WS', 'matched'), 'un': ('UN', 'paper'),
           'cr': ('-CR', 'paper')}
   for name, (mode, norm) in runs.items():

@@ -1,4 +1,4 @@
-"""Oracle tests for fmir_jax.losses (scipy filters, torch interpolate, closed forms)."""
+"""Oracle tests for fmir_jax.ops.losses (scipy filters, torch interpolate, closed forms)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,8 +7,8 @@ import scipy.ndimage as ndi
 import torch
 import torch.nn.functional as F
 
-from fmir_jax import losses as L
-from fmir_jax import warp as W
+from fmir_jax.ops import losses as L
+from fmir_jax.ops import warp as W
 
 
 def _rand(shape, seed):

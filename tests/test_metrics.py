@@ -1,4 +1,4 @@
-"""Tests for fmir_jax.metrics against closed forms and independent oracles."""
+"""Tests for fmir_jax.core.metrics against closed forms and independent oracles."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,7 @@ import pytest
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from fmir_jax import metrics
+from fmir_jax.core import metrics
 
 ACDC_SPACING = (1.8, 1.8, 10.0)
 
@@ -339,7 +339,7 @@ def test_bidirectional_average_per_subject_then_over_subjects():
 
 
 def test_metrics_module_imports_without_jax_or_torch():
-  code = ("import sys, fmir_jax.metrics; "
+  code = ("import sys, fmir_jax.core.metrics; "
           "bad = [m for m in ('jax', 'torch') if m in sys.modules]; "
           "sys.exit(1 if bad else 0)")
   assert subprocess.run([sys.executable, "-c", code]).returncode == 0

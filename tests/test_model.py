@@ -9,11 +9,11 @@ import pytest
 from flax import nnx
 from scipy import ndimage
 
-from fmir_jax import model as M
-from fmir_jax import slabs as S
-from fmir_jax import geometry
-from fmir_jax import train_lib
-from fmir_jax import warp as W
+from fmir_jax.model import network as M
+from fmir_jax.model import slabs as S
+from fmir_jax.core import patches
+from fmir_jax.train import step as step_lib
+from fmir_jax.ops import warp as W
 
 
 def _inputs(image, c, patch, seed):
@@ -24,9 +24,9 @@ def _inputs(image, c, patch, seed):
   blocks = padded.reshape(hp, patch, wp, patch, d).mean(axis=(1, 3))
   base = np.stack([blocks, blocks ** 2, np.sin(4 * blocks)], -1)
   feat = np.transpose(base @ np.random.default_rng(seed).normal(size=(3, c)), (2, 0, 1, 3))
-  geo = geometry.patch_geometry([0, 0], [1, 1], patch)
+  geo = patches.patch_geometry([0, 0], [1, 1], patch)
   return {k: jnp.asarray(v) for k, v in
-          geometry.model_inputs(image, feat, geo, batch=True).items()}
+          patches.model_inputs(image, feat, geo, batch=True).items()}
 
 
 @pytest.mark.slow
@@ -65,12 +65,12 @@ def test_optimisation_on_a_known_deformation_raises_dice():
 
   cfg = M.FMIRConfig(feature_channels=4, n=8, levels=3, integration_steps=4, kernel_init='he')
   graphdef, params = nnx.split(M.FMIR(cfg, rngs=nnx.Rngs(0)), nnx.Param)
-  spec = train_lib.LossSpec(windows=(9, 5, 3), smooth=0.1)
+  spec = step_lib.LossSpec(windows=(9, 5, 3), smooth=0.1)
   tx = optax.adam(3e-3)
 
   def loss_fn(p):
     out = nnx.merge(graphdef, p)(moving, fixed)
-    return train_lib.registration_loss(out, moving, fixed, spec)[0], out.disp
+    return step_lib.registration_loss(out, moving, fixed, spec)[0], out.disp
 
   @jax.jit
   def step(p, o):

@@ -20,8 +20,8 @@ import time
 import numpy as np
 import pytest
 
-from fmir_jax import report
-from tests import synth
+from fmir_jax.evaluate import report
+from tests.helpers import synthetic_stores
 
 # End to end: launches several processes that train (the unit run leaves it out: -m "not slow").
 pytestmark = pytest.mark.slow
@@ -85,7 +85,7 @@ def runs(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('multihost')
   _CACHE.update(JAX_COMPILATION_CACHE_DIR=str(tmp / 'jax_cache'),
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
-  store = synth.write_store(str(tmp / 'features'))
+  store = synthetic_stores.write_store(str(tmp / 'features'))
   one = _start(_train_cmd(store, tmp / 'one'), 4, open(tmp / 'one.log', 'w'))
   procs, logs = _two(lambda *a: _train_cmd(store, tmp / 'two', *a), tmp, 'two')
   rcs = _wait([one] + procs)

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from feature_extract.datasets import abdomen, acdc, phantoms
-from fmir_jax import io
+from feature_extract.datasets import abdomen, acdc
+from feature_extract.synthetic import phantoms
+from fmir_jax.core import nifti
 
 _SMALL = (128, 150)
 
@@ -32,8 +33,8 @@ def test_acdc_phantom_files_and_ranges(acdc_root):
     folder = acdc_root / "training" / f"patient{pid:03d}"
     ed, es = acdc.parse_info_cfg(str(folder / "Info.cfg"))
     assert es > ed >= 1
-    img, aff, hdr = io.load_nifti(folder / f"patient{pid:03d}_frame{es:02d}.nii.gz")
-    lab, laff, _ = io.load_nifti(folder / f"patient{pid:03d}_frame{ed:02d}_gt.nii.gz",
+    img, aff, hdr = nifti.load_nifti(folder / f"patient{pid:03d}_frame{es:02d}.nii.gz")
+    lab, laff, _ = nifti.load_nifti(folder / f"patient{pid:03d}_frame{ed:02d}_gt.nii.gz",
                                  what="label")
     assert set(np.unique(lab)) == {0, 1, 2, 3}
     np.testing.assert_allclose(aff, laff, atol=1e-4)
@@ -45,7 +46,7 @@ def test_acdc_phantom_files_and_ranges(acdc_root):
     ring = ndimage.binary_dilation(lab == 3, np.ones((3, 3, 1))) & (lab != 3)
     assert np.mean(lab[ring] == 2) > 0.9
     # The LV blood pool is brighter than the myocardium.
-    ed_img, _, _ = io.load_nifti(folder / f"patient{pid:03d}_frame{ed:02d}.nii.gz")
+    ed_img, _, _ = nifti.load_nifti(folder / f"patient{pid:03d}_frame{ed:02d}.nii.gz")
     assert ed_img[lab == 3].mean() > 2 * ed_img[lab == 2].mean()
 
 
@@ -57,8 +58,8 @@ def test_acdc_phantoms_deterministic_and_varied(tmp_path):
   assert a[1].ed == b[0].ed and a[1].es == b[0].es and a[1].shape == b[0].shape
   np.testing.assert_array_equal(a[1].affine, b[0].affine)
   name = "training/patient006/patient006_frame{:02d}.nii.gz".format(b[0].ed_frame)
-  x, _, _ = io.load_nifti(tmp_path / "a" / name)
-  y, _, _ = io.load_nifti(tmp_path / "b" / name)
+  x, _, _ = nifti.load_nifti(tmp_path / "a" / name)
+  y, _, _ = nifti.load_nifti(tmp_path / "b" / name)
   np.testing.assert_array_equal(x, y)
   assert a[0].shape != a[1].shape or a[0].spacing_mm != a[1].spacing_mm
   dets = [np.linalg.det(phantoms.draw_acdc_phantom(i, 0).affine[:3, :3]) for i in range(12)]
@@ -102,8 +103,8 @@ def test_abdomen_phantoms(tmp_path):
   assert [os.path.basename(p) for p in paths] == ["img0001.nii.gz", "img0002.nii.gz"]
   imgs, labs = [], []
   for n in (1, 2):
-    img, aff, hdr = io.load_nifti(tmp_path / f"img/img{n:04d}.nii.gz")
-    lab, _, _ = io.load_nifti(tmp_path / f"label/label{n:04d}.nii.gz", what="label")
+    img, aff, hdr = nifti.load_nifti(tmp_path / f"img/img{n:04d}.nii.gz")
+    lab, _, _ = nifti.load_nifti(tmp_path / f"label/label{n:04d}.nii.gz", what="label")
     assert img.shape == shape and hdr.spacing_mm == pytest.approx((2.0, 2.0, 2.0))
     assert img.min() < -950 and img.max() > 600        # air and bone
     assert np.median(img[lab == 6]) == pytest.approx(60, abs=25)  # liver HU

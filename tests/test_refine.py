@@ -1,4 +1,4 @@
-"""fmir_jax/refine.py: multi-scale instance optimisation.
+"""fmir_jax/register/refine.py: multi-scale instance optimisation.
 
 Independent oracles: scipy.ndimage.map_coordinates warps (pull convention,
 warped(x) = moving(x + u(x))), numpy central-difference Jacobians, and a numpy/scipy
@@ -13,10 +13,10 @@ import pytest
 from jax import monitoring
 from scipy import ndimage
 
-from fmir_jax import losses
-from fmir_jax import refine
-from fmir_jax import sampling
-from fmir_jax import warp
+from fmir_jax.ops import losses
+from fmir_jax.register import refine
+from fmir_jax.ops import sampling
+from fmir_jax.ops import warp
 
 SHAPE = (32, 32, 24)
 CROP = (slice(4, -4),) * 3

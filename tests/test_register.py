@@ -16,17 +16,17 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from feature_extract.datasets import phantoms
+from feature_extract.synthetic import phantoms
 from fmir_jax import cli
-from fmir_jax import files
-from fmir_jax import grids
-from fmir_jax import io
-from fmir_jax import refine
-from fmir_jax import register
-from fmir_jax import register_grid
-from fmir_jax import world
-from tests.files_snapshot import snapshot
-from tests.tiny_run import GRID, INPLANE
+from fmir_jax.core import files
+from fmir_jax.core import resample
+from fmir_jax.core import nifti
+from fmir_jax.register import refine
+from fmir_jax.register import registrar as register_lib
+from fmir_jax.register import grid as register_grid
+from fmir_jax.core import world
+from tests.helpers.snapshot import snapshot
+from tests.helpers.tiny_run import GRID, INPLANE
 
 
 
@@ -58,19 +58,19 @@ def pair(tmp_path_factory):
   root = str(tmp_path_factory.mktemp('pair'))
   phantoms.write_acdc_phantoms(root, 1, seed=3, first_id=101, inplane_size=INPLANE)
   ed, es = sorted(glob.glob(f'{root}/testing/patient101/*frame??.nii.gz'))
-  img_f, aff_f, hdr_f = io.load_nifti(ed)
+  img_f, aff_f, hdr_f = nifti.load_nifti(ed)
   shape_m = (hdr_f.shape[0] - 7, hdr_f.shape[1] + 5, hdr_f.shape[2])
   aff_m = other_grid(hdr_f.shape, aff_f, shape_m, np.deg2rad(17.0), 1.15)
   out = {'fixed': ed, 'fixed_labels': ed.replace('.nii.gz', '_gt.nii.gz'), 'root': root}
   shift_vox = np.array([2.5, -2.0, 0.0])                 # in-plane, fixed voxel axes
   out['t_mm'] = aff_f[:3, :3] @ shift_vox
   for name, src, src_aff in (('es', es, aff_f), ('shift', ed, translate(out['t_mm']) @ aff_f)):
-    img, _, _ = io.load_nifti(src)
-    lab, _, _ = io.load_nifti(src.replace('.nii.gz', '_gt.nii.gz'), what='label')
-    out[name] = io.save_nifti(f'{root}/{name}.nii.gz',
-                              grids.resample_to_grid(img, src_aff, aff_m, shape_m, 1), aff_m)
-    out[name + '_labels'] = io.save_nifti(
-        f'{root}/{name}_gt.nii.gz', grids.resample_to_grid(lab, src_aff, aff_m, shape_m, 0), aff_m)
+    img, _, _ = nifti.load_nifti(src)
+    lab, _, _ = nifti.load_nifti(src.replace('.nii.gz', '_gt.nii.gz'), what='label')
+    out[name] = nifti.save_nifti(f'{root}/{name}.nii.gz',
+                              resample.resample_to_grid(img, src_aff, aff_m, shape_m, 1), aff_m)
+    out[name + '_labels'] = nifti.save_nifti(
+        f'{root}/{name}_gt.nii.gz', resample.resample_to_grid(lab, src_aff, aff_m, shape_m, 0), aff_m)
   return out
 
 
@@ -123,21 +123,21 @@ def test_fast_sets_a_quarter_io_budget_and_head_level_1():
     ('patient101_frame10.nii.gz', '101', ('0101', None)),
     ('whatever.nii.gz', '5_1', ('0005', '0001'))])
 def test_l2r_case_ids(name, given, expect):
-  assert io.l2r_case(f'/d/{name}', given, '--l2r-fixed-id') == expect
+  assert nifti.l2r_case(f'/d/{name}', given, '--l2r-fixed-id') == expect
 
 
 def test_l2r_ambiguous_names_are_refused_and_names_follow_the_evaluation_code():
-  with pytest.raises(io.NiftiError, match='pass --l2r-moving-id'):
-    io.l2r_case('/d/patient101_frame10.nii.gz', None, '--l2r-moving-id')
-  with pytest.raises(io.NiftiError, match='NNNN'):
-    io.l2r_case('/d/x.nii.gz', 'abc', '--l2r-fixed-id')
+  with pytest.raises(nifti.NiftiError, match='pass --l2r-moving-id'):
+    nifti.l2r_case('/d/patient101_frame10.nii.gz', None, '--l2r-moving-id')
+  with pytest.raises(nifti.NiftiError, match='NNNN'):
+    nifti.l2r_case('/d/x.nii.gz', 'abc', '--l2r-fixed-id')
   # The Learn2Reg evaluation code (evaluation.py): short name for one modality (or
   # 0000 -> 0001), the long one otherwise.
-  assert io.l2r_names(('0001', '0000'), ('0002', '0000')) == [
+  assert nifti.l2r_names(('0001', '0000'), ('0002', '0000')) == [
       'disp_0001_0002.nii.gz', 'disp_0001_0000_0002_0000.nii.gz']
-  assert io.l2r_names(('0001', '0001'), ('0002', '0000')) == [
+  assert nifti.l2r_names(('0001', '0001'), ('0002', '0000')) == [
       'disp_0001_0001_0002_0000.nii.gz']
-  assert io.l2r_names(('0001', None), ('0002', None)) == ['disp_0001_0002.nii.gz']
+  assert nifti.l2r_names(('0001', None), ('0002', None)) == ['disp_0001_0002.nii.gz']
 
 
 def test_native_grid_is_padded_to_pyramid_multiples_and_keeps_the_centre():
@@ -149,7 +149,7 @@ def test_native_grid_is_padded_to_pyramid_multiples_and_keeps_the_centre():
   # An odd padding cannot be split evenly: the centre moves by at most half a voxel.
   shift = np.linalg.solve(new[:3, :3], centre(shape, new) - centre((101, 90, 9), aff))
   np.testing.assert_allclose(np.abs(shift), [0.0, 0.5, 0.0], atol=1e-9)
-  np.testing.assert_allclose(grids.voxel_spacing(new), (2.0, 2.0, 7.0))
+  np.testing.assert_allclose(resample.voxel_spacing(new), (2.0, 2.0, 7.0))
 
 
 def test_warp_to_fixed_follows_the_half_voxel_edge_rule():
@@ -246,10 +246,10 @@ def test_cli_native_grid_outputs_match_independent_resampler_and_l2r(run_dir, pa
 @pytest.mark.slow
 def test_instance_optimisation_recovers_a_known_translation(run_dir, pair, tmp_path):
   out = tmp_path / 'out'
-  rep = register.register(
+  rep = register_lib.register(
       pair['fixed'], pair['shift'], run_dir, str(out), fixed_labels=pair['fixed_labels'],
       moving_labels=pair['shift_labels'],
-      options=register.RegisterOptions(refine=refine.RefineOptions()))
+      options=register_lib.RegisterOptions(refine=refine.RefineOptions()))
   assert rep['grid']['shape'] == list(GRID['shape'])          # the run's model grid
   io_r = rep['instance_optimisation']
   assert all(a < b for a, b in zip(io_r['loss_after'], io_r['loss_before']))

@@ -4,7 +4,7 @@ identity Dice equal to an independent numpy computation on the written NIfTI fil
 known deformation applied (identity Dice < 1). ANTs runs when .venv-ants exists; when it does
 not, the bench must say so.
 
-The tiny run is conftest's ``run_dir`` (tests/tiny_run.py).
+The tiny run is conftest's ``run_dir`` (tests/helpers/tiny_run.py).
 """
 import json
 import math

@@ -1,4 +1,4 @@
-"""Tests for fmir_jax.report: files parse back to the numbers written, figures are PNGs."""
+"""Tests for fmir_jax.evaluate.report: files parse back to the numbers written, figures are PNGs."""
 from __future__ import annotations
 
 import csv
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
-from fmir_jax import metrics
-from fmir_jax import report
+from fmir_jax.core import metrics
+from fmir_jax.evaluate import report
 
 
 def _pair(moving, fixed, subject, dice, hd, time_s=0.62):
@@ -250,7 +250,7 @@ def test_dice_boxplot_png_and_nan_handling(tmp_path):
 
 
 def test_report_module_imports_without_jax_torch_or_pyplot():
-  code = ("import sys, fmir_jax.report; "
+  code = ("import sys, fmir_jax.evaluate.report; "
           "bad = [m for m in ('jax', 'torch', 'matplotlib.pyplot') if m in sys.modules]; "
           "sys.exit(1 if bad else 0)")
   assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 
 from feature_extract import backbones
-from fmir_jax import runs
+from fmir_jax.train import runs
 
 HEADER = {'input_size': 64, 'resize': 'upsample', 'pad_to': None}
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from feature_extract import slicing
-from fmir_jax import geometry
+from fmir_jax.core import patches
 
 ID_MEAN, ID_STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
 
@@ -23,8 +23,8 @@ def sample_at_voxels(plane: np.ndarray, layout: slicing.SliceLayout) -> np.ndarr
   """
   geom = layout.geometry(patch_size=1)
   k = layout.input_size
-  wy = geometry.interp_matrix(layout.in_shape[0], k, geom['offset'][0], geom['scale'][0])
-  wx = geometry.interp_matrix(layout.in_shape[1], k, geom['offset'][1], geom['scale'][1])
+  wy = patches.interp_matrix(layout.in_shape[0], k, geom['offset'][0], geom['scale'][0])
+  wx = patches.interp_matrix(layout.in_shape[1], k, geom['offset'][1], geom['scale'][1])
   return np.einsum('yk,...kl,xl->...yx', wy, np.asarray(plane, np.float32), wx)
 
 
@@ -114,8 +114,8 @@ def test_geometry_maps_voxels_to_patch_grid(shape, k, p, mode):
     ramp = np.indices(shape, dtype=np.float32)[axis][:, :, None]             # (H, W, 1)
     slices, _ = slicing.volume_to_slices(ramp, k, mode, ID_MEAN, ID_STD)
     grid = F.avg_pool2d(slices[:, :1], p)[0, 0].numpy().astype(np.float64)   # (K/p, K/p)
-    wy = geometry.interp_matrix(h, k // p, geom['offset'][0], geom['scale'][0])
-    wx = geometry.interp_matrix(w, k // p, geom['offset'][1], geom['scale'][1])
+    wy = patches.interp_matrix(h, k // p, geom['offset'][0], geom['scale'][0])
+    wx = patches.interp_matrix(w, k // p, geom['offset'][1], geom['scale'][1])
     back = wy @ grid @ wx.T                                                  # (H, W)
     clean = _clean_patch_coordinates(layout, p, axis)
     coords = geom['offset'][axis] + geom['scale'][axis] * np.arange(shape[axis])
@@ -128,7 +128,7 @@ def test_geometry_maps_voxels_to_patch_grid(shape, k, p, mode):
     np.testing.assert_allclose(got[ok], expect[ok], atol=1e-4)
     # Negative control: dropping the half-voxel term (offset = pad/p - 1/2) is off by 0.5.
     bad = geom['offset'][axis] - 0.5 * geom['scale'][axis]
-    wbad = geometry.interp_matrix(shape[axis], k // p, bad, geom['scale'][axis])
+    wbad = patches.interp_matrix(shape[axis], k // p, bad, geom['scale'][axis])
     got_bad = (wbad @ grid @ wx.T)[:, w // 2] if axis == 0 else (wy @ grid @ wbad.T)[h // 2]
     assert np.median((expect - got_bad)[ok]) == pytest.approx(0.5, abs=1e-4)
 

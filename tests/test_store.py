@@ -1,4 +1,4 @@
-"""Tests for fmir_jax.store: format round trip, resume, corruption, workers, geometry."""
+"""Tests for fmir_jax.core.store: format round trip, resume, corruption, workers, geometry."""
 import json
 import os
 
@@ -7,8 +7,8 @@ import pytest
 from safetensors import safe_open
 
 from feature_extract.datasets.base import Volume
-from fmir_jax import jsonutil
-from fmir_jax import store
+from fmir_jax.core import jsonio
+from fmir_jax.core import store
 
 C = 5
 
@@ -354,12 +354,12 @@ def test_bad_features_and_check_compatible(tmp_path):
 
 
 def test_manifest_json_is_canonical_and_strict():
-  """store.dumps and report's summary JSON share jsonutil.plain: numpy -> python, tuples ->
+  """store.dumps and report's summary JSON share jsonio.plain: numpy -> python, tuples ->
   lists, keys -> str; the store refuses NaN/inf (the manifest is hashed), the report nulls it."""
   value = {2: (np.float32(0.5), np.int64(3)), 'b': np.arange(2), 'a': np.bool_(1), 'n': None}
   assert store.dumps(value) == ('{\n "2": [\n  0.5,\n  3\n ],\n "a": true,\n "b": [\n  0,\n'
                                 '  1\n ],\n "n": null\n}\n')
-  assert jsonutil.plain([np.nan, np.float32(np.inf)], finite_only=False) == [None, None]
+  assert jsonio.plain([np.nan, np.float32(np.inf)], finite_only=False) == [None, None]
   with pytest.raises(store.StoreError, match='finite numbers, got nan'):
     store.dumps({'x': [1.0, np.nan]})
   with pytest.raises(store.StoreError, match='type set is not JSON-serialisable'):

@@ -15,20 +15,20 @@ import numpy as np
 import pytest
 
 from configs import demo
-from fmir_jax import checkpoint as ckpt
-from fmir_jax import data as data_lib
-from fmir_jax import evaluation
-from fmir_jax import report
-from fmir_jax import train_lib
-from fmir_jax import trainer
-from tests import synth
+from fmir_jax.train import checkpoint as ckpt
+from fmir_jax.train import data as data_lib
+from fmir_jax.evaluate import evaluation
+from fmir_jax.evaluate import report
+from fmir_jax.train import step as step_lib
+from fmir_jax.train import loop
+from tests.helpers import synthetic_stores
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
 def store_dir(tmp_path_factory):
-  return synth.write_store(str(tmp_path_factory.mktemp('store') / 'features'))
+  return synthetic_stores.write_store(str(tmp_path_factory.mktemp('store') / 'features'))
 
 
 def tiny_config(store_dir, **train):
@@ -54,12 +54,12 @@ def tiny_config(store_dir, **train):
 @pytest.fixture(scope='module')
 def full_run(store_dir, tmp_path_factory):
   """An uninterrupted tiny run (6 steps, checkpoints 2, 4, 6, validated at 6); read only."""
-  return trainer.train_and_evaluate(tiny_config(store_dir),
+  return loop.train_and_evaluate(tiny_config(store_dir),
                                     str(tmp_path_factory.mktemp('full') / 'run'), quiet=True)
 
 
 def _params(workdir, step, cfg):
-  _, state, _, _ = train_lib.create(cfg, 6, 6)
+  _, state, _, _ = step_lib.create(cfg, 6, 6)
   last, _ = ckpt.managers(workdir, 3, read_only=True)
   return jax.tree.map(np.asarray, ckpt.restore(last, state, step).params)
 
@@ -74,11 +74,11 @@ def test_kill_and_resume_equals_uninterrupted(store_dir, full_run, tmp_path, cap
   assert sorted(full.losses) == [1, 2, 3, 4, 5, 6]
   assert full.val_dice and all(np.isfinite(list(full.val_dice.values())))
   cut = str(tmp_path / 'cut')
-  part = trainer.train_and_evaluate(cfg, cut, stop_after_steps=4, quiet=True)
+  part = loop.train_and_evaluate(cfg, cut, stop_after_steps=4, quiet=True)
   assert part.step == 4
   corrupt(os.path.join(cut, 'checkpoints', '4'))
   with caplog.at_level(logging.WARNING):
-    resumed = trainer.train_and_evaluate(cfg, cut, quiet=True)
+    resumed = loop.train_and_evaluate(cfg, cut, quiet=True)
   warned = [r.getMessage() for r in caplog.records if 'cannot be restored' in r.getMessage()]
   assert len(warned) == 1 and os.path.join(cut, 'checkpoints', '4') in warned[0]
   assert 'resuming from step 2' in warned[0]
@@ -122,7 +122,7 @@ def test_a_damaged_pca_file_is_refitted_by_the_command_its_error_gives(store_dir
                                                                         tmp_path):
   run = str(tmp_path / 'run')
   shutil.copytree(full_run.workdir, run)
-  st = trainer.open_stores([store_dir])[0]
+  st = loop.open_stores([store_dir])[0]
   path = ckpt.pca_path(run, st.header)
   want = dict(np.load(path))
   with open(path, 'r+b') as f:
@@ -155,7 +155,7 @@ def test_a_killed_run_keeps_its_tensorboard_scalars(store_dir, full_run, tmp_pat
       jax.config.update('jax_compilation_cache_dir', {jax.config.jax_compilation_cache_dir!r})
       jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
       from tests.test_train import tiny_config
-      from fmir_jax import data as data_lib, trainer
+      from fmir_jax.train import data as data_lib, loop
       real = data_lib.train_batches
       def killed(*args, **kwargs):
         for i, batch in enumerate(real(*args, **kwargs)):
@@ -163,7 +163,7 @@ def test_a_killed_run_keeps_its_tensorboard_scalars(store_dir, full_run, tmp_pat
             os.kill(os.getpid(), signal.SIGKILL)
           yield batch
       data_lib.train_batches = killed
-      trainer.train_and_evaluate(tiny_config({store_dir!r}), {workdir!r}, quiet=True)
+      loop.train_and_evaluate(tiny_config({store_dir!r}), {workdir!r}, quiet=True)
       """)
   r = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
                      cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=600)
@@ -180,7 +180,7 @@ def test_a_killed_run_keeps_its_tensorboard_scalars(store_dir, full_run, tmp_pat
 def test_modes_train_and_lower_the_loss(store_dir, tmp_path, mode):
   cfg = tiny_config(store_dir, num_steps=12, eval_every=12, checkpoint_every=12)
   cfg.mode = mode
-  res = trainer.train_and_evaluate(cfg, str(tmp_path / mode), quiet=True)
+  res = loop.train_and_evaluate(cfg, str(tmp_path / mode), quiet=True)
   first = np.mean([res.losses[s] for s in (1, 2, 3)])
   last = np.mean([res.losses[s] for s in (10, 11, 12)])
   assert last < first, (mode, res.losses)
@@ -198,9 +198,9 @@ def test_non_finite_stops_with_last_good_state(store_dir, tmp_path, monkeypatch)
 
   monkeypatch.setattr(data_lib, 'train_batches', poisoned)
   with pytest.raises(FloatingPointError, match='last good state') as err:
-    trainer.train_and_evaluate(cfg, str(tmp_path / 'nan'), quiet=True)
+    loop.train_and_evaluate(cfg, str(tmp_path / 'nan'), quiet=True)
   assert 'step 3' in str(err.value)
-  graphdef, state, _, _ = train_lib.create(cfg, 6, 6)
+  graphdef, state, _, _ = step_lib.create(cfg, 6, 6)
   last, _ = ckpt.managers(str(tmp_path / 'nan'), 3)
   assert last.latest_step() == 2                  # the state after the last good step
   restored = ckpt.restore(last, state)
@@ -216,21 +216,21 @@ def test_sharded_step_equals_single_device(store_dir):
       import sys; sys.path.insert(0, {ROOT!r})
       import jax, numpy as np
       from tests.test_train import tiny_config
-      from fmir_jax import train_lib, trainer, data as data_lib
+      from fmir_jax.train import step as step_lib, loop, data as data_lib
       assert len(jax.devices()) == 2
       cfg = tiny_config({store_dir!r}, batch_size=2)
-      stores = trainer.open_stores([{store_dir!r}])
-      graphdef, state, tx, _ = train_lib.create(cfg, 6, 4)
-      spec = train_lib.LossSpec.from_config(cfg, 'UN')
+      stores = loop.open_stores([{store_dir!r}])
+      graphdef, state, tx, _ = step_lib.create(cfg, 6, 4)
+      spec = step_lib.LossSpec.from_config(cfg, 'UN')
       batch = next(data_lib.train_batches(stores, batch_size=2, seed=0, start_step=0,
                                           num_steps=1, prefetch=1))
       assert int(batch.pop('store')) == 0
       out = {{}}
       for n in (1, 2):
-        mesh = train_lib.make_mesh(jax.devices()[:n])
-        step = train_lib.make_train_step(graphdef, tx, spec, c_prime=4, mode='UN', mesh=mesh)
+        mesh = step_lib.make_mesh(jax.devices()[:n])
+        step = step_lib.make_train_step(graphdef, tx, spec, c_prime=4, mode='UN', mesh=mesh)
         s = jax.tree.map(lambda x: x.copy(), state)
-        new, metrics, finite = step(s, train_lib.shard_batch(batch, mesh), None)
+        new, metrics, finite = step(s, step_lib.shard_batch(batch, mesh), None)
         out[n] = (float(metrics['loss']), jax.tree.map(np.asarray, new.params))
       assert abs(out[1][0] - out[2][0]) <= 1e-5 * abs(out[1][0]), out
       for a, b in zip(jax.tree.leaves(out[1][1]), jax.tree.leaves(out[2][1])):
@@ -246,14 +246,14 @@ def test_sharded_step_equals_single_device(store_dir):
 def test_hybrid_stores_with_their_own_factors_and_labels(store_dir, tmp_path):
   """Hybrid training (configs/hybrid.py): a cardiac-like store with (2,2,1) and an
   abdomen-like store of another grid with (2,2,2), one compiled step per store."""
-  other = synth.write_store(str(tmp_path / 'abd'), shape=(12, 12, 8), seed=3)
+  other = synthetic_stores.write_store(str(tmp_path / 'abd'), shape=(12, 12, 8), seed=3)
   cfg = tiny_config(store_dir, num_steps=4, eval_every=4, checkpoint_every=4)
   cfg.data.train_stores = (store_dir, other)
   import ml_collections
   cfg.data.per_store = ml_collections.ConfigDict({
       'factors': ((2, 2, 1), (2, 2, 2)), 'num_classes': (3, 3),
       'blur_in_plane_only': (True, False)})
-  res = trainer.train_and_evaluate(cfg, str(tmp_path / 'hyb'), quiet=True)
+  res = loop.train_and_evaluate(cfg, str(tmp_path / 'hyb'), quiet=True)
   assert sorted(res.losses) == [1, 2, 3, 4] and all(np.isfinite(list(res.losses.values())))
   assert np.isfinite(res.val_dice[4])
   info = ckpt.read_run_info(str(tmp_path / 'hyb'))
@@ -271,19 +271,19 @@ def test_per_store_settings_must_match_the_stores(store_dir, tmp_path):
       'factors': ((2, 2, 1), (2, 2, 2)), 'num_classes': (3, 13),
       'blur_in_plane_only': (True, False)})
   with pytest.raises(ValueError, match='one per data.train_stores entry'):
-    trainer.train_and_evaluate(cfg, str(tmp_path / 'bad'), quiet=True)
+    loop.train_and_evaluate(cfg, str(tmp_path / 'bad'), quiet=True)
 
 
 def test_channel_norm_override_must_share_the_runs_pca_fit():
-  from fmir_jax import channel_reg
+  from fmir_jax.model import channel_reg
   c = demo.get_config()
   c.channel_norm = 'matched'
-  assert train_lib.channel_norm(c) == channel_reg.NORMS['matched']
-  assert train_lib.channel_norm(c, 'standardise') == channel_reg.NORMS['standardise']
+  assert step_lib.channel_norm(c) == channel_reg.NORMS['matched']
+  assert step_lib.channel_norm(c, 'standardise') == channel_reg.NORMS['standardise']
   with pytest.raises(ValueError, match=r"runs/x was trained with matched \(standardised\); "
                                        r"use one of \['matched', 'standardise'\]"):
-    train_lib.channel_norm(c, 'paper', run='runs/x')
+    step_lib.channel_norm(c, 'paper', run='runs/x')
   with pytest.raises(ValueError, match='unknown channel_norm'):
-    train_lib.channel_norm(c, 'whiten')
+    step_lib.channel_norm(c, 'whiten')
   del c['channel_norm']            # runs from before the field: 'paper'
-  assert train_lib.channel_norm(c) == channel_reg.NORMS['paper']
+  assert step_lib.channel_norm(c) == channel_reg.NORMS['paper']

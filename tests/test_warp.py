@@ -1,4 +1,4 @@
-"""Oracle tests for fmir_jax.warp (scipy map_coordinates, torch grid_sample/interpolate)."""
+"""Oracle tests for fmir_jax.ops.warp (scipy map_coordinates, torch grid_sample/interpolate)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +7,7 @@ import scipy.ndimage as ndi
 import torch
 import torch.nn.functional as F
 
-from fmir_jax import warp as W
+from fmir_jax.ops import warp as W
 
 
 def _rand(shape, seed, scale=1.0):

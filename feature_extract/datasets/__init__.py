@@ -21,7 +21,7 @@ import numpy as np
 from feature_extract.datasets.base import DatasetError
 
 NAMES = ("acdc", "abdomen", "custom")
-_MODULES = {"acdc": "acdc", "abdomen": "abdomen", "custom": "pairs"}
+_MODULES = {"acdc": "acdc", "abdomen": "abdomen", "custom": "custom"}
 SPLITS = ("train", "val", "test")
 
 

@@ -28,8 +28,8 @@ import numpy as np
 
 from feature_extract import datasets as ds
 from feature_extract.datasets.base import DatasetError, Pair, Volume, VolumeSource
-from fmir_jax import grids
-from fmir_jax import io
+from fmir_jax.core import resample
+from fmir_jax.core import nifti
 
 NAME = "abdomen"
 FULL_SHAPE = (192, 160, 256)
@@ -133,10 +133,10 @@ def _check_scan(root: str, layout: str, scan_id: int, image: str, require_labels
     raise DatasetError(f"{os.path.join(root, lab_dir, stem.format(scan_id))}.nii.gz: label "
                        f"file of {image} is missing. Restore it, or pass "
                        "require_labels=False.")
-  hi = io.read_header(image, what="image")
+  hi = nifti.read_header(image, what="image")
   if label is not None:
-    hl = io.read_header(label, what="label")
-    io.check_same_grid(hi.path, hi.affine, hi.shape, hl.path, hl.affine, hl.shape)
+    hl = nifti.read_header(label, what="label")
+    nifti.check_same_grid(hi.path, hi.affine, hi.shape, hl.path, hl.affine, hl.shape)
   return ScanFiles(scan_id, image, label, layout)
 
 
@@ -195,13 +195,13 @@ def pairs(sources: Iterable[VolumeSource]) -> list[Pair]:
   return out
 
 
-def full_grid(hdr: io.NiftiHeader) -> tuple[np.ndarray, str]:
+def full_grid(hdr: nifti.NiftiHeader) -> tuple[np.ndarray, str]:
   """(affine of the 192x160x256 2 mm grid for this scan, rule used)."""
   if (tuple(hdr.shape) == FULL_SHAPE
       and np.allclose(hdr.spacing_mm, FULL_SPACING_MM, rtol=1e-3)):
     return hdr.affine, "already_on_grid"
   centre = (np.asarray(hdr.shape, float) - 1) / 2
-  gm = grids.target_grid(hdr.shape, hdr.affine, hdr.spacing_mm, FULL_SPACING_MM, FULL_SHAPE,
+  gm = resample.target_grid(hdr.shape, hdr.affine, hdr.spacing_mm, FULL_SPACING_MM, FULL_SHAPE,
                       centre)
   return gm.dst_affine, "image_centre"
 
@@ -220,7 +220,7 @@ def target_shape(*, resolution: str = "half", **_: Any) -> tuple[int, int, int]:
   return tuple(n // f for n in FULL_SHAPE)
 
 
-def model_grid(header: io.NiftiHeader, *, resolution: str = "half", **_: Any
+def model_grid(header: nifti.NiftiHeader, *, resolution: str = "half", **_: Any
                ) -> tuple[tuple[int, int, int], np.ndarray]:
   """(shape, affine) of the scan's 2 mm 192x160x256 grid (image centre), made coarser for
   ``resolution`` "half" or "quarter"."""
@@ -229,20 +229,20 @@ def model_grid(header: io.NiftiHeader, *, resolution: str = "half", **_: Any
           coarse_affine(full_affine, RESOLUTIONS[resolution]))
 
 
-def _same_grid(gm: grids.GridMap) -> bool:
+def _same_grid(gm: resample.GridMap) -> bool:
   return gm.src_shape == gm.dst_shape and np.array_equal(gm.src_affine, gm.dst_affine)
 
 
-def preprocess(image: np.ndarray, header: io.NiftiHeader, dst_shape: Sequence[int],
+def preprocess(image: np.ndarray, header: nifti.NiftiHeader, dst_shape: Sequence[int],
                dst_affine: np.ndarray, **_: Any
-               ) -> tuple[np.ndarray, grids.GridMap, dict[str, Any]]:
+               ) -> tuple[np.ndarray, resample.GridMap, dict[str, Any]]:
   """The CT rule on any target grid: linear resampling (air, -1000 HU, outside the scan),
   clip to [-500, 800] HU and scale to [0, 1].
 
   Returns:
     (float32 (H, W, D) image in [0, 1], GridMap back to the source, intensity record).
   """
-  gm = grids.GridMap(header.shape, header.affine, tuple(int(s) for s in dst_shape), dst_affine)
+  gm = resample.GridMap(header.shape, header.affine, tuple(int(s) for s in dst_shape), dst_affine)
   hu = image if _same_grid(gm) else gm.to_target(image, order=1, cval=ds.AIR_HU)
   scaled, info = ds.window_scale(hu, *ds.CT_WINDOW_HU)
   return scaled, gm, info
@@ -250,14 +250,14 @@ def preprocess(image: np.ndarray, header: io.NiftiHeader, dst_shape: Sequence[in
 
 def load_scan(f: ScanFiles, resolution: str) -> Volume:
   """Reads and preprocesses one scan onto the full, half or quarter grid."""
-  image, affine, hdr = io.load_nifti(f.image, what="image")
+  image, affine, hdr = nifti.load_nifti(f.image, what="image")
   _, rule = full_grid(hdr)
   shape, dst_affine = model_grid(hdr, resolution=resolution)
   scaled, gm, intensity = preprocess(image, hdr, shape, dst_affine)
   labels = None
   if f.label is not None:
-    lab, lab_affine, lab_hdr = io.load_nifti(f.label, what="label")
-    io.check_same_grid(hdr.path, affine, hdr.shape, lab_hdr.path, lab_affine, lab_hdr.shape)
+    lab, lab_affine, lab_hdr = nifti.load_nifti(f.label, what="label")
+    nifti.check_same_grid(hdr.path, affine, hdr.shape, lab_hdr.path, lab_affine, lab_hdr.shape)
     lab = ds.check_labels(lab, NUM_CLASSES, f.label)
     labels = lab if _same_grid(gm) else gm.to_target(lab, order=0, cval=0)
   meta = {
@@ -273,5 +273,5 @@ def load_scan(f: ScanFiles, resolution: str) -> Volume:
   }
   key = scan_key(f.scan_id)
   return Volume(key=key, dataset=NAME, subject=key, frame="", split=split_of(f.scan_id),
-                image=scaled, labels=labels, spacing_mm=grids.voxel_spacing(dst_affine),
+                image=scaled, labels=labels, spacing_mm=resample.voxel_spacing(dst_affine),
                 affine=dst_affine, meta=meta)

@@ -29,8 +29,8 @@ import numpy as np
 
 from feature_extract import datasets as ds
 from feature_extract.datasets.base import DatasetError, Pair, Volume, VolumeSource
-from fmir_jax import grids
-from fmir_jax import io
+from fmir_jax.core import resample
+from fmir_jax.core import nifti
 
 NAME = "acdc"
 TARGET_SHAPE = (128, 128, 16)
@@ -184,10 +184,10 @@ def _flat_patient(pid: int, files: dict[tuple[str, str], str], root: str,
 def _check_headers(p: PatientFiles) -> PatientFiles:
   """Header-only checks: 3D files, labels on their image's grid."""
   for frame in FRAMES:
-    hi = io.read_header(p.images[frame], what="image")
+    hi = nifti.read_header(p.images[frame], what="image")
     if p.labels[frame] is not None:
-      hl = io.read_header(p.labels[frame], what="label")
-      io.check_same_grid(hi.path, hi.affine, hi.shape, hl.path, hl.affine, hl.shape)
+      hl = nifti.read_header(p.labels[frame], what="label")
+      nifti.check_same_grid(hi.path, hi.affine, hi.shape, hl.path, hl.affine, hl.shape)
   return p
 
 
@@ -286,13 +286,13 @@ class _GridPlan:
 
   def _compute(self) -> tuple[np.ndarray, str, list[float]]:
     p = self._patient
-    hdr = io.read_header(p.images["ed"])
+    hdr = nifti.read_header(p.images["ed"])
     centre = (np.asarray(hdr.shape, float) - 1) / 2
     rule = "image_centre"
     if _on_target_grid(hdr, self.shape, self.spacing_mm):
       return hdr.affine, "already_on_grid", centre.tolist()
     if p.labels["ed"] is not None:
-      lab, _, _ = io.load_nifti(p.labels["ed"], what="label")
+      lab, _, _ = nifti.load_nifti(p.labels["ed"], what="label")
       heart = np.argwhere(lab > 0)
       if len(heart):
         centre[:2] = heart.mean(axis=0)[:2]
@@ -302,7 +302,7 @@ class _GridPlan:
     return affine, rule, centre.tolist()
 
 
-def _on_target_grid(hdr: io.NiftiHeader, shape=TARGET_SHAPE, spacing_mm=TARGET_SPACING_MM
+def _on_target_grid(hdr: nifti.NiftiHeader, shape=TARGET_SHAPE, spacing_mm=TARGET_SPACING_MM
                     ) -> bool:
   return (tuple(hdr.shape) == tuple(shape)
           and np.allclose(hdr.spacing_mm, spacing_mm, rtol=1e-3))
@@ -313,7 +313,7 @@ def target_shape(*, shape: Sequence[int] = TARGET_SHAPE, **_: Any) -> tuple[int,
   return tuple(int(v) for v in shape)
 
 
-def model_grid(header: io.NiftiHeader, *, shape: Sequence[int] = TARGET_SHAPE,
+def model_grid(header: nifti.NiftiHeader, *, shape: Sequence[int] = TARGET_SHAPE,
                spacing_mm: Sequence[float] = TARGET_SPACING_MM,
                centre_vox: Sequence[float] | None = None, **_: Any
                ) -> tuple[tuple[int, int, int], np.ndarray]:
@@ -324,21 +324,21 @@ def model_grid(header: io.NiftiHeader, *, shape: Sequence[int] = TARGET_SHAPE,
   if _on_target_grid(header, shape, spacing_mm):
     return shape, np.asarray(header.affine, float)
   centre = (np.asarray(header.shape, float) - 1) / 2 if centre_vox is None else centre_vox
-  gm = grids.target_grid(header.shape, header.affine, header.spacing_mm, spacing_mm, shape,
+  gm = resample.target_grid(header.shape, header.affine, header.spacing_mm, spacing_mm, shape,
                       centre)
   return gm.dst_shape, gm.dst_affine
 
 
-def preprocess(image: np.ndarray, header: io.NiftiHeader, dst_shape: Sequence[int],
+def preprocess(image: np.ndarray, header: nifti.NiftiHeader, dst_shape: Sequence[int],
                dst_affine: np.ndarray, **_: Any
-               ) -> tuple[np.ndarray, grids.GridMap, dict[str, Any]]:
+               ) -> tuple[np.ndarray, resample.GridMap, dict[str, Any]]:
   """The ACDC image rule on any target grid: linear resampling (0 outside the frame), then
   clip to the [1, 99] percentiles of the source frame and scale to [0, 1].
 
   Returns:
     (float32 (H, W, D) image in [0, 1], GridMap back to the source, intensity record).
   """
-  gm = grids.GridMap(header.shape, header.affine, tuple(int(s) for s in dst_shape), dst_affine)
+  gm = resample.GridMap(header.shape, header.affine, tuple(int(s) for s in dst_shape), dst_affine)
   scaled, info = ds.percentile_scale(gm.to_target(image, order=1, cval=0.0), image,
                                      *PERCENTILES, where=header.path)
   return scaled, gm, info
@@ -346,13 +346,13 @@ def preprocess(image: np.ndarray, header: io.NiftiHeader, dst_shape: Sequence[in
 
 def load_frame(patient: PatientFiles, frame: str, plan: _GridPlan) -> Volume:
   """Reads and preprocesses one frame onto the patient's target grid."""
-  image, affine, hdr = io.load_nifti(patient.images[frame], what="image")
+  image, affine, hdr = nifti.load_nifti(patient.images[frame], what="image")
   dst_affine, rule, centre = plan.get()
   scaled, gm, intensity = preprocess(image, hdr, plan.shape, dst_affine)
   labels = None
   if patient.labels[frame] is not None:
-    lab, lab_affine, lab_hdr = io.load_nifti(patient.labels[frame], what="label")
-    io.check_same_grid(hdr.path, affine, hdr.shape, lab_hdr.path, lab_affine, lab_hdr.shape)
+    lab, lab_affine, lab_hdr = nifti.load_nifti(patient.labels[frame], what="label")
+    nifti.check_same_grid(hdr.path, affine, hdr.shape, lab_hdr.path, lab_affine, lab_hdr.shape)
     lab = ds.check_labels(lab, NUM_CLASSES, patient.labels[frame])
     labels = gm.to_target(lab, order=0, cval=0)
   meta = {
@@ -370,4 +370,4 @@ def load_frame(patient: PatientFiles, frame: str, plan: _GridPlan) -> Volume:
   pid = patient.patient_id
   return Volume(key=f"{subject_name(pid)}_{frame}", dataset=NAME, subject=subject_name(pid),
                 frame=frame, split=split_of(pid), image=scaled, labels=labels,
-                spacing_mm=grids.voxel_spacing(dst_affine), affine=dst_affine, meta=meta)
+                spacing_mm=resample.voxel_spacing(dst_affine), affine=dst_affine, meta=meta)

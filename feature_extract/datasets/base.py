@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from fmir_jax.errors import DatasetError  # noqa: F401  (re-exported: its home is fmir_jax.errors)
+from fmir_jax.core.errors import DatasetError  # noqa: F401  (re-exported: its home is fmir_jax.core.errors)
 
 
 @dataclasses.dataclass(frozen=True)

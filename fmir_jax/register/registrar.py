@@ -1,0 +1,445 @@
+"""Register NIfTI pairs with a trained FMIR run (the ``fmir register`` command).
+
+A short pipeline of named stages, each a function with typed inputs and outputs:
+
+  plan_grid -> load_pair + preprocess -> encode -> predict -> refine -> write
+
+A ``Registrar`` holds what a batch of pairs shares: the run (restored once), the encoder
+(loaded once), the PCA basis, and the compiled head and instance optimiser (compiled once per
+grid shape, in this object, not in a module cache). ``register`` runs one pair,
+``register_batch`` a CSV of pairs.
+
+Registration grid (``grid``): "model" (the run's training grid) or "native" (the fixed
+image's field of view), planned by ``register_grid``. Both images are resampled through
+world coordinates and normalised by the reader's own ``preprocess`` (the function its
+``load()`` uses), and sliced for the encoder at the training scale in encoder pixels per
+voxel (``runs.encoding_for``).
+
+Outputs on the fixed image's ORIGINAL grid: ``warped_moving.nii.gz``,
+``warped_moving_labels.nii.gz``, ``disp_mm.nii.gz`` and ``report.json``; see
+``nifti.save_dispvect`` for the displacement convention (RAS mm, warped(p) = moving(p + disp);
+ITK/ANTs LPS: negate components 0 and 1) and ``nifti.l2r_names`` for the Learn2Reg export.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import shutil
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from fmir_jax.core import files
+from fmir_jax import general
+from fmir_jax.core import nifti
+from fmir_jax.core import metrics as metrics_lib
+from fmir_jax.register import grid as register_grid
+from fmir_jax.evaluate import report as report_lib
+from fmir_jax.train import runs
+from fmir_jax.core import world
+from fmir_jax.core.errors import RegisterError  # noqa: F401  (re-exported: register.RegisterError)
+from fmir_jax.register.grid import GRIDS, plan_grid
+
+DATASET_GRIDS = ('acdc', 'abdomen')
+OUT_FILES = {'warped': 'warped_moving.nii.gz', 'warped_labels': 'warped_moving_labels.nii.gz',
+             'disp': 'disp_mm.nii.gz', 'report': 'report.json'}
+
+
+@dataclasses.dataclass(frozen=True)
+class RegisterOptions:
+  """Everything registration needs besides the file paths.
+
+  grid: "model", "native" or None (the run's default: "native" for a run trained on several
+  grids, e.g. the general head, else "model"); dataset_grid: None (the run's reader) or
+  "acdc"/"abdomen".
+  spacing_mm: native-grid voxel size (None: the fixed image's spacing).
+  pyramid_factors: per-level factors override (one triple or levels-1 triples), or None
+    (model grid: the run's; native grid: those of the training store with the grid's
+    spacing, else ``warp.factors_for_spacing``).
+  backbone/weights/layer: encoder override (None: the run's encoder).
+  checkpoint_step: "best", "last"/"latest" or a step number.
+  refine: instance optimisation options (``refine.RefineOptions``) or None (off).
+  io_init: 'head' (instance optimisation starts from the head's field) or 'zero' (from the
+    identity, the head not run: the comparison of what the head's start is worth).
+  head_finest_level: the finest pyramid level the head runs (0: all; 1 skips the
+    full-resolution level, the costliest, and upsamples the level-1 field: with ``refine``
+    the instance optimisation adds the fine detail).
+  """
+  grid: str | None = None
+  dataset_grid: str | None = None
+  spacing_mm: tuple[float, float, float] | None = None
+  pyramid_factors: Any = None
+  backbone: str | None = None
+  weights: str | None = None
+  layer: int | str | None = None
+  checkpoint_step: str = 'best'
+  device: str = 'auto'
+  dtype: str = 'float32'
+  batch_size: int = 16
+  refine: Any = None
+  io_init: str = 'head'
+  head_finest_level: int = 0
+  l2r_dir: str | None = None
+  l2r_fixed_id: str | None = None
+  l2r_moving_id: str | None = None
+  overwrite: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class PairFiles:
+  """One pair's input files (labels optional)."""
+  fixed: str
+  moving: str
+  fixed_labels: str | None = None
+  moving_labels: str | None = None
+
+
+@dataclasses.dataclass
+class LoadedPair:
+  """Inputs read from disk: images float32 (H, W, D), labels integer or None."""
+  fixed: np.ndarray
+  fixed_header: nifti.NiftiHeader
+  moving: np.ndarray
+  moving_header: nifti.NiftiHeader
+  fixed_labels: np.ndarray | None
+  moving_labels: np.ndarray | None
+
+
+# --------------------------------------------------------------------------- load
+
+def load_pair(paths: PairFiles) -> LoadedPair:
+  """Reads and validates the images and (optional) label maps.
+
+  Both images must be placed in world space (a qform or an sform: registration resamples
+  through world coordinates). Header warnings (pixdim vs affine) are not issued here but
+  kept in the headers: ``register_grid.check_inputs`` logs and reports them.
+  """
+  def image(path):
+    data, _, hdr = nifti.load_nifti(path, what='image', warn=False)
+    nifti.require_world_placement(hdr, 'image')
+    if min(hdr.shape) < 2:
+      raise RegisterError(f'{path}: image has shape {hdr.shape}: a single slice is a 2D '
+                          'image; registration needs a 3D volume with at least 2 voxels per '
+                          'axis.')
+    return data, hdr
+
+  def labels(path, hdr):
+    if path is None:
+      return None
+    # A label map's voxel size is its image's (check_same_grid): its pixdim is not used.
+    lab, lab_affine, lab_hdr = nifti.load_nifti(path, what='label', warn=False)
+    nifti.check_same_grid(hdr.path, hdr.affine, hdr.shape, lab_hdr.path, lab_affine,
+                       lab_hdr.shape)
+    return lab
+
+  f, fh = image(paths.fixed)
+  m, mh = image(paths.moving)
+  return LoadedPair(f, fh, m, mh, labels(paths.fixed_labels, fh),
+                    labels(paths.moving_labels, mh))
+
+
+# --------------------------------------------------------------------------- score + write
+
+
+def check_out_dir(out: str, overwrite: bool) -> None:
+  """Refuses, before any work, an OUT that cannot be written or holds an earlier result
+  (``files.check_result_dir`` with register's file names)."""
+  files.check_result_dir(out, OUT_FILES.values(), overwrite, '--out')
+
+
+def write_outputs(out: str, report: dict[str, Any], arrays: dict[str, np.ndarray],
+                  affine: np.ndarray, l2r: tuple[list[str], np.ndarray | None],
+                  overwrite: bool) -> None:
+  """Writes the result files (temp folder beside OUT, then ``publish``) and the Learn2Reg
+  fields; ``report['files']`` lists them, and ``report['times_s']['write_s']`` gains the
+  seconds spent writing the images."""
+  t0 = time.perf_counter()
+  with files.disk_errors(out, '--out'):
+    _write_outputs(out, report, arrays, affine, l2r, overwrite, t0)
+
+
+def _write_outputs(out, report, arrays, affine, l2r, overwrite, t0) -> None:
+  tmp = files.make_temp_dir(os.path.dirname(out), os.path.basename(out))
+  try:
+    # The images are compressed in parallel (zlib releases the GIL).
+    jobs = {key: (nifti.save_nifti, arrays[key], {'intent': 'label' if key == 'warped_labels'
+                                                 else None})
+            for key in ('warped', 'warped_labels') if arrays.get(key) is not None}
+    jobs['disp'] = (nifti.save_dispvect, arrays['disp_mm'], {})
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+      for f in [pool.submit(fn, os.path.join(tmp, OUT_FILES[key]), data, affine, **kw)
+                for key, (fn, data, kw) in jobs.items()]:
+        f.result()
+    report['files'].update({key: os.path.join(out, OUT_FILES[key]) for key in jobs})
+    if l2r[0]:
+      report['files']['l2r'] = l2r[0]
+    report['files']['report'] = os.path.join(out, OUT_FILES['report'])
+    times = report['times_s']
+    times['write_s'] = times.get('write_s', 0.0) + time.perf_counter() - t0
+    report_lib.write_summary_json(os.path.join(tmp, OUT_FILES['report']), report)
+    if l2r[0]:
+      write_l2r(l2r[0], l2r[1], affine, overwrite)
+    files.publish_result(tmp, out, OUT_FILES['report'], OUT_FILES.values(), overwrite)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def check_l2r(paths: list[str], overwrite: bool) -> None:
+  """The Learn2Reg export folder under the rule of ``files.check_replaceable``."""
+  files.check_result_dir(os.path.dirname(paths[0]), [os.path.basename(p) for p in paths],
+                         overwrite, '--l2r-export')
+
+
+def write_l2r(paths: list[str], field: np.ndarray, affine: np.ndarray,
+              overwrite: bool) -> None:
+  """Writes the Learn2Reg fields through a temporary folder (``files.publish_result``)."""
+  folder = os.path.dirname(paths[0])
+  files.remove_stale_temp_dirs(folder, 'l2r')
+  tmp = files.make_temp_dir(folder, 'l2r')
+  try:
+    for path in paths:
+      nifti.save_nifti(os.path.join(tmp, os.path.basename(path)), field, affine)
+    files.publish_result(tmp, folder, '', (), overwrite, '--l2r-export')
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+class Registrar:
+  """Registers pairs with one trained run; restore, encoder load and compiles happen once.
+
+  Args:
+    checkpoint: training run directory (``train.py --workdir``), or None for the general
+      head shipped with the package (``general.default_checkpoint``).
+    options: ``RegisterOptions``.
+    log: called with one line per notable event (grid, warnings, refinement).
+  """
+
+  def __init__(self, checkpoint: str | None, options: RegisterOptions = RegisterOptions(),
+               log: Callable[[str], None] = lambda s: None):
+    from feature_extract import datasets
+    from fmir_jax.model import network as model_lib
+    from fmir_jax.train import step as step_lib
+    if options.grid not in (None,) + GRIDS:
+      raise RegisterError(f'--grid {options.grid!r}: use one of {GRIDS}.')
+    if options.dataset_grid not in (None,) + DATASET_GRIDS:
+      raise RegisterError(f'--dataset-grid {options.dataset_grid!r}: use one of '
+                          f'{DATASET_GRIDS}.')
+    if options.io_init not in ('head', 'zero'):
+      raise RegisterError(f'--io-init {options.io_init!r}: use head or zero.')
+    if options.io_init == 'zero' and options.refine is None:
+      raise RegisterError('--io-init zero starts instance optimisation from the identity: '
+                          'add --io.')
+    self.log = log
+    if checkpoint is None:
+      checkpoint = general.default_checkpoint()
+      log(f'checkpoint: the general head shipped with fmir-jax: {checkpoint}')
+    self.card = general.read_card(checkpoint)
+    if self.card:
+      log(f'head: {self.card["what"]}')
+    self.checkpoint = os.path.abspath(checkpoint)
+    t0 = time.perf_counter()
+    self.run = runs.load_run(checkpoint, options.checkpoint_step)
+    settings = self.run.info.get('store_settings') or []
+    # A run trained on several grids has no one model grid: register on the native grid.
+    opts = self.options = dataclasses.replace(
+        options, grid=options.grid or ('native' if len(settings) > 1 else 'model'))
+    dataset, self.reader_options = self.run.dataset
+    self.reader = datasets.get(opts.dataset_grid or dataset or 'custom')
+    self.levels = self.run.model.levels
+    if not 0 <= opts.head_finest_level < self.levels:
+      raise RegisterError(f'--head-finest-level {opts.head_finest_level}: this head has '
+                          f'{self.levels} levels, use 0..{self.levels - 1}.')
+    if opts.pyramid_factors is not None:
+      try:
+        model_lib.level_factors(opts.pyramid_factors, self.levels)
+      except ValueError as e:
+        raise RegisterError(f'--pyramid-factors: {e}') from e
+    self.backbone, self.header = runs.load_backbone(
+        self.run, opts.backbone, opts.weights, opts.layer, opts.device, opts.dtype)
+    self.pca = step_lib.pca_to_device(runs.pca_basis(self.run, self.header),
+                                       step_lib.channel_norm(self.run.config))
+    self._make_predict = lambda factors: step_lib.make_predict(
+        self.run.graphdef, c_prime=self.run.model.feature_channels, factors=factors,
+        finest_level=opts.head_finest_level)
+    self._compiled: dict[Any, Any] = {}
+    self.refiner = None
+    if opts.refine is not None:
+      from fmir_jax.register import refine
+      self.refiner = refine.Refiner(opts.refine)
+    self.setup_s = time.perf_counter() - t0
+    train_shape = self.reader.target_shape(**self.reader_options)
+    self.train_slice = None if train_shape is None else tuple(train_shape[:2])
+    self.train_spacings_mm = [tuple(float(v) for v in s['spacing_mm']) for s in settings
+                              if 'spacing_mm' in s]
+    self.train_factors = [tuple(tuple(f) if isinstance(f, (list, tuple)) else f
+                                for f in s['factors']) for s in settings if 'spacing_mm' in s]
+    if not self.train_spacings_mm:
+      sp = self.reader_options.get('spacing_mm') or getattr(self.reader, 'TARGET_SPACING_MM',
+                                                            None)
+      self.train_spacings_mm = [] if sp is None else [tuple(float(v) for v in sp)]
+      self.train_factors = [self.run.model.factors] * len(self.train_spacings_mm)
+
+  def factors_for(self, spacing_mm) -> Any:
+    """Pyramid factors for a registration grid of this voxel size
+    (``register_grid.factors_for``)."""
+    return register_grid.factors_for(
+        spacing_mm, override=self.options.pyramid_factors, grid=self.options.grid,
+        model_factors=self.run.model.factors, train_spacings_mm=self.train_spacings_mm,
+        train_factors=self.train_factors)
+
+  def _head(self, moving: dict, fixed: dict, factors) -> tuple[np.ndarray, float, float]:
+    """(disp_vox (H, W, D, 3), compile seconds (0 when cached), run seconds)."""
+    import jax
+    import jax.numpy as jnp
+    args = (self.run.params, {k: jnp.asarray(v) for k, v in moving.items()},
+            {k: jnp.asarray(v) for k, v in fixed.items()}, self.pca)
+    key = (str(factors),) + tuple((k, v.shape) for k, v in sorted(moving.items()))
+    compile_s = 0.0
+    if key not in self._compiled:
+      t0 = time.perf_counter()
+      self._compiled[key] = self._make_predict(factors).lower(*args).compile()
+      compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    disp = jax.block_until_ready(self._compiled[key](*args))
+    return np.asarray(disp[0], np.float32), compile_s, time.perf_counter() - t0
+
+  def register(self, paths: PairFiles, out: str) -> dict[str, Any]:
+    """Registers one pair into OUT; returns the report (also OUT/report.json).
+
+    Nothing is written under OUT unless every stage succeeded.
+    """
+    opts = self.options
+    out = os.path.abspath(out)
+    check_out_dir(out, opts.overwrite)
+    l2r_names = []
+    if opts.l2r_dir:
+      files.check_writable_dir(opts.l2r_dir, '--l2r-export')
+      l2r_names = [os.path.join(os.path.abspath(opts.l2r_dir), n) for n in nifti.l2r_names(
+          nifti.l2r_case(paths.fixed, opts.l2r_fixed_id, '--l2r-fixed-id'),
+          nifti.l2r_case(paths.moving, opts.l2r_moving_id, '--l2r-moving-id'))]
+      check_l2r(l2r_names, opts.overwrite)
+    for stale in files.remove_stale_temp_dirs(os.path.dirname(out), os.path.basename(out)):
+      self.log(f'removed {stale} (left by a killed earlier run)')
+    times: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    pair = load_pair(paths)
+    factors = self.factors_for(opts.spacing_mm or pair.fixed_header.spacing_mm)
+    grid = plan_grid(pair.fixed_header, self.reader, self.reader_options, opts, factors,
+                     self.levels, self.train_spacings_mm)
+    grid = register_grid.check_inputs(grid, pair.fixed_header, pair.moving_header, factors,
+                                      self.levels, self.backbone)
+    images = {name: self.reader.preprocess(img, hdr, grid.shape, grid.affine,
+                                           **self.reader_options)[0]
+              for name, img, hdr in (('fixed', pair.fixed, pair.fixed_header),
+                                     ('moving', pair.moving, pair.moving_header))}
+    times['load_preprocess_s'] = time.perf_counter() - t0
+    self.log(f'registration grid {grid.shape} at '
+             f'{tuple(round(s, 3) for s in grid.spacing_mm)} mm ({grid.mode})')
+    for w in grid.warnings:
+      self.log(f'warning: {w}')
+
+    t0 = time.perf_counter()
+    enc = runs.encoding_for(grid.shape[:2], self.header, self.train_slice,
+                            self.backbone.required_input_size, self.backbone.patch_size)
+    if opts.io_init == 'zero':         # instance optimisation from the identity: no head
+      times['features_s'], times['compile_s'], times['head_s'] = 0.0, 0.0, 0.0
+      disp_vox = np.zeros(grid.shape + (3,), np.float32)
+    else:
+      inputs = {k: runs.encode(v, self.backbone, enc, opts.batch_size)
+                for k, v in images.items()}
+      times['features_s'] = time.perf_counter() - t0
+      disp_vox, times['compile_s'], times['head_s'] = self._head(inputs['moving'],
+                                                                 inputs['fixed'], factors)
+    refined, times['refine_s'] = None, 0.0
+    if self.refiner is not None:
+      disp_vox, refined = self.refiner.refine(images['moving'], images['fixed'],
+                                              grid.spacing_mm, disp_vox)
+      times['compile_s'] += refined.compile_seconds
+      times['refine_s'] = refined.seconds_total
+      self.log('instance optimisation, loss per scale (coarse to fine): ' + ', '.join(
+          f'{b:.4f} -> {a:.4f}' for b, a in zip(refined.loss_before, refined.loss_after)))
+
+    t0 = time.perf_counter()
+    fshape, faff = pair.fixed_header.shape, pair.fixed_header.affine
+    disp_mm = world.disp_to_fixed_world(disp_vox, grid.affine, fshape, faff)
+    arrays = {'disp_mm': disp_mm, 'warped': world.warp_to_fixed(
+        pair.moving, pair.moving_header.affine, fshape, faff, disp_mm, order=1)}
+    labels = None
+    if pair.moving_labels is not None:
+      arrays['warped_labels'] = world.warp_to_fixed(
+          pair.moving_labels, pair.moving_header.affine, fshape, faff, disp_mm, order=0)
+      if pair.fixed_labels is not None:
+        initial = world.warp_to_fixed(pair.moving_labels, pair.moving_header.affine, fshape,
+                                      faff, None, order=0)
+        try:
+          labels = metrics_lib.label_overlap_before_after(
+              arrays['warped_labels'], initial, pair.fixed_labels, pair.fixed_header.spacing_mm)
+        except ValueError as e:
+          raise RegisterError(f'--fixed-labels/--moving-labels: {e}') from e
+    crop = 2 if min(grid.shape) > 4 else 0
+    report = {
+        **{k: v and os.path.abspath(v) for k, v in dataclasses.asdict(paths).items()},
+        'checkpoint': self.checkpoint, 'checkpoint_step': self.run.step,
+        'head': self.card and self.card['what'], 'head_finest_level': opts.head_finest_level,
+        'backbone': self.header['backbone'], 'layer': self.header['layer'],
+        'encoder_input': dataclasses.asdict(enc),
+        'grid': {'mode': grid.mode, 'reader': self.reader.NAME,
+                 'reader_options': self.reader_options, 'shape': list(grid.shape),
+                 'affine': grid.affine.tolist(), 'spacing_mm': list(grid.spacing_mm),
+                 'pyramid_factors': factors},
+        'warnings': list(grid.warnings),
+        'fixed_grid': {'shape': list(fshape), 'affine': np.asarray(faff).tolist()},
+        'dice': labels,
+        'jacobian': {'grid': 'registration grid', 'border_crop_vox': crop,
+                     **metrics_lib.field_regularity(disp_vox, crop)},
+        'instance_optimisation': refined and {
+            'options': dataclasses.asdict(self.refiner.options), 'init': opts.io_init,
+            **dataclasses.asdict(refined)},
+        'convention': 'disp_mm.nii.gz: RAS mm (fixed affine); warped(p) = moving(p + disp); '
+                      'ITK/ANTs LPS: negate components 0 and 1',
+        'files': {}, 'times_s': times,
+    }
+    l2r_field = world.l2r_disp_vox(disp_mm, faff, pair.moving_header.affine) \
+        if l2r_names else None
+    times['write_s'] = time.perf_counter() - t0
+    write_outputs(out, report, arrays, faff, (l2r_names, l2r_field), opts.overwrite)
+    return report
+
+
+def register(fixed: str, moving: str, checkpoint: str | None, out: str, *,
+             fixed_labels: str | None = None, moving_labels: str | None = None,
+             options: RegisterOptions = RegisterOptions(),
+             log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+  """Registers ``moving`` onto ``fixed`` into ``out`` (one pair; see ``Registrar``)."""
+  return Registrar(checkpoint, options, log).register(
+      PairFiles(fixed, moving, fixed_labels, moving_labels), out)
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+  """A short human-readable report of one pair."""
+  t = report['times_s']
+  lines = [f"grid {report['grid']['mode']} {tuple(report['grid']['shape'])} at "
+           f"{tuple(round(s, 3) for s in report['grid']['spacing_mm'])} mm",
+           'time (s): ' + ', '.join(f'{k[:-2]} {v:.2f}' for k, v in t.items())]
+  if report['dice']:
+    d = report['dice']
+    lines.append(f"Dice: before {d['mean_before']:.4f}, after {d['mean_after']:.4f} "
+                 f"(classes {d['classes']}); HD95 {d['hd95_mean_before']:.2f} -> "
+                 f"{d['hd95_mean_after']:.2f} mm")
+  j = report['jacobian']
+  lines.append(f"folding fraction {j['folding_fraction']:.5f}, SDlogJ {j['sdlogj']:.4f}")
+  io_r = report['instance_optimisation']
+  if io_r:
+    lines.append(f"instance optimisation ({io_r['options']['similarity']}, steps "
+                 f"{io_r['steps']} coarse to fine): finest-scale loss "
+                 f"{io_r['loss_before'][-1]:.4f} -> {io_r['loss_after'][-1]:.4f}")
+  paths = [p for v in report['files'].values() for p in (v if isinstance(v, list) else [v])]
+  lines.append('outputs: ' + ', '.join(paths))
+  return lines
