@@ -27,7 +27,7 @@ from ml_collections import config_flags
 from fmir_jax.train import distributed
 from fmir_jax import entry
 from fmir_jax.core import errors
-from fmir_jax.train import step as step_lib
+from fmir_jax.train import checks
 from fmir_jax.train import loop
 
 FLAGS = flags.FLAGS
@@ -46,7 +46,7 @@ def main(argv):
   # Errors the user can fix (bad config, store, run directory, checkpoint, non-finite loss):
   # one line on stderr and exit status 2. Anything else is a bug and keeps its traceback.
   try:
-    step_lib.check_config(FLAGS.config)       # before any start-up, file or compilation
+    checks.check_config(FLAGS.config)       # before any start-up, file or compilation
     distributed.initialize_from_flags(FLAGS)
     result = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir,
                                         stop_after_steps=FLAGS.stop_after_steps)

@@ -63,6 +63,7 @@ def _jax_setup(case: common.Case, exact: bool):
   import jax  # pylint: disable=g-import-not-at-top
   from configs import common as config_common  # pylint: disable=g-import-not-at-top
   from fmir_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  from fmir_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
   cfg = config_common.base_config()
   cfg.feature_channels = case.c_prime
   cfg.model.n = case.n
@@ -72,7 +73,7 @@ def _jax_setup(case: common.Case, exact: bool):
   cfg.model.exact_feature_path = exact
   cfg.loss.ncc_windows = cfg.loss.ncc_windows[:case.levels]   # losses.NCC_WINDOWS, per level
   cfg.loss.blur_in_plane_only = case.factors[2] == 1
-  graphdef, state, tx, _ = step_lib.create(cfg, case.channels, 10_000)
+  graphdef, state, tx, _ = state_lib.create(cfg, case.channels, 10_000)
   return jax, step_lib, cfg, graphdef, state, tx
 
 
@@ -100,12 +101,14 @@ def jax_task(case: common.Case, exact: bool, *, infer: bool, train: bool, repeat
              warmup: int, run: bool = True, run_train: bool = True) -> dict:
   """Inference and/or train step of the JAX model; see the module docstring."""
   jax, step_lib, cfg, graphdef, state, tx = _jax_setup(case, exact)
+  from fmir_jax.model import inference  # pylint: disable=g-import-not-at-top
+  from fmir_jax.train import distributed  # pylint: disable=g-import-not-at-top
   batch = common.pair_batch(case)
   out: dict = {}
   if infer:
-    predict = step_lib.make_predict(graphdef, c_prime=case.c_prime)
-    moving = step_lib.model_inputs(batch['moving'])
-    fixed = step_lib.model_inputs(batch['fixed'])
+    predict = inference.make_predict(graphdef, c_prime=case.c_prime)
+    moving = inference.model_inputs(batch['moving'])
+    fixed = inference.model_inputs(batch['fixed'])
     pca = common.pca_basis(case)
     args = jax.device_put((state.params, moving, fixed, pca))
     del moving, fixed
@@ -123,7 +126,7 @@ def jax_task(case: common.Case, exact: bool, *, infer: bool, train: bool, repeat
     out['infer'] = stats
   if train:
     spec = step_lib.LossSpec.from_config(cfg, 'UN', num_classes=3)
-    mesh = step_lib.make_mesh(jax.devices()[:1])
+    mesh = distributed.make_mesh(jax.devices()[:1])
     step = step_lib.make_train_step(graphdef, tx, spec, c_prime=case.c_prime, mode='UN',
                                      mesh=mesh)
     b = step_lib.shard_batch(batch, mesh)
@@ -294,7 +297,8 @@ def end_to_end_task(threads: int, quick: bool = False) -> dict:
                              channels=dino_cfg.hidden_size)
   k = 64 if quick else 512
   jax, step_lib, _, graphdef, state, _ = _jax_setup(case, True)
-  predict = step_lib.make_predict(graphdef, c_prime=case.c_prime)
+  from fmir_jax.model import inference  # pylint: disable=g-import-not-at-top
+  predict = inference.make_predict(graphdef, c_prime=case.c_prime)
   pca = jax.device_put(common.pca_basis(case))
   rng = np.random.default_rng(0)
   images = [common.volume(case, rng)['image'] for _ in range(2)]

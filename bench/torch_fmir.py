@@ -29,7 +29,7 @@ Shape3 = tuple[int, int, int]
 
 
 def pyramid_shapes(shape: Sequence[int], factors: Sequence[int], levels: int) -> list[Shape3]:
-  """Level i + 1 = ceil(level i / s) per axis (as ``fmir_jax.ops.warp.pyramid_shapes``)."""
+  """Level i + 1 = ceil(level i / s) per axis (as ``fmir_jax.ops.pyramid.pyramid_shapes``)."""
   shapes = [tuple(int(n) for n in shape)]
   for _ in range(levels - 1):
     shapes.append(tuple(math.ceil(n / s) for n, s in zip(shapes[-1], factors)))

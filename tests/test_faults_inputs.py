@@ -19,6 +19,7 @@ from scipy import optimize
 
 from feature_extract.datasets import custom as custom_pairs
 from fmir_jax.core import errors
+from fmir_jax.ops import pyramid
 from fmir_jax.core import resample
 from fmir_jax.core import nifti
 from fmir_jax.core import metrics
@@ -313,7 +314,7 @@ def test_nan_fields_name_the_pair_or_file():
 def test_pyramid_factors_beyond_the_grid_are_refused_before_allocating(tmp_path):
   fixed = _header(tmp_path, 'f.nii.gz', (48, 40, 12), np.diag([1.0, 1.0, 3.0, 1.0]))
   opts = types.SimpleNamespace(grid='native', spacing_mm=None, pyramid_factors=(100, 100, 100))
-  register_grid.factors_product((2, 2, 2), 4)        # imports the model module first
+  pyramid.factors_product((2, 2, 2), 4)        # imports the pyramid module first
   tracemalloc.start()
   with pytest.raises(errors.RegisterError) as e:
     register_grid.plan_grid(fixed, None, {}, opts, opts.pyramid_factors, 4, [])

@@ -227,11 +227,11 @@ def _shipped_info():
 def test_run_json_of_the_trainer_and_of_the_shipped_head_pass():
   import dataclasses
   from configs import demo
-  from fmir_jax.train import step as step_lib
+  from fmir_jax.train import state as state_lib
   ckpt.check_run_info('run', _shipped_info())
   c = demo.get_config()         # what loop.train_and_evaluate writes
   info = json.loads(json.dumps({'config': c.to_dict(), 'model': dataclasses.asdict(
-      step_lib.model_config(c, 24)), 'store_header': {'channels': 24}, 'total_steps': 10}))
+      state_lib.model_config(c, 24)), 'store_header': {'channels': 24}, 'total_steps': 10}))
   ckpt.check_run_info('run', info)
 
 

@@ -16,6 +16,7 @@ from configs import demo
 from fmir_jax import entry
 from fmir_jax.core import errors
 from fmir_jax.train import step as step_lib
+from fmir_jax.train import checks
 from fmir_jax.train import loop
 from tests.helpers import synthetic_stores
 
@@ -75,10 +76,10 @@ def test_a_genuine_bug_keeps_its_traceback(store_dir, tmp_path):
                   '--config.data.train_stores=("{store_dir}",)']
       import train
       from fmir_jax import entry
-      from fmir_jax.train import step as step_lib
+      from fmir_jax.train import state as state_lib
       def planted(*args, **kwargs):
         raise ValueError('planted bug')
-      step_lib.create = planted
+      state_lib.create = planted
       entry.run_absl(train.main)
       """)
   r = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True,
@@ -214,7 +215,7 @@ def _config_with(path, value):
 @pytest.mark.parametrize('path,value,valid', BAD_VALUES)
 def test_check_config_names_the_field_and_its_valid_range(path, value, valid):
   with pytest.raises(step_lib.ConfigError) as err:
-    step_lib.check_config(_config_with(path, value))
+    checks.check_config(_config_with(path, value))
   message = str(err.value)
   assert message.startswith(f'--config.{path}='), message
   assert valid in message and '\n' not in message, message
@@ -224,17 +225,17 @@ def test_check_config_names_the_field_and_its_valid_range(path, value, valid):
 def test_check_config_accepts_the_shipped_configs_and_catches_no_steps():
   import importlib
   for name in ('acdc', 'abdomen', 'hybrid', 'demo', 'general'):
-    step_lib.check_config(importlib.import_module(f'configs.{name}').get_config())
+    checks.check_config(importlib.import_module(f'configs.{name}').get_config())
   c = demo.get_config()
   c.train.num_steps, c.train.epochs = 0, 0
   with pytest.raises(step_lib.ConfigError, match='train no step'):
-    step_lib.check_config(c)
+    checks.check_config(c)
   c = demo.get_config()
   c.data.per_store = ml_collections.ConfigDict({'factors': ((2, 2, 1), (2, 2)),
                                                 'num_classes': (3, 3),
                                                 'blur_in_plane_only': (True, True)})
   with pytest.raises(step_lib.ConfigError, match=r'data\.per_store\.factors\[1\]'):
-    step_lib.check_config(c)
+    checks.check_config(c)
 
 
 def _tiny(store_dir, **train):

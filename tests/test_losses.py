@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fmir_jax.ops import losses as L
-from fmir_jax.ops import warp as W
+from fmir_jax.ops import pyramid
 
 
 def _rand(shape, seed):
@@ -106,7 +106,7 @@ def test_gaussian_blur_matches_scipy_reflect(in_plane_only):
 @pytest.mark.slow
 def test_image_and_label_pyramids_match_scipy_torch():
   img = _rand((1, 12, 10, 6, 1), 7)
-  shapes = W.pyramid_shapes((12, 10, 6), (2, 2, 1), 3)
+  shapes = pyramid.pyramid_shapes((12, 10, 6), (2, 2, 1), 3)
   pyr = L.image_pyramid(img, shapes, sigma=1.0, in_plane_only=True)
   assert [p.shape[1:4] for p in pyr] == list(shapes)
   ref = img.astype(np.float64)
@@ -127,7 +127,7 @@ def test_image_and_label_pyramids_match_scipy_torch():
 def _tiny_problem(seed, dtype=np.float32, levels=3):
   rng = np.random.default_rng(seed)
   cast = lambda x: x.astype(dtype)
-  shapes = W.pyramid_shapes((8, 8, 4), (2, 2, 1), levels)
+  shapes = pyramid.pyramid_shapes((8, 8, 4), (2, 2, 1), levels)
   fixed = L.image_pyramid(cast(rng.random((1,) + shapes[0] + (1,))), shapes)
   moving = L.image_pyramid(cast(rng.random((1,) + shapes[0] + (1,))), shapes)
   lab = lambda: cast(np.eye(3)[rng.integers(0, 3, (1,) + shapes[0])])

@@ -10,10 +10,10 @@ from flax import nnx
 from scipy import ndimage
 
 from fmir_jax.model import network as M
+from fmir_jax.ops import pyramid
 from fmir_jax.model import slabs as S
 from fmir_jax.core import patches
 from fmir_jax.train import step as step_lib
-from fmir_jax.ops import warp as W
 
 
 def _inputs(image, c, patch, seed):
@@ -39,7 +39,7 @@ def test_output_shapes(shape, factors):
   # Abstract evaluation: traces the whole network (every shape check) without compiling.
   out = jax.eval_shape(lambda p, a, b: nnx.merge(graphdef, p)(a, b), params,
                        _inputs(img, 4, 4, 0), _inputs(img[::-1].copy(), 4, 4, 0))
-  expected = W.pyramid_shapes(shape, factors, 5)
+  expected = pyramid.pyramid_shapes(shape, factors, 5)
   assert out.disp.shape == (1, *shape, 3)
   assert [v.shape[1:4] for v in out.v_levels] == list(expected)
   assert [u.shape[1:4] for u in out.u_levels] == list(expected)

@@ -19,7 +19,8 @@ from fmir_jax.train import checkpoint as ckpt
 from fmir_jax.train import data as data_lib
 from fmir_jax.evaluate import evaluation
 from fmir_jax.evaluate import report
-from fmir_jax.train import step as step_lib
+from fmir_jax.model import inference
+from fmir_jax.train import state as state_lib
 from fmir_jax.train import loop
 from tests.helpers import synthetic_stores
 
@@ -59,7 +60,7 @@ def full_run(store_dir, tmp_path_factory):
 
 
 def _params(workdir, step, cfg):
-  _, state, _, _ = step_lib.create(cfg, 6, 6)
+  _, state, _, _ = state_lib.create(cfg, 6, 6)
   last, _ = ckpt.managers(workdir, 3, read_only=True)
   return jax.tree.map(np.asarray, ckpt.restore(last, state, step).params)
 
@@ -200,7 +201,7 @@ def test_non_finite_stops_with_last_good_state(store_dir, tmp_path, monkeypatch)
   with pytest.raises(FloatingPointError, match='last good state') as err:
     loop.train_and_evaluate(cfg, str(tmp_path / 'nan'), quiet=True)
   assert 'step 3' in str(err.value)
-  graphdef, state, _, _ = step_lib.create(cfg, 6, 6)
+  graphdef, state, _, _ = state_lib.create(cfg, 6, 6)
   last, _ = ckpt.managers(str(tmp_path / 'nan'), 3)
   assert last.latest_step() == 2                  # the state after the last good step
   restored = ckpt.restore(last, state)
@@ -216,18 +217,19 @@ def test_sharded_step_equals_single_device(store_dir):
       import sys; sys.path.insert(0, {ROOT!r})
       import jax, numpy as np
       from tests.test_train import tiny_config
-      from fmir_jax.train import step as step_lib, loop, data as data_lib
+      from fmir_jax.train import data as data_lib, distributed, loop, state as state_lib
+      from fmir_jax.train import step as step_lib
       assert len(jax.devices()) == 2
       cfg = tiny_config({store_dir!r}, batch_size=2)
       stores = loop.open_stores([{store_dir!r}])
-      graphdef, state, tx, _ = step_lib.create(cfg, 6, 4)
+      graphdef, state, tx, _ = state_lib.create(cfg, 6, 4)
       spec = step_lib.LossSpec.from_config(cfg, 'UN')
       batch = next(data_lib.train_batches(stores, batch_size=2, seed=0, start_step=0,
                                           num_steps=1, prefetch=1))
       assert int(batch.pop('store')) == 0
       out = {{}}
       for n in (1, 2):
-        mesh = step_lib.make_mesh(jax.devices()[:n])
+        mesh = distributed.make_mesh(jax.devices()[:n])
         step = step_lib.make_train_step(graphdef, tx, spec, c_prime=4, mode='UN', mesh=mesh)
         s = jax.tree.map(lambda x: x.copy(), state)
         new, metrics, finite = step(s, step_lib.shard_batch(batch, mesh), None)
@@ -278,12 +280,12 @@ def test_channel_norm_override_must_share_the_runs_pca_fit():
   from fmir_jax.model import channel_reg
   c = demo.get_config()
   c.channel_norm = 'matched'
-  assert step_lib.channel_norm(c) == channel_reg.NORMS['matched']
-  assert step_lib.channel_norm(c, 'standardise') == channel_reg.NORMS['standardise']
+  assert inference.channel_norm(c) == channel_reg.NORMS['matched']
+  assert inference.channel_norm(c, 'standardise') == channel_reg.NORMS['standardise']
   with pytest.raises(ValueError, match=r"runs/x was trained with matched \(standardised\); "
                                        r"use one of \['matched', 'standardise'\]"):
-    step_lib.channel_norm(c, 'paper', run='runs/x')
+    inference.channel_norm(c, 'paper', run='runs/x')
   with pytest.raises(ValueError, match='unknown channel_norm'):
-    step_lib.channel_norm(c, 'whiten')
+    inference.channel_norm(c, 'whiten')
   del c['channel_norm']            # runs from before the field: 'paper'
-  assert step_lib.channel_norm(c) == channel_reg.NORMS['paper']
+  assert inference.channel_norm(c) == channel_reg.NORMS['paper']

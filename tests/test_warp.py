@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fmir_jax.ops import warp as W
+from fmir_jax.ops import pyramid
 
 
 def _rand(shape, seed, scale=1.0):
@@ -150,14 +151,14 @@ def test_resize_field_scales_components():
 
 
 def test_pyramid_shapes():
-  assert W.pyramid_shapes((128, 128, 16), (2, 2, 1), 5) == (
+  assert pyramid.pyramid_shapes((128, 128, 16), (2, 2, 1), 5) == (
       (128, 128, 16), (64, 64, 16), (32, 32, 16), (16, 16, 16), (8, 8, 16))
-  assert W.pyramid_shapes((33, 27, 7), (2, 2, 2), 5) == (
+  assert pyramid.pyramid_shapes((33, 27, 7), (2, 2, 2), 5) == (
       (33, 27, 7), (17, 14, 4), (9, 7, 2), (5, 4, 1), (3, 2, 1))
-  assert W.pyramid_shapes((10, 10, 10), [(2, 2, 1), (1, 3, 2)], 3) == (
+  assert pyramid.pyramid_shapes((10, 10, 10), [(2, 2, 1), (1, 3, 2)], 3) == (
       (10, 10, 10), (5, 5, 10), (5, 2, 5))
   with pytest.raises(ValueError, match='factors'):
-    W.pyramid_shapes((10, 10, 10), [(2, 2, 1)], 4)
+    pyramid.pyramid_shapes((10, 10, 10), [(2, 2, 1)], 4)
 
 
 def test_compose_constant_shifts_is_sum():
@@ -255,6 +256,6 @@ def test_chunked_gather_gradients_equal_one_gather(monkeypatch):
 
 
 def test_factors_for_spacing():
-  assert W.factors_for_spacing((2.4, 2.4, 10.0)) == (2, 2, 1)      # ACDC-like: keep z
-  assert W.factors_for_spacing((8.0, 8.0, 8.0)) == (2, 2, 2)       # isotropic
-  assert W.factors_for_spacing((1.0, 1.5, 1.6)) == (2, 2, 1)       # 1.5x the finest is in
+  assert pyramid.factors_for_spacing((2.4, 2.4, 10.0)) == (2, 2, 1)      # ACDC-like: keep z
+  assert pyramid.factors_for_spacing((8.0, 8.0, 8.0)) == (2, 2, 2)       # isotropic
+  assert pyramid.factors_for_spacing((1.0, 1.5, 1.6)) == (2, 2, 1)       # 1.5x the finest is in

@@ -32,6 +32,19 @@ class RegisterError(UserError, ValueError):
   """Bad input to ``fmir register``: the message names the argument/file and the fix."""
 
 
+class RunError(UserError, ValueError):
+  """A run directory, checkpoint or PCA file that cannot be used; the message names the path
+  and the fix."""
+
+
+class RunNotFoundError(RunError, FileNotFoundError):
+  """The folder is not a training run, or holds no checkpoint yet."""
+
+
+class CheckpointMismatchError(RunError):
+  """A checkpoint whose arrays do not fit the model its run.json describes."""
+
+
 def parse_layer(layer: int | str | None, num_layers: int | None = None,
                 label: str = '') -> int | str | None:
   """A --layer value -> a ``hidden_states`` index or "last"; None stays None (the default).

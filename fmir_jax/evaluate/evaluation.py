@@ -14,11 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmir_jax.train import data as data_lib
+from fmir_jax.ops import pyramid
 from fmir_jax.core import files
 from fmir_jax.core import metrics as metrics_lib
 from fmir_jax.model import network as model_lib
 from fmir_jax.core import store as store_lib
-from fmir_jax.train import step as step_lib
+from fmir_jax.model import inference
+from fmir_jax.train import state as state_lib
 from fmir_jax.ops import warp as W
 
 
@@ -52,7 +54,7 @@ def evaluate_pairs(predict: Callable, params, stores: Sequence, refs: Sequence[d
                    progress=None) -> list[PairResult]:
   """Registers every pair, scores it, and times the head (after one warm-up call).
 
-  predict: ``step_lib.make_predict(...)``; params: model params; pca: device PCA dict.
+  predict: ``inference.make_predict(...)``; params: model params; pca: device PCA dict.
   keep_disp: keep the displacement of the first N pairs (for figures).
   """
   results = []
@@ -61,8 +63,8 @@ def evaluate_pairs(predict: Callable, params, stores: Sequence, refs: Sequence[d
   for i, ref in it:
     st = stores[ref.store]
     item = data_lib.pair_item(stores, ref)
-    moving = {k: jnp.asarray(v)[None] for k, v in step_lib.model_inputs(item['moving']).items()}
-    fixed = {k: jnp.asarray(v)[None] for k, v in step_lib.model_inputs(item['fixed']).items()}
+    moving = {k: jnp.asarray(v)[None] for k, v in inference.model_inputs(item['moving']).items()}
+    fixed = {k: jnp.asarray(v)[None] for k, v in inference.model_inputs(item['fixed']).items()}
     shape_key = (ref.store, moving['image'].shape, moving['feat'].shape)
     if shape_key not in warm:       # compile outside the timed call
       jax.block_until_ready(predict(params, moving, fixed, pca))
@@ -108,7 +110,7 @@ def load_run(workdir: str, checkpoint: str = 'best'):
   mgr, step = ckpt.best_or_latest(workdir, checkpoint)    # before the compile: fails fast
   config = ml_collections.ConfigDict(info['config'])
   try:
-    graphdef, state, _, _ = step_lib.create(config, int(info['store_header']['channels']),
+    graphdef, state, _, _ = state_lib.create(config, int(info['store_header']['channels']),
                                              int(info['total_steps']))
   except ValueError as e:   # a value the model refuses (unknown activation, c' > channels)
     raise ckpt.RunError(f'{os.path.join(workdir, ckpt.RUN_FILE)}: the model it describes '
@@ -144,8 +146,8 @@ def pca_for_store(workdir: str, run_info: dict, store, pca_store_path: str = '',
     raise store_lib.StoreError(f'{store.path}: {store.header["channels"]} channels < '
                                f"c'={c_prime}, the channels the head {workdir} needs; "
                                'extract features with at least that many channels')
-  basis = step_lib.fit_pca([src], c_prime, progress=progress,
-                            fit=step_lib.channel_norm(run_info['config']).fit)
+  basis = inference.fit_pca([src], c_prime, progress=progress,
+                            fit=inference.channel_norm(run_info['config']).fit)
   ckpt.save_pca(workdir, store.header, basis, source=pca_store_path)
   return basis
 
@@ -156,7 +158,7 @@ def settings_for_store(st, refs, trained_on: Sequence[str], settings: Sequence[d
   The run's training store of the same dataset (and, where the run recorded it, the same
   voxel spacing) lends its pyramid factors; any other store (cross-domain, or a "custom"
   pair list on another grid) gets factors from its voxel spacing
-  (``warp.factors_for_spacing``, the rule of ``fmir register`` on a native grid). Labels:
+  (``pyramid.factors_for_spacing``, the rule of ``fmir register`` on a native grid). Labels:
   the store's own count (its reader's), else that training store's (not for "custom"
   lists), else every label the volumes hold.
   """
@@ -168,7 +170,7 @@ def settings_for_store(st, refs, trained_on: Sequence[str], settings: Sequence[d
     same = [s for s in same if 'spacing_mm' not in s
             or np.allclose(s['spacing_mm'], spacing, rtol=1e-3)]
   factors = (same or settings)[0]['factors'] if same or not refs else \
-      W.factors_for_spacing(spacing)
+      pyramid.factors_for_spacing(spacing)
   fallback = same[0]['num_classes'] if same else settings[0]['num_classes']
   num_classes = int(st.header.get('num_classes', 0)) or (
       fallback if same and name != 'custom' else
@@ -209,11 +211,11 @@ def evaluate_run(workdir: str, store_path: str, *, split: str = 'test',
                         'naming a writable directory')
   files.check_result_dir(out_dir, EVAL_FILES, overwrite, '--out')
   config, graphdef, params, info, step = load_run(workdir, checkpoint)
-  norm = step_lib.channel_norm(config, channel_norm, run=workdir)
+  norm = inference.channel_norm(config, channel_norm, run=workdir)
   norm_name = channel_norm or config.get('channel_norm', 'paper')
   st = store_lib.FeatureStore(store_path)
   basis = pca_for_store(workdir, info, st, pca_store, progress)
-  pca = step_lib.pca_to_device(basis, norm)
+  pca = inference.pca_to_device(basis, norm)
   settings = info.get('store_settings') or [
       {'factors': None, 'num_classes': int(config.data.num_classes)}]
   refs = data_lib.eval_pairs([st], split, limit)
@@ -222,7 +224,7 @@ def evaluate_run(workdir: str, store_path: str, *, split: str = 'test',
   num_classes = chosen['num_classes']
   classes = tuple(range(1, num_classes + 1))
   c_prime = model_lib.FMIRConfig.from_dict(info['model']).feature_channels
-  predict = step_lib.make_predict(graphdef, c_prime=c_prime, factors=factors)
+  predict = inference.make_predict(graphdef, c_prime=c_prime, factors=factors)
   results = evaluate_pairs(predict, params, [st], refs, pca, classes, keep_disp=figures,
                            progress=progress)
   per_pair = [r.metrics for r in results]

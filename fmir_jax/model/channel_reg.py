@@ -328,3 +328,31 @@ def pca_project(feat: jax.Array, mean: jax.Array, components: jax.Array) -> jax.
                      f'components (c, c_prime) {components.shape} do not agree.')
   centred = feat.astype(jnp.float32) - mean
   return jnp.matmul(centred, components, precision=jax.lax.Precision.HIGHEST)
+
+
+def regularise_channels(feat_m, feat_f, *, key, c_prime: int, random_selection: bool,
+                        pca: dict | None):
+  """c -> c' on the patch grid, identically for moving and fixed.
+
+  random_selection: draw c' of c channels from ``key`` (training in UN/WS modes), after
+  ``(x - pca['draw_mean']) / pca['draw_scale']`` when ``pca`` is given; otherwise project on
+  the PCA basis ``pca`` ({'mean': (c,), 'components': (c, c')}, ``inference.pca_to_device``).
+  When c == c' and no PCA is given, the features pass unchanged.
+  """
+  c = feat_m.shape[-1]
+  feat_m = feat_m.astype(jnp.float32)
+  feat_f = feat_f.astype(jnp.float32)
+  if random_selection:
+    if pca is not None and 'draw_mean' in pca:
+      feat_m = (feat_m - pca['draw_mean']) / pca['draw_scale']
+      feat_f = (feat_f - pca['draw_mean']) / pca['draw_scale']
+    idx = draw_channels(key, c, c_prime)
+    return (select_channels(feat_m, idx),
+            select_channels(feat_f, idx))
+  if pca is None:
+    if c == c_prime:
+      return feat_m, feat_f
+    raise ValueError(f'a PCA basis is needed to reduce {c} channels to {c_prime}')
+  return (pca_project(feat_m, pca['mean'], pca['components']),
+          pca_project(feat_f, pca['mean'], pca['components']))
+

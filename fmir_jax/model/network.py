@@ -15,10 +15,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fmir_jax.ops import conv as conv_lib
+from fmir_jax.ops import pyramid
 from fmir_jax.ops import upsample as feats
 from fmir_jax.ops import warp as W
 
-Factors = tuple[tuple[int, int, int], ...]
 
 # PyTorch's default Conv3d weight init (kaiming_uniform with a=sqrt(5)), as the authors used.
 _torch_default_init = nnx.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
@@ -50,21 +50,6 @@ def instance_norm(x, eps=1e-5):
   mean = jnp.mean(x, axis=(1, 2, 3), keepdims=True)
   var = jnp.var(x, axis=(1, 2, 3), keepdims=True)
   return (x - mean) * jax.lax.rsqrt(var + eps)
-
-
-def level_factors(factors, levels: int) -> Factors:
-  """Normalises per-axis pyramid factors to one (sx, sy, sz) per level transition.
-
-  ``factors`` is either one triple used for every transition, or ``levels - 1`` triples.
-  """
-  f = tuple(tuple(int(v) for v in t) for t in (factors if isinstance(factors[0], (tuple, list))
-                                               else (factors,)))
-  if len(f) == 1:
-    f = f * (levels - 1)
-  if len(f) != levels - 1 or any(len(t) != 3 or min(t) < 1 for t in f):
-    raise ValueError(f'pyramid factors {factors!r}: need one positive (sx, sy, sz) triple or '
-                     f'{levels - 1} of them for {levels} levels')
-  return f
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,8 +167,8 @@ class FMIR(nnx.Module):
 
   def plan(self, image_shape, factors=None):
     """(per-transition factors, per-level (H, W, D) shapes) for a (B, H, W, D) grid."""
-    fac = level_factors(self.cfg.factors if factors is None else factors, self.cfg.levels)
-    return fac, W.pyramid_shapes(tuple(image_shape[1:4]), fac, self.cfg.levels)
+    fac = pyramid.level_factors(self.cfg.factors if factors is None else factors, self.cfg.levels)
+    return fac, pyramid.pyramid_shapes(tuple(image_shape[1:4]), fac, self.cfg.levels)
 
   def encode(self, image, feat, interp_h, interp_w):
     """Level-0 features (B, H, W, D, n) of one batch of images."""

@@ -228,7 +228,7 @@ def image_pyramid(img: jax.Array, shapes: Sequence[Sequence[int]], sigma: float 
 
   Args:
     img: ``(B, H, W, D, C)`` level-0 image.
-    shapes: spatial shapes per level (``warp.pyramid_shapes``); ``shapes[0] == (H, W, D)``.
+    shapes: spatial shapes per level (``pyramid.pyramid_shapes``); ``shapes[0] == (H, W, D)``.
     sigma: blur before each downsampling, voxels of the finer level.
     in_plane_only: blur H and W only.
 

@@ -19,7 +19,6 @@ Conventions (README, "Conventions"):
 from __future__ import annotations
 
 import functools
-import math
 from typing import Sequence
 
 import jax
@@ -373,54 +372,6 @@ def resize_field(disp_vox: jax.Array, out_shape: Sequence[int],
     raise ValueError(f'component_scale must have 3 entries, got {component_scale!r}.')
   out = resize(disp_vox, out_shape)
   return out * jnp.asarray(scale, out.dtype)
-
-
-def _per_level_factors(factors, levels: int) -> list[Shape3]:
-  """Normalises ``factors`` to ``levels - 1`` integer triples."""
-  def triple(f) -> Shape3:
-    t = tuple(f)
-    if len(t) != 3 or any(int(s) != s or int(s) < 1 for s in t):
-      raise ValueError(
-          f'pyramid factors must be triples of positive ints, got {f!r} in {factors!r}.')
-    return tuple(int(s) for s in t)  # type: ignore[return-value]
-
-  seq = list(factors)
-  if len(seq) == 3 and all(np.isscalar(s) for s in seq):
-    return [triple(seq)] * (levels - 1)
-  if len(seq) != levels - 1:
-    raise ValueError(
-        f'factors must be one (sx, sy, sz) or a list of levels-1={levels - 1} triples, '
-        f'got {len(seq)} entries: {factors!r}.')
-  return [triple(f) for f in seq]
-
-
-def factors_for_spacing(spacing_mm) -> tuple[int, int, int]:
-  """Per-axis pyramid factors from voxel spacing: halve the axes whose voxels are at most
-  1.5x the finest (2.4x2.4x10 mm -> (2, 2, 1); isotropic -> (2, 2, 2)). Used for grids a
-  head was not trained on and by the instance-optimisation pyramid."""
-  finest = min(float(s) for s in spacing_mm)
-  return tuple(2 if float(s) <= 1.5 * finest else 1 for s in spacing_mm)
-
-
-def pyramid_shapes(shape: Sequence[int], factors, levels: int) -> tuple[Shape3, ...]:
-  """Spatial shapes of a resolution pyramid.
-
-  Args:
-    shape: level-0 spatial shape ``(H, W, D)``.
-    factors: one per-axis downsampling triple ``(sx, sy, sz)`` used between all levels,
-      or a list of ``levels - 1`` triples (entry i maps level i to level i + 1).
-    levels: number of levels (>= 1).
-
-  Returns:
-    Tuple of ``levels`` shapes; level i + 1 = ``ceil(level_i / s_i)`` per axis.
-  """
-  if int(levels) < 1:
-    raise ValueError(f'levels must be >= 1, got {levels}.')
-  levels = int(levels)
-  shapes = [_check_shape3(shape, 'shape')]
-  for f in _per_level_factors(factors, levels):
-    shapes.append(tuple(math.ceil(n / s) for n, s in zip(shapes[-1], f)))
-  return tuple(shapes)
 
 
 def compose(u_up: jax.Array, u_res: jax.Array) -> jax.Array:

@@ -7,7 +7,7 @@
     warning when that spacing is far from every spacing the head was trained at.
 
 Pyramid factors on a native grid: ``--pyramid-factors``, else those of the training grid
-with the same spacing, else ``warp.factors_for_spacing`` (halve the axes within 1.5x of the
+with the same spacing, else ``pyramid.factors_for_spacing`` (halve the axes within 1.5x of the
 finest spacing).
 
 ``check_inputs`` then checks the planned grid against the pair before any heavy work: the
@@ -27,6 +27,7 @@ from fmir_jax.core import resample
 from fmir_jax.core import nifti
 from fmir_jax.core import world
 from fmir_jax.core.errors import RegisterError
+from fmir_jax.ops import pyramid
 
 GRIDS = ('model', 'native')
 SPACING_WARN_RATIO = 1.5     # native spacing this far from the training spacing: warn
@@ -67,13 +68,6 @@ class Grid:
     return resample.voxel_spacing(self.affine)
 
 
-def factors_product(factors, levels: int) -> tuple[int, int, int]:
-  """Per-axis product of the pyramid factors over the levels-1 transitions."""
-  from fmir_jax.model import network as model_lib
-  fac = model_lib.level_factors(factors, levels)
-  return tuple(int(np.prod([f[k] for f in fac])) for k in range(3))
-
-
 def native_grid(shape: Sequence[int], affine: np.ndarray, src_spacing_mm: Sequence[float],
                 spacing_mm: Sequence[float], multiple: Sequence[int]
                 ) -> tuple[tuple[int, int, int], np.ndarray]:
@@ -112,7 +106,7 @@ def plan_grid(fixed: nifti.NiftiHeader, reader, reader_options: dict[str, Any], 
   check_factors(opts.pyramid_factors, levels,
                 resample.spacing_grid(fixed.shape, fixed.affine, fixed.spacing_mm, spacing)[0])
   shape, affine = native_grid(fixed.shape, fixed.affine, fixed.spacing_mm, spacing,
-                              factors_product(factors, levels))
+                              pyramid.factors_product(factors, levels))
   warnings = ()
   far = [np.any(r > SPACING_WARN_RATIO) or np.any(r < 1 / SPACING_WARN_RATIO)
          for r in (np.asarray(spacing, float) / np.asarray(t, float) for t in train_spacings_mm)]
@@ -129,8 +123,7 @@ def factors_for(spacing_mm, *, override, grid: str, model_factors,
                 train_spacings_mm: Sequence[Sequence[float]], train_factors: Sequence[Any]):
   """Pyramid factors for a registration grid of this voxel size: ``override``
   (--pyramid-factors); on the model grid the run's (``model_factors``); else those of the
-  training store with this spacing; else ``warp.factors_for_spacing``."""
-  from fmir_jax.ops import warp
+  training store with this spacing; else ``pyramid.factors_for_spacing``."""
   if override is not None:
     return override
   if grid == 'model':
@@ -138,7 +131,7 @@ def factors_for(spacing_mm, *, override, grid: str, model_factors,
   for sp, f in zip(train_spacings_mm, train_factors):
     if np.allclose(sp, spacing_mm, rtol=1e-3):
       return f
-  return warp.factors_for_spacing(spacing_mm)
+  return pyramid.factors_for_spacing(spacing_mm)
 
 
 def check_factors(override, levels: int, shape: Sequence[int]) -> None:
@@ -152,7 +145,7 @@ def check_factors(override, levels: int, shape: Sequence[int]) -> None:
   """
   if override is None:
     return
-  product = factors_product(override, levels)
+  product = pyramid.factors_product(override, levels)
   if all(p <= int(n) for p, n in zip(product, shape)):
     return
   nested = isinstance(override[0], (tuple, list))
@@ -282,7 +275,7 @@ def _memory_message(grid: Grid, fixed: nifti.NiftiHeader, factors, levels: int,
     return (f'{fixed.path}: {head}; even writing the outputs on the fixed grid '
             f'{tuple(fixed.shape)} needs about {_gib(floor)}: free memory or use a larger '
             'machine.')
-  multiple = factors_product(factors, levels)
+  multiple = pyramid.factors_product(factors, levels)
   spacing = np.asarray(grid.spacing_mm, float)
   n_grid = math.prod(grid.shape)
   n_fit = (avail - RUNTIME_BYTES) / (HEAD_BYTES_PER_VOXEL + IMAGE_BYTES_PER_VOXEL

@@ -24,6 +24,7 @@ import optax
 from jax import lax
 
 from fmir_jax.ops import losses
+from fmir_jax.ops import pyramid
 from fmir_jax.ops import sampling
 from fmir_jax.ops import warp as warp_lib
 
@@ -138,13 +139,13 @@ def pyramid_plan(shape: Sequence[int], spacing_mm: Sequence[float], n_scales: in
   cur, factors = tuple(int(n) for n in shape), []
   for _ in range(n_scales - 1):
     f = tuple(k if math.ceil(n / 2) >= min_size else 1
-              for k, n in zip(warp_lib.factors_for_spacing(spacing), cur))
+              for k, n in zip(pyramid.factors_for_spacing(spacing), cur))
     if f == (1, 1, 1):
       break
     factors.append(f)
     cur = tuple(math.ceil(n / k) for n, k in zip(cur, f))
     spacing = spacing * np.asarray(f)
-  shapes = warp_lib.pyramid_shapes(shape, factors or (1, 1, 1), len(factors) + 1)
+  shapes = pyramid.pyramid_shapes(shape, factors or (1, 1, 1), len(factors) + 1)
   return tuple(shapes), tuple(factors)
 
 

@@ -32,6 +32,7 @@ from typing import Any, Callable
 import numpy as np
 
 from fmir_jax.core import files
+from fmir_jax.ops import pyramid
 from fmir_jax import general
 from fmir_jax.core import nifti
 from fmir_jax.core import metrics as metrics_lib
@@ -57,7 +58,7 @@ class RegisterOptions:
   spacing_mm: native-grid voxel size (None: the fixed image's spacing).
   pyramid_factors: per-level factors override (one triple or levels-1 triples), or None
     (model grid: the run's; native grid: those of the training store with the grid's
-    spacing, else ``warp.factors_for_spacing``).
+    spacing, else ``pyramid.factors_for_spacing``).
   backbone/weights/layer: encoder override (None: the run's encoder).
   checkpoint_step: "best", "last"/"latest" or a step number.
   refine: instance optimisation options (``refine.RefineOptions``) or None (off).
@@ -223,8 +224,7 @@ class Registrar:
   def __init__(self, checkpoint: str | None, options: RegisterOptions = RegisterOptions(),
                log: Callable[[str], None] = lambda s: None):
     from feature_extract import datasets
-    from fmir_jax.model import network as model_lib
-    from fmir_jax.train import step as step_lib
+    from fmir_jax.model import inference
     if options.grid not in (None,) + GRIDS:
       raise RegisterError(f'--grid {options.grid!r}: use one of {GRIDS}.')
     if options.dataset_grid not in (None,) + DATASET_GRIDS:
@@ -257,14 +257,14 @@ class Registrar:
                           f'{self.levels} levels, use 0..{self.levels - 1}.')
     if opts.pyramid_factors is not None:
       try:
-        model_lib.level_factors(opts.pyramid_factors, self.levels)
+        pyramid.level_factors(opts.pyramid_factors, self.levels)
       except ValueError as e:
         raise RegisterError(f'--pyramid-factors: {e}') from e
     self.backbone, self.header = runs.load_backbone(
         self.run, opts.backbone, opts.weights, opts.layer, opts.device, opts.dtype)
-    self.pca = step_lib.pca_to_device(runs.pca_basis(self.run, self.header),
-                                       step_lib.channel_norm(self.run.config))
-    self._make_predict = lambda factors: step_lib.make_predict(
+    self.pca = inference.pca_to_device(runs.pca_basis(self.run, self.header),
+                                       inference.channel_norm(self.run.config))
+    self._make_predict = lambda factors: inference.make_predict(
         self.run.graphdef, c_prime=self.run.model.feature_channels, factors=factors,
         finest_level=opts.head_finest_level)
     self._compiled: dict[Any, Any] = {}

@@ -43,17 +43,10 @@ HEAD_CARD = 'general_head.json'     # general.CARD: a shipped head's card, its f
 VAL_LOG = 'val.jsonl'               # trainer.VAL_LOG: one record per validation
 
 
-class RunError(errors.UserError, ValueError):
-  """A run directory, checkpoint or PCA file that cannot be used; the message names the path
-  and the fix."""
-
-
-class RunNotFoundError(RunError, FileNotFoundError):
-  """The folder is not a training run, or holds no checkpoint yet."""
-
-
-class CheckpointMismatchError(RunError):
-  """A checkpoint whose arrays do not fit the model its run.json describes."""
+# The run errors live in core.errors (the model layer raises them too); named here as well.
+RunError = errors.RunError
+RunNotFoundError = errors.RunNotFoundError
+CheckpointMismatchError = errors.CheckpointMismatchError
 
 
 def _one_line(e: BaseException) -> str:

@@ -140,3 +140,10 @@ def allgather_rows(rows: np.ndarray) -> np.ndarray:
   padded[:len(rows)] = rows
   every = multihost_utils.process_allgather(padded).reshape(len(counts), -1, width)
   return np.concatenate([every[p, :int(c)] for p, c in enumerate(counts)])
+
+
+def make_mesh(devices=None) -> Mesh:
+  """A 1-D mesh over all devices of all processes (data parallelism over the batch axis)."""
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  return Mesh(devices, ('data',))
+

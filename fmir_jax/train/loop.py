@@ -23,6 +23,9 @@ from fmir_jax.core import errors
 from fmir_jax.evaluate import evaluation
 from fmir_jax.core import store as store_lib
 from fmir_jax.train import step as step_lib
+from fmir_jax.train import checks
+from fmir_jax.model import inference
+from fmir_jax.train import state as state_lib
 
 
 class NonFiniteLossError(errors.UserError, FloatingPointError):
@@ -176,7 +179,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
     preemptible machine); the next call resumes from the last checkpoint.
   """
   # Every user error that needs no compiled program is raised before the run folder exists.
-  step_lib.check_config(config)
+  checks.check_config(config)
   if int(stop_after_steps) < 0:
     raise step_lib.ConfigError(f'--stop_after_steps={stop_after_steps}: must be >= 0 '
                                 '(0 = run to the end)')
@@ -184,7 +187,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
   if why:
     raise ckpt.RunError(f'--workdir={workdir}: {why}; pass a directory path you can write to')
   mode = step_lib.mode_of(config.mode).name
-  norm = step_lib.channel_norm(config)
+  norm = inference.channel_norm(config)
   stores = open_stores(list(config.data.train_stores))
   eval_stores = open_stores(list(config.data.eval_stores)) if config.data.eval_stores \
       else stores
@@ -193,7 +196,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
   refs = data_lib.list_pairs(stores, 'train')
   n_steps = total_steps(config, len(refs))
   c_prime = int(config.feature_channels)
-  mesh = mesh or step_lib.make_mesh()
+  mesh = mesh or distributed.make_mesh()
   _check_batch_split(config, int(mesh.devices.size))
   # each training store's settings, with its voxel spacing (evaluation matches stores by it)
   settings = [dict(s, spacing_mm=list(st.info(st.keys()[0]).spacing_mm))
@@ -211,7 +214,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
     raise store_lib.StoreError(
         'no validation pairs in ' + ', '.join(st.path for st in eval_stores)
         + ': extract features for the val split (or set --config.data.eval_stores)')
-  graphdef, state, tx, mcfg = step_lib.create(config, int(header['channels']), n_steps)
+  graphdef, state, tx, mcfg = state_lib.create(config, int(header['channels']), n_steps)
 
   os.makedirs(workdir, exist_ok=True)
   run_info = json.loads(json.dumps({
@@ -239,12 +242,12 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
   if primary and basis is None:
     logging.info('fitting a %s PCA (c=%d -> c\'=%d) on the training features', norm.fit,
                  header['channels'], c_prime)
-    basis = step_lib.fit_pca(stores, c_prime, max_volumes=int(config.train.pca_max_volumes),
+    basis = inference.fit_pca(stores, c_prime, max_volumes=int(config.train.pca_max_volumes),
                               fit=norm.fit)
     ckpt.save_pca(workdir, header, basis, source=','.join(st.path for st in stores))
   distributed.barrier('pca')
   basis = basis or ckpt.load_pca(workdir, header)
-  pca = step_lib.pca_to_device(basis, norm)
+  pca = inference.pca_to_device(basis, norm)
   # The head's training-time inputs on validation pairs (a fixed draw): a gap between this
   # curve and the PCA one is a train/inference mismatch.
   draw_pca = None
@@ -261,7 +264,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
   state = jax.device_put(state, step_lib.replicated(mesh))
   restored = ckpt.restore_for_resume(last_mgr, state, workdir)
   if restored is not None:
-    state = step_lib.TrainState(*restored) if not isinstance(restored, step_lib.TrainState) \
+    state = state_lib.TrainState(*restored) if not isinstance(restored, state_lib.TrainState) \
         else restored
     logging.info('resumed from step %d', int(state.step))
   start = int(state.step)
@@ -279,7 +282,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
   val_sets = []   # (predict, store, refs, classes) per validation store
   for st, st_set, refs_i in zip(eval_stores, eval_settings, val_refs):
     if refs_i:
-      val_sets.append((step_lib.make_predict(graphdef, c_prime=c_prime,
+      val_sets.append((inference.make_predict(graphdef, c_prime=c_prime,
                                               factors=st_set['factors']),
                        st, refs_i, tuple(range(1, st_set['num_classes'] + 1))))
   end = n_steps if not stop_after_steps else min(n_steps, start + int(stop_after_steps))
