@@ -65,7 +65,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # numpy/scipy/nibabel only (jax is imported after XLA_FLAGS is set, in main).
-from feature_extract.datasets.phantom_pairs import (  # noqa: E402
+from feature_extract.synthetic.phantom_pairs import (  # noqa: E402
     Pair, SetSpec, set_specs, write_set)
 from fmir_jax.core import files  # noqa: E402
 from fmir_jax.core import nifti  # noqa: E402

@@ -18,6 +18,7 @@ from fmir_jax.core import errors
 from fmir_jax.train import step as step_lib
 from fmir_jax.train import checks
 from fmir_jax.train import loop
+from fmir_jax.train import plan as plan_lib
 from tests.helpers import synthetic_stores
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -278,11 +279,11 @@ def test_training_user_errors_are_user_errors_and_write_nothing(store_dir, tmp_p
 
 
 def test_a_batch_that_does_not_split_over_the_devices_is_refused_up_front(store_dir):
-  loop._check_batch_split(_tiny(store_dir, batch_size=4), 2)
-  loop._check_batch_split(_tiny(store_dir, batch_size=1, bidirectional=True), 2)
+  plan_lib._check_batch_split(_tiny(store_dir, batch_size=4), 2)
+  plan_lib._check_batch_split(_tiny(store_dir, batch_size=1, bidirectional=True), 2)
   with pytest.raises(step_lib.ConfigError, match='3 pairs per step do not split over 2 '
                                                   'devices; set --config.train.batch_size to '
                                                   'a multiple of 2'):
-    loop._check_batch_split(_tiny(store_dir, batch_size=3), 2)
+    plan_lib._check_batch_split(_tiny(store_dir, batch_size=3), 2)
   with pytest.raises(step_lib.ConfigError, match='multiple of 2'):
-    loop._check_batch_split(_tiny(store_dir, batch_size=1, bidirectional=True), 4)
+    plan_lib._check_batch_split(_tiny(store_dir, batch_size=1, bidirectional=True), 4)

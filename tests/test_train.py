@@ -22,6 +22,7 @@ from fmir_jax.evaluate import report
 from fmir_jax.model import inference
 from fmir_jax.train import state as state_lib
 from fmir_jax.train import loop
+from fmir_jax.train import plan as plan_lib
 from tests.helpers import synthetic_stores
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,7 +124,7 @@ def test_a_damaged_pca_file_is_refitted_by_the_command_its_error_gives(store_dir
                                                                         tmp_path):
   run = str(tmp_path / 'run')
   shutil.copytree(full_run.workdir, run)
-  st = loop.open_stores([store_dir])[0]
+  st = plan_lib.open_stores([store_dir])[0]
   path = ckpt.pca_path(run, st.header)
   want = dict(np.load(path))
   with open(path, 'r+b') as f:
@@ -217,11 +218,11 @@ def test_sharded_step_equals_single_device(store_dir):
       import sys; sys.path.insert(0, {ROOT!r})
       import jax, numpy as np
       from tests.test_train import tiny_config
-      from fmir_jax.train import data as data_lib, distributed, loop, state as state_lib
+      from fmir_jax.train import data as data_lib, distributed, loop, plan as plan_lib, state as state_lib
       from fmir_jax.train import step as step_lib
       assert len(jax.devices()) == 2
       cfg = tiny_config({store_dir!r}, batch_size=2)
-      stores = loop.open_stores([{store_dir!r}])
+      stores = plan_lib.open_stores([{store_dir!r}])
       graphdef, state, tx, _ = state_lib.create(cfg, 6, 4)
       spec = step_lib.LossSpec.from_config(cfg, 'UN')
       batch = next(data_lib.train_batches(stores, batch_size=2, seed=0, start_step=0,
