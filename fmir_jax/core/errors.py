@@ -45,6 +45,12 @@ class CheckpointMismatchError(RunError):
   """A checkpoint whose arrays do not fit the model its run.json describes."""
 
 
+def one_line(e: BaseException) -> str:
+  """An exception's first sentence on one short line (TensorStore's span many lines)."""
+  text = ' '.join(str(e).split()).split('. ')[0] or type(e).__name__
+  return text if len(text) <= 200 else text[:197] + '...'
+
+
 def parse_layer(layer: int | str | None, num_layers: int | None = None,
                 label: str = '') -> int | str | None:
   """A --layer value -> a ``hidden_states`` index or "last"; None stays None (the default).
