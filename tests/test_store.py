@@ -7,6 +7,7 @@ import pytest
 from safetensors import safe_open
 
 from feature_extract.datasets.base import Volume
+from fmir_jax.core import files
 from fmir_jax.core import jsonio
 from fmir_jax.core import store
 
@@ -189,8 +190,8 @@ def test_shard_sha256_is_computed_once_per_process(tmp_path, monkeypatch):
   monkeypatch.delenv('FMIR_SKIP_SHARD_VERIFY', raising=False)
   _write(tmp_path).close()
   hashed = []
-  real_sha256 = store.files.file_digest
-  monkeypatch.setattr(store.files, 'file_digest',
+  real_sha256 = files.file_digest
+  monkeypatch.setattr(files, 'file_digest',
                       lambda path: hashed.append(path) or real_sha256(path))
   for _ in range(2):                                               # two readers, one process
     fs = store.FeatureStore(str(tmp_path))
