@@ -5,6 +5,8 @@ Example::
   python feature_extract/run.py --backbone dinov3 --dataset acdc --data-root ACDC \\
       --out features/acdc_dinov3
 
+``python -m feature_extract ...`` is the same command (``feature_extract/__main__.py``).
+
 Resumable (kill and re-run: completed shards are kept, the same inputs give a byte-identical
 index.json), splittable over workers (``--num-shards N --shard-index i``, or read from a
 launcher: ``torchrun --nproc-per-node=N feature_extract/run.py ...`` or ``srun``); the last
@@ -34,7 +36,7 @@ if __package__ in (None, ''):  # run as a script: import this checkout's package
 from feature_extract import backbones  # pylint: disable=g-import-not-at-top
 from feature_extract import pipeline  # pylint: disable=g-import-not-at-top
 from feature_extract import slicing  # pylint: disable=g-import-not-at-top
-from fmir_jax import entry  # pylint: disable=g-import-not-at-top
+from fmir_jax.core import entry  # pylint: disable=g-import-not-at-top
 from fmir_jax.core import store  # pylint: disable=g-import-not-at-top
 import torch  # pylint: disable=g-import-not-at-top,g-bad-import-order
 from fmir_jax.core.errors import DatasetError, UserError  # pylint: disable=g-import-not-at-top

@@ -211,7 +211,7 @@ def _mind_reference(img, dilations, radius):
   out = []
   for d in dilations:
     ssd = []
-    for a, b in backbones._ring_pairs(d):
+    for a, b in backbones.mind._ring_pairs(d):
       diff2 = (np.roll(p, (-a[0], -a[1]), (0, 1)) - np.roll(p, (-b[0], -b[1]), (0, 1))) ** 2
       ssd.append(ndimage.uniform_filter(diff2, 2 * radius + 1, mode='constant')[
           pad:pad + h, pad:pad + w])
@@ -232,6 +232,24 @@ def test_mind_matches_per_pair_reference(shape, dilations, radius):
                               dilations, radius)[0].numpy()
   np.testing.assert_allclose(got, _mind_reference(img.astype(np.float32), dilations, radius),
                              atol=2e-5)
+
+
+def test_names_help_and_mind_do_not_import_transformers():
+  """transformers (and huggingface_hub) load only with a Hub checkpoint: the CLI's --help,
+  backbone names and the offline MIND backbone need torch alone."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = '\n'.join([
+      'import sys, torch',
+      'from feature_extract import backbones, run',
+      'run.build_parser().format_help()',
+      "backbones.canonical_name('dino')",
+      "backbones.load('mind', device='cpu')(torch.zeros(1, 3, 8, 8))",
+      "print(sorted({m.split('.')[0] for m in sys.modules} & {'transformers', 'huggingface_hub'}))",
+  ])
+  done = subprocess.run([sys.executable, '-c', code], cwd=root, capture_output=True, text=True,
+                        timeout=300, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.strip() == '[]', done.stdout
 
 
 def test_checkpoint_missing_parameters_is_refused(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 from feature_extract import datasets
 from feature_extract.datasets import abdomen, acdc
 from feature_extract.synthetic import phantoms
+from feature_extract.datasets import base
 from feature_extract.datasets import custom
 from feature_extract.datasets.base import DatasetError
 from fmir_jax.core import resample
@@ -52,6 +53,14 @@ def test_get_registry():
   assert datasets.get("custom") is custom
   with pytest.raises(DatasetError, match="Unknown dataset 'brain'"):
     datasets.get("brain")
+
+
+@pytest.mark.parametrize("name", datasets.NAMES)
+def test_every_reader_provides_the_reader_protocol(name):
+  reader = datasets.get(name)
+  assert isinstance(reader, base.Reader) and reader.NAME == name
+  for member in ("scan", "pairs", "target_shape", "model_grid", "preprocess"):
+    assert callable(getattr(reader, member)), member
 
 
 def test_acdc_splits_and_pair_counts_without_loading_pixels(acdc150, monkeypatch):

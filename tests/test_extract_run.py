@@ -169,6 +169,7 @@ def test_extract_dataset_is_the_cli_as_a_function(toy, tmp_path, capsys):
                              out=str(tmp_path / 'bad'), device='cpu', dataset_options={'m': 3})
 
 
+@pytest.mark.slow
 def test_runs_as_a_script_from_the_repository_root(tmp_path):
   r = subprocess.run([sys.executable, 'feature_extract/run.py', '--backbone', 'dinv3',
                       '--out', str(tmp_path / 'out')], cwd=ROOT, capture_output=True,
@@ -190,6 +191,7 @@ def test_bad_root_and_resume_mismatch_exit_2(toy, tmp_path, capsys):
   assert store.FeatureStore(str(tmp_path)).keys() == ['s0_ed', 's0_es']  # nothing lost
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['dinov3', 'dino'])
 def test_tiny_dinov3_saved_locally_end_to_end(toy, tmp_path, name):
   torch.manual_seed(0)
@@ -253,6 +255,23 @@ def test_help_lists_backbone_aliases(capsys):
   assert exit_info.value.code == 0
   out = ' '.join(capsys.readouterr().out.split())
   assert 'dinov3 | dinov2 | sam | mind (aliases: dino = dinov3, sam-b = sam)' in out
+
+
+@pytest.mark.slow
+def test_python_m_feature_extract_is_run_py():
+  """``python -m feature_extract`` prints run.py's --help (same flags) and exit codes."""
+  def cli(*argv):
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+  module, script = cli('-m', 'feature_extract', '--help'), cli('feature_extract/run.py', '--help')
+  assert module.returncode == script.returncode == 0, module.stderr[-3000:]
+  flags = set(re.findall(r'(?<![\w-])--[a-z][a-z-]*', script.stdout))
+  assert {'--backbone', '--out', '--dataset-option', '--merge'} <= flags
+  assert set(re.findall(r'(?<![\w-])--[a-z][a-z-]*', module.stdout)) == flags
+  assert module.stdout == script.stdout
+  bad = cli('-m', 'feature_extract', '--out', 'unused', '--no-such-flag')
+  assert bad.returncode == 2 and 'unrecognized arguments: --no-such-flag' in bad.stderr
 
 
 def _shard_files(out):

@@ -1,6 +1,7 @@
 """Dataset readers: raw files -> preprocessed ``Volume`` records on the model grid.
 
-numpy + nibabel + scipy only (no jax, no torch). ``get(name)`` returns a reader module with
+numpy + nibabel + scipy only (no jax, no torch). ``get(name)`` returns a reader module
+(``base.Reader`` spells out all it provides) with
 
 * ``scan(root, **options) -> list[VolumeSource]``: lists and validates files (headers only);
   each source's ``load()`` reads and preprocesses one volume;
@@ -13,20 +14,24 @@ helpers the readers share (intensity scaling, split/subject selection, error col
 from __future__ import annotations
 
 import importlib
-import types
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 from feature_extract.datasets.base import DatasetError
+from feature_extract.datasets.base import Reader
 
 NAMES = ("acdc", "abdomen", "custom")
 _MODULES = {"acdc": "acdc", "abdomen": "abdomen", "custom": "custom"}
 SPLITS = ("train", "val", "test")
 
 
-def get(name: str) -> types.ModuleType:
-  """The reader module for a dataset name ("acdc", "abdomen" or "custom")."""
+def get(name: str) -> Reader:
+  """The reader module for a dataset name ("acdc", "abdomen" or "custom").
+
+  Raises:
+    DatasetError: unknown name.
+  """
   if name not in _MODULES:
     raise DatasetError(f"Unknown dataset {name!r}; choose one of {NAMES}.")
   return importlib.import_module(f"{__name__}.{_MODULES[name]}")
