@@ -23,9 +23,11 @@ from fmir_jax.ops import pyramid
 from fmir_jax.core import resample
 from fmir_jax.core import nifti
 from fmir_jax.core import metrics
+from fmir_jax.core import pair_metrics
 from fmir_jax.register import registrar as register_lib
 from fmir_jax.register import grid as register_grid
 from fmir_jax.core import world
+from tests.helpers import oracles
 
 
 def _save(path, data, affine=np.eye(4), *, pixdim=None, codes=(1, 1)):
@@ -94,14 +96,6 @@ def test_grids_planned_from_such_a_file_have_the_affine_voxel_size(tmp_path):
     resample.spacing_grid(hdr.shape, hdr.affine, hdr.pixdim_mm, (2.0, 2.0, 6.0))
 
 
-def _hd95_oracle(a, b, spacing):
-  """HD95 (union of both directed sets, medpy's definition) from scipy alone."""
-  surf = lambda m: m & ~ndimage.binary_erosion(m, border_value=0)
-  d_ab = ndimage.distance_transform_edt(~surf(b), sampling=spacing)[surf(a)]
-  d_ba = ndimage.distance_transform_edt(~surf(a), sampling=spacing)[surf(b)]
-  return float(np.percentile(np.concatenate([d_ab, d_ba]), 95))
-
-
 @pytest.mark.parametrize('axis, at, closed_form_mm', [(0, (2, 6), 4 * 1.0), (2, (1, 4), 3 * 3.0)])
 def test_hd95_of_such_a_file_is_in_the_affine_mm(tmp_path, axis, at, closed_form_mm):
   """One-voxel slabs across the volume: every surface voxel is |i - j| voxels from the other
@@ -115,11 +109,11 @@ def test_hd95_of_such_a_file_is_in_the_affine_mm(tmp_path, axis, at, closed_form
   moved[tuple(index)] = 1
   path = _save(tmp_path / 'fixed_gt.nii.gz', fixed, SFORM, pixdim=(2.0, 2.0, 2.0))
   lab, _, hdr = nifti.load_nifti(path, what='label', warn=False)
-  got = metrics.label_overlap_before_after(moved, moved, lab, hdr.spacing_mm)
+  got = pair_metrics.label_overlap_before_after(moved, moved, lab, hdr.spacing_mm)
   spacing = np.linalg.norm(nib.load(path).affine[:3, :3], axis=0)
   assert got['hd95_after']['1'] == pytest.approx(closed_form_mm, abs=1e-9)
-  assert got['hd95_after']['1'] == pytest.approx(_hd95_oracle(moved > 0, lab > 0, spacing))
-  assert got['hd95_after']['1'] != pytest.approx(_hd95_oracle(moved > 0, lab > 0, (2, 2, 2)))
+  assert got['hd95_after']['1'] == pytest.approx(oracles.hd95(moved > 0, lab > 0, spacing))
+  assert got['hd95_after']['1'] != pytest.approx(oracles.hd95(moved > 0, lab > 0, (2, 2, 2)))
 
 
 # --------------------------------------------------------------------------- item 5: placement
@@ -304,8 +298,8 @@ def test_nan_fields_name_the_pair_or_file():
   lab = np.zeros((5, 5, 5), np.uint8)
   lab[1:4, 1:4, 1:4] = 1
   with pytest.raises(ValueError, match=r'^disp_vox of pair case7_ES -> case7_ED contains NaN'):
-    metrics.evaluate_pair(disp, lab, lab, (1,), (1, 1, 1), lambda m, d: m,
-                          moving='case7_ES', fixed='case7_ED')
+    pair_metrics.evaluate_pair(disp, lab, lab, (1,), (1, 1, 1), lambda m, d: m,
+                               moving='case7_ES', fixed='case7_ED')
 
 
 # --------------------------------------------------------------------------- items 10, 12: size
@@ -386,6 +380,7 @@ def _blob_pair(root, shape=(24, 24, 16), affine=np.diag([2.0, 2.0, 2.0, 1.0]), s
   return files
 
 
+@pytest.mark.slow
 def test_register_reports_the_pixdim_warning_and_hd95_in_affine_mm(registrar, tmp_path):
   """A pair whose pixdim says 4 mm but whose sform says 2 mm: the registration grid is at
   2 mm, the warning is logged and reported, HD95 matches scipy at the sform's spacing."""
@@ -402,11 +397,11 @@ def test_register_reports_the_pixdim_warning_and_hd95_in_affine_mm(registrar, tm
   fixed_img = nib.load(files['fixed_labels'])
   spacing = np.linalg.norm(fixed_img.affine[:3, :3], axis=0)
   fixed = np.asarray(fixed_img.dataobj) > 0
-  assert rep['dice']['hd95_after']['1'] == pytest.approx(_hd95_oracle(warped > 0, fixed,
+  assert rep['dice']['hd95_after']['1'] == pytest.approx(oracles.hd95(warped > 0, fixed,
                                                                       spacing))
   moving = np.asarray(nib.load(files['moving_labels']).dataobj) > 0
-  assert rep['dice']['hd95_before']['1'] == pytest.approx(_hd95_oracle(moving, fixed, spacing))
-  assert rep['dice']['hd95_before']['1'] != pytest.approx(_hd95_oracle(moving, fixed, (4, 4, 4)))
+  assert rep['dice']['hd95_before']['1'] == pytest.approx(oracles.hd95(moving, fixed, spacing))
+  assert rep['dice']['hd95_before']['1'] != pytest.approx(oracles.hd95(moving, fixed, (4, 4, 4)))
 
 
 @pytest.mark.parametrize('case', ['no_overlap', 'memory', 'pyramid_factors', 'bare'])

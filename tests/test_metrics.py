@@ -1,4 +1,4 @@
-"""Tests for fmir_jax.core.metrics against closed forms and independent oracles."""
+"""Tests for fmir_jax.core.metrics and pair_metrics against closed forms and independent oracles."""
 from __future__ import annotations
 
 import math
@@ -8,9 +8,10 @@ import sys
 import numpy as np
 import pytest
 from scipy import ndimage
-from scipy.spatial import cKDTree
 
 from fmir_jax.core import metrics
+from fmir_jax.core import pair_metrics
+from tests.helpers import oracles
 
 ACDC_SPACING = (1.8, 1.8, 10.0)
 
@@ -24,13 +25,6 @@ def _box(shape, lo, hi, value=1):
 def _identity_grid(shape):
   return np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape],
                               indexing="ij"), axis=-1)
-
-
-def _scipy_nearest_warp(labels, disp_vox):
-  """Oracle label warp: labels(x + u(x)), nearest neighbour, zero outside."""
-  coords = _identity_grid(labels.shape) + disp_vox
-  return ndimage.map_coordinates(labels, np.moveaxis(coords, -1, 0), order=0,
-                                 mode="constant", cval=0)
 
 
 # ----------------------------------------------------------------------------- Dice
@@ -69,26 +63,6 @@ def test_dice_rejects_mismatched_shapes_and_empty_classes():
 # ----------------------------------------------------------------------------- HD95
 
 
-def _oracle_surface_points_mm(mask, spacing):
-  """Independent surface: mask voxels with a face neighbour outside (array edge = out)."""
-  padded = np.pad(mask, 1)
-  core = padded[1:-1, 1:-1, 1:-1]
-  inner = core.copy()
-  for axis in range(3):
-    for step in (-1, 1):
-      inner &= np.roll(padded, step, axis=axis)[1:-1, 1:-1, 1:-1]
-  return np.argwhere(core & ~inner) * np.asarray(spacing)
-
-
-def _oracle_hd(a, b, spacing, q=95.0, mode="union"):
-  pa, pb = _oracle_surface_points_mm(a, spacing), _oracle_surface_points_mm(b, spacing)
-  d_ab = cKDTree(pb).query(pa)[0]
-  d_ba = cKDTree(pa).query(pb)[0]
-  if mode == "union":
-    return np.percentile(np.concatenate([d_ab, d_ba]), q)
-  return max(np.percentile(d_ab, q), np.percentile(d_ba, q))
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("mode", ["union", "max"])
 def test_hd95_equals_brute_force_kdtree_oracle(seed, mode):
@@ -99,7 +73,7 @@ def test_hd95_equals_brute_force_kdtree_oracle(seed, mode):
                                                                (6, 7, 4)).astype(bool)
   b = ndimage.binary_dilation(rng.random(shape) < 0.2)
   got = metrics.hd95(a, b, spacing, mode=mode)
-  np.testing.assert_allclose(got, _oracle_hd(a, b, spacing, mode=mode), rtol=1e-12)
+  np.testing.assert_allclose(got, oracles.hd95(a, b, spacing, mode=mode), rtol=1e-12)
   assert got > 0
 
 
@@ -147,7 +121,7 @@ def test_hd95_per_class_and_spacing_validation():
   a = _box(shape, (2, 2, 1), (6, 6, 3), 1) + _box(shape, (7, 7, 3), (10, 10, 5), 2)
   b = _box(shape, (3, 2, 1), (7, 6, 3), 1) + _box(shape, (7, 7, 3), (10, 10, 5), 2)
   got = metrics.hd95_per_class(a, b, [1, 2, 3], ACDC_SPACING)
-  assert got[1] == pytest.approx(_oracle_hd(a == 1, b == 1, ACDC_SPACING), rel=1e-12)
+  assert got[1] == pytest.approx(oracles.hd95(a == 1, b == 1, ACDC_SPACING), rel=1e-12)
   assert got[2] == 0.0
   assert math.isnan(got[3])
   with pytest.raises(ValueError, match="spacing_mm"):
@@ -212,15 +186,7 @@ def test_sdlogj_of_nonuniform_field_matches_direct_computation():
 def test_jacobian_matches_learn2reg_style_correlate_oracle_after_crop():
   rng = np.random.default_rng(3)
   disp = ndimage.gaussian_filter(rng.normal(size=(12, 10, 9, 3)), (1, 1, 1, 0)) * 3
-  kernel = np.array([-0.5, 0.0, 0.5])
-  grads = np.empty(disp.shape[:3] + (3, 3))
-  for i in range(3):
-    for j in range(3):
-      shape = [1, 1, 1]
-      shape[j] = 3
-      grads[..., i, j] = ndimage.correlate(disp[..., i], kernel.reshape(shape),
-                                           mode="constant", cval=0.0)
-  det_oracle = np.linalg.det(grads + np.eye(3))[2:-2, 2:-2, 2:-2]
+  det_oracle = oracles.jacobian_det(disp, edges="zero")[2:-2, 2:-2, 2:-2]
   got = metrics.crop_border(metrics.jacobian_determinant(disp))
   np.testing.assert_allclose(got, det_oracle, rtol=1e-10, atol=1e-12)
   expected = np.std(np.log(np.clip(det_oracle + 3, 1e-9, 1e9)))
@@ -259,8 +225,8 @@ def test_evaluate_pair_with_a_shift_that_realigns_the_labels():
   moving[1, 1, 1] = 4                                 # class 4 absent from fixed
   disp = np.zeros(shape + (3,))
   disp[..., 0] = 2.0
-  got = metrics.evaluate_pair(disp, moving, fixed, [1, 2, 3, 4], ACDC_SPACING,
-                              _scipy_nearest_warp, moving="b", fixed="a", subject="s1",
+  got = pair_metrics.evaluate_pair(disp, moving, fixed, [1, 2, 3, 4], ACDC_SPACING,
+                              oracles.warp_nearest, moving="b", fixed="a", subject="s1",
                               time_s=0.5)
   assert got.dice[1] == 1.0 and got.dice[2] == 1.0
   assert math.isnan(got.dice[3]) and math.isnan(got.dice[4])
@@ -271,7 +237,7 @@ def test_evaluate_pair_with_a_shift_that_realigns_the_labels():
   assert got.initial_dice_mean == pytest.approx((4 / 6 + 1 / 3) / 2)
   for c in (1, 2):
     assert got.initial_hd95[c] == pytest.approx(
-        _oracle_hd(moving == c, fixed == c, ACDC_SPACING), rel=1e-12)
+        oracles.hd95(moving == c, fixed == c, ACDC_SPACING), rel=1e-12)
   assert got.sdlogj == 0.0 and got.folding_fraction == 0.0 and got.time_s == 0.5
   row = got.to_row()
   assert row["dice_1"] == 1.0 and row["initial_dice_2"] == pytest.approx(1 / 3)
@@ -283,19 +249,19 @@ def test_evaluate_pair_rejects_bad_warp_output_and_grid_mismatch():
   lab = _box(shape, (2, 2, 2), (5, 5, 4))
   disp = np.zeros(shape + (3,))
   with pytest.raises(ValueError, match="warp_labels_fn"):
-    metrics.evaluate_pair(disp, lab, lab, [1], ACDC_SPACING, lambda m, d: m[:-1])
+    pair_metrics.evaluate_pair(disp, lab, lab, [1], ACDC_SPACING, lambda m, d: m[:-1])
   with pytest.raises(ValueError, match="fixed grid"):
-    metrics.evaluate_pair(disp[:-1], lab, lab, [1], ACDC_SPACING, _scipy_nearest_warp)
+    pair_metrics.evaluate_pair(disp[:-1], lab, lab, [1], ACDC_SPACING, oracles.warp_nearest)
 
 
 def _fake(moving, fixed, subject, dice, hd, sdlogj, time_s=1.0):
   classes = (1, 2)
-  return metrics.PairMetrics(
+  return pair_metrics.PairMetrics(
       moving=moving, fixed=fixed, subject=subject, classes=classes,
-      dice=dict(zip(classes, dice)), dice_mean=metrics._nanmean(dice),
-      hd95=dict(zip(classes, hd)), hd95_mean=metrics._nanmean(hd),
-      initial_dice=dict(zip(classes, dice)), initial_dice_mean=metrics._nanmean(dice),
-      initial_hd95=dict(zip(classes, hd)), initial_hd95_mean=metrics._nanmean(hd),
+      dice=dict(zip(classes, dice)), dice_mean=metrics.nanmean(dice),
+      hd95=dict(zip(classes, hd)), hd95_mean=metrics.nanmean(hd),
+      initial_dice=dict(zip(classes, dice)), initial_dice_mean=metrics.nanmean(dice),
+      initial_hd95=dict(zip(classes, hd)), initial_hd95_mean=metrics.nanmean(hd),
       sdlogj=sdlogj, std_log_jacdet=4 * sdlogj, folding_fraction=0.0, time_s=time_s)
 
 
@@ -303,7 +269,7 @@ def test_aggregate_means_stds_and_per_class_nan_skipping():
   pairs = [_fake("a", "b", "s1", [0.8, 0.6], [3.0, 5.0], 0.04),
            _fake("c", "d", "s2", [0.9, math.nan], [2.0, math.nan], 0.05),
            _fake("e", "f", "s3", [0.5, 0.7], [6.0, 4.0], 0.06, time_s=math.nan)]
-  summary = metrics.aggregate(pairs)
+  summary = pair_metrics.aggregate(pairs)
   assert summary["n_pairs"] == 3 and summary["classes"] == [1, 2]
   means = [0.7, 0.9, 0.6]
   assert summary["metrics"]["dice_mean"]["mean"] == pytest.approx(np.mean(means))
@@ -315,7 +281,7 @@ def test_aggregate_means_stds_and_per_class_nan_skipping():
   assert summary["per_class"]["hd95"]["1"]["std"] == pytest.approx(np.std([3, 2, 6],
                                                                           ddof=1))
   with pytest.raises(ValueError, match="no PairMetrics"):
-    metrics.aggregate([])
+    pair_metrics.aggregate([])
 
 
 def test_bidirectional_average_per_subject_then_over_subjects():
@@ -323,19 +289,19 @@ def test_bidirectional_average_per_subject_then_over_subjects():
            _fake("p2_ed", "p2_es", "p2", [0.9, 0.5], [2.0, 6.0], 0.02),
            _fake("p1_es", "p1_ed", "p1", [0.6, 0.4], [5.0, 7.0], 0.06),
            _fake("p2_es", "p2_ed", "p2", [0.7, 0.9], [4.0, 2.0], 0.08)]
-  per_subject = metrics.average_bidirectional(pairs)
+  per_subject = pair_metrics.average_bidirectional(pairs)
   assert [m.subject for m in per_subject] == ["p1", "p2"]
   assert all(m.bidirectional for m in per_subject)
   assert per_subject[0].dice == {1: pytest.approx(0.7), 2: pytest.approx(0.5)}
   subject_means = [(0.7 + 0.5) / 2, (0.8 + 0.7) / 2]
-  summary = metrics.aggregate_bidirectional(pairs)
+  summary = pair_metrics.aggregate_bidirectional(pairs)
   assert summary["n_pairs"] == 2
   assert summary["metrics"]["dice_mean"]["mean"] == pytest.approx(np.mean(subject_means))
   assert summary["metrics"]["dice_mean"]["std"] == pytest.approx(
       np.std(subject_means, ddof=1))
   assert summary["metrics"]["sdlogj"]["mean"] == pytest.approx(0.05)
   with pytest.raises(ValueError, match="reverse"):
-    metrics.average_bidirectional(pairs[:3])
+    pair_metrics.average_bidirectional(pairs[:3])
 
 
 def test_metrics_module_imports_without_jax_or_torch():

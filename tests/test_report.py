@@ -12,12 +12,13 @@ import pytest
 from matplotlib import image as mpimg
 
 from fmir_jax.core import metrics
+from fmir_jax.core import pair_metrics
 from fmir_jax.evaluate import report
 
 
 def _pair(moving, fixed, subject, dice, hd, time_s=0.62):
   classes = (1, 2, 3)
-  return metrics.PairMetrics(
+  return pair_metrics.PairMetrics(
       moving=moving, fixed=fixed, subject=subject, classes=classes,
       dice=dict(zip(classes, dice)), dice_mean=metrics.mean_dice(dict(zip(classes, dice))),
       hd95=dict(zip(classes, hd)), hd95_mean=float(np.nanmean(hd)),
@@ -57,7 +58,7 @@ def test_pair_csv_round_trips_numbers_ids_and_nan(tmp_path):
 def test_summary_json_is_strict_and_parses_back(tmp_path):
   pairs = [_pair("a", "b", "s", [0.8, 0.6, math.nan], [3.0, 5.0, math.nan]),
            _pair("c", "d", "t", [0.7, 0.5, math.nan], [4.0, 6.0, math.nan])]
-  summary = metrics.aggregate(pairs)
+  summary = pair_metrics.aggregate(pairs)
   summary["extra"] = {"array": np.arange(3), "scalar": np.float32(1.5), "flag": np.bool_(1)}
   path = tmp_path / "summary.json"
   report.write_summary_json(path, summary)
@@ -106,7 +107,7 @@ def test_markdown_table1_reproduces_paper_layout_and_numbers():
 
 def test_markdown_table1_from_aggregate_with_missing_time():
   pairs = [_pair("a", "b", "s", [0.8, 0.6, 0.7], [3.0, 5.0, 4.0], time_s=math.nan)]
-  rows = _parse_markdown(report.markdown_table1({"ours": metrics.aggregate(pairs)}))
+  rows = _parse_markdown(report.markdown_table1({"ours": pair_metrics.aggregate(pairs)}))
   assert rows[2] == ["Initial", "60.00", "10.00", "-", "-"]
   assert rows[3] == ["ours", "70.00", "4.00", "0.049", "-"]
 

@@ -22,6 +22,7 @@ import numpy as np
 from fmir_jax.core import files
 from fmir_jax.core import jsonio
 from fmir_jax.core import metrics as metrics_lib
+from fmir_jax.core import pair_metrics
 
 PathLike = str | os.PathLike
 
@@ -49,7 +50,7 @@ def _cell(value: Any) -> str:
 
 
 def write_pair_csv(path: PathLike,
-                   rows: Sequence[Mapping[str, Any] | metrics_lib.PairMetrics]) -> None:
+                   rows: Sequence[Mapping[str, Any] | pair_metrics.PairMetrics]) -> None:
   """One CSV line per pair. ``rows`` are mappings or `PairMetrics` (via ``to_row()``).
 
   Columns are the union of the rows' keys in first-seen order; a key missing from a row
@@ -57,7 +58,7 @@ def write_pair_csv(path: PathLike,
   """
   if not rows:
     raise ValueError(f"write_pair_csv({path}): no rows to write.")
-  dict_rows = [r.to_row() if isinstance(r, metrics_lib.PairMetrics) else dict(r)
+  dict_rows = [r.to_row() if isinstance(r, pair_metrics.PairMetrics) else dict(r)
                for r in rows]
   columns: dict[str, None] = {}
   for r in dict_rows:
@@ -78,7 +79,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_summary_json(path: PathLike, summary: Mapping[str, Any]) -> None:
-  """Writes a summary (e.g. `metrics.aggregate` output) as strict JSON (NaN -> null)."""
+  """Writes a summary (e.g. `pair_metrics.aggregate` output) as strict JSON (NaN -> null)."""
   _write_text(path, json.dumps(_jsonable(summary), indent=2, allow_nan=False) + "\n")
 
 
@@ -113,7 +114,7 @@ def markdown_table1(results: Mapping[str, Mapping[str, Any]],
   """Paper Table 1 layout: Model | Dice (%) | HD95 (mm) | SDlogJ | Time (s).
 
   Args:
-    results: model name -> `metrics.aggregate` summary (or a flat mapping with keys
+    results: model name -> `pair_metrics.aggregate` summary (or a flat mapping with keys
       ``dice_mean``, ``hd95_mean``, ``sdlogj``, ``time_s``; values are numbers or
       ``{"mean": ...}``), in row order. Dice as a fraction.
     initial: summary for the "Initial" row (identity transform); by default the
