@@ -23,7 +23,7 @@ from absl import logging
 from tqdm import tqdm
 
 from fmir_jax.train import distributed
-from fmir_jax import entry
+from fmir_jax.core import entry
 from fmir_jax.core import errors
 from fmir_jax.evaluate import evaluation
 from fmir_jax.core import files

@@ -25,7 +25,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from fmir_jax.train import distributed
-from fmir_jax import entry
+from fmir_jax.core import entry
 from fmir_jax.core import errors
 from fmir_jax.train import checks
 from fmir_jax.train import loop

@@ -211,11 +211,11 @@ def train_runs(out: str, stores: dict, plan, budget: Budget, seed: int) -> list[
 
 def collect(plan, workdirs) -> list[dict]:
   """One row per validation of every run (the trainer's val.jsonl)."""
-  from fmir_jax.train import checkpoint as ckpt
+  from fmir_jax.train import run_file
   from fmir_jax.train import loop
   rows = []
   for run, wd in zip(plan, workdirs):
-    info = ckpt.read_run_info(wd)
+    info = run_file.read_run_info(wd)
     for step, rec in sorted(loop.read_val_log(wd).items()):
       rows.append({'run': os.path.basename(wd), 'dataset': run.dataset,
                    'mode': info['mode'], 'channel_norm': info.get('channel_norm', 'paper'),

@@ -20,6 +20,10 @@ import sys
 from typing import Callable, Sequence
 
 from fmir_jax.core import errors
+from fmir_jax.core import files
+from fmir_jax.core.errors import RegisterError
+from fmir_jax.register import batch as register_batch
+from fmir_jax.register import registrar as register_lib
 
 # --fast: a quarter of instance optimisation's default steps, from a head that stops at
 # pyramid level 1 (on the register benchmark, Dice within 0.3 points of the default
@@ -37,7 +41,6 @@ def _layer(text: str | None):
 
 def parse_triple(text: str | None, what: str, cast: Callable = float):
   """'a,b,c' -> (a, b, c) of finite positive numbers, or None."""
-  from fmir_jax.register.registrar import RegisterError
   if text is None:
     return None
   try:
@@ -172,7 +175,6 @@ def enable_compilation_cache(args: argparse.Namespace) -> str | None:
   if args.no_cache:
     return None
   import jax
-  from fmir_jax.core import files
   path = (args.cache_dir or os.environ.get('FMIR_CACHE_DIR')
           or jax.config.jax_compilation_cache_dir      # JAX_COMPILATION_CACHE_DIR
           or os.path.join(os.path.expanduser('~'), '.cache', 'fmir-jax', 'jax'))
@@ -193,7 +195,7 @@ def refine_options(args: argparse.Namespace):
   if not (args.io or args.fast or budget is not None or args.io_steps or args.io_similarity
           or args.io_diffeomorphic or args.io_fold is not None):
     return None
-  from fmir_jax.register import refine
+  from fmir_jax.register import refine   # jax: only when instance optimisation is asked for
   kw = {'diffeomorphic': args.io_diffeomorphic}
   default = refine.RefineOptions()
   if budget is not None:
@@ -213,7 +215,6 @@ def refine_options(args: argparse.Namespace):
 def register_options(args: argparse.Namespace):
   """``register_lib.RegisterOptions`` from the parsed flags (--fast filled in); RegisterError for
   values out of range."""
-  from fmir_jax.register import registrar as register_lib
   finite = lambda x: x is None or math.isfinite(x)  # noqa: E731
   if args.io_steps is not None and args.io_steps < 1:
     raise register_lib.RegisterError(f'--io-steps {args.io_steps}: need at least 1 step.')
@@ -242,8 +243,6 @@ def register_options(args: argparse.Namespace):
 
 
 def run_register(args: argparse.Namespace) -> int:
-  from fmir_jax.register import registrar as register_lib
-  from fmir_jax.register import batch as register_batch
   say = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
   try:
     one = [args.fixed, args.moving]

@@ -20,6 +20,9 @@ import time
 
 from fmir_jax.core import errors
 from fmir_jax.core import files
+from fmir_jax import cli
+from fmir_jax.evaluate import evaluation
+from fmir_jax.train import loop
 
 MARKER = '.fmir-demo.json'
 ENTRIES = ('acdc_phantoms', 'features', 'run', 'eval', 'register')   # what a demo writes in OUT
@@ -154,11 +157,10 @@ def run(out: str, *, patients: int = 20, test_patients: int = 4, steps: int = 10
   (default 48x48x16 at 2.4x2.4x10 mm: a heart-centred crop, coarser and smaller than the
   paper's 128x128x16 at 1.8x1.8x10 mm) so that training takes minutes on two CPU cores.
   """
+  # The PyTorch stage and the configs load when the demo runs, not when fmir_jax.demo is imported.
   from feature_extract import pipeline
-  from feature_extract.synthetic import phantoms
-  from fmir_jax.evaluate import evaluation
-  from fmir_jax.train import loop
-  from configs import demo as demo_config
+  from feature_extract.synthetic import phantoms   # (as above)
+  from configs import demo as demo_config   # (as above)
 
   prepare_out(out)
   print(BANNER, flush=True)
@@ -212,10 +214,9 @@ def run(out: str, *, patients: int = 20, test_patients: int = 4, steps: int = 10
   reg = None
   if register:
     t = _stage('5/5 `fmir register` on one raw NIfTI pair (original grids)')
-    from fmir_jax import cli
     pid = 101
     pdir = os.path.join(data_root, 'testing', f'patient{pid:03d}')
-    from feature_extract.datasets import acdc
+    from feature_extract.datasets import acdc   # the PyTorch stage's reader: as above
     ed, es = acdc.parse_info_cfg(os.path.join(pdir, 'Info.cfg'))
     frame = lambda f, gt='': os.path.join(pdir, f'patient{pid:03d}_frame{f:02d}{gt}.nii.gz')
     reg_out = os.path.join(out, 'register')

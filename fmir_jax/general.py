@@ -26,73 +26,20 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Any
 
-from fmir_jax import entry
+from configs import general as cfg
+from feature_extract.synthetic import phantom_pairs
+from feature_extract.synthetic import randomised
+from fmir_jax.core import entry
 from fmir_jax.core import errors
 from fmir_jax.core import files
+from fmir_jax.train import checkpoint as ckpt
+from fmir_jax.train import run_file
+from fmir_jax.train import digests
+from fmir_jax.train import loop
+from fmir_jax.train.head_card import CARD, SHIPPED, seal
 
 MARKER = '.fmir-general.json'
-SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights', 'general')
-CARD = 'general_head.json'         # checkpoint.HEAD_CARD
-
-
-def default_checkpoint() -> str:
-  """The general head shipped in the package (``SHIPPED``); RegisterError when missing."""
-  from fmir_jax.core.errors import RegisterError
-  if not os.path.isfile(os.path.join(SHIPPED, 'run.json')):
-    raise RegisterError(
-        f'no --checkpoint given and no general head is installed ({SHIPPED} holds no '
-        'run): pass --checkpoint RUN_DIR (a train.py --workdir), or build the general head: '
-        f'python -m fmir_jax.general --out general_out --ship {SHIPPED}')
-  return SHIPPED
-
-
-def read_card(checkpoint: str) -> dict[str, Any] | None:
-  """A run's head card (``general_head.json``: what it is, how it was trained, the sha256 of
-  every shipped file), or None."""
-  from fmir_jax.train.checkpoint import RunError
-  path = os.path.join(checkpoint, CARD)
-  if not os.path.isfile(path):
-    return None
-  try:
-    with open(path) as f:
-      card = json.load(f)
-  except (OSError, ValueError) as e:
-    raise RunError(f'{path} is not readable JSON ({" ".join(str(e).split())}); '
-                   f'{_reship_fix(checkpoint)}') from e
-  if not isinstance(card, dict):
-    raise RunError(f'{path} is not a JSON object; {_reship_fix(checkpoint)}')
-  return card
-
-
-def _reship_fix(checkpoint: str) -> str:
-  if os.path.abspath(checkpoint) == SHIPPED:
-    return ('reinstall fmir-jax (pip install --force-reinstall fmir-jax, or git checkout '
-            f'{SHIPPED} in a clone), or rebuild the head: python -m fmir_jax.general --out '
-            f'general_out --ship {SHIPPED}')
-  return (f'ship it again: python -m fmir_jax.general --out OUT --ship {checkpoint}, or pass '
-          '--checkpoint with the training run itself')
-
-
-def seal(dest: str) -> str:
-  """Records the sha256 of every other file of a shipped head in its card (``sha256``;
-  ``runs.load_run`` checks them), and of its checkpoint in the step folder
-  (``checkpoint.DIGESTS_FILE``) where the run recorded none. Returns the card's path."""
-  from fmir_jax.train import checkpoint as ckpt
-  for folder in sorted(os.listdir(os.path.join(dest, 'best'))):
-    step = os.path.join(dest, 'best', folder)
-    if os.path.isdir(step) and not os.path.exists(os.path.join(step, ckpt.DIGESTS_FILE)):
-      ckpt.record_digests(step)
-  card_path = os.path.join(dest, CARD)
-  with open(card_path) as f:
-    card = json.load(f)
-  card['sha256'] = ckpt.folder_digests(dest, skip=(CARD,))
-  with files.atomic_path(card_path) as tmp, open(tmp, 'w') as f:
-    json.dump(card, f, indent=1)
-  return card_path
-
-
 class GeneralError(errors.UserError, ValueError):
   """OUT or DIR cannot be used: the message names the folder and the fix."""
 
@@ -118,9 +65,6 @@ def write_data(out: str, *, train_pairs: int, val_pairs: int, seed: int,
   order of ``configs.general.TRAIN`` / ``VAL`` (default: the full-size ones; tests pass
   small ones).
   """
-  from configs import general as cfg
-  from feature_extract.synthetic import phantom_pairs
-  from feature_extract.synthetic import randomised
   lists = {}
   settings = train_settings or [randomised.SETTINGS[n.removeprefix('synth_')] for n in cfg.TRAIN]
   for name, s in zip(cfg.TRAIN, settings):
@@ -146,7 +90,7 @@ def write_data(out: str, *, train_pairs: int, val_pairs: int, seed: int,
 
 def extract(out: str, lists: dict[str, tuple[str, dict]], log=print) -> dict[str, str]:
   """Stage 2: one `mind` store per pair list (skipped when complete)."""
-  from feature_extract import pipeline
+  from feature_extract import pipeline  # torch: only when features are extracted
   stores = {}
   for name, (csv_path, options) in lists.items():
     store = os.path.join(out, 'features', name)
@@ -162,7 +106,6 @@ def extract(out: str, lists: dict[str, tuple[str, dict]], log=print) -> dict[str
 
 
 def config_for(stores: dict[str, str], steps: int = 0, seed: int = 0):
-  from configs import general as cfg
   c = cfg.get_config()
   c.data.train_stores = tuple(stores[n] for n in cfg.TRAIN)
   c.data.eval_stores = tuple(stores[n] for n in cfg.VAL)
@@ -184,8 +127,6 @@ def _commit() -> str:
 def ship(workdir: str, dest: str, command: list[str], seed: int) -> str:
   """Stage 4: copies what inference needs from ``workdir`` to ``dest`` (a new folder, or one
   an earlier ship wrote: only its own entries are replaced). Returns the card's path."""
-  from fmir_jax.train import checkpoint as ckpt
-  from fmir_jax.train import loop
   card_path = os.path.join(dest, CARD)
   if os.path.isdir(dest) and os.listdir(dest) and not os.path.isfile(card_path):
     raise GeneralError(f'--ship {dest}: folder exists, is not empty and holds no {CARD}; '
@@ -195,11 +136,11 @@ def ship(workdir: str, dest: str, command: list[str], seed: int) -> str:
   if best not in val:
     raise GeneralError(f'{workdir}: no validated checkpoint to ship (step {best} has no '
                        'validation record); train past the first validation first.')
-  problem = ckpt.digest_problem(ckpt.step_dir(manager, best))
+  problem = digests.digest_problem(ckpt.step_dir(manager, best))
   if problem:
     raise GeneralError(f'{workdir}: the checkpoint to ship is damaged ({problem}); train the '
                        'run again (or restore its files) before shipping it.')
-  entries = {ckpt.RUN_FILE: ckpt.RUN_FILE, 'pca': 'pca', loop.VAL_LOG: loop.VAL_LOG,
+  entries = {run_file.RUN_FILE: run_file.RUN_FILE, 'pca': 'pca', loop.VAL_LOG: loop.VAL_LOG,
              os.path.join('best', str(best)): os.path.join('best', str(best))}
   tmp = files.make_temp_dir(os.path.dirname(os.path.abspath(dest)), os.path.basename(dest))
   try:
@@ -216,7 +157,7 @@ def ship(workdir: str, dest: str, command: list[str], seed: int) -> str:
       json.dump(card, f, indent=1)
     seal(tmp)                            # the sha256 of every file, checked when loaded
     if os.path.isdir(dest):
-      for name in (ckpt.RUN_FILE, 'pca', loop.VAL_LOG, 'best', CARD):
+      for name in (run_file.RUN_FILE, 'pca', loop.VAL_LOG, 'best', CARD):
         path = os.path.join(dest, name)
         if os.path.isdir(path):
           shutil.rmtree(path)
@@ -250,8 +191,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   a = build_parser().parse_args(argv)
-  from fmir_jax.train import checkpoint as ckpt
-  from fmir_jax.train import loop
   workdir = os.path.join(a.out, 'run')
   try:
     prepare_out(a.out)

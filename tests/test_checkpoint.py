@@ -11,6 +11,7 @@ import pytest
 
 from fmir_jax.model import channel_reg
 from fmir_jax.train import checkpoint as ckpt
+from fmir_jax.train import run_file
 
 HEADER = {'backbone': {'name': 'synthetic', 'weights_sha256': 'none'}, 'layer': 0,
           'channels': 6, 'patch_size': 2}
@@ -124,8 +125,8 @@ def _basis():
 @pytest.mark.parametrize('damage', ['truncated', 'pickled', 'object_array', 'garbage'])
 def test_a_damaged_pca_file_names_the_file_and_the_refit_command(tmp_path, damage):
   workdir = str(tmp_path / 'run')
-  path = ckpt.save_pca(workdir, HEADER, _basis(), source='train_store')
-  np.testing.assert_allclose(ckpt.load_pca(workdir, HEADER).components, _basis().components)
+  path = run_file.save_pca(workdir, HEADER, _basis(), source='train_store')
+  np.testing.assert_allclose(run_file.load_pca(workdir, HEADER).components, _basis().components)
   if damage == 'truncated':
     data = open(path, 'rb').read()
     open(path, 'wb').write(data[:len(data) // 2])
@@ -138,7 +139,7 @@ def test_a_damaged_pca_file_names_the_file_and_the_refit_command(tmp_path, damag
   else:
     open(path, 'wb').write(b'\x00garbage' * 10)
   with pytest.raises(ckpt.RunError) as err:
-    ckpt.load_pca(workdir, HEADER)
+    run_file.load_pca(workdir, HEADER)
   msg = str(err.value)
   assert msg.startswith(f'{path} is not a readable PCA basis') and '\n' not in msg
   assert f'python eval.py --workdir={workdir} --features=STORE --pca_store=TRAIN_STORE' in msg
@@ -148,8 +149,8 @@ def test_a_damaged_pca_file_names_the_file_and_the_refit_command(tmp_path, damag
 def test_unwritable_reason_for_files_and_paths_below_files(tmp_path):
   f = tmp_path / 'file.txt'
   f.write_text('x')
-  assert ckpt.unwritable_reason(str(f)) == f'{f} is a file, not a directory'
-  assert ckpt.unwritable_reason(str(f / 'sub' / 'deeper')) == f'{f} is a file, not a directory'
-  assert ckpt.unwritable_reason(str(tmp_path)) is None
-  assert ckpt.unwritable_reason(str(tmp_path / 'new' / 'run')) is None
+  assert run_file.unwritable_reason(str(f)) == f'{f} is a file, not a directory'
+  assert run_file.unwritable_reason(str(f / 'sub' / 'deeper')) == f'{f} is a file, not a directory'
+  assert run_file.unwritable_reason(str(tmp_path)) is None
+  assert run_file.unwritable_reason(str(tmp_path / 'new' / 'run')) is None
   assert not os.path.exists(tmp_path / 'new')   # a check, not a mkdir

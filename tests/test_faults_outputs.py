@@ -8,7 +8,6 @@ import glob
 import json
 import os
 
-import numpy as np
 import pytest
 
 from feature_extract.synthetic import phantoms

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 
 from fmir_jax.train import checkpoint as ckpt
+from fmir_jax.train import run_file
+from fmir_jax.train import digests
 from fmir_jax.train import distributed
 from fmir_jax.core import errors
 from fmir_jax import general
@@ -44,7 +46,7 @@ def _saved_run(workdir, steps=(2, 4), keep=3, validated=()):
     ckpt.save(last, s, _state(s))
     if s in validated:
       ckpt.save(best, s, _state(s), metrics={'val_dice': 0.5 + s / 100})
-      with open(os.path.join(workdir, ckpt.VAL_LOG), 'a') as f:
+      with open(os.path.join(workdir, run_file.VAL_LOG), 'a') as f:
         f.write(json.dumps({'step': s, 'dice': 0.5 + s / 100}) + '\n')
   last.wait_until_finished()
   best.wait_until_finished()
@@ -76,9 +78,9 @@ def test_digests_are_recorded_for_every_checkpoint_file_when_orbax_has_finished(
   run = _saved_run(str(tmp_path / 'run'), steps=(2, 4, 6, 8), keep=2, validated=(4,))
   for folder in ('checkpoints/6', 'checkpoints/8', 'best/4'):
     step = os.path.join(run, folder)
-    record = json.load(open(os.path.join(step, ckpt.DIGESTS_FILE)))['sha256']
+    record = json.load(open(os.path.join(step, digests.DIGESTS_FILE)))['sha256']
     on_disk = sorted(os.path.relpath(os.path.join(d, f), step)
-                     for d, _, fs in os.walk(step) for f in fs if f != ckpt.DIGESTS_FILE)
+                     for d, _, fs in os.walk(step) for f in fs if f != digests.DIGESTS_FILE)
     assert sorted(record) == on_disk and any(p.startswith('default/') for p in on_disk)
     for rel, sha in record.items():                 # oracle: hashlib on the bytes
       assert sha == hashlib.sha256(open(os.path.join(step, rel), 'rb').read()).hexdigest()
@@ -107,7 +109,7 @@ def test_a_missing_checkpoint_file_or_digest_record_is_named(tmp_path):
   run = _saved_run(str(tmp_path / 'run'), steps=(2,))
   mgr, _ = ckpt.best_or_latest(run, 'last')
   step = os.path.join(run, 'checkpoints', '2')
-  record = os.path.join(step, ckpt.DIGESTS_FILE)
+  record = os.path.join(step, digests.DIGESTS_FILE)
   saved = open(record).read()
   open(record, 'w').write('{"sha256": ')
   with pytest.raises(ckpt.RunError, match='is not a readable digest record'):
@@ -122,18 +124,18 @@ def test_a_missing_checkpoint_file_or_digest_record_is_named(tmp_path):
 
 def test_a_checkpoint_written_before_digests_still_loads_without_a_warning(tmp_path, caplog):
   run = _saved_run(str(tmp_path / 'run'), steps=(2,))
-  os.remove(os.path.join(run, 'checkpoints', '2', ckpt.DIGESTS_FILE))
+  os.remove(os.path.join(run, 'checkpoints', '2', digests.DIGESTS_FILE))
   mgr, step = ckpt.best_or_latest(run, 'last')
   with caplog.at_level(logging.INFO):
     _assert_equal(ckpt.restore_chosen(run, mgr, step, _state(0)), _state(2))
   assert not [r for r in caplog.records if r.levelno >= logging.INFO
-              and ckpt.DIGESTS_FILE in r.getMessage()]
+              and digests.DIGESTS_FILE in r.getMessage()]
 
 
 def test_only_process_0_records_digests(tmp_path, monkeypatch):
   monkeypatch.setattr(distributed, 'is_primary', lambda: False)
   run = _saved_run(str(tmp_path / 'run'), steps=(2,))
-  assert not os.path.exists(os.path.join(run, 'checkpoints', '2', ckpt.DIGESTS_FILE))
+  assert not os.path.exists(os.path.join(run, 'checkpoints', '2', digests.DIGESTS_FILE))
   mgr, step = ckpt.best_or_latest(run, 'last')
   _assert_equal(ckpt.restore_chosen(run, mgr, step, _state(0)), _state(2))
 
@@ -142,7 +144,7 @@ def test_only_process_0_records_digests(tmp_path, monkeypatch):
 
 def test_the_shipped_head_records_the_sha256_of_every_file_and_they_match():
   card = json.load(open(os.path.join(general.SHIPPED, general.CARD)))
-  assert general.CARD == ckpt.HEAD_CARD
+  assert general.CARD == digests.HEAD_CARD
   files = sorted(os.path.relpath(os.path.join(d, f), general.SHIPPED)
                  for d, _, fs in os.walk(general.SHIPPED) for f in fs
                  if f != general.CARD and not f.startswith('.'))
@@ -150,10 +152,10 @@ def test_the_shipped_head_records_the_sha256_of_every_file_and_they_match():
   for rel, sha in card['sha256'].items():
     assert sha == hashlib.sha256(open(os.path.join(general.SHIPPED, rel), 'rb').read()
                                  ).hexdigest(), rel
-  assert ckpt.shipped_head_problem(general.SHIPPED) is None
+  assert digests.shipped_head_problem(general.SHIPPED) is None
   step = os.path.join(general.SHIPPED, 'best', str(card['checkpoint_step']))
-  assert ckpt.digest_problem(step) is None and os.path.exists(
-      os.path.join(step, ckpt.DIGESTS_FILE))
+  assert digests.digest_problem(step) is None and os.path.exists(
+      os.path.join(step, digests.DIGESTS_FILE))
 
 
 @pytest.mark.parametrize('victim', ['run.json', 'pca', 'params'])
@@ -172,20 +174,20 @@ def test_a_damaged_shipped_head_is_refused_naming_the_file(tmp_path, victim):
 
 def test_ship_seals_the_copy(tmp_path):
   run = _saved_run(str(tmp_path / 'run'), steps=(2, 4), validated=(2, 4))
-  os.remove(os.path.join(run, 'best', '4', ckpt.DIGESTS_FILE))   # as a run from before
-  ckpt.write_run_info(run, {'note': 'run.json'})
+  os.remove(os.path.join(run, 'best', '4', digests.DIGESTS_FILE))   # as a run from before
+  run_file.write_run_info(run, {'note': 'run.json'})
   os.makedirs(os.path.join(run, 'pca'))
   open(os.path.join(run, 'pca', 'x.npz'), 'wb').write(b'pca')
   dest = str(tmp_path / 'dest')
   card = json.load(open(general.ship(run, dest, ['cmd'], seed=0)))
   listed = sorted(card['sha256'])
   assert listed == sorted(['run.json', 'val.jsonl', 'pca/x.npz',
-                           f'best/4/{ckpt.DIGESTS_FILE}'] + [
+                           f'best/4/{digests.DIGESTS_FILE}'] + [
       f'best/4/{p}' for p in json.load(open(os.path.join(
-          dest, 'best', '4', ckpt.DIGESTS_FILE)))['sha256']])
-  assert ckpt.shipped_head_problem(dest) is None
+          dest, 'best', '4', digests.DIGESTS_FILE)))['sha256']])
+  assert digests.shipped_head_problem(dest) is None
   _flip_bits(os.path.join(dest, 'val.jsonl'), n=1)
-  assert 'val.jsonl does not match' in ckpt.shipped_head_problem(dest)
+  assert 'val.jsonl does not match' in digests.shipped_head_problem(dest)
 
 
 # --------------------------------------------------------------- a deleted best/ (#7)
@@ -206,7 +208,7 @@ def test_a_deleted_best_checkpoint_is_refused_when_the_run_validated(tmp_path):
 
 def test_the_validation_log_is_the_trainers():
   from fmir_jax.train import loop
-  assert ckpt.VAL_LOG == loop.VAL_LOG
+  assert run_file.VAL_LOG == loop.VAL_LOG
 
 
 def test_best_of_a_run_that_never_validated_is_the_last_one_and_says_so(tmp_path, caplog):
@@ -228,11 +230,11 @@ def test_run_json_of_the_trainer_and_of_the_shipped_head_pass():
   import dataclasses
   from configs import demo
   from fmir_jax.train import state as state_lib
-  ckpt.check_run_info('run', _shipped_info())
+  run_file.check_run_info('run', _shipped_info())
   c = demo.get_config()         # what loop.train_and_evaluate writes
   info = json.loads(json.dumps({'config': c.to_dict(), 'model': dataclasses.asdict(
       state_lib.model_config(c, 24)), 'store_header': {'channels': 24}, 'total_steps': 10}))
-  ckpt.check_run_info('run', info)
+  run_file.check_run_info('run', info)
 
 
 @pytest.mark.parametrize('edit,says', [
@@ -251,7 +253,7 @@ def test_an_edited_run_json_is_one_line_naming_the_file_and_the_key(edit, says):
   info = _shipped_info()
   edit(info)
   with pytest.raises(ckpt.RunError) as err:
-    ckpt.check_run_info('/some/run', info)
+    run_file.check_run_info('/some/run', info)
   msg = _one_line(str(err.value))
   assert msg.startswith('/some/run/run.json: ') and says in msg, msg
   assert 'put back the run.json that train.py wrote' in msg
@@ -307,6 +309,7 @@ def _register(tmp_path, head, extra=()):
      'does not fit the model that'),
     ("d['model']['bogus'] = 1", "unknown key 'bogus' under 'model'"),
 ])
+@pytest.mark.slow
 def test_fmir_register_with_an_edited_run_json_prints_one_line_and_exits_2(tmp_path, edit,
                                                                          says):
   head = str(tmp_path / 'head')

@@ -13,7 +13,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import demo
-from fmir_jax import entry
+from fmir_jax.core import entry
 from fmir_jax.core import errors
 from fmir_jax.train import step as step_lib
 from fmir_jax.train import checks
@@ -48,6 +48,7 @@ def _one_line_error(r, *parts):
 
 # ------------------------------------------------------------------ train.py as users run it
 
+@pytest.mark.slow
 def test_a_misspelt_config_field_is_one_line_with_the_close_match(tmp_path):
   """ml_collections raised AttributeError with a 40-line traceback (exit 1)."""
   workdir = tmp_path / 'w'
@@ -66,6 +67,7 @@ def test_a_config_value_out_of_range_stops_before_anything_is_written(store_dir,
   assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_a_genuine_bug_keeps_its_traceback(store_dir, tmp_path):
   """A plain ValueError from inside the training path is not a user error: train.main lets
   it through (traceback, exit 1), it does not turn it into 'error: ...' and exit 2."""
@@ -76,7 +78,7 @@ def test_a_genuine_bug_keeps_its_traceback(store_dir, tmp_path):
       sys.argv = ['train.py', '--config={DEMO}', '--workdir={workdir}',
                   '--config.data.train_stores=("{store_dir}",)']
       import train
-      from fmir_jax import entry
+      from fmir_jax.core import entry
       from fmir_jax.train import state as state_lib
       def planted(*args, **kwargs):
         raise ValueError('planted bug')

@@ -1,7 +1,8 @@
 """fmir_jax/register/refine.py: multi-scale instance optimisation.
 
 Independent oracles: scipy.ndimage.map_coordinates warps (pull convention,
-warped(x) = moving(x + u(x))), numpy central-difference Jacobians, and a numpy/scipy
+warped(x) = moving(x + u(x))) and numpy central-difference Jacobians (both from
+tests/helpers/oracles.py), and a numpy/scipy
 MIND-SSC written from the Heinrich et al. (2013) / Learn2Reg reference code.
 """
 import itertools
@@ -17,6 +18,7 @@ from fmir_jax.ops import losses
 from fmir_jax.register import refine
 from fmir_jax.ops import sampling
 from fmir_jax.ops import warp
+from tests.helpers import oracles
 
 SHAPE = (32, 32, 24)
 CROP = (slice(4, -4),) * 3
@@ -35,18 +37,12 @@ def smooth_field(rng, max_vox, sigma, shape=SHAPE):
   return (u * max_vox / np.abs(u).max()).astype(np.float32)
 
 
-def warp_np(vol, u):
-  """scipy oracle: vol sampled at x + u(x), trilinear."""
-  grid = np.stack(np.meshgrid(*[np.arange(n) for n in vol.shape], indexing='ij'), -1)
-  return ndimage.map_coordinates(vol, np.moveaxis(grid + u, -1, 0), order=1, mode='nearest')
-
-
 def pair(seed, max_vox=4.0, sigma=8.0):
   """(moving, fixed, u*) with fixed(x) = moving(x + u*(x)), so warp(moving, u*) = fixed."""
   rng = np.random.default_rng(seed)
   moving = smooth_image(rng)
   u_true = smooth_field(rng, max_vox, sigma)
-  return moving, warp_np(moving, u_true), u_true
+  return moving, oracles.warp(moving, u_true, mode='nearest'), u_true
 
 
 def mse(a, b):
@@ -55,12 +51,6 @@ def mse(a, b):
 
 def epe(u, v):
   return float(np.mean(np.linalg.norm(u - v, axis=-1)[CROP]))
-
-
-def jacobian_det(u):
-  """det(I + grad u) by numpy central differences, (H, W, D)."""
-  grads = np.stack([np.stack(np.gradient(u[..., k]), -1) for k in range(3)], -2)
-  return np.linalg.det(grads + np.eye(3))
 
 
 @pytest.fixture(scope='module')
@@ -75,7 +65,7 @@ def test_recovers_known_smooth_deformation(ncc_refiner):
   assert u.shape == (*SHAPE, 3) and u.dtype == np.float32
   assert rec.shapes == ((8, 8, 6), (16, 16, 12), SHAPE) and rec.steps == (60, 40, 10)
   assert all(a < b for a, b in zip(rec.loss_after, rec.loss_before))
-  assert mse(warp_np(moving, u), fixed) < mse(moving, fixed) / 10
+  assert mse(oracles.warp(moving, u, mode='nearest'), fixed) < mse(moving, fixed) / 10
   assert epe(u, u_true) < 0.4 * epe(0 * u_true, u_true)
 
 
@@ -101,21 +91,21 @@ def test_mind_recovers_inverted_contrast():
   opts = refine.RefineOptions(similarity='mind', steps=(100,), lr_vox=(0.25,))  # one scale
   u, rec = refine.Refiner(opts).refine(inverted, fixed, (1.0, 1.0, 1.0))
   assert rec.shapes == (SHAPE,) and rec.loss_after[0] < 0.5 * rec.loss_before[0]
-  assert mse(1.0 - warp_np(inverted, u), fixed) < mse(moving, fixed) / 4
+  assert mse(1.0 - oracles.warp(inverted, u, mode='nearest'), fixed) < mse(moving, fixed) / 4
   assert epe(u, u_true) < 0.5 * epe(0 * u_true, u_true)
 
 
 @pytest.mark.slow
 def test_diffeomorphic_large_deformation_does_not_fold():
   moving, fixed, u_true = pair(3, max_vox=7.0, sigma=4.0)
-  assert jacobian_det(u_true).min() < 0          # the truth itself folds: a hard case
+  assert oracles.jacobian_det(u_true).min() < 0          # the truth itself folds: a hard case
   # Weak smoothing (default 2.0): large, rough updates, where a displacement would fold.
   opts = refine.RefineOptions(diffeomorphic=True, steps=(80, 20), lr_vox=(0.25, 0.125),
                               smooth=0.5)
   u, _ = refine.Refiner(opts).refine(moving, fixed, (1.0, 1.0, 1.0))
-  assert jacobian_det(u).min() > 0
+  assert oracles.jacobian_det(u).min() > 0
   assert np.abs(u).max() > 3.0
-  assert mse(warp_np(moving, u), fixed) < mse(moving, fixed) / 3
+  assert mse(oracles.warp(moving, u, mode='nearest'), fixed) < mse(moving, fixed) / 3
 
 
 @pytest.mark.slow
@@ -123,8 +113,8 @@ def test_fold_penalty_matches_numpy_jacobian_and_unfolds_a_hard_pair():
   rng = np.random.default_rng(9)
   u = rng.normal(0, 0.6, (10, 9, 8, 3))
   got = np.asarray(refine.jacobian_det_cf(jnp.asarray(np.moveaxis(u, -1, 0), jnp.float32)))
-  np.testing.assert_allclose(got, jacobian_det(u), atol=1e-5)
-  want = np.mean(np.maximum(0.2 - jacobian_det(u), 0) ** 2)
+  np.testing.assert_allclose(got, oracles.jacobian_det(u), atol=1e-5)
+  want = np.mean(np.maximum(0.2 - oracles.jacobian_det(u), 0) ** 2)
   np.testing.assert_allclose(refine.fold_penalty(jnp.asarray(np.moveaxis(u, -1, 0)), 0.2),
                              want, rtol=1e-4)
   assert float(refine.fold_penalty(jnp.zeros((3, 6, 6, 6)))) == 0.0   # identity: no penalty
@@ -136,11 +126,12 @@ def test_fold_penalty_matches_numpy_jacobian_and_unfolds_a_hard_pair():
   for w in (0.0, 10.0):
     u, _ = refine.Refiner(refine.RefineOptions(fold=w, **base)).refine(moving, fixed,
                                                                       (1.0, 1.0, 1.0))
-    folds[w] = float(np.mean(jacobian_det(u)[CROP] <= 0))
-    assert mse(warp_np(moving, u), fixed) < mse(moving, fixed) / 3
+    folds[w] = float(np.mean(oracles.jacobian_det(u)[CROP] <= 0))
+    assert mse(oracles.warp(moving, u, mode='nearest'), fixed) < mse(moving, fixed) / 3
   assert folds[0.0] > 0.003 and folds[10.0] < 0.1 * folds[0.0], folds
 
 
+@pytest.mark.slow
 def test_second_pair_of_same_shape_does_not_recompile():
   events = []
   def listener(event, *args, **kwargs):

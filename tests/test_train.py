@@ -16,6 +16,8 @@ import pytest
 
 from configs import demo
 from fmir_jax.train import checkpoint as ckpt
+from fmir_jax.train import runs
+from fmir_jax.train import run_file
 from fmir_jax.train import data as data_lib
 from fmir_jax.evaluate import evaluation
 from fmir_jax.evaluate import report
@@ -113,9 +115,9 @@ def test_evaluation_reads_a_run_without_writing_to_it(store_dir, full_run, tmp_p
                                     out_dir=str(tmp_path / 'out'), figures=0, limit=1)
   assert summary['checkpoint_step'] == 6
   assert _walk(run) == before                   # no empty best/ (nor checkpoints/) created
-  assert evaluation.load_run(run, 'latest')[4] == 6
+  assert runs.load_run(run, 'latest', flag=None).step == 6
   with pytest.raises(ckpt.RunError, match=r"'latest'\), or one of the saved steps \[2, 4, 6\]"):
-    evaluation.load_run(run, 'foo')
+    runs.load_run(run, 'foo', flag=None)
   assert _walk(run) == before
 
 
@@ -125,15 +127,15 @@ def test_a_damaged_pca_file_is_refitted_by_the_command_its_error_gives(store_dir
   run = str(tmp_path / 'run')
   shutil.copytree(full_run.workdir, run)
   st = plan_lib.open_stores([store_dir])[0]
-  path = ckpt.pca_path(run, st.header)
+  path = run_file.pca_path(run, st.header)
   want = dict(np.load(path))
   with open(path, 'r+b') as f:
     f.truncate(os.path.getsize(path) // 2)
   with pytest.raises(ckpt.RunError, match='--features=STORE --pca_store=TRAIN_STORE'):
-    evaluation.pca_for_store(run, ckpt.read_run_info(run), st)
+    evaluation.pca_for_store(run, run_file.read_run_info(run), st)
   # The fix it names: delete the file, eval.py --pca_store=<the training store> refits it.
   os.remove(path)
-  evaluation.pca_for_store(run, ckpt.read_run_info(run), st, pca_store_path=store_dir)
+  evaluation.pca_for_store(run, run_file.read_run_info(run), st, pca_store_path=store_dir)
   got = dict(np.load(path))
   for k in ('mean', 'components', 'explained_variance', 'n_samples'):
     np.testing.assert_array_equal(got[k], want[k])
@@ -188,6 +190,7 @@ def test_modes_train_and_lower_the_loss(store_dir, tmp_path, mode):
   assert last < first, (mode, res.losses)
 
 
+@pytest.mark.slow
 def test_non_finite_stops_with_last_good_state(store_dir, tmp_path, monkeypatch):
   cfg = tiny_config(store_dir)       # the same program as the resume test (compile cache)
   real = data_lib.train_batches
@@ -259,7 +262,7 @@ def test_hybrid_stores_with_their_own_factors_and_labels(store_dir, tmp_path):
   res = loop.train_and_evaluate(cfg, str(tmp_path / 'hyb'), quiet=True)
   assert sorted(res.losses) == [1, 2, 3, 4] and all(np.isfinite(list(res.losses.values())))
   assert np.isfinite(res.val_dice[4])
-  info = ckpt.read_run_info(str(tmp_path / 'hyb'))
+  info = run_file.read_run_info(str(tmp_path / 'hyb'))
   assert [s['factors'] for s in info['store_settings']] == [[2, 2, 1], [2, 2, 2]]
   # eval.py's library call picks the (2,2,2) factors for the second store's grid.
   summary = evaluation.evaluate_run(str(tmp_path / 'hyb'), other, split='test', figures=0,

@@ -16,18 +16,21 @@ import numpy as np
 from fmir_jax.train import data as data_lib
 from fmir_jax.ops import pyramid
 from fmir_jax.core import files
-from fmir_jax.core import metrics as metrics_lib
+from fmir_jax.core import pair_metrics
+from fmir_jax.evaluate import report
+from fmir_jax.train import checkpoint as ckpt
+from fmir_jax.train import run_file
 from fmir_jax.model import network as model_lib
 from fmir_jax.core import store as store_lib
 from fmir_jax.model import inference
-from fmir_jax.train import state as state_lib
+from fmir_jax.train import runs
 from fmir_jax.ops import warp as W
 
 
 @dataclasses.dataclass
 class PairResult:
   ref: data_lib.PairRef
-  metrics: metrics_lib.PairMetrics
+  metrics: pair_metrics.PairMetrics
   head_s: float          # head time (device, synchronised), seconds
   feature_s: float       # feature extraction of both volumes, seconds (from the store)
   disp_vox: np.ndarray | None = None
@@ -79,7 +82,7 @@ def evaluate_pairs(predict: Callable, params, stores: Sequence, refs: Sequence[d
       raise store_lib.StoreError(
           f'pair {ref.moving} -> {ref.fixed} in {st.path} has no labels: Dice and HD95 need '
           'labels for both volumes')
-    m = metrics_lib.evaluate_pair(
+    m = pair_metrics.evaluate_pair(
         disp, item['moving']['labels'], item['fixed']['labels'], classes, info.spacing_mm,
         warp_labels_nearest, moving=ref.moving, fixed=ref.fixed, subject=info.subject,
         time_s=head_s + (feat_s if np.isfinite(feat_s) else 0.0))
@@ -98,29 +101,6 @@ def is_bidirectional(refs: Sequence[data_lib.PairRef], stores) -> bool:
              for r in refs)
 
 
-def load_run(workdir: str, checkpoint: str = 'best'):
-  """(config, graphdef, params, run_info, step) of a training run; writes nothing to it.
-
-  checkpoint: 'best', 'last' (alias 'latest') or a saved step (``ckpt.best_or_latest``).
-  """
-  import ml_collections
-  from fmir_jax.train import checkpoint as ckpt
-  info = ckpt.read_run_info(workdir)
-  ckpt.check_run_info(workdir, info)                      # one line naming run.json and key
-  mgr, step = ckpt.best_or_latest(workdir, checkpoint)    # before the compile: fails fast
-  config = ml_collections.ConfigDict(info['config'])
-  try:
-    graphdef, state, _, _ = state_lib.create(config, int(info['store_header']['channels']),
-                                             int(info['total_steps']))
-  except ValueError as e:   # a value the model refuses (unknown activation, c' > channels)
-    raise ckpt.RunError(f'{os.path.join(workdir, ckpt.RUN_FILE)}: the model it describes '
-                        f'cannot be built ({e}); put back the run.json that train.py wrote '
-                        'for this run') from e
-  restored = ckpt.restore_chosen(workdir, mgr, step, state)
-  params = restored.params if hasattr(restored, 'params') else restored[1]
-  return config, graphdef, params, info, step
-
-
 def pca_for_store(workdir: str, run_info: dict, store, pca_store_path: str = '',
                   progress=None):
   """The PCA basis that maps ``store``'s features to the head's c' channels.
@@ -129,9 +109,8 @@ def pca_for_store(workdir: str, run_info: dict, store, pca_store_path: str = '',
   this backbone saved in the run (``pca/``), or fitted now on the training split of
   ``pca_store_path`` (a store of the same backbone) and saved. Refuses otherwise.
   """
-  from fmir_jax.train import checkpoint as ckpt
   c_prime = int(run_info['config']['feature_channels'])
-  basis = ckpt.load_pca(workdir, store.header)
+  basis = run_file.load_pca(workdir, store.header)
   if basis is not None:
     return basis
   if not pca_store_path:
@@ -148,7 +127,7 @@ def pca_for_store(workdir: str, run_info: dict, store, pca_store_path: str = '',
                                'extract features with at least that many channels')
   basis = inference.fit_pca([src], c_prime, progress=progress,
                             fit=inference.channel_norm(run_info['config']).fit)
-  ckpt.save_pca(workdir, store.header, basis, source=pca_store_path)
+  run_file.save_pca(workdir, store.header, basis, source=pca_store_path)
   return basis
 
 
@@ -162,7 +141,6 @@ def settings_for_store(st, refs, trained_on: Sequence[str], settings: Sequence[d
   the store's own count (its reader's), else that training store's (not for "custom"
   lists), else every label the volumes hold.
   """
-  from fmir_jax.core import store as store_lib
   name = store_lib.dataset_name(st.header)
   spacing = st.info(refs[0].fixed).spacing_mm if refs else None
   same = [s for d, s in zip(trained_on, settings) if d == name]
@@ -202,15 +180,15 @@ def evaluate_run(workdir: str, store_path: str, *, split: str = 'test',
   Returns the summary dict (also written to ``out_dir/summary.json``). The files appear
   together when everything is computed (``files.publish_result``).
   """
-  from fmir_jax.train import checkpoint as ckpt
-  ckpt.read_run_info(workdir)        # "not a run" before any complaint about the output path
+  run_file.read_run_info(workdir)        # "not a run" before any complaint about the output path
   out_dir = out_dir or default_out_dir(workdir, store_path, split, channel_norm)
-  why = ckpt.unwritable_reason(out_dir)
+  why = run_file.unwritable_reason(out_dir)
   if why:                            # before the compile
     raise ckpt.RunError(f'cannot write the evaluation to {out_dir}: {why}; pass --out=DIR '
                         'naming a writable directory')
   files.check_result_dir(out_dir, EVAL_FILES, overwrite, '--out')
-  config, graphdef, params, info, step = load_run(workdir, checkpoint)
+  run = runs.load_run(workdir, checkpoint, flag=None)
+  config, graphdef, params, info, step = run.config, run.graphdef, run.params, run.info, run.step
   norm = inference.channel_norm(config, channel_norm, run=workdir)
   norm_name = channel_norm or config.get('channel_norm', 'paper')
   st = store_lib.FeatureStore(store_path)
@@ -229,8 +207,8 @@ def evaluate_run(workdir: str, store_path: str, *, split: str = 'test',
                            progress=progress)
   per_pair = [r.metrics for r in results]
   bidir = is_bidirectional(refs, [st])
-  summary = (metrics_lib.aggregate_bidirectional(per_pair) if bidir
-             else metrics_lib.aggregate(per_pair))
+  summary = (pair_metrics.aggregate_bidirectional(per_pair) if bidir
+             else pair_metrics.aggregate(per_pair))
   summary.update({
       'workdir': workdir, 'checkpoint_step': int(step), 'store': store_path, 'split': split,
       'backbone': st.header.get('backbone'), 'mode': info['mode'], 'channel_norm': norm_name,
@@ -254,7 +232,6 @@ def _write_evaluation(out_dir, summary, results, per_pair, st, info, classes, fi
                       label_names, overwrite) -> str:
   """The evaluation's files, made in a temporary folder beside ``out_dir`` and published
   together; returns Table 1 (Markdown)."""
-  from fmir_jax.evaluate import report
   parent = os.path.dirname(os.path.abspath(out_dir))
   tmp = files.make_temp_dir(parent, os.path.basename(os.path.abspath(out_dir)))
   try:
@@ -304,7 +281,6 @@ def earlier_summary(workdir: str, store_path: str, out_dir: str, *, split: str =
 
   Lets a long cross-domain table (``eval.py --reuse``) resume where it stopped.
   """
-  from fmir_jax.train import checkpoint as ckpt
   path = os.path.join(out_dir, 'summary.json')
   try:
     with open(path) as f:
@@ -314,7 +290,7 @@ def earlier_summary(workdir: str, store_path: str, out_dir: str, *, split: str =
   except (OSError, ValueError):
     return None
   mgr, step = ckpt.best_or_latest(workdir, checkpoint)
-  norm = channel_norm or ckpt.read_run_info(workdir).get('channel_norm', 'paper')
+  norm = channel_norm or run_file.read_run_info(workdir).get('channel_norm', 'paper')
   refs = data_lib.eval_pairs([store_lib.FeatureStore(store_path)], split, limit)
   same = (isinstance(s, dict)
           and os.path.abspath(s.get('workdir', '')) == os.path.abspath(workdir)
@@ -330,7 +306,6 @@ def table2_columns(store_paths: Sequence[str]) -> dict[str, str]:
   """store path -> its Table 2 column: the store's dataset name, with the folder name added
   when two stores share a dataset (e.g. one phantom set on two grids), so that neither
   overwrites the other's cells."""
-  from fmir_jax.core import store as store_lib
   names = {p: store_lib.dataset_name(store_lib.FeatureStore(p).header) or '?'
            for p in store_paths}
   shared = _shared(names)
@@ -345,10 +320,9 @@ def table2_rows(workdirs: Sequence[str], channel_norm: str = '') -> dict[str, tu
   a row (same training data, mode and norm: e.g. two learning rates) are told apart by their
   folder names, so no run's scores overwrite another's.
   """
-  from fmir_jax.train import checkpoint as ckpt
   rows = {}
   for wd in workdirs:
-    run = ckpt.read_run_info(wd)
+    run = run_file.read_run_info(wd)
     norm = channel_norm or run.get('channel_norm', 'paper')
     mode = run['mode'] + ('' if norm == 'paper' else f' ({norm})')
     trained_on = '+'.join(run.get('store_datasets') or []) or run['config']['name']

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from fmir_jax.core import errors
 from fmir_jax.core import files
+from fmir_jax.evaluate import report as report_lib
 from fmir_jax.register import registrar as register_lib
 from fmir_jax.register.registrar import PairFiles, RegisterError
 
@@ -133,7 +134,6 @@ def _done_earlier(out: str, row: dict | None) -> dict | None:
 
 def write_summary(out: str, summary: dict) -> None:
   """OUT/summary.csv and summary.json, replaced together (only ever ours)."""
-  from fmir_jax.evaluate import report as report_lib
   with files.disk_errors(out, '--out'):
     files.remove_stale_temp_dirs(out, 'summary')
     tmp = files.make_temp_dir(out, 'summary')

@@ -13,7 +13,7 @@ Registration grid (``grid``): "model" (the run's training grid) or "native" (the
 image's field of view), planned by ``register_grid``. Both images are resampled through
 world coordinates and normalised by the reader's own ``preprocess`` (the function its
 ``load()`` uses), and sliced for the encoder at the training scale in encoder pixels per
-voxel (``runs.encoding_for``).
+voxel (``encode.encoding_for``).
 
 Outputs on the fixed image's ORIGINAL grid: ``warped_moving.nii.gz``,
 ``warped_moving_labels.nii.gz``, ``disp_mm.nii.gz`` and ``report.json``; see
@@ -33,9 +33,11 @@ import numpy as np
 
 from fmir_jax.core import files
 from fmir_jax.ops import pyramid
-from fmir_jax import general
+from fmir_jax.train import head_card
 from fmir_jax.core import nifti
 from fmir_jax.core import metrics as metrics_lib
+from fmir_jax.core import pair_metrics
+from fmir_jax.register import encode as encode_lib
 from fmir_jax.register import grid as register_grid
 from fmir_jax.evaluate import report as report_lib
 from fmir_jax.train import runs
@@ -216,15 +218,15 @@ class Registrar:
 
   Args:
     checkpoint: training run directory (``train.py --workdir``), or None for the general
-      head shipped with the package (``general.default_checkpoint``).
+      head shipped with the package (``head_card.default_checkpoint``).
     options: ``RegisterOptions``.
     log: called with one line per notable event (grid, warnings, refinement).
   """
 
   def __init__(self, checkpoint: str | None, options: RegisterOptions = RegisterOptions(),
                log: Callable[[str], None] = lambda s: None):
-    from feature_extract import datasets
-    from fmir_jax.model import inference
+    from feature_extract import datasets   # feature_extract: inside functions only (layers)
+    from fmir_jax.model import inference   # jax: a Registrar is built, so the head will run
     if options.grid not in (None,) + GRIDS:
       raise RegisterError(f'--grid {options.grid!r}: use one of {GRIDS}.')
     if options.dataset_grid not in (None,) + DATASET_GRIDS:
@@ -237,9 +239,9 @@ class Registrar:
                           'add --io.')
     self.log = log
     if checkpoint is None:
-      checkpoint = general.default_checkpoint()
+      checkpoint = head_card.default_checkpoint()
       log(f'checkpoint: the general head shipped with fmir-jax: {checkpoint}')
-    self.card = general.read_card(checkpoint)
+    self.card = head_card.read_card(checkpoint)
     if self.card:
       log(f'head: {self.card["what"]}')
     self.checkpoint = os.path.abspath(checkpoint)
@@ -260,7 +262,7 @@ class Registrar:
         pyramid.level_factors(opts.pyramid_factors, self.levels)
       except ValueError as e:
         raise RegisterError(f'--pyramid-factors: {e}') from e
-    self.backbone, self.header = runs.load_backbone(
+    self.backbone, self.header = encode_lib.load_backbone(
         self.run, opts.backbone, opts.weights, opts.layer, opts.device, opts.dtype)
     self.pca = inference.pca_to_device(runs.pca_basis(self.run, self.header),
                                        inference.channel_norm(self.run.config))
@@ -270,7 +272,7 @@ class Registrar:
     self._compiled: dict[Any, Any] = {}
     self.refiner = None
     if opts.refine is not None:
-      from fmir_jax.register import refine
+      from fmir_jax.register import refine   # jax + optax: only with instance optimisation
       self.refiner = refine.Refiner(opts.refine)
     self.setup_s = time.perf_counter() - t0
     train_shape = self.reader.target_shape(**self.reader_options)
@@ -346,13 +348,13 @@ class Registrar:
       self.log(f'warning: {w}')
 
     t0 = time.perf_counter()
-    enc = runs.encoding_for(grid.shape[:2], self.header, self.train_slice,
+    enc = encode_lib.encoding_for(grid.shape[:2], self.header, self.train_slice,
                             self.backbone.required_input_size, self.backbone.patch_size)
     if opts.io_init == 'zero':         # instance optimisation from the identity: no head
       times['features_s'], times['compile_s'], times['head_s'] = 0.0, 0.0, 0.0
       disp_vox = np.zeros(grid.shape + (3,), np.float32)
     else:
-      inputs = {k: runs.encode(v, self.backbone, enc, opts.batch_size)
+      inputs = {k: encode_lib.encode(v, self.backbone, enc, opts.batch_size)
                 for k, v in images.items()}
       times['features_s'] = time.perf_counter() - t0
       disp_vox, times['compile_s'], times['head_s'] = self._head(inputs['moving'],
@@ -379,7 +381,7 @@ class Registrar:
         initial = world.warp_to_fixed(pair.moving_labels, pair.moving_header.affine, fshape,
                                       faff, None, order=0)
         try:
-          labels = metrics_lib.label_overlap_before_after(
+          labels = pair_metrics.label_overlap_before_after(
               arrays['warped_labels'], initial, pair.fixed_labels, pair.fixed_header.spacing_mm)
         except ValueError as e:
           raise RegisterError(f'--fixed-labels/--moving-labels: {e}') from e

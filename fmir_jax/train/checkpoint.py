@@ -1,6 +1,7 @@
 """Run directory: Orbax checkpoints (last K + best by validation Dice): save, restore,
 resume past a corrupt step, choose 'best' / 'last' / a step. run.json and the PCA files are
-``train.run_file``'s, the sha256 records ``train.digests``'.
+``train.run_file``'s, the sha256 records ``train.digests``'; ``restore_run`` rebuilds a run's
+model from run.json and restores its parameters (``runs.load_run`` is the way to call it).
 
 Layout of ``workdir``::
 
@@ -23,18 +24,16 @@ import os
 import sys
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
 from fmir_jax.core import errors
+from fmir_jax.model import network as model_lib
 from fmir_jax.train import distributed
 from fmir_jax.train import digests
-from fmir_jax.train.digests import (  # noqa: F401  (named here too: a run's sha256 records)
-    DIGESTS_FILE, HEAD_CARD, digest_problem, folder_digests, record_digests,
-    shipped_head_problem)
-from fmir_jax.train.run_file import (  # noqa: F401  (the run-folder files, named here too)
-    RUN_FILE, VAL_LOG, backbone_tag, check_run_info, load_pca, pca_path, read_run_info,
-    save_pca, unwritable_reason, write_run_info)
+from fmir_jax.train import run_file
+from fmir_jax.train import state as state_lib
 
 SET_ASIDE_DIR = 'corrupt_checkpoints'
 
@@ -180,9 +179,9 @@ def restore(manager: ocp.CheckpointManager, target, step: int | None = None):
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   mismatch = _shape_mismatch(folder, abstract)
   if mismatch:
-    run_file = os.path.join(os.path.dirname(str(manager.directory)), RUN_FILE)
+    run_json = os.path.join(os.path.dirname(str(manager.directory)), run_file.RUN_FILE)
     raise CheckpointMismatchError(
-        f'checkpoint {folder} does not fit the model that {run_file} describes (array '
+        f'checkpoint {folder} does not fit the model that {run_json} describes (array '
         f'{mismatch[0]}: {mismatch[1]} in the checkpoint, the model needs {mismatch[2]}): '
         'run.json was edited or comes from another run; put back the run.json written with '
         'this checkpoint')
@@ -251,7 +250,7 @@ def _validated_steps(workdir: str) -> list[int]:
   """The steps the run's validation log (``val.jsonl``) records, in order."""
   steps = []
   try:
-    with open(os.path.join(workdir, VAL_LOG)) as f:
+    with open(os.path.join(workdir, run_file.VAL_LOG)) as f:
       for line in f:
         try:
           steps.append(int(json.loads(line)['step']))
@@ -285,12 +284,12 @@ def best_or_latest(workdir: str, which: str = 'best'):
         raise RunError(
             f"checkpoint 'best': {os.path.join(workdir, 'best')} holds no checkpoint, yet the "
             f'run validated ({len(validated)} record{"s" * (len(validated) != 1)} in '
-            f'{os.path.join(workdir, VAL_LOG)}, the last at step {validated[-1]}): the best '
+            f'{os.path.join(workdir, run_file.VAL_LOG)}, the last at step {validated[-1]}): the best '
             'checkpoint was deleted or moved. '
             'Put it back, or pass --checkpoint-step=last (eval.py: --checkpoint=last) or a '
             f'saved step, one of {sorted(last.all_steps())}')
       logging.warning("checkpoint 'best': %s has not validated yet (no %s), so no checkpoint "
-                      'is best; using the last one, step %d', workdir, VAL_LOG,
+                      'is best; using the last one, step %d', workdir, run_file.VAL_LOG,
                       last.latest_step())
     return last, last.latest_step()
   step = int(which)
@@ -319,3 +318,25 @@ def restore_chosen(workdir: str, manager: ocp.CheckpointManager, step: int, targ
     raise RunError(f'{e}; it may be corrupt or incomplete: {fix}') from e
 
 
+
+
+def restore_run(workdir: str, which: str = 'best'):
+  """(config, graphdef, params, run.json, step, model config) of a run; writes nothing to it.
+
+  which: 'best', 'last' (alias 'latest') or a saved step (``best_or_latest``). Callers use
+  ``runs.load_run``, which adds the checks of the folder and of a shipped head.
+  """
+  info = run_file.read_run_info(workdir)
+  run_file.check_run_info(workdir, info)                # one line naming run.json and key
+  mgr, step = best_or_latest(workdir, which)            # before the compile: fails fast
+  config = ml_collections.ConfigDict(info['config'])
+  try:
+    graphdef, state, _, _ = state_lib.create(config, int(info['store_header']['channels']),
+                                             int(info['total_steps']))
+  except ValueError as e:   # a value the model refuses (unknown activation, c' > channels)
+    raise RunError(f'{os.path.join(workdir, run_file.RUN_FILE)}: the model it describes '
+                   f'cannot be built ({e}); put back the run.json that train.py wrote '
+                   'for this run') from e
+  restored = restore_chosen(workdir, mgr, step, state)
+  params = restored.params if hasattr(restored, 'params') else restored[1]
+  return config, graphdef, params, info, step, model_lib.FMIRConfig.from_dict(info['model'])

@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from fmir_jax.model import channel_reg
 from fmir_jax.train import checkpoint as ckpt
+from fmir_jax.train import run_file
 from fmir_jax.train import data as data_lib
 from fmir_jax.train import distributed
 from fmir_jax.core import errors
@@ -117,6 +117,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int = 0,
   val_sets = _validation_sets(config, graphdef, tp)
   end = tp.num_steps if not stop_after_steps else min(tp.num_steps,
                                                       start + int(stop_after_steps))
+  from tensorboardX import SummaryWriter   # it imports torch: only when a run writes events
   writer = SummaryWriter(os.path.join(workdir, 'tb')) if primary else _NoWriter()
   entries = int(config.train.batch_size) * (2 if config.train.bidirectional else 1)
   batches = data_lib.train_batches(
@@ -143,7 +144,7 @@ def _check_request(config, workdir: str, stop_after_steps: int) -> None:
   if int(stop_after_steps) < 0:
     raise step_lib.ConfigError(f'--stop_after_steps={stop_after_steps}: must be >= 0 '
                                 '(0 = run to the end)')
-  why = ckpt.unwritable_reason(workdir)
+  why = run_file.unwritable_reason(workdir)
   if why:
     raise ckpt.RunError(f'--workdir={workdir}: {why}; pass a directory path you can write to')
 
@@ -159,8 +160,8 @@ def _write_run_info(config, workdir: str, tp: plan_lib.TrainPlan, mcfg, mode: st
       'total_steps': tp.num_steps, 'num_devices': num_devices,
       'store_datasets': tp.store_datasets,
       'store_settings': [s.to_json() for s in tp.settings]}))
-  if os.path.exists(os.path.join(workdir, ckpt.RUN_FILE)):
-    old = ckpt.read_run_info(workdir)
+  if os.path.exists(os.path.join(workdir, run_file.RUN_FILE)):
+    old = run_file.read_run_info(workdir)
     old_norm = old.get('channel_norm', 'paper')
     if (old['model'] != run_info['model'] or old['mode'] != mode
         or old_norm != run_info['channel_norm']):
@@ -168,22 +169,22 @@ def _write_run_info(config, workdir: str, tp: plan_lib.TrainPlan, mcfg, mode: st
                           f'({old["mode"]}, {old_norm}, {old["model"]}); use a new --workdir')
     store_lib.check_compatible(old['store_header'], tp.header)
   if primary:
-    ckpt.write_run_info(workdir, run_info)
+    run_file.write_run_info(workdir, run_info)
 
 
 def _pca_basis(config, workdir: str, tp: plan_lib.TrainPlan, norm, primary: bool):
   """The PCA basis on the training features: inference for UN/WS, training and inference
   for -CR. Fitted once, by process 0; the others read its file."""
   header = tp.header
-  basis = ckpt.load_pca(workdir, header) if primary else None
+  basis = run_file.load_pca(workdir, header) if primary else None
   if primary and basis is None:
     logging.info('fitting a %s PCA (c=%d -> c\'=%d) on the training features', norm.fit,
                  header['channels'], int(config.feature_channels))
     basis = inference.fit_pca(tp.stores, int(config.feature_channels),
                               max_volumes=int(config.train.pca_max_volumes), fit=norm.fit)
-    ckpt.save_pca(workdir, header, basis, source=','.join(st.path for st in tp.stores))
+    run_file.save_pca(workdir, header, basis, source=','.join(st.path for st in tp.stores))
   distributed.barrier('pca')
-  return basis or ckpt.load_pca(workdir, header)
+  return basis or run_file.load_pca(workdir, header)
 
 
 def _draw_pca(config, mode: str, header, pca):
