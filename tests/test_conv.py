@@ -7,15 +7,7 @@ import torch
 from flax import nnx
 
 from fmir_jax.ops import conv
-
-
-def _torch_conv3d(x, kernel):
-  """Oracle: torch conv3d ('same' zero padding) on channels-last arrays, with gradients."""
-  xt = torch.tensor(np.moveaxis(x, -1, 1), dtype=torch.float64, requires_grad=True)
-  wt = torch.tensor(np.transpose(kernel, (4, 3, 0, 1, 2)), dtype=torch.float64,
-                    requires_grad=True)
-  y = torch.nn.functional.conv3d(xt, wt, padding='same')
-  return xt, wt, y
+from tests.helpers import oracles
 
 
 # (x shape, kernel size, chunk bytes, slab bytes): single chunk/slab, one plane / row per
@@ -38,7 +30,7 @@ def test_split2d_matches_torch(shape, ksize, chunk_bytes, slab_bytes, monkeypatc
   rng = np.random.default_rng(sum(shape))
   x = rng.normal(size=shape)
   kernel = rng.normal(size=(*ksize, shape[-1], 4))
-  xt, wt, yt = _torch_conv3d(x, kernel)
+  xt, wt, yt = oracles.torch_conv3d_same(x, kernel, requires_grad=True)
   gy = rng.normal(size=yt.shape)
   yt.backward(torch.from_numpy(gy))
   want_y = np.moveaxis(yt.detach().numpy(), 1, -1)

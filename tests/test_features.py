@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fmir_jax.ops import upsample
+from tests.helpers import oracles
 
 
 def _linear_interp(n_out, n_in, offset, scale):
@@ -70,14 +71,14 @@ def test_exact_path_equals_reference(dims):
 
 
 def test_reference_conv_matches_torch():
-  """The reference itself: zero-padded 3x3x3 conv == torch conv3d(padding=1)."""
+  """The reference itself: zero-padded 3x3x3 conv == torch conv3d(padding='same', i.e. 1)."""
   rng = np.random.default_rng(1)
   x = rng.normal(size=(1, 2, 3, 4, 5)).astype(np.float32)  # (B, D, h, w, c)
   k = rng.normal(size=(3, 3, 3, 5, 2)).astype(np.float32)
   eye_h = np.eye(3, dtype=np.float32)[None]
   eye_w = np.eye(4, dtype=np.float32)[None]
   got = np.asarray(upsample.conv3_of_upsampled_reference(x, k, eye_h, eye_w))  # (1,3,4,2,2)
-  vol = torch.from_numpy(x).permute(0, 4, 2, 3, 1)  # (B, c, H, W, D)
-  wt = torch.from_numpy(k).permute(4, 3, 0, 1, 2)  # (out, in, kH, kW, kD)
-  want = torch.nn.functional.conv3d(vol, wt, padding=1).permute(0, 2, 3, 4, 1).numpy()
+  _, _, y = oracles.torch_conv3d_same(np.transpose(x, (0, 2, 3, 1, 4)), k,  # (B, H, W, D, c)
+                                      dtype='float32')
+  want = y.permute(0, 2, 3, 4, 1).numpy()
   np.testing.assert_allclose(got, want, atol=1e-4)

@@ -14,6 +14,7 @@ from fmir_jax.ops import pyramid
 from fmir_jax.model import slabs as S
 from fmir_jax.core import patches
 from fmir_jax.train import step as step_lib
+from tests.helpers import oracles
 
 
 def _inputs(image, c, patch, seed):
@@ -80,8 +81,7 @@ def test_optimisation_on_a_known_deformation_raises_dice():
 
   def dice(disp):
     # Oracle: scipy nearest-neighbour warp of the moving labels at x + u(x).
-    grid = np.indices(shape).astype(float) + np.moveaxis(np.asarray(disp[0]), -1, 0)
-    warped = ndimage.map_coordinates(moving_lab, grid, order=0)
+    warped = oracles.warp_nearest(moving_lab, np.asarray(disp[0]))
     return 2 * np.sum((warped == 1) & (fixed_lab == 1)) / (np.sum(warped == 1) + fixed_lab.sum())
 
   opt = tx.init(params)
@@ -171,10 +171,7 @@ def test_head_stopping_at_level_1_upsamples_that_levels_field():
   assert fast.v_levels[0] is None and fast.u_levels[0] is None
   u1 = np.asarray(full.u_levels[1][0], np.float64)                   # (8, 6, 5, 3)
   assert float(np.abs(u1).max()) > 0.05
-  pos = np.meshgrid(*[np.arange(n) * (m - 1) / (n - 1) for n, m in zip((h, w, d), u1.shape)],
-                    indexing='ij')
-  want = np.stack([f * ndimage.map_coordinates(u1[..., k], pos, order=1)
-                   for k, f in enumerate((2, 2, 1))], -1)
+  want = oracles.resize(u1, (h, w, d), backend='scipy') * np.array([2, 2, 1])
   np.testing.assert_allclose(fast.disp[0], want, rtol=0, atol=1e-5)
   with pytest.raises(ValueError, match='finest level 3'):
     model(moving, fixed, finest=3)

@@ -3,26 +3,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import scipy.ndimage as ndi
 import torch
 import torch.nn.functional as F
 
 from fmir_jax.ops import warp as W
+from tests.helpers import oracles
 from fmir_jax.ops import pyramid
 
 
 def _rand(shape, seed, scale=1.0):
   return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
-
-
-def _scipy_warp(vol, disp, order=1):
-  """vol (H,W,D,C), disp (H,W,D,3) -> (H,W,D,C) via map_coordinates."""
-  grid = np.stack(np.meshgrid(*[np.arange(n) for n in vol.shape[:3]], indexing='ij'), 0)
-  coords = grid + np.moveaxis(disp, -1, 0).astype(np.float64)
-  return np.stack([
-      ndi.map_coordinates(vol[..., c].astype(np.float64), coords, order=order,
-                          mode='grid-constant', cval=0.0)
-      for c in range(vol.shape[-1])], -1)
 
 
 def _torch_warp(vol, disp):
@@ -45,7 +35,7 @@ def test_warp_matches_scipy_and_torch_out_of_bounds():
   vol = _rand(SHAPE + (2,), 0)
   disp = _rand(SHAPE + (3,), 1, scale=2.5)  # many samples leave the volume
   out = np.asarray(jax.jit(W.warp)(vol, disp))
-  ref_s = _scipy_warp(vol, disp)
+  ref_s = oracles.warp(vol, disp, dtype=np.float64)
   ref_t = _torch_warp(vol, disp)
   assert np.abs(ref_s - ref_t).max() < 1e-10  # the two oracles agree
   assert np.abs(out - ref_s).max() < 1e-5
@@ -87,7 +77,7 @@ def test_warp_nearest_matches_scipy_order0():
   disp = np.where(frac < 0.05, disp + 0.2, disp).astype(np.float32)  # avoid .5 ties
   out = np.asarray(W.warp_nearest(labels, disp))
   assert out.dtype == labels.dtype
-  ref = _scipy_warp(labels[..., None].astype(np.float64), disp, order=0)[..., 0]
+  ref = oracles.warp_nearest(labels.astype(np.float64), disp, mode='grid-constant')
   np.testing.assert_array_equal(out, ref.astype(np.int32))
   assert set(np.unique(out)) <= set(np.unique(labels)) | {0}
   assert (out == 0).sum() > (labels == 0).sum()  # some samples fell outside
@@ -128,9 +118,7 @@ def test_warp_gradients_match_finite_differences():
 def test_resize_matches_torch(in_shape, out_shape):
   vol = _rand((2,) + in_shape + (3,), 11)
   out = np.asarray(W.resize(vol, out_shape))
-  ref = F.interpolate(torch.from_numpy(np.moveaxis(vol, -1, 1)), size=out_shape,
-                      mode='trilinear', align_corners=True)
-  ref = np.moveaxis(ref.numpy(), 1, -1)
+  ref = oracles.resize(vol, out_shape)
   assert out.shape == ref.shape
   np.testing.assert_allclose(out, ref, atol=1e-5)
   np.testing.assert_allclose(W.resize(vol[0], out_shape), out[0], atol=1e-6)
@@ -168,7 +156,8 @@ def test_compose_constant_shifts_is_sum():
   np.testing.assert_allclose(u[1:-2, 1:-2, 2:-2], (a + b)[1:-2, 1:-2, 2:-2], atol=1e-6)
   # general case against the scipy definition u = b + a(x + b(x))
   a2, b2 = _rand((6, 5, 4, 3), 13), _rand((6, 5, 4, 3), 14, scale=0.8)
-  np.testing.assert_allclose(W.compose(a2, b2), b2 + _scipy_warp(a2, b2), atol=1e-5)
+  np.testing.assert_allclose(W.compose(a2, b2), b2 + oracles.warp(a2, b2, dtype=np.float64),
+                             atol=1e-5)
 
 
 def test_integrate_zero_constant_and_diffeomorphic():
@@ -191,17 +180,13 @@ def test_integrate_zero_constant_and_diffeomorphic():
                 3.0 * np.sin(g[..., 0]),
                 2.0 * np.cos(g[..., 0] + g[..., 1])], -1).astype(np.float32)
 
-  def jac_det(u):
-    grads = np.stack([np.stack(np.gradient(u[..., c]), -1) for c in range(3)], -2)
-    return np.linalg.det(grads + np.eye(3))
-
-  assert jac_det(v).min() < 0  # the direct field folds
+  assert oracles.jacobian_det(v).min() < 0  # the direct field folds
   u = np.asarray(W.integrate(v, steps=7))
-  assert jac_det(u)[1:-1, 1:-1, 1:-1].min() > 0
+  assert oracles.jacobian_det(u)[1:-1, 1:-1, 1:-1].min() > 0
   # integrate equals a plain Python loop of self-compositions
   u_ref = v / 128.0
   for _ in range(7):
-    u_ref = u_ref + _scipy_warp(u_ref, u_ref)
+    u_ref = u_ref + oracles.warp(u_ref, u_ref, dtype=np.float64)
   np.testing.assert_allclose(u, u_ref, atol=1e-4)
 
 
@@ -220,16 +205,14 @@ def test_chunked_resize_matches_torch(in_shape, out_shape, monkeypatch):
   monkeypatch.setattr(W, '_RESIZE_CHUNK_BYTES', 64)
   vol = _rand((2,) + in_shape + (3,), 13)
   out = np.asarray(W._resize.__wrapped__(jnp.asarray(vol), out_shape))
-  ref = F.interpolate(torch.from_numpy(np.moveaxis(vol, -1, 1)), size=out_shape,
-                      mode='trilinear', align_corners=True)
-  np.testing.assert_allclose(out, np.moveaxis(ref.numpy(), 1, -1), atol=1e-5)
+  np.testing.assert_allclose(out, oracles.resize(vol, out_shape), atol=1e-5)
 
 
 @pytest.mark.slow
 def test_warp_rows_and_chunked_gather_match_scipy(monkeypatch):
   vol = _rand((2,) + SHAPE + (2,), 14)
   disp = _rand((2,) + SHAPE + (3,), 15, scale=2.0)
-  ref = np.stack([_scipy_warp(vol[i], disp[i]) for i in range(2)])
+  ref = np.stack([oracles.warp(vol[i], disp[i], dtype=np.float64) for i in range(2)])
   # Corner-by-corner chunked gather (the path of full-size volumes).
   monkeypatch.setattr(W, '_ONE_GATHER_MAX_BYTES', 0)
   monkeypatch.setattr(W, '_CHUNK_GATHER_BYTES', 8 * 2 * 4 * 10)
