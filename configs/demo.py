@@ -28,7 +28,7 @@ def get_config():
   # these phantoms only after ~1000 steps: for the first few hundred its held-out Dice stays
   # flat with every feature normalisation, initialisation and learning rate tried. WS
   # learns at lr 1e-3 (--config.optim.lr=1e-3; not at 3e-3) and passes -CR after ~500
-  # steps (bench/learning.py; README, "Training modes at CPU scale").
+  # steps (bench/learning.py; docs/results.md, "Training modes at CPU scale").
   c.mode = '-CR'
   c.model.kernel_init = 'he'
   return c

@@ -11,7 +11,7 @@ custom --data-root general_out/data/synth_iso/pairs.csv ...), override
 `--config.data.train_stores` and `--config.data.eval_stores` to train a DINOv3 general head.
 
 -CR mode (PCA features at training and inference) with He init: at CPU budgets the paper's
-UN mode needs about ten times the steps (README, "Training modes at CPU scale").
+UN mode needs about ten times the steps (docs/results.md, "Training modes at CPU scale").
 """
 from configs import common
 from fmir_jax.ops import losses

@@ -26,8 +26,8 @@ from fmir_jax.register import batch as register_batch
 from fmir_jax.register import registrar as register_lib
 
 # --fast: a quarter of instance optimisation's default steps, from a head that stops at
-# pyramid level 1 (on the register benchmark, Dice within 0.3 points of the default
-# head + quarter-budget IO, 1 s less per 80x96x80 pair on 2 cores; README).
+# pyramid level 1: the finest level costs most and IO recovers its detail (bench/register_bench.py
+# measures it; docs/register.md, "--fast").
 FAST_IO_BUDGET = 0.25
 FAST_HEAD_FINEST_LEVEL = 1
 
@@ -121,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                          'Adam, local NCC + diffusion)')
   io_g.add_argument('--fast', action='store_true',
                     help='the quick route: --io --io-budget 0.25 --head-finest-level 1 '
-                         '(each can still be set); README "Register any NIfTI pair" gives '
-                         'its Dice and time against the default')
+                         '(each can still be set); docs/register.md gives its Dice and time '
+                         'against the default')
   io_g.add_argument('--io-budget', type=float, default=None, metavar='FRACTION',
                     help='scale the Adam steps of every scale by FRACTION (at least 1 '
                          'step each); implies --io (default: 1)')

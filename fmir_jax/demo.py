@@ -38,7 +38,7 @@ BANNER = """\
    python train.py --config=configs/acdc.py --workdir=runs/acdc \\
        --config.data.train_stores=features/acdc_dinov3
    python eval.py --workdir=runs/acdc --features=features/acdc_dinov3
- (README.md, "The paper pipeline with real data and weights").
+ (docs/pipeline.md).
 ================================================================================"""
 
 

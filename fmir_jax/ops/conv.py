@@ -33,8 +33,8 @@ SLAB_BYTES = 64 * 2**20     # unfolded-input budget per row slab (kernel gradien
 CHUNK_BYTES = 48 * 2**20    # per-tap output budget per chunk of D planes (forward)
 # 'auto' keeps XLA's conv for tiny convolutions (output elements x input channels below
 # this), where it compiles quicker than the split-2D program and runs as fast. Above it
-# split2d wins by 2-10x (2 cores, 2026-11-27: the 1 -> 8 image conv at 2x80x96x80 348 vs
-# 73 ms; 27 -> 3 at 40x48x40 139 vs 16 ms; 16 -> 16 at 20x24x20 6.8 vs 1.5 ms).
+# split2d is several times faster on CPU, where XLA's 3D conv is not a matmul (bench/run.py
+# times both; docs/results.md, "Engine benchmarks").
 AUTO_MIN_WORK = 2**18
 
 

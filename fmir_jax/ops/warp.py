@@ -413,7 +413,7 @@ def integrate(v: jax.Array, steps: int = 7) -> jax.Array:
     return v
   u = v / (2.0 ** steps)
   # Rematerialising the body keeps the loop's saved residuals to one field per step instead
-  # of the 8 gathered corners; on CPU (64x64x16) this cut the reverse pass 9x (5.8 s ->
-  # 0.65 s) and its compile 4.7x.
+  # of the 8 gathered corners, which makes the reverse pass and its compile several times
+  # cheaper (bench/run.py times the train step that uses it).
   body = jax.checkpoint(lambda _, u: u + warp(u, u))
   return jax.lax.fori_loop(0, steps, body, u)

@@ -2,7 +2,8 @@
 
 A short pipeline of named stages, each a function with typed inputs and outputs:
 
-  plan_grid -> load_pair + preprocess -> encode -> predict -> refine -> write
+  _check_outputs -> _load (load_pair, plan_grid, preprocess) -> _field (encode, head,
+  refine) -> _resample (onto the fixed grid, label overlap) -> _report -> outputs.write_outputs
 
 A ``Registrar`` holds what a batch of pairs shares: the run (restored once), the encoder
 (loaded once), the PCA basis, and the compiled head and instance optimiser (compiled once per
@@ -22,10 +23,8 @@ ITK/ANTs LPS: negate components 0 and 1) and ``nifti.l2r_names`` for the Learn2R
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import os
-import shutil
 import time
 from typing import Any, Callable
 
@@ -39,15 +38,14 @@ from fmir_jax.core import metrics as metrics_lib
 from fmir_jax.core import pair_metrics
 from fmir_jax.register import encode as encode_lib
 from fmir_jax.register import grid as register_grid
-from fmir_jax.evaluate import report as report_lib
+from fmir_jax.register import outputs
 from fmir_jax.train import runs
 from fmir_jax.core import world
 from fmir_jax.core.errors import RegisterError  # noqa: F401  (re-exported: register.RegisterError)
 from fmir_jax.register.grid import GRIDS, plan_grid
 
 DATASET_GRIDS = ('acdc', 'abdomen')
-OUT_FILES = {'warped': 'warped_moving.nii.gz', 'warped_labels': 'warped_moving_labels.nii.gz',
-             'disp': 'disp_mm.nii.gz', 'report': 'report.json'}
+OUT_FILES = outputs.OUT_FILES   # the result files' names (one home: register.outputs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,70 +142,6 @@ def load_pair(paths: PairFiles) -> LoadedPair:
 
 
 # --------------------------------------------------------------------------- score + write
-
-
-def check_out_dir(out: str, overwrite: bool) -> None:
-  """Refuses, before any work, an OUT that cannot be written or holds an earlier result
-  (``files.check_result_dir`` with register's file names)."""
-  files.check_result_dir(out, OUT_FILES.values(), overwrite, '--out')
-
-
-def write_outputs(out: str, report: dict[str, Any], arrays: dict[str, np.ndarray],
-                  affine: np.ndarray, l2r: tuple[list[str], np.ndarray | None],
-                  overwrite: bool) -> None:
-  """Writes the result files (temp folder beside OUT, then ``publish``) and the Learn2Reg
-  fields; ``report['files']`` lists them, and ``report['times_s']['write_s']`` gains the
-  seconds spent writing the images."""
-  t0 = time.perf_counter()
-  with files.disk_errors(out, '--out'):
-    _write_outputs(out, report, arrays, affine, l2r, overwrite, t0)
-
-
-def _write_outputs(out, report, arrays, affine, l2r, overwrite, t0) -> None:
-  tmp = files.make_temp_dir(os.path.dirname(out), os.path.basename(out))
-  try:
-    # The images are compressed in parallel (zlib releases the GIL).
-    jobs = {key: (nifti.save_nifti, arrays[key], {'intent': 'label' if key == 'warped_labels'
-                                                 else None})
-            for key in ('warped', 'warped_labels') if arrays.get(key) is not None}
-    jobs['disp'] = (nifti.save_dispvect, arrays['disp_mm'], {})
-    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
-      for f in [pool.submit(fn, os.path.join(tmp, OUT_FILES[key]), data, affine, **kw)
-                for key, (fn, data, kw) in jobs.items()]:
-        f.result()
-    report['files'].update({key: os.path.join(out, OUT_FILES[key]) for key in jobs})
-    if l2r[0]:
-      report['files']['l2r'] = l2r[0]
-    report['files']['report'] = os.path.join(out, OUT_FILES['report'])
-    times = report['times_s']
-    times['write_s'] = times.get('write_s', 0.0) + time.perf_counter() - t0
-    report_lib.write_summary_json(os.path.join(tmp, OUT_FILES['report']), report)
-    if l2r[0]:
-      write_l2r(l2r[0], l2r[1], affine, overwrite)
-    files.publish_result(tmp, out, OUT_FILES['report'], OUT_FILES.values(), overwrite)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-
-
-def check_l2r(paths: list[str], overwrite: bool) -> None:
-  """The Learn2Reg export folder under the rule of ``files.check_replaceable``."""
-  files.check_result_dir(os.path.dirname(paths[0]), [os.path.basename(p) for p in paths],
-                         overwrite, '--l2r-export')
-
-
-def write_l2r(paths: list[str], field: np.ndarray, affine: np.ndarray,
-              overwrite: bool) -> None:
-  """Writes the Learn2Reg fields through a temporary folder (``files.publish_result``)."""
-  folder = os.path.dirname(paths[0])
-  files.remove_stale_temp_dirs(folder, 'l2r')
-  tmp = files.make_temp_dir(folder, 'l2r')
-  try:
-    for path in paths:
-      nifti.save_nifti(os.path.join(tmp, os.path.basename(path)), field, affine)
-    files.publish_result(tmp, folder, '', (), overwrite, '--l2r-export')
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -316,20 +250,39 @@ class Registrar:
 
     Nothing is written under OUT unless every stage succeeded.
     """
-    opts = self.options
     out = os.path.abspath(out)
-    check_out_dir(out, opts.overwrite)
+    l2r_names = self._check_outputs(paths, out)
+    times: dict[str, float] = {}
+    pair, grid, factors, images = self._load(paths, times)
+    disp_vox, enc, refined = self._field(images, grid, factors, times)
+    t0 = time.perf_counter()
+    arrays, labels = self._resample(pair, grid, disp_vox)
+    report = self._report(paths, pair, grid, factors, enc, disp_vox, labels, refined, times)
+    faff = pair.fixed_header.affine
+    l2r_field = world.l2r_disp_vox(arrays['disp_mm'], faff, pair.moving_header.affine) \
+        if l2r_names else None
+    times['write_s'] = time.perf_counter() - t0
+    outputs.write_outputs(out, report, arrays, faff, (l2r_names, l2r_field),
+                          self.options.overwrite)
+    return report
+
+  def _check_outputs(self, paths: PairFiles, out: str) -> list[str]:
+    """Refuses unwritable or foreign outputs before any work; the Learn2Reg paths (or [])."""
+    opts = self.options
+    outputs.check_out_dir(out, opts.overwrite)
     l2r_names = []
     if opts.l2r_dir:
       files.check_writable_dir(opts.l2r_dir, '--l2r-export')
-      l2r_names = [os.path.join(os.path.abspath(opts.l2r_dir), n) for n in nifti.l2r_names(
-          nifti.l2r_case(paths.fixed, opts.l2r_fixed_id, '--l2r-fixed-id'),
-          nifti.l2r_case(paths.moving, opts.l2r_moving_id, '--l2r-moving-id'))]
-      check_l2r(l2r_names, opts.overwrite)
+      l2r_names = outputs.l2r_paths(opts.l2r_dir, paths.fixed, paths.moving,
+                                    opts.l2r_fixed_id, opts.l2r_moving_id)
+      outputs.check_l2r(l2r_names, opts.overwrite)
     for stale in files.remove_stale_temp_dirs(os.path.dirname(out), os.path.basename(out)):
       self.log(f'removed {stale} (left by a killed earlier run)')
-    times: dict[str, float] = {}
+    return l2r_names
 
+  def _load(self, paths: PairFiles, times: dict[str, float]):
+    """(pair, registration grid, pyramid factors, both images preprocessed on the grid)."""
+    opts = self.options
     t0 = time.perf_counter()
     pair = load_pair(paths)
     factors = self.factors_for(opts.spacing_mm or pair.fixed_header.spacing_mm)
@@ -346,10 +299,15 @@ class Registrar:
              f'{tuple(round(s, 3) for s in grid.spacing_mm)} mm ({grid.mode})')
     for w in grid.warnings:
       self.log(f'warning: {w}')
+    return pair, grid, factors, images
 
+  def _field(self, images: dict[str, np.ndarray], grid, factors, times: dict[str, float]):
+    """(disp_vox (H, W, D, 3) on the registration grid, encoder input, IO result or None):
+    encode -> head -> instance optimisation."""
+    opts = self.options
     t0 = time.perf_counter()
     enc = encode_lib.encoding_for(grid.shape[:2], self.header, self.train_slice,
-                            self.backbone.required_input_size, self.backbone.patch_size)
+                                  self.backbone.required_input_size, self.backbone.patch_size)
     if opts.io_init == 'zero':         # instance optimisation from the identity: no head
       times['features_s'], times['compile_s'], times['head_s'] = 0.0, 0.0, 0.0
       disp_vox = np.zeros(grid.shape + (3,), np.float32)
@@ -367,8 +325,11 @@ class Registrar:
       times['refine_s'] = refined.seconds_total
       self.log('instance optimisation, loss per scale (coarse to fine): ' + ', '.join(
           f'{b:.4f} -> {a:.4f}' for b, a in zip(refined.loss_before, refined.loss_after)))
+    return disp_vox, enc, refined
 
-    t0 = time.perf_counter()
+  def _resample(self, pair: LoadedPair, grid, disp_vox: np.ndarray):
+    """(arrays on the fixed image's original grid: disp_mm, warped, warped_labels; the label
+    overlap before/after or None) from the field on the registration grid."""
     fshape, faff = pair.fixed_header.shape, pair.fixed_header.affine
     disp_mm = world.disp_to_fixed_world(disp_vox, grid.affine, fshape, faff)
     arrays = {'disp_mm': disp_mm, 'warped': world.warp_to_fixed(
@@ -385,8 +346,14 @@ class Registrar:
               arrays['warped_labels'], initial, pair.fixed_labels, pair.fixed_header.spacing_mm)
         except ValueError as e:
           raise RegisterError(f'--fixed-labels/--moving-labels: {e}') from e
+    return arrays, labels
+
+  def _report(self, paths: PairFiles, pair: LoadedPair, grid, factors, enc, disp_vox,
+              labels, refined, times: dict[str, float]) -> dict[str, Any]:
+    """The report.json record of one pair (``files`` filled in when they are written)."""
+    opts = self.options
     crop = 2 if min(grid.shape) > 4 else 0
-    report = {
+    return {
         **{k: v and os.path.abspath(v) for k, v in dataclasses.asdict(paths).items()},
         'checkpoint': self.checkpoint, 'checkpoint_step': self.run.step,
         'head': self.card and self.card['what'], 'head_finest_level': opts.head_finest_level,
@@ -397,7 +364,8 @@ class Registrar:
                  'affine': grid.affine.tolist(), 'spacing_mm': list(grid.spacing_mm),
                  'pyramid_factors': factors},
         'warnings': list(grid.warnings),
-        'fixed_grid': {'shape': list(fshape), 'affine': np.asarray(faff).tolist()},
+        'fixed_grid': {'shape': list(pair.fixed_header.shape),
+                       'affine': np.asarray(pair.fixed_header.affine).tolist()},
         'dice': labels,
         'jacobian': {'grid': 'registration grid', 'border_crop_vox': crop,
                      **metrics_lib.field_regularity(disp_vox, crop)},
@@ -408,12 +376,6 @@ class Registrar:
                       'ITK/ANTs LPS: negate components 0 and 1',
         'files': {}, 'times_s': times,
     }
-    l2r_field = world.l2r_disp_vox(disp_mm, faff, pair.moving_header.affine) \
-        if l2r_names else None
-    times['write_s'] = time.perf_counter() - t0
-    write_outputs(out, report, arrays, faff, (l2r_names, l2r_field), opts.overwrite)
-    return report
-
 
 def register(fixed: str, moving: str, checkpoint: str | None, out: str, *,
              fixed_labels: str | None = None, moving_labels: str | None = None,
