@@ -25,10 +25,8 @@ from tqdm import tqdm
 from fmir_jax.train import distributed
 from fmir_jax.core import entry
 from fmir_jax.core import errors
-from fmir_jax.evaluate import evaluation
 from fmir_jax.core import files
-from fmir_jax.evaluate import report
-from fmir_jax.core import store as store_lib
+from fmir_jax.evaluate import tables
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('workdir', None, 'Training run directory (or several, comma-separated).')
@@ -58,7 +56,6 @@ def main(argv):
   if pca and len(pca) not in (1, len(FLAGS.features)):
     print('error: --pca_store needs one entry or one per --features entry', file=sys.stderr)
     sys.exit(2)
-  grid, initial = {}, {}
   try:
     if FLAGS.table2:       # before any work (and again when it is written)
       files.check_result_file(FLAGS.table2, FLAGS.overwrite, '--table2')
@@ -67,36 +64,15 @@ def main(argv):
     if distributed.launch_index(FLAGS) > 0:
       print(f'process {distributed.launch_index(FLAGS)}: evaluation runs on process 0')
       return
-    rows = evaluation.table2_rows(FLAGS.workdir, FLAGS.channel_norm)
-    columns = evaluation.table2_columns(FLAGS.features)
-    for workdir in FLAGS.workdir:
-      for i, store_path in enumerate(FLAGS.features):
-        out = FLAGS.out
-        if out and (len(FLAGS.workdir) > 1 or len(FLAGS.features) > 1):
-          out = os.path.join(out, os.path.basename(os.path.normpath(workdir)),
-                             os.path.basename(os.path.normpath(store_path)))
-        how = dict(split=FLAGS.split, checkpoint=FLAGS.checkpoint, limit=FLAGS.limit,
-                   pca_store=(pca[i] if len(pca) > 1 else (pca[0] if pca else '')),
-                   channel_norm=FLAGS.channel_norm)
-        out = out or evaluation.default_out_dir(workdir, store_path, FLAGS.split,
-                                                FLAGS.channel_norm)
-        summary = FLAGS.reuse and evaluation.earlier_summary(workdir, store_path, out, **how)
-        print(f'\n{workdir} on {store_path} [{FLAGS.split}]'
-              + (f' (reused: {out})' if summary else ''))
-        summary = summary or evaluation.evaluate_run(
-            workdir, store_path, out_dir=out, figures=FLAGS.figures,
-            progress=lambda xs: tqdm(xs, desc=f'eval {os.path.basename(store_path)}'),
-            overwrite=FLAGS.overwrite, **how)
-        print(summary['table1'])
-        print(f"head {summary['head_s_mean']:.3f} s/pair, features "
-              f"{summary['feature_s_mean']:.3f} s/pair; files in "
-              f"{os.path.dirname(summary['files']['summary_json'])}")
-        header = store_lib.FeatureStore(store_path).header
-        key = (*rows[workdir], columns[store_path], store_lib.backbone_name(header))
-        grid[key] = summary['metrics']
-        initial[key[2]] = summary['metrics']
+    spec = tables.GridSpec(
+        split=FLAGS.split, checkpoint=FLAGS.checkpoint, limit=FLAGS.limit, pca_stores=pca,
+        channel_norm=FLAGS.channel_norm, figures=FLAGS.figures, overwrite=FLAGS.overwrite,
+        reuse=FLAGS.reuse, out=FLAGS.out)
+    grid = tables.evaluate_grid(
+        FLAGS.workdir, FLAGS.features, spec,
+        progress=lambda path: lambda xs: tqdm(xs, desc=f'eval {os.path.basename(path)}'))
     if FLAGS.table2:
-      table = report.markdown_table2(grid, initial)
+      table = grid.markdown()
       files.write_result_file(FLAGS.table2, table, FLAGS.overwrite, '--table2')
       print(table)
   except errors.UserError as e:

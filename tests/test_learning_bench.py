@@ -128,7 +128,7 @@ def test_learning_plan_parsing(tmp_path, capsys):
 
 def test_table2_rows_keep_runs_that_share_a_mode_apart(tmp_path):
   """Two runs of one mode and norm (two learning rates) get a row each in Table 2."""
-  from fmir_jax.evaluate import evaluation
+  from fmir_jax.evaluate import tables
   runs = {'ws_a': ('WS', 'matched'), 'ws_lr0.001': ('WS', 'matched'), 'un': ('UN', 'paper'),
           'cr': ('-CR', 'paper')}
   for name, (mode, norm) in runs.items():
@@ -137,10 +137,10 @@ def test_table2_rows_keep_runs_that_share_a_mode_apart(tmp_path):
         {'mode': mode, 'channel_norm': norm, 'store_datasets': ['acdc'],
          'config': {'name': 'x'}}))
   wds = [str(tmp_path / n) for n in runs]
-  rows = evaluation.table2_rows(wds)
+  rows = tables.table2_rows(wds)
   assert [rows[w] for w in wds] == [('acdc', 'WS (matched) [ws_a]'),
                                     ('acdc', 'WS (matched) [ws_lr0.001]'),
                                     ('acdc', 'UN'), ('acdc', '-CR')]
   # an inference override relabels every run; the -CR run now shares nothing either
-  rows = evaluation.table2_rows(wds[2:], channel_norm='matched')
+  rows = tables.table2_rows(wds[2:], channel_norm='matched')
   assert [rows[w] for w in wds[2:]] == [('acdc', 'UN (matched)'), ('acdc', '-CR (matched)')]
