@@ -19,6 +19,7 @@ from fmir_jax.evaluate import evaluation
 from fmir_jax import general
 from fmir_jax.core import nifti
 from fmir_jax.core import metrics
+from fmir_jax.train import head_card
 from tests.helpers import oracles
 
 SMALL = randomised.Setting('iso', (24, 24, 20), (2.0, 2.0, 2.0))
@@ -164,7 +165,7 @@ def test_ship_then_register_without_checkpoint(general_run, tmp_path, monkeypatc
   assert (tmp_path / 'mine' / 'notes.txt').read_text() == 'keep'
 
   os.chmod(dest, 0o555)                    # an installed package may be read-only
-  monkeypatch.setattr(general, 'SHIPPED', str(dest))
+  monkeypatch.setattr(head_card, 'SHIPPED', str(dest))
   pair = os.path.join(out, 'data', 'val_abdomen')
   res = tmp_path / 'res'
   rc = cli.main(['register', '--fixed', f'{pair}/pair01_fixed.nii.gz',
@@ -177,7 +178,7 @@ def test_ship_then_register_without_checkpoint(general_run, tmp_path, monkeypatc
   assert report['head'] == card['what'] and report['grid']['mode'] == 'native'
   assert report['grid']['pyramid_factors'] == [2, 2, 2]    # its isotropic training grid
 
-  monkeypatch.setattr(general, 'SHIPPED', str(tmp_path / 'none'))
+  monkeypatch.setattr(head_card, 'SHIPPED', str(tmp_path / 'none'))
   rc = cli.main(['register', '--fixed', f'{pair}/pair01_fixed.nii.gz',
                  '--moving', f'{pair}/pair01_moving.nii.gz', '--out', str(tmp_path / 'r2')])
   err = capsys.readouterr().err
