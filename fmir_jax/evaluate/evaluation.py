@@ -20,7 +20,6 @@ from fmir_jax.core import pair_metrics
 from fmir_jax.evaluate import report
 from fmir_jax.train import checkpoint as ckpt
 from fmir_jax.train import run_file
-from fmir_jax.model import network as model_lib
 from fmir_jax.core import store as store_lib
 from fmir_jax.model import inference
 from fmir_jax.train import runs
@@ -188,7 +187,7 @@ def evaluate_run(workdir: str, store_path: str, *, split: str = 'test',
                         'naming a writable directory')
   files.check_result_dir(out_dir, EVAL_FILES, overwrite, '--out')
   run = runs.load_run(workdir, checkpoint, flag=None)
-  config, graphdef, params, info, step = run.config, run.graphdef, run.params, run.info, run.step
+  config, info = run.config, run.info
   norm = inference.channel_norm(config, channel_norm, run=workdir)
   norm_name = channel_norm or config.get('channel_norm', 'paper')
   st = store_lib.FeatureStore(store_path)
@@ -201,16 +200,16 @@ def evaluate_run(workdir: str, store_path: str, *, split: str = 'test',
   factors = chosen['factors'] if factors is None else factors
   num_classes = chosen['num_classes']
   classes = tuple(range(1, num_classes + 1))
-  c_prime = model_lib.FMIRConfig.from_dict(info['model']).feature_channels
-  predict = inference.make_predict(graphdef, c_prime=c_prime, factors=factors)
-  results = evaluate_pairs(predict, params, [st], refs, pca, classes, keep_disp=figures,
+  predict = inference.make_predict(run.graphdef, c_prime=run.model.feature_channels,
+                                   factors=factors)
+  results = evaluate_pairs(predict, run.params, [st], refs, pca, classes, keep_disp=figures,
                            progress=progress)
   per_pair = [r.metrics for r in results]
   bidir = is_bidirectional(refs, [st])
   summary = (pair_metrics.aggregate_bidirectional(per_pair) if bidir
              else pair_metrics.aggregate(per_pair))
   summary.update({
-      'workdir': workdir, 'checkpoint_step': int(step), 'store': store_path, 'split': split,
+      'workdir': workdir, 'checkpoint_step': run.step, 'store': store_path, 'split': split,
       'backbone': st.header.get('backbone'), 'mode': info['mode'], 'channel_norm': norm_name,
       'bidirectional_average': bidir, 'n_directed_pairs': len(results),
       'pyramid_factors': factors, 'pca_store': pca_store,

@@ -52,7 +52,6 @@ def load_backbone(run: RunInfo, name: str | None = None, weights: str | None = N
   return bb, new_header
 
 
-
 # --------------------------------------------------------------------------- encoder geometry
 
 

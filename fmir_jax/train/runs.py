@@ -11,7 +11,6 @@ import dataclasses
 import os
 from typing import Any
 
-
 from fmir_jax.core import errors
 from fmir_jax.core import store as store_lib
 from fmir_jax.core.errors import RunError
