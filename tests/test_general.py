@@ -91,25 +91,26 @@ class _Store:
 
 def test_validation_store_settings_match_by_dataset_and_spacing():
   from fmir_jax.train.data import PairRef
+  from fmir_jax.train.run_file import StoreSetting
   refs = [PairRef(0, 'a', 'b')]
   trained = ['custom', 'custom']
-  settings = [{'factors': (2, 2, 2), 'num_classes': 16, 'spacing_mm': [2.0, 2.0, 2.0]},
-              {'factors': (2, 2, 1), 'num_classes': 16, 'spacing_mm': [1.6, 1.6, 8.0]}]
+  settings = [StoreSetting((2, 2, 2), 16, spacing_mm=(2.0, 2.0, 2.0)),
+              StoreSetting((2, 2, 1), 16, spacing_mm=(1.6, 1.6, 8.0))]
   lab = np.zeros((4, 4, 4), np.uint8)
   lab[0, 0, 0] = 3
   rule = evaluation.settings_for_store
   # a custom store at a training spacing: that store's factors; labels its own (3, not 16)
   assert rule(_Store('custom', (1.6, 1.6, 8.0), lab), refs, trained, settings) == \
-      {'factors': (2, 2, 1), 'num_classes': 3}
+      StoreSetting((2, 2, 1), 3, spacing_mm=(1.6, 1.6, 8.0))
   # another spacing: factors from the spacing (halve axes within 1.5x of the finest)
-  assert rule(_Store('custom', (1.0, 1.0, 3.0), lab), refs, trained, settings)['factors'] \
+  assert rule(_Store('custom', (1.0, 1.0, 3.0), lab), refs, trained, settings).factors \
       == (2, 2, 1)
-  assert rule(_Store('custom', (3.0, 3.0, 3.0), lab), refs, trained, settings)['factors'] \
+  assert rule(_Store('custom', (3.0, 3.0, 3.0), lab), refs, trained, settings).factors \
       == (2, 2, 2)
   # a dataset reader's store keeps the reader's label count
   assert rule(_Store('abdomen', (2.0, 2.0, 2.0), lab, 13), refs, ['acdc'],
-              [{'factors': (2, 2, 1), 'num_classes': 3}]) == \
-      {'factors': (2, 2, 2), 'num_classes': 13}
+              [StoreSetting((2, 2, 1), 3)]) == \
+      StoreSetting((2, 2, 2), 13, spacing_mm=(2.0, 2.0, 2.0))
 
 
 @pytest.fixture(scope='module')

@@ -231,8 +231,8 @@ def _compile_steps(config, mode: str, graphdef, tx, settings, mesh) -> list:
 def _validation_sets(config, graphdef, tp: plan_lib.TrainPlan) -> list[plan_lib.ValidationSet]:
   return [plan_lib.ValidationSet(
       inference.make_predict(graphdef, c_prime=int(config.feature_channels),
-                             factors=st_set['factors']),
-      st, tuple(refs_i), tuple(range(1, st_set['num_classes'] + 1)))
+                             factors=st_set.factors),
+      st, tuple(refs_i), tuple(range(1, st_set.num_classes + 1)))
           for st, st_set, refs_i in zip(tp.eval_stores, tp.eval_settings, tp.val_refs)
           if refs_i]
 

@@ -1,8 +1,8 @@
 """What a training run trains and validates on: its stores, their settings and the
 validation sets, checked before anything is compiled or written (``plan``).
 
-The per-store settings travel as ``StoreSetting`` records and are saved in run.json
-(``store_settings``, the JSON of ``StoreSetting.to_json``) for evaluation and registration.
+The per-store settings travel as ``run_file.StoreSetting`` records and are saved in run.json
+(``store_settings``) for evaluation and registration (``runs.RunInfo.store_settings``).
 """
 from __future__ import annotations
 
@@ -15,31 +15,10 @@ import jax
 from fmir_jax.core import errors
 from fmir_jax.core import store as store_lib
 from fmir_jax.train import data as data_lib
+from fmir_jax.train import run_file
 
 ConfigError = errors.ConfigError
-
-
-@dataclasses.dataclass(frozen=True)
-class StoreSetting:
-  """How a training store's pairs are trained and scored.
-
-  factors: pyramid factors (one (sx, sy, sz) triple or one per level transition).
-  num_classes: foreground labels scored (1..num_classes).
-  blur_in_plane_only: the label blur of the Dice loss stays in-plane (thick slices).
-  spacing_mm: the store's voxel size (evaluation and ``fmir register`` match stores by it).
-  """
-  factors: tuple
-  num_classes: int
-  blur_in_plane_only: bool
-  spacing_mm: tuple[float, float, float] | None = None
-
-  def to_json(self) -> dict[str, Any]:
-    """The run.json entry (the keys every run folder has had)."""
-    out = {'factors': self.factors, 'num_classes': self.num_classes,
-           'blur_in_plane_only': self.blur_in_plane_only}
-    if self.spacing_mm is not None:
-      out['spacing_mm'] = list(self.spacing_mm)
-    return out
+StoreSetting = run_file.StoreSetting   # the run.json record (one home: train.run_file)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +37,7 @@ class TrainPlan:
   stores: list
   eval_stores: list
   settings: list[StoreSetting]          # one per training store, with its spacing
-  eval_settings: list[dict[str, Any]]   # {'factors', 'num_classes'} per validation store
+  eval_settings: list[StoreSetting]     # per validation store (factors, labels scored)
   val_refs: list[list]                  # the validation pairs of each validation store
   num_steps: int
 
@@ -83,9 +62,8 @@ def plan(config, num_devices: int, settings_for_store: Callable) -> TrainPlan:
   settings = [dataclasses.replace(s, spacing_mm=tuple(st.info(st.keys()[0]).spacing_mm))
               for s, st in zip(store_settings(config, len(stores)), stores)]
   datasets = [store_lib.dataset_name(st.header) for st in stores]
-  eval_settings = [s.to_json() for s in settings] if eval_stores is stores else [
-      settings_for_store(st, _val_pairs(st), datasets, [s.to_json() for s in settings])
-      for st in eval_stores]
+  eval_settings = settings if eval_stores is stores else [
+      settings_for_store(st, _val_pairs(st), datasets, settings) for st in eval_stores]
   limit = int(config.train.eval_pairs)
   val_refs = [_val_pairs(st)[:limit] if limit else _val_pairs(st) for st in eval_stores]
   if not any(val_refs):

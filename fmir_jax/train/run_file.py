@@ -1,7 +1,8 @@
 """The files of a run folder besides its checkpoints: ``run.json`` (written by train.py,
 checked on every load) and the PCA bases (``pca/<tag>.npz``, one per backbone and layer).
 
-numpy only: commands that read a run check these before anything heavy is imported.
+Reads and checks files only (no checkpoint restore): commands that read a run check these
+before any model is built.
 """
 from __future__ import annotations
 
@@ -25,6 +26,42 @@ RUN_FILE = 'run.json'
 VAL_LOG = 'val.jsonl'               # train.loop.VAL_LOG: one record per validation
 RunError = errors.RunError
 RunNotFoundError = errors.RunNotFoundError
+
+
+def _factors(f) -> Any:
+  """Pyramid factors as tuples (run.json holds lists): one triple or one per level."""
+  return None if f is None else tuple(tuple(v) if isinstance(v, (list, tuple)) else v for v in f)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreSetting:
+  """How a store's pairs are trained and scored (one ``store_settings`` entry of run.json).
+
+  factors: pyramid factors (one (sx, sy, sz) triple or one per level transition; None: the
+    model's own, for runs written before the field).
+  num_classes: foreground labels scored (1..num_classes).
+  blur_in_plane_only: the label blur of the Dice loss stays in-plane (thick slices).
+  spacing_mm: the store's voxel size (evaluation and ``fmir register`` match stores by it).
+  """
+  factors: tuple | None
+  num_classes: int
+  blur_in_plane_only: bool = False
+  spacing_mm: tuple[float, float, float] | None = None
+
+  def to_json(self) -> dict[str, Any]:
+    """The run.json entry (the keys every run folder has had)."""
+    out = {'factors': self.factors, 'num_classes': self.num_classes,
+           'blur_in_plane_only': self.blur_in_plane_only}
+    if self.spacing_mm is not None:
+      out['spacing_mm'] = list(self.spacing_mm)
+    return out
+
+  @classmethod
+  def from_json(cls, entry: dict[str, Any]) -> 'StoreSetting':
+    sp = entry.get('spacing_mm')
+    return cls(factors=_factors(entry.get('factors')), num_classes=int(entry['num_classes']),
+               blur_in_plane_only=bool(entry.get('blur_in_plane_only', False)),
+               spacing_mm=None if sp is None else tuple(float(v) for v in sp))
 
 
 def unwritable_reason(path: str) -> str | None:

@@ -27,6 +27,7 @@ class RunInfo:
   info: dict[str, Any]
   step: int
   model: Any            # the typed model config (``network.FMIRConfig``, from run.json)
+  store_settings: list  # run_file.StoreSetting per training store ([]: a run before them)
 
   @property
   def header(self) -> dict[str, Any]:
@@ -69,7 +70,8 @@ def load_run(workdir: str, which: str = 'best', *, flag: str | None = '--checkpo
     if not flag:
       raise
     raise RunError(f'{where}: {e}') from e
-  return RunInfo(workdir, config, graphdef, params, info, int(step), model)
+  settings = [run_file.StoreSetting.from_json(s) for s in info.get('store_settings') or []]
+  return RunInfo(workdir, config, graphdef, params, info, int(step), model, settings)
 
 
 def pca_basis(run: RunInfo, header: dict[str, Any]):
