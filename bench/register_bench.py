@@ -192,14 +192,14 @@ def run_fmir(method: str, registrar, spec: SetSpec, pairs: list[Pair],
     report = registrar.register(register_lib.PairFiles(
         pair.fixed, pair.moving, None, pair.moving_labels), out)
     wall = time.perf_counter() - t0
-    compile_s = float(report['times_s']['compile_s'])       # head + refinement programs
+    compile_s = float(report.times_s['compile_s'])       # head + refinement programs
     warped, _, _ = nifti.load_nifti(os.path.join(out, 'warped_moving_labels.nii.gz'),
                                  what='label')
     disp_vox = read_field(os.path.join(out, 'disp_mm.nii.gz'), ref.affine, lps=False)
     row = {'pair': pair.name, 'seconds': wall - compile_s, 'compile_s': compile_s,
-           **score(ref, warped, disp_vox), 'times_s': report['times_s'],
-           'jacobian_registration_grid': report['jacobian'],
-           'registration_grid': report['grid']['shape']}
+           **score(ref, warped, disp_vox), 'times_s': report.times_s,
+           'jacobian_registration_grid': report.jacobian,
+           'registration_grid': report.grid.shape}
     rows.append(row)
     progress(_pair_line(spec.name, method, i, len(pairs), row))
   return rows

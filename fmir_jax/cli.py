@@ -265,7 +265,7 @@ def run_register(args: argparse.Namespace) -> int:
     return 2
   except register_batch.BatchInterrupted as e:
     s = e.summary
-    print(f'fmir register: interrupted; {s["pairs"] - s["not_run"]} of {s["pairs"]} pairs '
+    print(f'fmir register: interrupted; {s.pairs - s.not_run} of {s.pairs} pairs '
           f'done, summary so far: {e.summary_csv}. Run the same command again to register '
           'the rest.', file=sys.stderr)
     return 130
@@ -276,10 +276,10 @@ def run_register(args: argparse.Namespace) -> int:
   say(f'compilation cache: {cache or "off"}')
   if args.pairs is not None:
     if not args.quiet:
-      resumed = f', {summary["resumed"]} kept from an earlier run' if summary['resumed'] else ''
-      print(f"{summary['pairs']} pairs, {summary['failed']} failed{resumed}; summary: "
+      resumed = f', {summary.resumed} kept from an earlier run' if summary.resumed else ''
+      print(f"{summary.pairs} pairs, {summary.failed} failed{resumed}; summary: "
             f"{os.path.join(os.path.abspath(args.out), 'summary.csv')}")
-    return 1 if summary['failed'] else 0
+    return 1 if summary.failed else 0
   if not args.quiet:
     print('\n'.join(register_lib.summary_lines(report)))
   return 0

@@ -209,7 +209,7 @@ def run(out: str, *, patients: int = 20, test_patients: int = 4, steps: int = 10
     summary = evaluation.evaluate_run(workdir, features, split='test', figures=figures,
                                       out_dir=os.path.join(out, 'eval'))
   times['eval_s'] = time.perf_counter() - t
-  print(summary['table1'])
+  print(summary.table1)
 
   reg = None
   if register:
@@ -231,7 +231,7 @@ def run(out: str, *, patients: int = 20, test_patients: int = 4, steps: int = 10
     reg = reg_out
 
   total = time.perf_counter() - t_all
-  m = summary['metrics']
+  m = summary.metrics
   print('\n' + '=' * 80)
   print(f'demo finished in {total:.0f} s '
         + ' '.join(f'({k[:-2]} {v:.0f} s)' for k, v in times.items()))
@@ -240,7 +240,7 @@ def run(out: str, *, patients: int = 20, test_patients: int = 4, steps: int = 10
         f'{100 * m["folding_fraction"]["mean"]:.3f}% of voxels; best val Dice '
         f'{100 * max(result.val_dice.values()):.2f}%')
   print('files:')
-  for k, v in summary['files'].items():
+  for k, v in summary.files.items():
     for p in (v if isinstance(v, list) else [v]):
       print(f'  {p}')
   if reg:

@@ -30,11 +30,11 @@ def test_demo_end_to_end_reduced(tmp_path):
                  figures=1, io_steps=2, grid=(32, 32, 16), spacing_mm=(3.6, 3.6, 10.0))
   summary = res['summary']
   # Held-out test pairs of patient 101, both directions, averaged per subject.
-  assert summary['n_directed_pairs'] == 2 and summary['bidirectional_average']
-  m = summary['metrics']
+  assert summary.n_directed_pairs == 2 and summary.bidirectional_average
+  m = summary.metrics
   assert 0.0 < m['initial_dice_mean']['mean'] < 0.95   # the phantoms are misaligned
   assert np.isfinite(m['dice_mean']['mean']) and np.isfinite(m['sdlogj']['mean'])
-  for path in summary['files']['figures'] + [summary['files']['pairs_csv']]:
+  for path in summary.files['figures'] + [summary.files['pairs_csv']]:
     assert os.path.getsize(path) > 0
   # The register step wrote its outputs on the raw fixed image's grid.
   reg = res['register_out']

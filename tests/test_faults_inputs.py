@@ -388,20 +388,20 @@ def test_register_reports_the_pixdim_warning_and_hd95_in_affine_mm(registrar, tm
   logged = []
   registrar.log = logged.append
   rep = registrar.register(register_lib.PairFiles(**files), str(tmp_path / 'out'))
-  np.testing.assert_allclose(rep['grid']['spacing_mm'], (2.0, 2.0, 2.0))
-  assert rep['grid']['shape'] == [24, 24, 16]
-  said = [w for w in rep['warnings'] if 'pixdim says 4x4x4' in w]
+  np.testing.assert_allclose(rep.grid.spacing_mm, (2.0, 2.0, 2.0))
+  assert rep.grid.shape == [24, 24, 16]
+  said = [w for w in rep.warnings if 'pixdim says 4x4x4' in w]
   assert [w.split(':')[0] for w in said] == [files['fixed'], files['moving']]
   assert all(any(w in line for line in logged) for w in said)
   warped = np.asarray(nib.load(str(tmp_path / 'out' / 'warped_moving_labels.nii.gz')).dataobj)
   fixed_img = nib.load(files['fixed_labels'])
   spacing = np.linalg.norm(fixed_img.affine[:3, :3], axis=0)
   fixed = np.asarray(fixed_img.dataobj) > 0
-  assert rep['dice']['hd95_after']['1'] == pytest.approx(oracles.hd95(warped > 0, fixed,
+  assert rep.dice['hd95_after']['1'] == pytest.approx(oracles.hd95(warped > 0, fixed,
                                                                       spacing))
   moving = np.asarray(nib.load(files['moving_labels']).dataobj) > 0
-  assert rep['dice']['hd95_before']['1'] == pytest.approx(oracles.hd95(moving, fixed, spacing))
-  assert rep['dice']['hd95_before']['1'] != pytest.approx(oracles.hd95(moving, fixed, (4, 4, 4)))
+  assert rep.dice['hd95_before']['1'] == pytest.approx(oracles.hd95(moving, fixed, spacing))
+  assert rep.dice['hd95_before']['1'] != pytest.approx(oracles.hd95(moving, fixed, (4, 4, 4)))
 
 
 @pytest.mark.parametrize('case', ['no_overlap', 'memory', 'pyramid_factors', 'bare'])

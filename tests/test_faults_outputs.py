@@ -310,9 +310,9 @@ def test_evaluation_never_replaces_the_users_files(run_dir, tmp_path):
   with pytest.raises(files.OutputPathError, match='--overwrite'):
     evaluation.evaluate_run(run_dir, store, **kw)
   again = evaluation.evaluate_run(run_dir, store, overwrite=True, **kw)
-  assert again['metrics']['dice_mean'] == first['metrics']['dice_mean']
+  assert again.metrics['dice_mean'] == first.metrics['dice_mean']
   written = json.loads((out / 'summary.json').read_text())['metrics']['time_s']['mean']
-  assert written == pytest.approx(again['metrics']['time_s']['mean'])      # replaced
+  assert written == pytest.approx(again.metrics['time_s']['mean'])      # replaced
 
 
 def test_custom_pair_list_bom_extra_fields_and_line_numbers(tmp_path):

@@ -86,7 +86,7 @@ def test_learning_smoke_curves_and_cross_domain_table(tmp_path):
   run, store = str(out / 'runs' / runs[0]), str(out / 'features' / 'cardiac')
   done = str(out / 'eval' / runs[0] / 'cardiac')
   kept = evaluation.earlier_summary(run, store, done, limit=2)
-  assert kept['n_directed_pairs'] == 2 and kept['table1'].startswith('| Model')
+  assert kept.n_directed_pairs == 2 and kept.table1.startswith('| Model')
   assert evaluation.earlier_summary(run, store, done, limit=1) is None
   assert evaluation.earlier_summary(run, store, done, limit=2, channel_norm='standardise') is None
   mgr, step = ckpt.best_or_latest(run, 'best')
@@ -99,7 +99,7 @@ def test_learning_smoke_curves_and_cross_domain_table(tmp_path):
   # (eval.py prints it as one line, exit 2: ValueError is one of its USER_ERRORS)
   other = evaluation.evaluate_run(run, store, split='test', figures=0, limit=2,
                                   channel_norm='standardise')
-  assert other['channel_norm'] == 'standardise' and other['n_directed_pairs'] == 2
+  assert other.channel_norm == 'standardise' and other.n_directed_pairs == 2
   assert os.path.exists(os.path.join(run, 'eval', 'cardiac_test_standardise', 'summary.json'))
   with pytest.raises(ValueError, match=re.escape("use one of ['matched', 'standardise']")):
     evaluation.evaluate_run(run, store, split='test', figures=0, limit=2, channel_norm='paper')

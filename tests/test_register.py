@@ -246,10 +246,10 @@ def test_instance_optimisation_recovers_a_known_translation(run_dir, pair, tmp_p
       pair['fixed'], pair['shift'], run_dir, str(out), fixed_labels=pair['fixed_labels'],
       moving_labels=pair['shift_labels'],
       options=register_lib.RegisterOptions(refine=refine.RefineOptions()))
-  assert rep['grid']['shape'] == list(GRID['shape'])          # the run's model grid
-  io_r = rep['instance_optimisation']
+  assert rep.grid.shape == list(GRID['shape'])          # the run's model grid
+  io_r = rep.instance_optimisation
   assert all(a < b for a, b in zip(io_r['loss_after'], io_r['loss_before']))
-  assert rep['dice']['mean_after'] > rep['dice']['mean_before'] + 0.05, rep['dice']
+  assert rep.dice['mean_after'] > rep.dice['mean_before'] + 0.05, rep.dice
   # Closed form: moving(q) = fixed(q - t), so disp_mm = t; check it in the heart.
   disp = np.asarray(nib.load(out / 'disp_mm.nii.gz').dataobj)[:, :, :, 0, :]
   heart = _load(pair['fixed_labels'])[0] > 0

@@ -18,6 +18,7 @@ from fmir_jax.ops import pyramid
 from fmir_jax.core import files
 from fmir_jax.core import pair_metrics
 from fmir_jax.evaluate import report
+from fmir_jax.evaluate.summary import EvalSummary
 from fmir_jax.train import checkpoint as ckpt
 from fmir_jax.train import run_file
 from fmir_jax.core import store as store_lib
@@ -130,30 +131,33 @@ def pca_for_store(workdir: str, run_info: dict, store, pca_store_path: str = '',
   return basis
 
 
-def settings_for_store(st, refs, trained_on: Sequence[str], settings: Sequence[dict]) -> dict:
-  """{'factors', 'num_classes'} to run and score a store's pairs ``refs`` with.
+def settings_for_store(st, refs, trained_on: Sequence[str],
+                       settings: Sequence[run_file.StoreSetting]) -> run_file.StoreSetting:
+  """The factors and label count to run and score a store's pairs ``refs`` with.
 
   The run's training store of the same dataset (and, where the run recorded it, the same
   voxel spacing) lends its pyramid factors; any other store (cross-domain, or a "custom"
   pair list on another grid) gets factors from its voxel spacing
   (``pyramid.factors_for_spacing``, the rule of ``fmir register`` on a native grid). Labels:
   the store's own count (its reader's), else that training store's (not for "custom"
-  lists), else every label the volumes hold.
+  lists), else every label the volumes hold. ``spacing_mm``: the store's.
   """
   name = store_lib.dataset_name(st.header)
   spacing = st.info(refs[0].fixed).spacing_mm if refs else None
   same = [s for d, s in zip(trained_on, settings) if d == name]
   if spacing is not None:
-    same = [s for s in same if 'spacing_mm' not in s
-            or np.allclose(s['spacing_mm'], spacing, rtol=1e-3)]
-  factors = (same or settings)[0]['factors'] if same or not refs else \
+    same = [s for s in same if s.spacing_mm is None
+            or np.allclose(s.spacing_mm, spacing, rtol=1e-3)]
+  factors = (same or settings)[0].factors if same or not refs else \
       pyramid.factors_for_spacing(spacing)
-  fallback = same[0]['num_classes'] if same else settings[0]['num_classes']
+  fallback = same[0].num_classes if same else settings[0].num_classes
   num_classes = int(st.header.get('num_classes', 0)) or (
       fallback if same and name != 'custom' else
       max((int(np.max(lab)) for r in refs for k in (r.moving, r.fixed)
            if (lab := st.labels(k)) is not None), default=fallback))
-  return {'factors': factors, 'num_classes': num_classes}
+  return run_file.StoreSetting(
+      factors, num_classes, blur_in_plane_only=bool(same and same[0].blur_in_plane_only),
+      spacing_mm=None if spacing is None else tuple(float(v) for v in spacing))
 
 
 def default_out_dir(workdir: str, store_path: str, split: str, channel_norm: str = '') -> str:
@@ -167,7 +171,7 @@ def evaluate_run(workdir: str, store_path: str, *, split: str = 'test',
                  checkpoint: str = 'best', pca_store: str = '', out_dir: str = '',
                  figures: int = 3, limit: int = 0, factors=None, progress=None,
                  label_names: Sequence[str] | None = None, channel_norm: str = '',
-                 overwrite: bool = False) -> dict:
+                 overwrite: bool = False) -> EvalSummary:
   """Evaluates a run on a store's split; writes CSV, JSON, Markdown and figures.
 
   channel_norm: the inference normalisation to use instead of the run's own; it must share
@@ -176,7 +180,7 @@ def evaluate_run(workdir: str, store_path: str, *, split: str = 'test',
   overwrite: replace an earlier evaluation in ``out_dir`` (files of other names, and files
     fmir-jax did not write, are never touched; ``files.check_replaceable``).
 
-  Returns the summary dict (also written to ``out_dir/summary.json``). The files appear
+  Returns the summary (its JSON is ``out_dir/summary.json``). The files appear
   together when everything is computed (``files.publish_result``).
   """
   run_file.read_run_info(workdir)        # "not a run" before any complaint about the output path
@@ -193,12 +197,12 @@ def evaluate_run(workdir: str, store_path: str, *, split: str = 'test',
   st = store_lib.FeatureStore(store_path)
   basis = pca_for_store(workdir, info, st, pca_store, progress)
   pca = inference.pca_to_device(basis, norm)
-  settings = info.get('store_settings') or [
-      {'factors': None, 'num_classes': int(config.data.num_classes)}]
+  settings = run.store_settings or [
+      run_file.StoreSetting(None, int(config.data.num_classes))]
   refs = data_lib.eval_pairs([st], split, limit)
   chosen = settings_for_store(st, refs, info.get('store_datasets') or [], settings)
-  factors = chosen['factors'] if factors is None else factors
-  num_classes = chosen['num_classes']
+  factors = chosen.factors if factors is None else factors
+  num_classes = chosen.num_classes
   classes = tuple(range(1, num_classes + 1))
   predict = inference.make_predict(run.graphdef, c_prime=run.model.feature_channels,
                                    factors=factors)
@@ -206,21 +210,18 @@ def evaluate_run(workdir: str, store_path: str, *, split: str = 'test',
                            progress=progress)
   per_pair = [r.metrics for r in results]
   bidir = is_bidirectional(refs, [st])
-  summary = (pair_metrics.aggregate_bidirectional(per_pair) if bidir
-             else pair_metrics.aggregate(per_pair))
-  summary.update({
-      'workdir': workdir, 'checkpoint_step': run.step, 'store': store_path, 'split': split,
-      'backbone': st.header.get('backbone'), 'mode': info['mode'], 'channel_norm': norm_name,
-      'bidirectional_average': bidir, 'n_directed_pairs': len(results),
-      'pyramid_factors': factors, 'pca_store': pca_store,
-      'head_s_mean': float(np.mean([r.head_s for r in results])),
-      'feature_s_mean': float(np.nanmean([r.feature_s for r in results]))
-      if any(np.isfinite(r.feature_s) for r in results) else float('nan'),
-  })
+  scores = (pair_metrics.aggregate_bidirectional(per_pair) if bidir
+            else pair_metrics.aggregate(per_pair))
+  summary = EvalSummary(
+      **scores, workdir=workdir, checkpoint_step=run.step, store=store_path, split=split,
+      backbone=st.header.get('backbone'), mode=info['mode'], channel_norm=norm_name,
+      bidirectional_average=bidir, n_directed_pairs=len(results), pyramid_factors=factors,
+      pca_store=pca_store, head_s_mean=float(np.mean([r.head_s for r in results])),
+      feature_s_mean=float(np.nanmean([r.feature_s for r in results]))
+      if any(np.isfinite(r.feature_s) for r in results) else float('nan'))
   with files.disk_errors(out_dir, '--out'):
-    table = _write_evaluation(out_dir, summary, results, per_pair, st, info, classes,
-                              figures, label_names, overwrite)
-  summary['table1'] = table
+    summary.table1 = _write_evaluation(out_dir, summary, results, per_pair, st, info, classes,
+                                       figures, label_names, overwrite)
   return summary
 
 
@@ -241,7 +242,7 @@ def _write_evaluation(out_dir, summary, results, per_pair, st, info, classes, fi
       rows.append(row)
     report.write_pair_csv(os.path.join(tmp, 'pairs.csv'), rows)
     name = f'FMIR ({info["mode"]}, {store_lib.backbone_name(st.header)})'
-    table = report.markdown_table1({name: summary['metrics']})
+    table = report.markdown_table1({name: summary.metrics})
     with open(os.path.join(tmp, 'table1.md'), 'w') as f:
       f.write(table)
     figs = []
@@ -258,11 +259,11 @@ def _write_evaluation(out_dir, summary, results, per_pair, st, info, classes, fi
     names = list(label_names) if label_names else [f'label {c}' for c in classes]
     report.dice_boxplot(os.path.join(tmp, 'dice_boxplot.png'),
                         {n: [p.dice[c] for p in per_pair] for n, c in zip(names, classes)})
-    summary['files'] = {'pairs_csv': os.path.join(out_dir, 'pairs.csv'),
-                        'summary_json': os.path.join(out_dir, 'summary.json'),
-                        'table1_md': os.path.join(out_dir, 'table1.md'),
-                        'figures': figs + [os.path.join(out_dir, 'dice_boxplot.png')]}
-    report.write_summary_json(os.path.join(tmp, 'summary.json'), summary)
+    summary.files = {'pairs_csv': os.path.join(out_dir, 'pairs.csv'),
+                     'summary_json': os.path.join(out_dir, 'summary.json'),
+                     'table1_md': os.path.join(out_dir, 'table1.md'),
+                     'figures': figs + [os.path.join(out_dir, 'dice_boxplot.png')]}
+    report.write_summary_json(os.path.join(tmp, 'summary.json'), summary.to_json())
     earlier = set(EVAL_FILES) | {n for n in (os.listdir(out_dir) if os.path.isdir(out_dir)
                                              else []) if re.match(r'pair_.*\.png$', n)}
     files.publish_result(tmp, out_dir, 'summary.json', earlier, overwrite)
@@ -273,7 +274,7 @@ def _write_evaluation(out_dir, summary, results, per_pair, st, info, classes, fi
 
 def earlier_summary(workdir: str, store_path: str, out_dir: str, *, split: str = 'test',
                     checkpoint: str = 'best', limit: int = 0, channel_norm: str = '',
-                    pca_store: str = '') -> dict | None:
+                    pca_store: str = '') -> EvalSummary | None:
   """The summary an earlier ``evaluate_run`` left in ``out_dir``, if it scored this very
   evaluation: same run folder and checkpoint step (and written after that checkpoint was
   saved), store, split, number of pairs, channel_norm and PCA store. Else None.
@@ -298,4 +299,9 @@ def earlier_summary(workdir: str, store_path: str, out_dir: str, *, split: str =
           and s.get('channel_norm') == norm and s.get('pca_store', '') == pca_store
           and s.get('n_directed_pairs') == len(refs)
           and os.path.getmtime(path) > os.path.getmtime(ckpt.step_dir(mgr, step)))
-  return {**s, 'table1': table} if same else None
+  if not same:
+    return None
+  try:
+    return EvalSummary.from_json(s, table)
+  except TypeError:                  # a summary of another version: evaluate again
+    return None

@@ -70,14 +70,14 @@ def evaluate_grid(workdirs: Sequence[str], store_paths: Sequence[str], spec: Gri
       summary = summary or evaluation.evaluate_run(
           workdir, store_path, out_dir=out, figures=spec.figures,
           progress=progress and progress(store_path), overwrite=spec.overwrite, **how)
-      log(summary['table1'])
-      log(f"head {summary['head_s_mean']:.3f} s/pair, features "
-          f"{summary['feature_s_mean']:.3f} s/pair; files in "
-          f"{os.path.dirname(summary['files']['summary_json'])}")
+      log(summary.table1)
+      log(f"head {summary.head_s_mean:.3f} s/pair, features "
+          f"{summary.feature_s_mean:.3f} s/pair; files in "
+          f"{os.path.dirname(summary.files['summary_json'])}")
       header = store_lib.FeatureStore(store_path).header
       key = (*rows[workdir], columns[store_path], store_lib.backbone_name(header))
-      grid.scores[key] = summary['metrics']
-      grid.initial[key[2]] = summary['metrics']
+      grid.scores[key] = summary.metrics
+      grid.initial[key[2]] = summary.metrics
   return grid
 
 

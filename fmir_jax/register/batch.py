@@ -15,6 +15,7 @@ from fmir_jax.core import errors
 from fmir_jax.core import files
 from fmir_jax.evaluate import report as report_lib
 from fmir_jax.register import registrar as register_lib
+from fmir_jax.register.records import BatchSummary, PairReport
 from fmir_jax.register.registrar import PairFiles, RegisterError
 
 
@@ -71,20 +72,20 @@ def pair_folder(index: int, paths: PairFiles) -> str:
   return f'{index:04d}_{stem(paths.moving)}_to_{stem(paths.fixed)}'
 
 
-def batch_row(index: int, paths: PairFiles, report: dict | None, error: str | None,
+def batch_row(index: int, paths: PairFiles, report: PairReport | None, error: str | None,
               status: str | None = None) -> dict:
   """One summary row: files, status, Dice/HD95 before and after, folding, SDlogJ, times."""
   row: dict[str, Any] = {'index': index, 'fixed': paths.fixed, 'moving': paths.moving,
                          'status': status or ('failed' if error else 'ok'),
                          'error': error or ''}
   if report:
-    d = report['dice'] or {}
+    d = report.dice or {}
     row.update({'dice_before': d.get('mean_before'), 'dice_after': d.get('mean_after'),
                 'hd95_before_mm': d.get('hd95_mean_before'),
                 'hd95_after_mm': d.get('hd95_mean_after'),
-                'folding_fraction': report['jacobian']['folding_fraction'],
-                'sdlogj': report['jacobian']['sdlogj'], **report['times_s'],
-                'out': os.path.dirname(report['files']['report'])})
+                'folding_fraction': report.jacobian['folding_fraction'],
+                'sdlogj': report.jacobian['sdlogj'], **report.times_s,
+                'out': os.path.dirname(report.files['report'])})
   return row
 
 
@@ -121,25 +122,28 @@ def _earlier_batch(out: str, key: str, overwrite: bool) -> dict:
                                if isinstance(r, dict) and r.get('status') == 'ok'}
 
 
-def _done_earlier(out: str, row: dict | None) -> dict | None:
+def _done_earlier(out: str, row: dict | None) -> PairReport | None:
   """The report of a pair an earlier run of this batch finished, if its folder is intact."""
   if not row or not row.get('out'):
     return None
   path = os.path.join(out, os.path.basename(row['out']), register_lib.OUT_FILES['report'])
   if not files.is_ours(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      return PairReport.from_json(json.load(f))
+  except (OSError, ValueError, TypeError, KeyError):   # unreadable or another version: redo it
+    return None
 
 
-def write_summary(out: str, summary: dict) -> None:
+def write_summary(out: str, summary: BatchSummary) -> None:
   """OUT/summary.csv and summary.json, replaced together (only ever ours)."""
   with files.disk_errors(out, '--out'):
     files.remove_stale_temp_dirs(out, 'summary')
     tmp = files.make_temp_dir(out, 'summary')
     try:
-      report_lib.write_pair_csv(os.path.join(tmp, SUMMARY_FILES[0]), summary['rows'])
-      report_lib.write_summary_json(os.path.join(tmp, SUMMARY_FILES[1]), summary)
+      report_lib.write_pair_csv(os.path.join(tmp, SUMMARY_FILES[0]), summary.rows)
+      report_lib.write_summary_json(os.path.join(tmp, SUMMARY_FILES[1]), summary.to_json())
       files.publish_result(tmp, out, SUMMARY_FILES[1], SUMMARY_FILES, True)
     finally:
       shutil.rmtree(tmp, ignore_errors=True)
@@ -147,7 +151,7 @@ def write_summary(out: str, summary: dict) -> None:
 
 def register_batch(pairs_csv: str, checkpoint: str | None, out: str, *,
                    options: register_lib.RegisterOptions = register_lib.RegisterOptions(),
-                   log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+                   log: Callable[[str], None] = lambda s: None) -> BatchSummary:
   """Registers every pair of ``pairs_csv`` in one process into OUT/<pair folder>/.
 
   The run is restored once, the encoder loaded once, one compile per grid shape. A pair that
@@ -164,13 +168,13 @@ def register_batch(pairs_csv: str, checkpoint: str | None, out: str, *,
   earlier = _earlier_batch(out, key, options.overwrite) if os.path.isdir(out) else {}
   registrar = register_lib.Registrar(checkpoint, options, log)
   rows = [batch_row(i, p, None, None, 'not run') for i, p in enumerate(pairs, start=1)]
-  summary = {'checkpoint': registrar.checkpoint, 'pairs_csv': os.path.abspath(pairs_csv),
-             'batch_key': key, 'pairs': len(rows), 'failed': 0, 'not_run': len(rows),
-             'resumed': 0, 'setup_s': registrar.setup_s, 'rows': rows}
+  summary = BatchSummary(checkpoint=registrar.checkpoint,
+                         pairs_csv=os.path.abspath(pairs_csv), batch_key=key, pairs=len(rows),
+                         failed=0, not_run=len(rows), resumed=0, setup_s=registrar.setup_s,
+                         rows=rows)
 
   def update():
-    summary['failed'] = sum(r['status'] == 'failed' for r in rows)
-    summary['not_run'] = sum(r['status'] == 'not run' for r in rows)
+    summary.count()
     write_summary(out, summary)
 
   os.makedirs(out, exist_ok=True)
@@ -180,7 +184,7 @@ def register_batch(pairs_csv: str, checkpoint: str | None, out: str, *,
       if rep is not None:
         log(f'pair {i}/{len(pairs)}: done earlier, kept ({os.path.basename(earlier[i]["out"])})')
         rows[i - 1] = batch_row(i, paths, rep, None)
-        summary['resumed'] += 1
+        summary.resumed += 1
         continue
       log(f'pair {i}/{len(pairs)}: {paths.moving} -> {paths.fixed}')
       try:
@@ -205,6 +209,6 @@ def register_batch(pairs_csv: str, checkpoint: str | None, out: str, *,
 class BatchInterrupted(KeyboardInterrupt):
   """Ctrl-C in a batch: the summary so far is written; the same command resumes."""
 
-  def __init__(self, summary_csv: str, summary: dict):
+  def __init__(self, summary_csv: str, summary: BatchSummary):
     super().__init__(summary_csv)
     self.summary_csv, self.summary = summary_csv, summary

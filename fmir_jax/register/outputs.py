@@ -8,13 +8,13 @@ import concurrent.futures
 import os
 import shutil
 import time
-from typing import Any
 
 import numpy as np
 
 from fmir_jax.core import files
 from fmir_jax.core import nifti
 from fmir_jax.evaluate import report as report_lib
+from fmir_jax.register.records import PairReport
 
 OUT_FILES = {'warped': 'warped_moving.nii.gz', 'warped_labels': 'warped_moving_labels.nii.gz',
              'disp': 'disp_mm.nii.gz', 'report': 'report.json'}
@@ -33,11 +33,11 @@ def check_out_dir(out: str, overwrite: bool) -> None:
   files.check_result_dir(out, OUT_FILES.values(), overwrite, '--out')
 
 
-def write_outputs(out: str, report: dict[str, Any], arrays: dict[str, np.ndarray],
+def write_outputs(out: str, report: PairReport, arrays: dict[str, np.ndarray],
                   affine: np.ndarray, l2r: tuple[list[str], np.ndarray | None],
                   overwrite: bool) -> None:
   """Writes the result files (temp folder beside OUT, then ``publish``) and the Learn2Reg
-  fields; ``report['files']`` lists them, and ``report['times_s']['write_s']`` gains the
+  fields; ``report.files`` lists them, and ``report.times_s['write_s']`` gains the
   seconds spent writing the images."""
   t0 = time.perf_counter()
   with files.disk_errors(out, '--out'):
@@ -56,13 +56,13 @@ def _write_outputs(out, report, arrays, affine, l2r, overwrite, t0) -> None:
       for f in [pool.submit(fn, os.path.join(tmp, OUT_FILES[key]), data, affine, **kw)
                 for key, (fn, data, kw) in jobs.items()]:
         f.result()
-    report['files'].update({key: os.path.join(out, OUT_FILES[key]) for key in jobs})
+    report.files.update({key: os.path.join(out, OUT_FILES[key]) for key in jobs})
     if l2r[0]:
-      report['files']['l2r'] = l2r[0]
-    report['files']['report'] = os.path.join(out, OUT_FILES['report'])
-    times = report['times_s']
+      report.files['l2r'] = l2r[0]
+    report.files['report'] = os.path.join(out, OUT_FILES['report'])
+    times = report.times_s
     times['write_s'] = times.get('write_s', 0.0) + time.perf_counter() - t0
-    report_lib.write_summary_json(os.path.join(tmp, OUT_FILES['report']), report)
+    report_lib.write_summary_json(os.path.join(tmp, OUT_FILES['report']), report.to_json())
     if l2r[0]:
       write_l2r(l2r[0], l2r[1], affine, overwrite)
     files.publish_result(tmp, out, OUT_FILES['report'], OUT_FILES.values(), overwrite)

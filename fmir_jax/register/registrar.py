@@ -43,6 +43,7 @@ from fmir_jax.train import runs
 from fmir_jax.core import world
 from fmir_jax.core.errors import RegisterError  # noqa: F401  (re-exported: register.RegisterError)
 from fmir_jax.register.grid import GRIDS, plan_grid
+from fmir_jax.register.records import GridRecord, PairReport
 
 DATASET_GRIDS = ('acdc', 'abdomen')
 OUT_FILES = outputs.OUT_FILES   # the result files' names (one home: register.outputs)
@@ -181,7 +182,7 @@ class Registrar:
     self.checkpoint = os.path.abspath(checkpoint)
     t0 = time.perf_counter()
     self.run = runs.load_run(checkpoint, options.checkpoint_step)
-    settings = self.run.info.get('store_settings') or []
+    settings = self.run.store_settings
     # A run trained on several grids has no one model grid: register on the native grid.
     opts = self.options = dataclasses.replace(
         options, grid=options.grid or ('native' if len(settings) > 1 else 'model'))
@@ -211,10 +212,8 @@ class Registrar:
     self.setup_s = time.perf_counter() - t0
     train_shape = self.reader.target_shape(**self.reader_options)
     self.train_slice = None if train_shape is None else tuple(train_shape[:2])
-    self.train_spacings_mm = [tuple(float(v) for v in s['spacing_mm']) for s in settings
-                              if 'spacing_mm' in s]
-    self.train_factors = [tuple(tuple(f) if isinstance(f, (list, tuple)) else f
-                                for f in s['factors']) for s in settings if 'spacing_mm' in s]
+    self.train_spacings_mm = [s.spacing_mm for s in settings if s.spacing_mm is not None]
+    self.train_factors = [s.factors for s in settings if s.spacing_mm is not None]
     if not self.train_spacings_mm:
       sp = self.reader_options.get('spacing_mm') or getattr(self.reader, 'TARGET_SPACING_MM',
                                                             None)
@@ -245,7 +244,7 @@ class Registrar:
     disp = jax.block_until_ready(self._compiled[key](*args))
     return np.asarray(disp[0], np.float32), compile_s, time.perf_counter() - t0
 
-  def register(self, paths: PairFiles, out: str) -> dict[str, Any]:
+  def register(self, paths: PairFiles, out: str) -> PairReport:
     """Registers one pair into OUT; returns the report (also OUT/report.json).
 
     Nothing is written under OUT unless every stage succeeded.
@@ -349,61 +348,60 @@ class Registrar:
     return arrays, labels
 
   def _report(self, paths: PairFiles, pair: LoadedPair, grid, factors, enc, disp_vox,
-              labels, refined, times: dict[str, float]) -> dict[str, Any]:
-    """The report.json record of one pair (``files`` filled in when they are written)."""
+              labels, refined, times: dict[str, float]) -> PairReport:
+    """The report of one pair (``files`` filled in when they are written)."""
     opts = self.options
     crop = 2 if min(grid.shape) > 4 else 0
-    return {
+    return PairReport(
         **{k: v and os.path.abspath(v) for k, v in dataclasses.asdict(paths).items()},
-        'checkpoint': self.checkpoint, 'checkpoint_step': self.run.step,
-        'head': self.card and self.card['what'], 'head_finest_level': opts.head_finest_level,
-        'backbone': self.header['backbone'], 'layer': self.header['layer'],
-        'encoder_input': dataclasses.asdict(enc),
-        'grid': {'mode': grid.mode, 'reader': self.reader.NAME,
-                 'reader_options': self.reader_options, 'shape': list(grid.shape),
-                 'affine': grid.affine.tolist(), 'spacing_mm': list(grid.spacing_mm),
-                 'pyramid_factors': factors},
-        'warnings': list(grid.warnings),
-        'fixed_grid': {'shape': list(pair.fixed_header.shape),
-                       'affine': np.asarray(pair.fixed_header.affine).tolist()},
-        'dice': labels,
-        'jacobian': {'grid': 'registration grid', 'border_crop_vox': crop,
-                     **metrics_lib.field_regularity(disp_vox, crop)},
-        'instance_optimisation': refined and {
+        checkpoint=self.checkpoint, checkpoint_step=self.run.step,
+        head=self.card and self.card['what'], head_finest_level=opts.head_finest_level,
+        backbone=self.header['backbone'], layer=self.header['layer'],
+        encoder_input=dataclasses.asdict(enc),
+        grid=GridRecord(mode=grid.mode, reader=self.reader.NAME,
+                        reader_options=self.reader_options, shape=list(grid.shape),
+                        affine=grid.affine.tolist(), spacing_mm=list(grid.spacing_mm),
+                        pyramid_factors=factors),
+        warnings=list(grid.warnings),
+        fixed_grid={'shape': list(pair.fixed_header.shape),
+                    'affine': np.asarray(pair.fixed_header.affine).tolist()},
+        dice=labels,
+        jacobian={'grid': 'registration grid', 'border_crop_vox': crop,
+                  **metrics_lib.field_regularity(disp_vox, crop)},
+        instance_optimisation=refined and {
             'options': dataclasses.asdict(self.refiner.options), 'init': opts.io_init,
             **dataclasses.asdict(refined)},
-        'convention': 'disp_mm.nii.gz: RAS mm (fixed affine); warped(p) = moving(p + disp); '
-                      'ITK/ANTs LPS: negate components 0 and 1',
-        'files': {}, 'times_s': times,
-    }
+        convention='disp_mm.nii.gz: RAS mm (fixed affine); warped(p) = moving(p + disp); '
+                   'ITK/ANTs LPS: negate components 0 and 1',
+        times_s=times)
 
 def register(fixed: str, moving: str, checkpoint: str | None, out: str, *,
              fixed_labels: str | None = None, moving_labels: str | None = None,
              options: RegisterOptions = RegisterOptions(),
-             log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+             log: Callable[[str], None] = lambda s: None) -> PairReport:
   """Registers ``moving`` onto ``fixed`` into ``out`` (one pair; see ``Registrar``)."""
   return Registrar(checkpoint, options, log).register(
       PairFiles(fixed, moving, fixed_labels, moving_labels), out)
 
 
-def summary_lines(report: dict[str, Any]) -> list[str]:
+def summary_lines(report: PairReport) -> list[str]:
   """A short human-readable report of one pair."""
-  t = report['times_s']
-  lines = [f"grid {report['grid']['mode']} {tuple(report['grid']['shape'])} at "
-           f"{tuple(round(s, 3) for s in report['grid']['spacing_mm'])} mm",
+  t = report.times_s
+  lines = [f"grid {report.grid.mode} {tuple(report.grid.shape)} at "
+           f"{tuple(round(s, 3) for s in report.grid.spacing_mm)} mm",
            'time (s): ' + ', '.join(f'{k[:-2]} {v:.2f}' for k, v in t.items())]
-  if report['dice']:
-    d = report['dice']
+  if report.dice:
+    d = report.dice
     lines.append(f"Dice: before {d['mean_before']:.4f}, after {d['mean_after']:.4f} "
                  f"(classes {d['classes']}); HD95 {d['hd95_mean_before']:.2f} -> "
                  f"{d['hd95_mean_after']:.2f} mm")
-  j = report['jacobian']
+  j = report.jacobian
   lines.append(f"folding fraction {j['folding_fraction']:.5f}, SDlogJ {j['sdlogj']:.4f}")
-  io_r = report['instance_optimisation']
+  io_r = report.instance_optimisation
   if io_r:
     lines.append(f"instance optimisation ({io_r['options']['similarity']}, steps "
                  f"{io_r['steps']} coarse to fine): finest-scale loss "
                  f"{io_r['loss_before'][-1]:.4f} -> {io_r['loss_after'][-1]:.4f}")
-  paths = [p for v in report['files'].values() for p in (v if isinstance(v, list) else [v])]
+  paths = [p for v in report.files.values() for p in (v if isinstance(v, list) else [v])]
   lines.append('outputs: ' + ', '.join(paths))
   return lines
