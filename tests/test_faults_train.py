@@ -242,7 +242,7 @@ def test_check_config_accepts_the_shipped_configs_and_catches_no_steps():
 
 
 def _tiny(store_dir, **train):
-  from tests.test_train import tiny_config
+  from tests.helpers.tiny_model import tiny_config
   return tiny_config(store_dir, **train)
 
 

@@ -26,6 +26,7 @@ from fmir_jax.train import state as state_lib
 from fmir_jax.train import loop
 from fmir_jax.train import plan as plan_lib
 from tests.helpers import synthetic_stores
+from tests.helpers.tiny_model import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,26 +34,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope='module')
 def store_dir(tmp_path_factory):
   return synthetic_stores.write_store(str(tmp_path_factory.mktemp('store') / 'features'))
-
-
-def tiny_config(store_dir, **train):
-  c = demo.get_config()
-  c.data.train_stores = (store_dir,)
-  c.feature_channels = 4
-  c.model.n = 4
-  c.model.levels = 2
-  c.model.integration_steps = 2
-  c.loss.ncc_windows = (5, 3)
-  c.train.num_steps = 6
-  c.train.log_every = 1
-  c.train.checkpoint_every = 2
-  c.train.eval_every = 6
-  c.train.eval_pairs = 2
-  c.optim.lr = 3e-3
-  c.data.prefetch = 1
-  for k, v in train.items():
-    setattr(c.train, k, v)
-  return c
 
 
 @pytest.fixture(scope='module')
@@ -113,7 +94,7 @@ def test_evaluation_reads_a_run_without_writing_to_it(store_dir, full_run, tmp_p
   before = _walk(run)
   summary = evaluation.evaluate_run(run, store_dir, split='test', checkpoint='last',
                                     out_dir=str(tmp_path / 'out'), figures=0, limit=1)
-  assert summary['checkpoint_step'] == 6
+  assert summary.checkpoint_step == 6
   assert _walk(run) == before                   # no empty best/ (nor checkpoints/) created
   assert runs.load_run(run, 'latest', flag=None).step == 6
   with pytest.raises(ckpt.RunError, match=r"'latest'\), or one of the saved steps \[2, 4, 6\]"):
@@ -158,7 +139,7 @@ def test_a_killed_run_keeps_its_tensorboard_scalars(store_dir, full_run, tmp_pat
       import jax
       jax.config.update('jax_compilation_cache_dir', {jax.config.jax_compilation_cache_dir!r})
       jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-      from tests.test_train import tiny_config
+      from tests.helpers.tiny_model import tiny_config
       from fmir_jax.train import data as data_lib, loop
       real = data_lib.train_batches
       def killed(*args, **kwargs):
@@ -220,7 +201,7 @@ def test_sharded_step_equals_single_device(store_dir):
       os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
       import sys; sys.path.insert(0, {ROOT!r})
       import jax, numpy as np
-      from tests.test_train import tiny_config
+      from tests.helpers.tiny_model import tiny_config
       from fmir_jax.train import data as data_lib, distributed, loop, plan as plan_lib, state as state_lib
       from fmir_jax.train import step as step_lib
       assert len(jax.devices()) == 2
@@ -267,7 +248,7 @@ def test_hybrid_stores_with_their_own_factors_and_labels(store_dir, tmp_path):
   # eval.py's library call picks the (2,2,2) factors for the second store's grid.
   summary = evaluation.evaluate_run(str(tmp_path / 'hyb'), other, split='test', figures=0,
                                     checkpoint='last')
-  assert summary['n_directed_pairs'] == 2 and np.isfinite(summary['metrics']['dice_mean']['mean'])
+  assert summary.n_directed_pairs == 2 and np.isfinite(summary.metrics['dice_mean']['mean'])
 
 
 def test_per_store_settings_must_match_the_stores(store_dir, tmp_path):

@@ -86,10 +86,6 @@ def load(name: str, weights: str | None = None, layer: int | str | None = None, 
     spec.module.eval().requires_grad_(False).to(dev)
     weights_sha256 = hash_weights(spec.model_dir)
   return Backbone(
-      name=name, label=label, weights=weights, weights_sha256=weights_sha256,
-      revision=hub.revision(spec.model_dir) if spec.model_dir else None,
-      model_type=spec.model_type, layer=spec.layer, patch_size=spec.patch_size,
-      channels=spec.channels, num_prefix_tokens=spec.num_prefix_tokens, mean=spec.mean,
-      std=spec.std, norm_source=spec.norm_source,
-      required_input_size=spec.required_input_size, device=dev, dtype=dtype,
-      forward=spec.forward, module=spec.module, extra=spec.extra)
+      **spec.facts(), name=name, label=label, weights=weights, weights_sha256=weights_sha256,
+      revision=hub.revision(spec.model_dir) if spec.model_dir else None, device=dev,
+      dtype=dtype, forward=spec.forward, module=spec.module, extra=spec.extra)

@@ -23,15 +23,9 @@ DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.
 
 
 @dataclasses.dataclass(frozen=True)
-class EncoderSpec:
-  """What a loader found: the encoder and the facts the ``Backbone`` record carries.
-
-  ``forward`` maps (B, 3, K, K) float32 slices to (B, K/p, K/p, channels) features.
-  ``module``/``model_dir`` are None for a weight-free encoder, which then gives its own
-  ``weights_sha256`` (a digest of its parameters); otherwise the weight files are hashed.
-  """
-  module: torch.nn.Module | None
-  model_dir: str | None
+class EncoderFacts:
+  """What an encoder is, as the feature store's manifest records it: its kind and layer,
+  patch size p, channels c, prefix tokens, and the per-channel slice normalisation."""
   model_type: str
   layer: int | str
   patch_size: int
@@ -41,13 +35,29 @@ class EncoderSpec:
   std: tuple[float, float, float]
   norm_source: str
   required_input_size: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderSpec(EncoderFacts):
+  """What a loader found: the encoder and its facts.
+
+  ``forward`` maps (B, 3, K, K) float32 slices to (B, K/p, K/p, channels) features.
+  ``module``/``model_dir`` are None for a weight-free encoder, which then gives its own
+  ``weights_sha256`` (a digest of its parameters); otherwise the weight files are hashed.
+  """
+  module: torch.nn.Module | None
+  model_dir: str | None
   forward: Callable[[torch.Tensor], torch.Tensor] = dataclasses.field(repr=False)
   extra: dict[str, Any] = dataclasses.field(default_factory=dict)
   weights_sha256: str | None = None
 
+  def facts(self) -> dict[str, Any]:
+    """The ``EncoderFacts`` fields, by name (a ``Backbone`` is made of them)."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(EncoderFacts)}
 
-@dataclasses.dataclass
-class Backbone:
+
+@dataclasses.dataclass(frozen=True)
+class Backbone(EncoderFacts):
   """A frozen encoder: (B, 3, K, K) normalised slices -> (B, K/p, K/p, c) features.
 
   ``describe()`` gives the manifest's ``backbone`` record; ``mean``/``std`` are the per-channel
@@ -58,15 +68,6 @@ class Backbone:
   weights: str | None
   weights_sha256: str
   revision: str | None
-  model_type: str
-  layer: int | str
-  patch_size: int
-  channels: int
-  num_prefix_tokens: int
-  mean: tuple[float, float, float]
-  std: tuple[float, float, float]
-  norm_source: str
-  required_input_size: int | None
   device: torch.device
   dtype: str
   forward: Callable[[torch.Tensor], torch.Tensor] = dataclasses.field(repr=False)

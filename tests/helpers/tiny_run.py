@@ -3,12 +3,12 @@ grid, offline `mind` features (feature_extract.pipeline.extract), a few training
 (loop.train_and_evaluate). Built once per test session (conftest's ``run_dir``)."""
 import glob
 
-from configs import demo
 from feature_extract import backbones
 from feature_extract import pipeline
 from feature_extract.datasets import custom as custom_pairs
 from feature_extract.synthetic import phantoms
 from fmir_jax.train import loop
+from tests.helpers.tiny_model import tiny_config
 
 GRID = dict(shape=(32, 32, 8), spacing_mm=(3.5, 3.5, 10.0))
 INPLANE = (80, 96)
@@ -31,18 +31,7 @@ def build(data_root: str, workdir: str) -> str:
   pipeline.extract(sources, custom_pairs.pairs(sources), backbones.load('mind', device='cpu'),
                       store, input_size=64, resize='upsample', dataset='custom',
                       dataset_options=dict(GRID), progress=False)
-  c = demo.get_config()
-  c.data.train_stores = (store,)
-  c.feature_channels = 8
-  c.model.n = 4
-  c.model.levels = 2
-  c.model.integration_steps = 2
-  c.loss.ncc_windows = (5, 3)
-  c.train.num_steps = 4
-  c.train.eval_every = 4
-  c.train.checkpoint_every = 4
-  c.train.eval_pairs = 1
-  c.optim.lr = 3e-3
-  c.data.prefetch = 1
+  c = tiny_config(store, feature_channels=8, num_steps=4, eval_every=4, checkpoint_every=4,
+                  eval_pairs=1)
   loop.train_and_evaluate(c, workdir, quiet=True)
   return workdir
