@@ -112,8 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
   r.add_argument('--dtype', default='float32', help='encoder compute dtype (default: float32)')
   r.add_argument('--batch-size', type=int, default=16,
                  help='slices per encoder forward (default: 16)')
-  from fmir_jax.register import refine as refine_lib     # jax, no torch: the defaults shown below
-  io_default = refine_lib.RefineOptions()
+  lin = r.add_argument_group('linear pre-alignment (before the head)')
+  lin.add_argument('--linear', choices=register_lib.LINEAR, default='none',
+                   help='affine: rigid, then affine, coarse to fine, from the centres of '
+                        'mass (pairs of the same contrast); rigid; none (default): the pair '
+                        'is aligned already')
+  io_default = _refine_lib().RefineOptions()      # the defaults shown below
   fmt = lambda xs: ','.join(f'{x:g}' for x in xs)
   io_g = r.add_argument_group('instance optimisation (refines the head\'s field on each pair)')
   io_g.add_argument('--io', action='store_true',
@@ -188,6 +192,11 @@ def enable_compilation_cache(args: argparse.Namespace) -> str | None:
   return path
 
 
+def _refine_lib():
+  from fmir_jax.register import refine   # jax, no torch: only with the register command
+  return refine
+
+
 def refine_options(args: argparse.Namespace):
   """``refine.RefineOptions`` from the --io* flags, or None when instance optimisation is off."""
   budget = args.io_budget if args.io_budget is not None else (FAST_IO_BUDGET if args.fast
@@ -195,7 +204,7 @@ def refine_options(args: argparse.Namespace):
   if not (args.io or args.fast or budget is not None or args.io_steps or args.io_similarity
           or args.io_diffeomorphic or args.io_fold is not None):
     return None
-  from fmir_jax.register import refine   # jax: only when instance optimisation is asked for
+  refine = _refine_lib()
   kw = {'diffeomorphic': args.io_diffeomorphic}
   default = refine.RefineOptions()
   if budget is not None:
@@ -237,7 +246,7 @@ def register_options(args: argparse.Namespace):
       backbone=args.backbone, weights=args.weights, layer=args.layer,
       checkpoint_step=args.checkpoint_step, device=args.device, dtype=args.dtype,
       batch_size=args.batch_size, refine=refine_options(args), io_init=args.io_init,
-      head_finest_level=finest,
+      head_finest_level=finest, linear=args.linear,
       l2r_dir=args.l2r_export, l2r_fixed_id=args.l2r_fixed_id,
       l2r_moving_id=args.l2r_moving_id, overwrite=args.overwrite)
 

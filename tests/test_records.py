@@ -18,7 +18,7 @@ from fmir_jax.train.run_file import StoreSetting
 # The keys of report.json, in order: what users' scripts and docs/register.md read.
 REPORT_KEYS = ['fixed', 'moving', 'fixed_labels', 'moving_labels', 'checkpoint',
                'checkpoint_step', 'head', 'head_finest_level', 'backbone', 'layer',
-               'encoder_input', 'grid', 'warnings', 'fixed_grid', 'dice', 'jacobian',
+               'encoder_input', 'grid', 'warnings', 'fixed_grid', 'dice', 'jacobian', 'linear',
                'instance_optimisation', 'convention', 'files', 'times_s']
 GRID_KEYS = ['mode', 'reader', 'reader_options', 'shape', 'affine', 'spacing_mm',
              'pyramid_factors']
@@ -36,7 +36,7 @@ def _report():
       warnings=['f.nii.gz: pixdim says 4x4x4'],
       fixed_grid={'shape': [8, 8, 4], 'affine': affine.tolist()}, dice=None,
       jacobian={'folding_fraction': np.float64(0.0), 'sdlogj': np.float32(0.25)},
-      instance_optimisation=None, convention='RAS mm', times_s={'head_s': 0.5})
+      linear=None, instance_optimisation=None, convention='RAS mm', times_s={'head_s': 0.5})
 
 
 def test_pair_report_json_has_the_report_keys_and_reads_back(tmp_path):

@@ -88,6 +88,30 @@ def warp_to_fixed(moving: np.ndarray, moving_affine: np.ndarray, fixed_shape: Se
   return out
 
 
+def after_linear(disp_mm: np.ndarray, fixed_affine: np.ndarray, t_mm: np.ndarray
+                 ) -> np.ndarray:
+  """The displacement of "deform, then map": p -> T(p + disp_mm(p)), as p + total(p).
+
+  Args:
+    disp_mm: (X, Y, Z, 3) RAS mm on the fixed grid (the deformable part).
+    fixed_affine: that grid's 4x4 voxel -> world.
+    t_mm: 4x4 fixed world -> moving world map (the linear part).
+
+  Returns:
+    (X, Y, Z, 3) float32 RAS mm: T(p + disp_mm(p)) - p.
+  """
+  shape = disp_mm.shape[:3]
+  t = np.asarray(t_mm, np.float64)
+  out = np.empty(disp_mm.shape, np.float32)
+  step = max(1, _CHUNK_VOXELS // max(1, shape[0] * shape[1]))
+  for k0 in range(0, shape[2], step):
+    k1 = min(shape[2], k0 + step)
+    p = voxel_world(shape, fixed_affine, k0, k1)
+    q = (p + disp_mm[:, :, k0:k1]) @ t[:3, :3].T + t[:3, 3]
+    out[:, :, k0:k1] = q - p
+  return out
+
+
 def l2r_disp_vox(disp_mm: np.ndarray, fixed_affine: np.ndarray,
                  moving_affine: np.ndarray) -> np.ndarray:
   """Learn2Reg voxel field (X, Y, Z, 3) float32: inv(A_moving)(p + disp_mm) - fixed index.

@@ -26,7 +26,8 @@ class PairReport:
   in when the result files are written (``outputs.write_outputs``).
 
   dice: label overlap before/after (``pair_metrics.label_overlap_before_after``) or None
-  without both label maps. jacobian: folding and SDlogJ on the registration grid.
+  without both label maps. jacobian: folding and SDlogJ of the deformable part on the
+  registration grid (the linear part's Jacobian is det(matrix_mm), constant).
   instance_optimisation: its options and losses per scale, or None when off.
   """
   fixed: str
@@ -45,6 +46,7 @@ class PairReport:
   fixed_grid: dict[str, Any]      # {'shape', 'affine'} of the fixed image's own grid
   dice: dict[str, Any] | None
   jacobian: dict[str, Any]
+  linear: dict[str, Any] | None   # the linear stage's ``linear.LinearRecord``, or None (off)
   instance_optimisation: dict[str, Any] | None
   convention: str
   files: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -52,6 +54,33 @@ class PairReport:
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+  def summary_lines(self) -> list[str]:
+    """A short human-readable report (``fmir register`` prints it)."""
+    t = self.times_s
+    lines = [f"grid {self.grid.mode} {tuple(self.grid.shape)} at "
+             f"{tuple(round(s, 3) for s in self.grid.spacing_mm)} mm",
+             'time (s): ' + ', '.join(f'{k[:-2]} {v:.2f}' for k, v in t.items())]
+    if self.dice:
+      d = self.dice
+      lines.append(f"Dice: before {d['mean_before']:.4f}, after {d['mean_after']:.4f} "
+                   f"(classes {d['classes']}); HD95 {d['hd95_mean_before']:.2f} -> "
+                   f"{d['hd95_mean_after']:.2f} mm")
+    if self.linear:
+      lin = self.linear
+      lines.append(f"linear ({lin['kind']}, from the {lin['start']}): loss "
+                   f"{lin['loss_start']:.4f} -> {lin['loss_after'][-1]:.4f}; rotation "
+                   + ', '.join(f'{v:.1f}' for v in lin['rotation_deg']) + ' deg')
+    j = self.jacobian
+    lines.append(f"folding fraction {j['folding_fraction']:.5f}, SDlogJ {j['sdlogj']:.4f}")
+    io_r = self.instance_optimisation
+    if io_r:
+      lines.append(f"instance optimisation ({io_r['options']['similarity']}, steps "
+                   f"{io_r['steps']} coarse to fine): finest-scale loss "
+                   f"{io_r['loss_before'][-1]:.4f} -> {io_r['loss_after'][-1]:.4f}")
+    paths = [p for v in self.files.values() for p in (v if isinstance(v, list) else [v])]
+    lines.append('outputs: ' + ', '.join(paths))
+    return lines
 
   @classmethod
   def from_json(cls, d: dict[str, Any]) -> 'PairReport':

@@ -149,18 +149,18 @@ def pyramid_plan(shape: Sequence[int], spacing_mm: Sequence[float], n_scales: in
   return tuple(shapes), tuple(factors)
 
 
-def _ratio(fine: Shape3, coarse: Shape3) -> tuple[float, ...]:
+def align_corners_ratio(fine: Shape3, coarse: Shape3) -> tuple[float, ...]:
   """Fine voxels per coarse voxel of an align-corners resize, per axis: (n-1) / (m-1)."""
   return tuple((a - 1) / (b - 1) if b > 1 else 1.0 for a, b in zip(fine, coarse))
 
 
-def _windows(spacing_mm: np.ndarray, window: int) -> tuple[int, int, int]:
+def ncc_windows(spacing_mm: np.ndarray, window: int) -> tuple[int, int, int]:
   """Odd per-axis NCC window spanning about ``window`` of the finest spacing."""
   return tuple(max(1, 2 * int(round((window * spacing_mm.min() / s - 1) / 2)) + 1)
                for s in spacing_mm)
 
 
-def _downsample(vol: jax.Array, shape: Shape3, factor: Shape3, sigma: float) -> jax.Array:
+def downsample(vol: jax.Array, shape: Shape3, factor: Shape3, sigma: float) -> jax.Array:
   """(C, H, W, D) -> (C, *shape): Gaussian blur (reflect padding, ``losses`` taps) along
   the halved axes only, then the align-corners trilinear ``warp.resize``."""
   for axis, f in enumerate(factor, start=1):
@@ -307,9 +307,9 @@ def _prepare(opts, shapes, factors, moving, fixed, init):
   sigma = opts.blur_sigma if opts.similarity == 'ncc' else 0.0
   pyramid, inits = [feats], [jnp.moveaxis(init, -1, 0)]
   for shape, factor in zip(shapes[1:], factors):
-    pyramid.append(_downsample(pyramid[-1], shape, factor, sigma))
+    pyramid.append(downsample(pyramid[-1], shape, factor, sigma))
     inits.append(sampling.resize_field_cf(inits[0], shape,
-                                          [1 / r for r in _ratio(shapes[0], shape)]))
+                                          [1 / r for r in align_corners_ratio(shapes[0], shape)]))
   half = feats.shape[0] // 2
   return [p[:half] for p in pyramid], [p[half:] for p in pyramid], inits
 
@@ -337,9 +337,9 @@ class Refiner:
     steps = [sum(opts.steps[:dropped + 1]), *opts.steps[dropped + 1:]]
     scales = []
     for i, n_steps, lr in zip(reversed(range(len(shapes))), steps, opts.lr_vox[dropped:]):
-      spacing = np.asarray(spacing_mm, np.float64) * _ratio(shapes[0], shapes[i])
-      up = _ratio(shapes[i], shapes[i + 1]) if i + 1 < len(shapes) else None
-      scales.append(_Scale(shapes[i], _windows(spacing, opts.ncc_window), int(n_steps),
+      spacing = np.asarray(spacing_mm, np.float64) * align_corners_ratio(shapes[0], shapes[i])
+      up = align_corners_ratio(shapes[i], shapes[i + 1]) if i + 1 < len(shapes) else None
+      scales.append(_Scale(shapes[i], ncc_windows(spacing, opts.ncc_window), int(n_steps),
                            float(lr), up))
     return shapes, factors, tuple(scales)
 

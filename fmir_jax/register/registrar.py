@@ -46,6 +46,7 @@ from fmir_jax.register.grid import GRIDS, plan_grid
 from fmir_jax.register.records import GridRecord, PairReport
 
 DATASET_GRIDS = ('acdc', 'abdomen')
+LINEAR = ('affine', 'rigid', 'none')   # the linear stage before the head (``linear``)
 OUT_FILES = outputs.OUT_FILES   # the result files' names (one home: register.outputs)
 
 
@@ -68,6 +69,8 @@ class RegisterOptions:
   head_finest_level: the finest pyramid level the head runs (0: all; 1 skips the
     full-resolution level, the costliest, and upsamples the level-1 field: with ``refine``
     the instance optimisation adds the fine detail).
+  linear: the linear stage before the head, 'affine', 'rigid' or 'none' (off until the
+    register benchmark's misaligned sets measure it; ``linear.LinearAligner``).
   """
   grid: str | None = None
   dataset_grid: str | None = None
@@ -83,6 +86,7 @@ class RegisterOptions:
   refine: Any = None
   io_init: str = 'head'
   head_finest_level: int = 0
+  linear: str = 'none'
   l2r_dir: str | None = None
   l2r_fixed_id: str | None = None
   l2r_moving_id: str | None = None
@@ -162,11 +166,14 @@ class Registrar:
                log: Callable[[str], None] = lambda s: None):
     from feature_extract import datasets   # feature_extract: inside functions only (layers)
     from fmir_jax.model import inference   # jax: a Registrar is built, so the head will run
+    from fmir_jax.register import linear, refine   # jax + optax, as the head
     if options.grid not in (None,) + GRIDS:
       raise RegisterError(f'--grid {options.grid!r}: use one of {GRIDS}.')
     if options.dataset_grid not in (None,) + DATASET_GRIDS:
       raise RegisterError(f'--dataset-grid {options.dataset_grid!r}: use one of '
                           f'{DATASET_GRIDS}.')
+    if options.linear not in LINEAR:
+      raise RegisterError(f'--linear {options.linear!r}: use one of {LINEAR}.')
     if options.io_init not in ('head', 'zero'):
       raise RegisterError(f'--io-init {options.io_init!r}: use head or zero.')
     if options.io_init == 'zero' and options.refine is None:
@@ -205,10 +212,9 @@ class Registrar:
         self.run.graphdef, c_prime=self.run.model.feature_channels, factors=factors,
         finest_level=opts.head_finest_level)
     self._compiled: dict[Any, Any] = {}
-    self.refiner = None
-    if opts.refine is not None:
-      from fmir_jax.register import refine   # jax + optax: only with instance optimisation
-      self.refiner = refine.Refiner(opts.refine)
+    self.refiner = None if opts.refine is None else refine.Refiner(opts.refine)
+    self.aligner = None if opts.linear == 'none' else linear.LinearAligner(
+        linear.LinearOptions(kind=opts.linear))
     self.setup_s = time.perf_counter() - t0
     train_shape = self.reader.target_shape(**self.reader_options)
     self.train_slice = None if train_shape is None else tuple(train_shape[:2])
@@ -253,10 +259,12 @@ class Registrar:
     l2r_names = self._check_outputs(paths, out)
     times: dict[str, float] = {}
     pair, grid, factors, images = self._load(paths, times)
+    t_mm, aligned = self._linear(pair, grid, images, times)
     disp_vox, enc, refined = self._field(images, grid, factors, times)
     t0 = time.perf_counter()
-    arrays, labels = self._resample(pair, grid, disp_vox)
-    report = self._report(paths, pair, grid, factors, enc, disp_vox, labels, refined, times)
+    arrays, labels = self._resample(pair, grid, disp_vox, t_mm)
+    report = self._report(paths, pair, grid, factors, enc, disp_vox, labels, aligned,
+                          refined, times)
     faff = pair.fixed_header.affine
     l2r_field = world.l2r_disp_vox(arrays['disp_mm'], faff, pair.moving_header.affine) \
         if l2r_names else None
@@ -300,6 +308,28 @@ class Registrar:
       self.log(f'warning: {w}')
     return pair, grid, factors, images
 
+  def _linear(self, pair: LoadedPair, grid, images: dict[str, np.ndarray],
+              times: dict[str, float]):
+    """(4x4 fixed -> moving world map or None, its record or None): the linear stage on the
+    grid's images; the moving one is then preprocessed again from the original through the
+    map (so the head sees it aligned, and the output is still one interpolation)."""
+    times['linear_s'] = 0.0
+    if self.aligner is None:
+      return None, None
+    t0 = time.perf_counter()
+    t_mm, rec = self.aligner.align(images['moving'], images['fixed'], grid.affine)
+    header = dataclasses.replace(pair.moving_header,
+                                 affine=np.linalg.inv(t_mm) @ pair.moving_header.affine)
+    images['moving'] = self.reader.preprocess(pair.moving, header, grid.shape, grid.affine,
+                                              **self.reader_options)[0]
+    times['linear_s'] = time.perf_counter() - t0 - rec.compile_seconds
+    times['compile_s'] = rec.compile_seconds
+    self.log(f'linear ({rec.kind}, from the {rec.start}): shift '
+             + ', '.join(f'{v:.1f}' for v in rec.translation_mm) + ' mm, rotation '
+             + ', '.join(f'{v:.1f}' for v in rec.rotation_deg) + ' deg, scale '
+             + ', '.join(f'{v:.3f}' for v in rec.scale))
+    return t_mm, rec
+
   def _field(self, images: dict[str, np.ndarray], grid, factors, times: dict[str, float]):
     """(disp_vox (H, W, D, 3) on the registration grid, encoder input, IO result or None):
     encode -> head -> instance optimisation."""
@@ -307,15 +337,17 @@ class Registrar:
     t0 = time.perf_counter()
     enc = encode_lib.encoding_for(grid.shape[:2], self.header, self.train_slice,
                                   self.backbone.required_input_size, self.backbone.patch_size)
+    compile_s = times.setdefault('compile_s', 0.0)
     if opts.io_init == 'zero':         # instance optimisation from the identity: no head
-      times['features_s'], times['compile_s'], times['head_s'] = 0.0, 0.0, 0.0
+      times['features_s'], times['head_s'] = 0.0, 0.0
       disp_vox = np.zeros(grid.shape + (3,), np.float32)
     else:
       inputs = {k: encode_lib.encode(v, self.backbone, enc, opts.batch_size)
                 for k, v in images.items()}
       times['features_s'] = time.perf_counter() - t0
-      disp_vox, times['compile_s'], times['head_s'] = self._head(inputs['moving'],
-                                                                 inputs['fixed'], factors)
+      disp_vox, head_compile_s, times['head_s'] = self._head(inputs['moving'],
+                                                             inputs['fixed'], factors)
+      times['compile_s'] = compile_s + head_compile_s
     refined, times['refine_s'] = None, 0.0
     if self.refiner is not None:
       disp_vox, refined = self.refiner.refine(images['moving'], images['fixed'],
@@ -326,11 +358,14 @@ class Registrar:
           f'{b:.4f} -> {a:.4f}' for b, a in zip(refined.loss_before, refined.loss_after)))
     return disp_vox, enc, refined
 
-  def _resample(self, pair: LoadedPair, grid, disp_vox: np.ndarray):
-    """(arrays on the fixed image's original grid: disp_mm, warped, warped_labels; the label
-    overlap before/after or None) from the field on the registration grid."""
+  def _resample(self, pair: LoadedPair, grid, disp_vox: np.ndarray, t_mm):
+    """(arrays on the fixed image's original grid: disp_mm (the whole map), warped,
+    warped_labels; the label overlap before/after or None) from the field on the registration
+    grid and the linear map (or None)."""
     fshape, faff = pair.fixed_header.shape, pair.fixed_header.affine
     disp_mm = world.disp_to_fixed_world(disp_vox, grid.affine, fshape, faff)
+    if t_mm is not None:
+      disp_mm = world.after_linear(disp_mm, faff, t_mm)
     arrays = {'disp_mm': disp_mm, 'warped': world.warp_to_fixed(
         pair.moving, pair.moving_header.affine, fshape, faff, disp_mm, order=1)}
     labels = None
@@ -348,7 +383,7 @@ class Registrar:
     return arrays, labels
 
   def _report(self, paths: PairFiles, pair: LoadedPair, grid, factors, enc, disp_vox,
-              labels, refined, times: dict[str, float]) -> PairReport:
+              labels, aligned, refined, times: dict[str, float]) -> PairReport:
     """The report of one pair (``files`` filled in when they are written)."""
     opts = self.options
     crop = 2 if min(grid.shape) > 4 else 0
@@ -368,6 +403,7 @@ class Registrar:
         dice=labels,
         jacobian={'grid': 'registration grid', 'border_crop_vox': crop,
                   **metrics_lib.field_regularity(disp_vox, crop)},
+        linear=aligned and dataclasses.asdict(aligned),
         instance_optimisation=refined and {
             'options': dataclasses.asdict(self.refiner.options), 'init': opts.io_init,
             **dataclasses.asdict(refined)},
@@ -385,23 +421,5 @@ def register(fixed: str, moving: str, checkpoint: str | None, out: str, *,
 
 
 def summary_lines(report: PairReport) -> list[str]:
-  """A short human-readable report of one pair."""
-  t = report.times_s
-  lines = [f"grid {report.grid.mode} {tuple(report.grid.shape)} at "
-           f"{tuple(round(s, 3) for s in report.grid.spacing_mm)} mm",
-           'time (s): ' + ', '.join(f'{k[:-2]} {v:.2f}' for k, v in t.items())]
-  if report.dice:
-    d = report.dice
-    lines.append(f"Dice: before {d['mean_before']:.4f}, after {d['mean_after']:.4f} "
-                 f"(classes {d['classes']}); HD95 {d['hd95_mean_before']:.2f} -> "
-                 f"{d['hd95_mean_after']:.2f} mm")
-  j = report.jacobian
-  lines.append(f"folding fraction {j['folding_fraction']:.5f}, SDlogJ {j['sdlogj']:.4f}")
-  io_r = report.instance_optimisation
-  if io_r:
-    lines.append(f"instance optimisation ({io_r['options']['similarity']}, steps "
-                 f"{io_r['steps']} coarse to fine): finest-scale loss "
-                 f"{io_r['loss_before'][-1]:.4f} -> {io_r['loss_after'][-1]:.4f}")
-  paths = [p for v in report.files.values() for p in (v if isinstance(v, list) else [v])]
-  lines.append('outputs: ' + ', '.join(paths))
-  return lines
+  """A short human-readable report of one pair (``PairReport.summary_lines``)."""
+  return report.summary_lines()
