@@ -12,12 +12,14 @@ import time
 import numpy as np
 
 from fmir_jax.core import files
+from fmir_jax.core import itk
 from fmir_jax.core import nifti
 from fmir_jax.evaluate import report as report_lib
 from fmir_jax.register.records import PairReport
 
 OUT_FILES = {'warped': 'warped_moving.nii.gz', 'warped_labels': 'warped_moving_labels.nii.gz',
-             'disp': 'disp_mm.nii.gz', 'report': 'report.json'}
+             'disp': 'disp_mm.nii.gz', 'itk_warp': 'itk_warp.nii.gz',
+             'itk_affine': 'itk_affine.mat', 'report': 'report.json'}
 
 
 def l2r_paths(l2r_dir: str, fixed: str, moving: str, fixed_id, moving_id) -> list[str]:
@@ -52,11 +54,16 @@ def _write_outputs(out, report, arrays, affine, l2r, overwrite, t0) -> None:
                                                  else None})
             for key in ('warped', 'warped_labels') if arrays.get(key) is not None}
     jobs['disp'] = (nifti.save_dispvect, arrays['disp_mm'], {})
+    if arrays.get('itk_affine') is not None:     # with a linear stage: the pair ITK applies
+      jobs['itk_warp'] = (itk.save_displacement_lps, arrays['itk_warp'], {})
+      itk.save_affine_mat(os.path.join(tmp, OUT_FILES['itk_affine']), arrays['itk_affine'])
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
       for f in [pool.submit(fn, os.path.join(tmp, OUT_FILES[key]), data, affine, **kw)
                 for key, (fn, data, kw) in jobs.items()]:
         f.result()
     report.files.update({key: os.path.join(out, OUT_FILES[key]) for key in jobs})
+    if 'itk_warp' in jobs:
+      report.files['itk_affine'] = os.path.join(out, OUT_FILES['itk_affine'])
     if l2r[0]:
       report.files['l2r'] = l2r[0]
     report.files['report'] = os.path.join(out, OUT_FILES['report'])

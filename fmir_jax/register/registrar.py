@@ -363,11 +363,12 @@ class Registrar:
     warped_labels; the label overlap before/after or None) from the field on the registration
     grid and the linear map (or None)."""
     fshape, faff = pair.fixed_header.shape, pair.fixed_header.affine
-    disp_mm = world.disp_to_fixed_world(disp_vox, grid.affine, fshape, faff)
-    if t_mm is not None:
-      disp_mm = world.after_linear(disp_mm, faff, t_mm)
+    deform = world.disp_to_fixed_world(disp_vox, grid.affine, fshape, faff)
+    disp_mm = deform if t_mm is None else world.after_linear(deform, faff, t_mm)
     arrays = {'disp_mm': disp_mm, 'warped': world.warp_to_fixed(
         pair.moving, pair.moving_header.affine, fshape, faff, disp_mm, order=1)}
+    if t_mm is not None:            # the ITK pair: the deformable part, then the linear map
+      arrays['itk_warp'], arrays['itk_affine'] = deform, t_mm
     labels = None
     if pair.moving_labels is not None:
       arrays['warped_labels'] = world.warp_to_fixed(
