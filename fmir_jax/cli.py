@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 from fmir_jax.core import errors
 from fmir_jax.core import files
 from fmir_jax.core.errors import RegisterError
+from fmir_jax.register import apply as apply_lib
 from fmir_jax.register import batch as register_batch
 from fmir_jax.register import registrar as register_lib
 
@@ -169,7 +170,46 @@ def build_parser() -> argparse.ArgumentParser:
                       'compiling (default: $FMIR_CACHE_DIR or ~/.cache/fmir-jax/jax)')
   r.add_argument('--no-cache', action='store_true', help='do not use the compilation cache')
   r.add_argument('--quiet', action='store_true', help='print nothing but errors')
+  a = sub.add_parser(
+      'apply', help='apply a saved register result to another image, label map or points',
+      description="Warp an image or label map of the moving scan's space onto the fixed "
+                  'grid (--moving), or map fixed-world points to the moving world (--points), '
+                  "with a fmir register result's disp_mm.nii.gz (the whole map). No model "
+                  'is loaded and nothing is compiled.')
+  a.add_argument('--transform', required=True, metavar='RESULT',
+                 help='a fmir register --out folder (or one pair folder of a batch)')
+  what = a.add_mutually_exclusive_group(required=True)
+  what.add_argument('--moving', help='image (or label map, with --labels) to warp; any grid '
+                                     "in the moving scan's world space")
+  what.add_argument('--points', metavar='CSV',
+                    help='points in the fixed world: a CSV with x_ras,y_ras,z_ras or '
+                         'x_lps,y_lps,z_lps columns (mm); other columns are kept')
+  a.add_argument('--labels', action='store_true',
+                 help='--moving is a label map: nearest neighbour, ids kept')
+  a.add_argument('--out', required=True,
+                 help='output file: .nii/.nii.gz for --moving, .csv for --points (the '
+                      'rows plus x_moving,y_moving,z_moving in the same convention)')
+  a.add_argument('--overwrite', action='store_true',
+                 help='replace an earlier fmir apply result at --out')
   return parser
+
+
+def run_apply(args: argparse.Namespace) -> int:
+  try:
+    if args.points is not None:
+      if args.labels:
+        raise RegisterError('--labels goes with --moving (a label map), not --points.')
+      res = apply_lib.map_points(args.transform, args.points, args.out,
+                                 overwrite=args.overwrite)
+      print(f"{res['points']} points mapped to the moving world ({res['space'].upper()}); "
+            f"{res['outside']} outside the fixed grid left empty: {os.path.abspath(args.out)}")
+    else:
+      print(apply_lib.apply_image(args.transform, args.moving, args.out, labels=args.labels,
+                                  overwrite=args.overwrite))
+  except errors.UserError as e:
+    print(f'fmir apply: error: {e}', file=sys.stderr)
+    return 2
+  return 0
 
 
 def enable_compilation_cache(args: argparse.Namespace) -> str | None:
@@ -298,6 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   if args.command == 'register':
     return run_register(args)
+  if args.command == 'apply':
+    return run_apply(args)
   raise AssertionError(args.command)
 
 

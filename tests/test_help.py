@@ -38,3 +38,25 @@ def test_help_exits_0_and_a_missing_flag_exits_2():
     r = subprocess.run([sys.executable, script], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and 'workdir' in r.stderr, (script, r.stderr)
+
+
+def test_every_fmir_command_in_the_docs_parses():
+  """Each `fmir ...` line of a code block in README.md and docs/ names flags that exist
+  (synopsis lines, with [optional] parts, aside)."""
+  import glob
+  import shlex
+  from fmir_jax import cli
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  parser, seen = cli.build_parser(), 0
+  for path in [os.path.join(root, 'README.md')] + glob.glob(os.path.join(root, 'docs', '*.md')):
+    for block in re.findall(r'```(?:bash|sh)?\n(.*?)```', open(path).read(), re.S):
+      for line in block.replace('\\\n', ' ').splitlines():
+        line = line.split(' #')[0].strip()
+        if not line.startswith('fmir ') or '[' in line:
+          continue
+        try:
+          parser.parse_args(shlex.split(line)[1:])
+        except SystemExit:
+          raise AssertionError(f'{os.path.relpath(path, root)}: {line}') from None
+        seen += 1
+  assert seen >= 5

@@ -297,6 +297,11 @@ def test_the_linear_stage_finds_a_moved_header_and_warps_once(run_dir, pair, tmp
       sitk.ReadImage(moving, sitk.sitkFloat32), sitk.ReadImage(pair['fixed'], sitk.sitkFloat32),
       both, sitk.sitkLinear, 0.0)).transpose(2, 1, 0)
   assert np.corrcoef(theirs.ravel(), warped.ravel())[0, 1] >= 0.999
+  # fmir apply with the saved result warps the original as register did
+  assert cli.main(['apply', '--transform', str(out), '--moving', moving, '--out',
+                   str(tmp_path / 'again.nii.gz')]) == 0
+  np.testing.assert_array_equal(_load(tmp_path / 'again.nii.gz')[0],
+                                _load(out / 'warped_moving.nii.gz')[0])
 
 
 # --------------------------------------------------------------------------- bad input
