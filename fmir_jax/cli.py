@@ -191,7 +191,36 @@ def build_parser() -> argparse.ArgumentParser:
                       'rows plus x_moving,y_moving,z_moving in the same convention)')
   a.add_argument('--overwrite', action='store_true',
                  help='replace an earlier fmir apply result at --out')
+  v = sub.add_parser(
+      'invert', help='the inverse map of a saved register result',
+      description='Write the inverse of a fmir register result (fixed point iteration) on a '
+                  "grid of the moving world: OUT/disp_mm.nii.gz, which fmir apply "
+                  '--transform OUT uses to take fixed-space images, labels and points to the '
+                  'moving side, and OUT/inverse.json with the inverse-consistency error.')
+  v.add_argument('--transform', required=True, metavar='RESULT',
+                 help='a fmir register --out folder')
+  v.add_argument('--out', required=True, help='output folder')
+  v.add_argument('--reference', metavar='IMAGE',
+                 help="the grid of the inverse (default: the result's moving scan)")
+  v.add_argument('--iterations', type=int, default=40, help='fixed point iterations '
+                                                            '(default: 40)')
+  v.add_argument('--overwrite', action='store_true',
+                 help='replace an earlier fmir invert result in OUT')
   return parser
+
+
+def run_invert(args: argparse.Namespace) -> int:
+  try:
+    res = apply_lib.invert(args.transform, args.out, reference=args.reference,
+                           iterations=args.iterations, overwrite=args.overwrite)
+  except errors.UserError as e:
+    print(f'fmir invert: error: {e}', file=sys.stderr)
+    return 2
+  ic = res['inverse_consistency_mm']
+  print(f"inverse on {res['points']} points of {res['reference']}: inverse-consistency error "
+        f"median {ic['median']} mm, max {ic['max']} mm; {res['outside_fixed_grid']} points map "
+        f"outside the fixed grid (left at 0); {os.path.abspath(args.out)}")
+  return 0
 
 
 def run_apply(args: argparse.Namespace) -> int:
@@ -340,6 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_register(args)
   if args.command == 'apply':
     return run_apply(args)
+  if args.command == 'invert':
+    return run_invert(args)
   raise AssertionError(args.command)
 
 

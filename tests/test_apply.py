@@ -107,3 +107,51 @@ def test_apply_refusals_are_one_line_and_keep_the_users_files(result, tmp_path, 
     err = capsys.readouterr().err
     assert said in err and err.count('\n') == 1 and err.startswith('fmir apply: error:'), err
   assert mine.read_bytes() == b'the user\'s' and not (tmp_path / 'x.nii.gz').exists()
+
+
+def test_invert_of_an_affine_map_is_its_inverse_and_apply_takes_it_back(result, tmp_path,
+                                                                        capsys):
+  ref = tmp_path / 'moving_grid.nii.gz'
+  nifti.save_nifti(str(ref), np.zeros(M_SHAPE, np.float32), M_AFF)
+  inv = tmp_path / 'inverse'
+  assert cli.main(['invert', '--transform', str(result), '--reference', str(ref),
+                   '--out', str(inv)]) == 0
+  assert 'inverse-consistency error' in capsys.readouterr().out
+  disp, aff, _ = _dispvect(inv / 'disp_mm.nii.gz')
+  np.testing.assert_allclose(aff, M_AFF)
+  q = world.voxel_world(M_SHAPE, M_AFF)
+  t_inv = np.linalg.inv(_t_mm())
+  want = q @ t_inv[:3, :3].T + t_inv[:3, 3] - q            # closed form
+  # where the inverse lands inside the fixed grid (minus a voxel: its edge rule)
+  p = q + want
+  vox = (p - F_AFF[:3, 3]) / np.diag(F_AFF)[:3]
+  inside = np.all((vox > 1) & (vox < np.array(F_SHAPE) - 2), axis=-1)
+  assert inside.sum() > 1000
+  np.testing.assert_allclose(disp[inside], want[inside], atol=1e-3)
+  import json
+  stats = json.loads((inv / 'inverse.json').read_text())
+  assert stats['inverse_consistency_mm']['p95'] < 1e-3 and stats['outside_fixed_grid'] > 0
+  # a smooth non-linear map: the fixed point iteration still inverts it
+  rng = np.random.default_rng(1)
+  bumpy = tmp_path / 'bumpy'
+  bumpy.mkdir()
+  u = np.stack([ndimage.gaussian_filter(rng.normal(size=F_SHAPE), 3) * 25 for _ in range(3)], -1)
+  nifti.save_dispvect(str(bumpy / 'disp_mm.nii.gz'), u.astype(np.float32), F_AFF)
+  assert np.abs(u).max() > 1.0
+  assert cli.main(['invert', '--transform', str(bumpy), '--reference', str(ref),
+                   '--out', str(tmp_path / 'bumpy_inv')]) == 0
+  stats = json.loads((tmp_path / 'bumpy_inv' / 'inverse.json').read_text())
+  assert stats['inverse_consistency_mm']['median'] < 0.01, stats
+
+
+def _dispvect(path):
+  import nibabel as nib
+  img = nib.load(str(path))
+  return np.asarray(img.dataobj)[:, :, :, 0, :], img.affine, img
+
+
+def test_invert_without_a_reference_needs_the_reports_moving_scan(result, tmp_path, capsys):
+  assert cli.main(['invert', '--transform', str(result), '--out', str(tmp_path / 'i')]) == 2
+  err = capsys.readouterr().err
+  assert '--reference IMAGE' in err and err.count('\n') == 1
+  assert not (tmp_path / 'i').exists()

@@ -9,11 +9,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import os
 import shutil
 
 import nibabel as nib
 import numpy as np
+from scipy import ndimage
 
 from fmir_jax.core import files
 from fmir_jax.core import nifti
@@ -129,3 +131,80 @@ def map_points(result: str, points: str, out: str, *, overwrite: bool = False) -
   writer.writerows(rows)
   files.write_result_file(out, text.getvalue(), overwrite, '--out')
   return {'points': len(rows), 'outside': int(np.isnan(disp[:, 0]).sum()), 'space': space}
+
+
+INVERSE_FILES = (OUT_FILES['disp'], 'inverse.json')
+
+
+def invert(result: str, out: str, *, reference: str | None = None, iterations: int = 40,
+           overwrite: bool = False) -> dict:
+  """The inverse map of a result, on a grid of the moving world (``reference``'s; default
+  the result's moving scan, named in its report.json), written as OUT/disp_mm.nii.gz in the
+  same convention (a moving point q matches the fixed point q + disp_mm(q)), so that
+  ``fmir apply --transform OUT`` takes fixed-space images and points to the moving side.
+
+  Fixed point iteration v <- -u(q + v) (u: the result's displacement, linearly
+  interpolated). Returns and writes (OUT/inverse.json) the inverse-consistency error
+  |q + v + u(q + v) - q| in mm (median, 95th percentile, max) over the points whose inverse
+  lies in the fixed grid; the others get 0 and are counted.
+  """
+  files.check_result_dir(out, INVERSE_FILES, overwrite, '--out')
+  if iterations < 1:
+    raise RegisterError(f'--iterations {iterations}: need at least 1.')
+  field = load_field(result)
+  reference = reference or _moving_of(result)
+  hdr = nifti.read_header(reference)
+  q = world.voxel_world(hdr.shape[:3], hdr.affine)
+  inv = np.linalg.inv(field.affine)
+
+  def u_at(p, edge):
+    """u at world points p: beyond the grid NaN, or (edge) the nearest edge value, so that
+    points starting outside can still walk in."""
+    vox = np.moveaxis(p @ inv[:3, :3].T + inv[:3, 3], -1, 0)
+    if edge:
+      return np.stack([ndimage.map_coordinates(field.disp_mm[..., k], vox, order=1,
+                                               mode='nearest') for k in range(3)], -1)
+    return np.stack([resample.sample_voxels(field.disp_mm[..., k], vox, order=1, cval=np.nan)
+                     for k in range(3)], -1)
+
+  v = np.zeros_like(q)
+  for _ in range(iterations):
+    v = -u_at(q + v, edge=True)
+  residual = np.linalg.norm(v + u_at(q + v, edge=False), axis=-1)
+  inside = np.isfinite(residual)
+  v[~inside] = 0.0
+  stats = {'inverse_of': os.path.abspath(result), 'reference': os.path.abspath(reference),
+           'iterations': int(iterations), 'points': int(inside.size),
+           'outside_fixed_grid': int((~inside).sum()),
+           'inverse_consistency_mm': {
+               'median': float(np.median(residual[inside])) if inside.any() else None,
+               'p95': float(np.percentile(residual[inside], 95)) if inside.any() else None,
+               'max': float(residual[inside].max()) if inside.any() else None}}
+  out = os.path.abspath(out)
+  parent = os.path.dirname(out)
+  with files.disk_errors(parent, '--out'):
+    os.makedirs(parent, exist_ok=True)
+    tmp = files.make_temp_dir(parent, os.path.basename(out))
+    try:
+      nifti.save_dispvect(os.path.join(tmp, INVERSE_FILES[0]), v.astype(np.float32),
+                          hdr.affine)
+      with open(os.path.join(tmp, INVERSE_FILES[1]), 'w') as f:
+        json.dump(stats, f, indent=1)
+      files.publish_result(tmp, out, INVERSE_FILES[1], INVERSE_FILES, overwrite)
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
+  return stats
+
+
+def _moving_of(result: str) -> str:
+  """The moving scan a result's report.json names (the default inverse grid)."""
+  try:
+    with open(os.path.join(result, OUT_FILES['report'])) as f:
+      moving = json.load(f)['moving']
+  except (OSError, ValueError, KeyError, TypeError):
+    moving = None
+  if not moving or not os.path.isfile(moving):
+    raise RegisterError(f'--transform {result}: its report.json names no moving scan that '
+                        'exists here; pass --reference IMAGE (any grid in the moving world, '
+                        'e.g. the moving scan).')
+  return moving
