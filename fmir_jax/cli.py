@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                   'FMIR run. Outputs under OUT: warped_moving.nii.gz, '
                   'warped_moving_labels.nii.gz (with --moving-labels), disp_mm.nii.gz '
                   '(X,Y,Z,1,3 RAS mm, intent DISPVECT; warped(p) = moving(p + disp); for '
-                  'ITK/ANTs LPS negate components 0 and 1), report.json.')
+                  'ITK/ANTs LPS negate components 0 and 1), jacobian_det.nii.gz, report.json; '
+                  'with --linear also itk_affine.mat and itk_warp.nii.gz.')
   one = r.add_argument_group('one pair')
   one.add_argument('--fixed', help='fixed image (.nii/.nii.gz)')
   one.add_argument('--moving', help='moving image')

@@ -155,3 +155,18 @@ def test_invert_without_a_reference_needs_the_reports_moving_scan(result, tmp_pa
   err = capsys.readouterr().err
   assert '--reference IMAGE' in err and err.count('\n') == 1
   assert not (tmp_path / 'i').exists()
+
+
+def test_the_jacobian_map_is_det_of_an_affine_map_and_slabs_stitch(monkeypatch):
+  t = _t_mm()
+  p = world.voxel_world(F_SHAPE, M_AFF)                  # a sheared, rotated grid
+  disp = (p @ t[:3, :3].T + t[:3, 3] - p).astype(np.float32)
+  det = world.jacobian_det_mm(disp, M_AFF)
+  np.testing.assert_allclose(det, np.linalg.det(t[:3, :3]), rtol=1e-5)
+  from fmir_jax.core import metrics
+  rng = np.random.default_rng(2)
+  bumpy = np.stack([ndimage.gaussian_filter(rng.normal(size=F_SHAPE), 2) * 6 for _ in range(3)],
+                   -1)
+  whole = metrics.jacobian_determinant(bumpy @ np.linalg.inv(M_AFF[:3, :3]).T)
+  monkeypatch.setattr(world, '_CHUNK_VOXELS', F_SHAPE[0] * F_SHAPE[1] * 3)   # slabs of 3
+  np.testing.assert_allclose(world.jacobian_det_mm(bumpy, M_AFF), whole, rtol=1e-5, atol=1e-5)

@@ -412,10 +412,10 @@ def test_overwrite_replaces_only_register_files_with_the_users_umask(run_dir, pa
     os.umask(old_mask)
   after = snapshot(out)
   assert {k: after.get(k, 'gone') for k in user} == user
-  assert set(after) == set(user) | {'warped_moving.nii.gz', 'disp_mm.nii.gz', 'report.json',
-                                    files.MANIFEST}
+  assert set(after) == set(user) | {'warped_moving.nii.gz', 'disp_mm.nii.gz',
+                                    'jacobian_det.nii.gz', 'report.json', files.MANIFEST}
   assert after['report.json'] != old_report
-  for name in ('warped_moving.nii.gz', 'disp_mm.nii.gz', 'report.json'):
+  for name in ('warped_moving.nii.gz', 'disp_mm.nii.gz', 'jacobian_det.nii.gz', 'report.json'):
     assert os.stat(out / name).st_mode & 0o777 == 0o640, name
   assert not (tmp_path / f'.out.tmp-{dead}-abc12').exists()
   assert (tmp_path / f'.out.tmp-{os.getpid()}-live9').exists()

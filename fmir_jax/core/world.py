@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
+from fmir_jax.core import metrics
 from fmir_jax.core import resample
 
 _CHUNK_VOXELS = 1 << 21   # fixed-grid voxels sampled per chunk (bounds host memory)
@@ -109,6 +110,27 @@ def after_linear(disp_mm: np.ndarray, fixed_affine: np.ndarray, t_mm: np.ndarray
     p = voxel_world(shape, fixed_affine, k0, k1)
     q = (p + disp_mm[:, :, k0:k1]) @ t[:3, :3].T + t[:3, 3]
     out[:, :, k0:k1] = q - p
+  return out
+
+
+def jacobian_det_mm(disp_mm: np.ndarray, affine: np.ndarray) -> np.ndarray:
+  """det of the Jacobian of p -> p + disp_mm(p) per voxel of its grid: (X, Y, Z) float32.
+
+  The same determinant as in the grid's voxels (``metrics.jacobian_determinant`` of the
+  field in voxels), computed in slabs along the last axis, one voxel of overlap each side,
+  so that host memory stays bounded on large fixed grids.
+  """
+  shape = disp_mm.shape[:3]
+  if shape[2] < 2:
+    raise ValueError(f'a Jacobian needs two slices or more, got a {shape} grid')
+  a_inv = np.linalg.inv(np.asarray(affine, np.float64)[:3, :3])
+  out = np.empty(shape, np.float32)
+  step = max(1, _CHUNK_VOXELS // max(1, shape[0] * shape[1]))
+  for k0 in range(0, shape[2], step):
+    k1 = min(shape[2], k0 + step)
+    lo, hi = max(0, k0 - 1), min(shape[2], k1 + 1)   # at least 2 slices: shape[2] >= 2
+    det = metrics.jacobian_determinant(np.asarray(disp_mm[:, :, lo:hi], np.float64) @ a_inv.T)
+    out[:, :, k0:k1] = det[:, :, k0 - lo:k1 - lo]
   return out
 
 

@@ -18,7 +18,8 @@ from fmir_jax.evaluate import report as report_lib
 from fmir_jax.register.records import PairReport
 
 OUT_FILES = {'warped': 'warped_moving.nii.gz', 'warped_labels': 'warped_moving_labels.nii.gz',
-             'disp': 'disp_mm.nii.gz', 'itk_warp': 'itk_warp.nii.gz',
+             'disp': 'disp_mm.nii.gz', 'jacobian': 'jacobian_det.nii.gz',
+             'itk_warp': 'itk_warp.nii.gz',
              'itk_affine': 'itk_affine.mat', 'report': 'report.json'}
 
 
@@ -54,6 +55,7 @@ def _write_outputs(out, report, arrays, affine, l2r, overwrite, t0) -> None:
                                                  else None})
             for key in ('warped', 'warped_labels') if arrays.get(key) is not None}
     jobs['disp'] = (nifti.save_dispvect, arrays['disp_mm'], {})
+    jobs['jacobian'] = (nifti.save_nifti, arrays['jacobian_det'], {})
     if arrays.get('itk_affine') is not None:     # with a linear stage: the pair ITK applies
       jobs['itk_warp'] = (itk.save_displacement_lps, arrays['itk_warp'], {})
       itk.save_affine_mat(os.path.join(tmp, OUT_FILES['itk_affine']), arrays['itk_affine'])

@@ -367,6 +367,7 @@ class Registrar:
     disp_mm = deform if t_mm is None else world.after_linear(deform, faff, t_mm)
     arrays = {'disp_mm': disp_mm, 'warped': world.warp_to_fixed(
         pair.moving, pair.moving_header.affine, fshape, faff, disp_mm, order=1)}
+    arrays['jacobian_det'] = world.jacobian_det_mm(disp_mm, faff)
     if t_mm is not None:            # the ITK pair: the deformable part, then the linear map
       arrays['itk_warp'], arrays['itk_affine'] = deform, t_mm
     labels = None
