@@ -2,6 +2,8 @@
 
   fmir register --fixed F.nii.gz --moving M.nii.gz --out OUT/ [--checkpoint RUN_DIR] [options]
   fmir register --pairs pairs.csv --out OUT/ [--checkpoint RUN_DIR] [options]
+  fmir apply --transform OUT/ (--moving X.nii.gz [--labels] | --points P.csv) --out Y
+  fmir invert --transform OUT/ --out OUT_INV/ [--reference IMAGE]
 
 Without --checkpoint the general head shipped in the package registers the pair (trained on
 domain-randomised synthetic pairs with `mind` features; not a foundation model).
@@ -171,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
                       'compiling (default: $FMIR_CACHE_DIR or ~/.cache/fmir-jax/jax)')
   r.add_argument('--no-cache', action='store_true', help='do not use the compilation cache')
   r.add_argument('--quiet', action='store_true', help='print nothing but errors')
+  _add_apply(sub)
+  _add_invert(sub)
+  return parser
+
+
+def _add_apply(sub) -> None:
+  """`fmir apply`: a saved result on other images, label maps or points."""
   a = sub.add_parser(
       'apply', help='apply a saved register result to another image, label map or points',
       description="Warp an image or label map of the moving scan's space onto the fixed "
@@ -192,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
                       'rows plus x_moving,y_moving,z_moving in the same convention)')
   a.add_argument('--overwrite', action='store_true',
                  help='replace an earlier fmir apply result at --out')
+
+
+def _add_invert(sub) -> None:
+  """`fmir invert`: the inverse map of a saved result."""
   v = sub.add_parser(
       'invert', help='the inverse map of a saved register result',
       description='Write the inverse of a fmir register result (fixed point iteration) on a '
@@ -207,7 +220,6 @@ def build_parser() -> argparse.ArgumentParser:
                                                             '(default: 40)')
   v.add_argument('--overwrite', action='store_true',
                  help='replace an earlier fmir invert result in OUT')
-  return parser
 
 
 def run_invert(args: argparse.Namespace) -> int:
