@@ -372,7 +372,7 @@ def run_register(args: argparse.Namespace) -> int:
             f"{os.path.join(os.path.abspath(args.out), 'summary.csv')}")
     return 1 if summary.failed else 0
   if not args.quiet:
-    print('\n'.join(register_lib.summary_lines(report)))
+    print('\n'.join(report.summary_lines()))
   return 0
 
 

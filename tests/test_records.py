@@ -50,6 +50,8 @@ def test_pair_report_json_has_the_report_keys_and_reads_back(tmp_path):
   again = PairReport.from_json(back)
   assert again.grid.shape == [8, 8, 4] and again.warnings == rep.warnings
   assert again.to_json()['times_s'] == {'head_s': 0.5}
+  older = {k: v for k, v in back.items() if k != 'linear'}   # before the linear stage
+  assert PairReport.from_json(older).linear is None
   with pytest.raises(TypeError):              # a report of another version is not read as ours
     PairReport.from_json({**back, 'surprise': 1})
 

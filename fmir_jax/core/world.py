@@ -19,6 +19,12 @@ from fmir_jax.core import resample
 _CHUNK_VOXELS = 1 << 21   # fixed-grid voxels sampled per chunk (bounds host memory)
 
 
+def _slabs(shape: Sequence[int]):
+  """(k0, k1) ranges of the last axis, ``_CHUNK_VOXELS`` voxels or so each."""
+  step = max(1, _CHUNK_VOXELS // max(1, int(shape[0]) * int(shape[1])))
+  return [(k0, min(int(shape[2]), k0 + step)) for k0 in range(0, int(shape[2]), step)]
+
+
 def voxel_world(shape: Sequence[int], affine: np.ndarray, k0: int = 0,
                 k1: int | None = None) -> np.ndarray:
   """World mm coordinates (H, W, k1-k0, 3) of the voxels with last index in [k0, k1)."""
@@ -78,9 +84,7 @@ def warp_to_fixed(moving: np.ndarray, moving_affine: np.ndarray, fixed_shape: Se
   fixed_shape = tuple(int(s) for s in fixed_shape)
   inv = np.linalg.inv(np.asarray(moving_affine, np.float64))
   out = np.empty(fixed_shape, moving.dtype if order == 0 else np.float32)
-  step = max(1, _CHUNK_VOXELS // max(1, fixed_shape[0] * fixed_shape[1]))
-  for k0 in range(0, fixed_shape[2], step):
-    k1 = min(fixed_shape[2], k0 + step)
+  for k0, k1 in _slabs(fixed_shape):
     p = voxel_world(fixed_shape, fixed_affine, k0, k1)
     if disp_mm is not None:
       p = p + disp_mm[:, :, k0:k1]
@@ -104,9 +108,7 @@ def after_linear(disp_mm: np.ndarray, fixed_affine: np.ndarray, t_mm: np.ndarray
   shape = disp_mm.shape[:3]
   t = np.asarray(t_mm, np.float64)
   out = np.empty(disp_mm.shape, np.float32)
-  step = max(1, _CHUNK_VOXELS // max(1, shape[0] * shape[1]))
-  for k0 in range(0, shape[2], step):
-    k1 = min(shape[2], k0 + step)
+  for k0, k1 in _slabs(shape):
     p = voxel_world(shape, fixed_affine, k0, k1)
     q = (p + disp_mm[:, :, k0:k1]) @ t[:3, :3].T + t[:3, 3]
     out[:, :, k0:k1] = q - p
@@ -125,9 +127,7 @@ def jacobian_det_mm(disp_mm: np.ndarray, affine: np.ndarray) -> np.ndarray:
     raise ValueError(f'a Jacobian needs two slices or more, got a {shape} grid')
   a_inv = np.linalg.inv(np.asarray(affine, np.float64)[:3, :3])
   out = np.empty(shape, np.float32)
-  step = max(1, _CHUNK_VOXELS // max(1, shape[0] * shape[1]))
-  for k0 in range(0, shape[2], step):
-    k1 = min(shape[2], k0 + step)
+  for k0, k1 in _slabs(shape):
     lo, hi = max(0, k0 - 1), min(shape[2], k1 + 1)   # at least 2 slices: shape[2] >= 2
     det = metrics.jacobian_determinant(np.asarray(disp_mm[:, :, lo:hi], np.float64) @ a_inv.T)
     out[:, :, k0:k1] = det[:, :, k0 - lo:k1 - lo]

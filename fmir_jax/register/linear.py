@@ -233,7 +233,6 @@ class LinearAligner:
       shapes, factors, steps, lrs = plan
       prep = jax.jit(lambda m, f: _prepare(opts, shapes, factors, m, f))
       programs = [prep.lower(f32(*shape), f32(*shape)).compile()]
-      channels = 1
       coarsest = shapes[-1]
 
       def starts(mov, fix, vox_to_mm, centre, rots, q0):
@@ -241,14 +240,15 @@ class LinearAligner:
         return jax.vmap(lambda r: _loss(opts, mov, fix,
                                         matrix_mm(q0 * jnp.asarray(_UNITS), centre, r),
                                         vox_to_mm, idx))(rots)
-      feat = f32(channels, *coarsest)
-      programs.append(jax.jit(starts).lower(feat, feat, f32(4, 4), f32(3), f32(5, 3, 3),
-                                            f32(12)).compile())
+      feat = f32(1, *coarsest)
+      n_starts = 5 if opts.principal_axes else 1
+      programs.append(jax.jit(starts).lower(feat, feat, f32(4, 4), f32(3),
+                                            f32(n_starts, 3, 3), f32(12)).compile())
       for i, (n, lr) in enumerate(zip(steps, lrs)):
         level_shape = shapes[len(shapes) - 1 - i]
         n_rigid = n // 2 if (i == 0 and opts.kind == 'affine') else 0
         run = jax.jit(lambda *a, s=n, l=lr, nr=n_rigid: _run_scale(opts, nr, s, l, *a))
-        feat = f32(channels, *level_shape)
+        feat = f32(1, *level_shape)
         programs.append(run.lower(feat, feat, f32(4, 4), f32(3), f32(3, 3), f32(12)).compile())
       self.compiles += len(programs)
       self._programs[plan] = programs
@@ -279,7 +279,7 @@ class LinearAligner:
     com_f, axes_f = moments(np.asarray(fixs[-1][0]), scale_affines[-1])   # coarsest: cheap
     com_m, axes_m = moments(np.asarray(movs[-1][0]), scale_affines[-1])
     rots = start_rotations(axes_f, axes_m) if self.options.principal_axes else \
-        np.eye(3, dtype=np.float32)[None].repeat(5, 0)
+        np.eye(3, dtype=np.float32)[None]
     q0 = np.zeros(12, np.float32)
     q0[:3] = (com_m - com_f) / _UNITS[:3]
     centre = com_f.astype(np.float32)

@@ -84,8 +84,9 @@ class PairReport:
 
   @classmethod
   def from_json(cls, d: dict[str, Any]) -> 'PairReport':
-    """The record of a report.json (keys it does not know are an error: another version)."""
-    return cls(**{**d, 'grid': GridRecord(**d['grid'])})
+    """The record of a report.json (keys it does not know are an error: another version;
+    ``linear`` is None in a report written before the linear stage)."""
+    return cls(**{'linear': None, **d, 'grid': GridRecord(**d['grid'])})
 
 
 @dataclasses.dataclass

@@ -421,7 +421,3 @@ def register(fixed: str, moving: str, checkpoint: str | None, out: str, *,
   return Registrar(checkpoint, options, log).register(
       PairFiles(fixed, moving, fixed_labels, moving_labels), out)
 
-
-def summary_lines(report: PairReport) -> list[str]:
-  """A short human-readable report of one pair (``PairReport.summary_lines``)."""
-  return report.summary_lines()
