@@ -79,9 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
   one.add_argument('--moving', help='moving image')
   one.add_argument('--fixed-labels', help='fixed label map (Dice/HD95 before and after)')
   one.add_argument('--moving-labels', help='moving label map (warped with nearest neighbour)')
+  one.add_argument('--fixed-mask', help='fixed mask (voxels > 0; any grid of its world): the '
+                                        'linear stage and --io count only these voxels '
+                                        "(ANTs' -x)")
+  one.add_argument('--moving-mask', help='moving mask: the similarity counts a fixed voxel only '
+                                         'where the map takes it into this mask')
+  one.add_argument('--fixed-landmarks', help='CSV of fixed points (x_ras,y_ras,z_ras or '
+                                             'x_lps,y_lps,z_lps mm): the target registration '
+                                             'error before/after in report.json')
+  one.add_argument('--moving-landmarks', help='CSV of the corresponding moving points, row by '
+                                              'row')
   r.add_argument('--pairs', metavar='CSV',
-                 help='batch mode: a CSV with columns fixed,moving[,fixed_labels,'
-                      'moving_labels] (paths relative to the CSV); each pair goes to '
+                 help='batch mode: a CSV with columns fixed,moving and optionally '
+                      'fixed_labels,moving_labels,fixed_mask,moving_mask,fixed_landmarks,'
+                      'moving_landmarks (paths relative to the CSV); each pair goes to '
                       'OUT/NNNN_<moving>_to_<fixed>/, plus OUT/summary.csv and summary.json; '
                       'the run is restored once and compiled once per grid shape')
   r.add_argument('--checkpoint', default=None,
@@ -337,9 +348,13 @@ def run_register(args: argparse.Namespace) -> int:
   say = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
   try:
     one = [args.fixed, args.moving]
-    if args.pairs is not None and any(one + [args.fixed_labels, args.moving_labels]):
-      raise register_lib.RegisterError('--pairs registers the pairs of a CSV: leave out '
-                                   '--fixed/--moving/--fixed-labels/--moving-labels.')
+    optional = {k: getattr(args, k) for k in ('fixed_labels', 'moving_labels', 'fixed_mask',
+                                              'moving_mask', 'fixed_landmarks',
+                                              'moving_landmarks')}
+    if args.pairs is not None and any(one + list(optional.values())):
+      raise register_lib.RegisterError(
+          '--pairs registers the pairs of a CSV: leave out --fixed/--moving and the labels, '
+          'masks and landmarks (they are columns of the CSV).')
     if args.pairs is None and not all(one):
       raise register_lib.RegisterError('pass --fixed and --moving (one pair) or --pairs CSV.')
     opts = register_options(args)
@@ -349,8 +364,7 @@ def run_register(args: argparse.Namespace) -> int:
                                               options=opts, log=say)
     else:
       report = register_lib.register(args.fixed, args.moving, args.checkpoint, args.out,
-                                 fixed_labels=args.fixed_labels,
-                                 moving_labels=args.moving_labels, options=opts, log=say)
+                                     options=opts, log=say, **optional)
   except errors.UserError as e:
     print(f'fmir register: error: {e}', file=sys.stderr)
     return 2

@@ -404,6 +404,41 @@ def test_register_reports_the_pixdim_warning_and_hd95_in_affine_mm(registrar, tm
   assert rep.dice['hd95_before']['1'] != pytest.approx(oracles.hd95(moving, fixed, (4, 4, 4)))
 
 
+@pytest.mark.parametrize('case', ['mask_without_stage', 'empty_mask', 'landmarks_alone',
+                                  'landmarks_count'])
+def test_masks_and_landmarks_are_checked_before_any_work(registrar, tmp_path, monkeypatch,
+                                                          case):
+  from fmir_jax.register import linear
+  files = _blob_pair(str(tmp_path))
+  reg = copy.copy(registrar)
+  reg.aligner = linear.LinearAligner()           # built only: nothing runs before the refusal
+  points = 'x_ras,y_ras,z_ras\n1,2,3\n4,5,6\n'
+  (tmp_path / 'two.csv').write_text(points)
+  (tmp_path / 'one.csv').write_text(points.rsplit('4', 1)[0])
+  if case == 'mask_without_stage':
+    reg = registrar
+    files['fixed_mask'] = _save(tmp_path / 'mask.nii.gz', np.ones((24, 24, 16), np.uint8),
+                                np.diag([2.0, 2.0, 2.0, 1.0]))
+    expect = 'add --linear affine and/or --io'
+  elif case == 'empty_mask':
+    files['moving_mask'] = _save(tmp_path / 'mask.nii.gz', np.zeros((24, 24, 16), np.uint8),
+                                 np.diag([2.0, 2.0, 2.0, 1.0]))
+    expect = f'--moving-mask {files["moving_mask"]}: the mask is empty'
+  elif case == 'landmarks_alone':
+    files['fixed_landmarks'] = str(tmp_path / 'two.csv')
+    expect = '--fixed-landmarks and --moving-landmarks go together'
+  else:
+    files['fixed_landmarks'], files['moving_landmarks'] = (str(tmp_path / 'two.csv'),
+                                                           str(tmp_path / 'one.csv'))
+    expect = 'has 2 points, --moving-landmarks'
+  monkeypatch.setattr(reg.reader, 'preprocess',
+                      lambda *a, **k: pytest.fail('resampled before refusing'))
+  with pytest.raises(errors.UserError) as e:
+    reg.register(register_lib.PairFiles(**files), str(tmp_path / 'out'))
+  assert expect in _one_line(e)
+  assert not os.path.exists(tmp_path / 'out')
+
+
 @pytest.mark.parametrize('case', ['no_overlap', 'memory', 'pyramid_factors', 'bare'])
 def test_register_refuses_before_any_heavy_work(registrar, tmp_path, monkeypatch, case):
   files = _blob_pair(str(tmp_path))

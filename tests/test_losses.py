@@ -54,6 +54,30 @@ def test_ncc_interior_is_squared_pearson_and_affine_invariant():
   np.testing.assert_allclose(L.ncc_loss(3.0 * a, b, 3), L.ncc_loss(a, b, 3), rtol=1e-4)
 
 
+def test_masked_ncc_is_the_weighted_pearson_of_each_window():
+  """Brute force: per voxel, the squared weighted correlation of its window's values (the
+  window cut at the border, voxels of weight 0 left out); w = 1 is ncc_map inside."""
+  a, b = _rand((1, 7, 6, 5, 1), 5), _rand((1, 7, 6, 5, 1), 6)
+  b = 0.6 * a + b
+  w = (_rand((1, 7, 6, 5, 1), 7) > 0.35).astype(np.float32)
+  out = np.asarray(L.masked_ncc_map(a, b, w, 3))
+  for i, j, k in np.ndindex(7, 6, 5):
+    sl = tuple(slice(max(c - 1, 0), c + 2) for c in (i, j, k))
+    pa, pb, pw = (x[(0, *sl, 0)].ravel().astype(np.float64) for x in (a, b, w))
+    sw = pw.sum()
+    if sw == 0:
+      assert out[0, i, j, k, 0] == 0
+      continue
+    ma, mb = (pw * pa).sum() / sw, (pw * pb).sum() / sw
+    cross = (pw * (pa - ma) * (pb - mb)).sum()
+    va, vb = (pw * (pa - ma) ** 2).sum(), (pw * (pb - mb) ** 2).sum()
+    np.testing.assert_allclose(out[0, i, j, k, 0], cross ** 2 / (va * vb + 1e-5),
+                               rtol=2e-3, atol=1e-5)
+  ones = np.asarray(L.masked_ncc_map(a, b, np.ones_like(a), 3))
+  np.testing.assert_allclose(ones[:, 1:-1, 1:-1, 1:-1], np.asarray(L.ncc_map(a, b, 3))[
+      :, 1:-1, 1:-1, 1:-1], rtol=1e-3, atol=1e-5)
+
+
 def test_ncc_self_is_minus_one():
   a = _rand((2, 9, 8, 3, 1), 4)  # D=3 < window 9
   for win in (9, 5, 3):

@@ -16,9 +16,11 @@ from fmir_jax.register.records import BatchSummary, GridRecord, PairReport
 from fmir_jax.train.run_file import StoreSetting
 
 # The keys of report.json, in order: what users' scripts and docs/register.md read.
-REPORT_KEYS = ['fixed', 'moving', 'fixed_labels', 'moving_labels', 'checkpoint',
+REPORT_KEYS = ['fixed', 'moving', 'fixed_labels', 'moving_labels', 'fixed_mask', 'moving_mask',
+               'fixed_landmarks', 'moving_landmarks', 'checkpoint',
                'checkpoint_step', 'head', 'head_finest_level', 'backbone', 'layer',
-               'encoder_input', 'grid', 'warnings', 'fixed_grid', 'dice', 'jacobian', 'linear',
+               'encoder_input', 'grid', 'warnings', 'fixed_grid', 'dice', 'landmarks',
+               'jacobian', 'linear',
                'instance_optimisation', 'convention', 'files', 'times_s']
 GRID_KEYS = ['mode', 'reader', 'reader_options', 'shape', 'affine', 'spacing_mm',
              'pyramid_factors']
@@ -28,13 +30,14 @@ def _report():
   affine = np.diag([2.0, 2.0, 3.0, 1.0])
   return PairReport(
       fixed='/d/f.nii.gz', moving='/d/m.nii.gz', fixed_labels=None, moving_labels=None,
+      fixed_mask='/d/fm.nii.gz', moving_mask=None, fixed_landmarks=None, moving_landmarks=None,
       checkpoint='/runs/a', checkpoint_step=12, head=None, head_finest_level=0,
       backbone={'name': 'dinov3'}, layer=-1, encoder_input={'size': [224, 224]},
       grid=GridRecord(mode='native', reader='custom', reader_options={}, shape=[8, 8, 4],
                       affine=affine.tolist(), spacing_mm=[2.0, 2.0, 3.0],
                       pyramid_factors=(2, 2, 1)),
       warnings=['f.nii.gz: pixdim says 4x4x4'],
-      fixed_grid={'shape': [8, 8, 4], 'affine': affine.tolist()}, dice=None,
+      fixed_grid={'shape': [8, 8, 4], 'affine': affine.tolist()}, dice=None, landmarks=None,
       jacobian={'folding_fraction': np.float64(0.0), 'sdlogj': np.float32(0.25)},
       linear=None, instance_optimisation=None, convention='RAS mm', times_s={'head_s': 0.5})
 
@@ -50,8 +53,10 @@ def test_pair_report_json_has_the_report_keys_and_reads_back(tmp_path):
   again = PairReport.from_json(back)
   assert again.grid.shape == [8, 8, 4] and again.warnings == rep.warnings
   assert again.to_json()['times_s'] == {'head_s': 0.5}
-  older = {k: v for k, v in back.items() if k != 'linear'}   # before the linear stage
-  assert PairReport.from_json(older).linear is None
+  new = ('linear', 'fixed_mask', 'moving_mask', 'fixed_landmarks', 'moving_landmarks',
+         'landmarks')
+  older = {k: v for k, v in back.items() if k not in new}   # before the linear stage
+  assert all(getattr(PairReport.from_json(older), k) is None for k in new)
   with pytest.raises(TypeError):              # a report of another version is not read as ours
     PairReport.from_json({**back, 'surprise': 1})
 

@@ -207,3 +207,26 @@ def test_pyramid_keeps_thick_slices_and_short_axes():
   assert shapes[-1] == (10, 12, 10) and [s.steps for s in scales] == [100, 80, 40, 10]
   shapes, _, scales = r.plan((32, 32, 24), (1.0, 1.0, 1.0))   # too small for 4 scales
   assert shapes == ((32, 32, 24), (16, 16, 12)) and [s.steps for s in scales] == [220, 10]
+
+
+@pytest.mark.slow
+def test_a_fixed_mask_keeps_an_implant_out_of_the_similarity(ncc_refiner):
+  """An implant (a bright ball) only in the fixed image drags the unmasked field; with a
+  fixed mask leaving it out (ANTs' -x), the field near it follows the true one."""
+  moving, fixed, u_true = pair(0)
+  idx = np.stack(np.meshgrid(*[np.arange(n) for n in SHAPE], indexing='ij'), -1)
+  r2 = ((idx - (16, 14, 12)) ** 2).sum(-1)
+  implant = np.where(r2 < 25, 1.5, fixed).astype(np.float32)
+  mask = (r2 >= 49).astype(np.float32)
+  near = r2 < 81
+  err = lambda u: float(np.linalg.norm(u - u_true, axis=-1)[near].mean())  # noqa: E731
+  plain = err(ncc_refiner.refine(moving, implant, (1.0, 1.0, 1.0))[0])
+  masked = err(ncc_refiner.refine(moving, implant, (1.0, 1.0, 1.0), fixed_mask=mask)[0])
+  both = err(ncc_refiner.refine(moving, implant, (1.0, 1.0, 1.0), fixed_mask=mask,
+                                moving_mask=np.ones_like(mask))[0])
+  identity = float(np.linalg.norm(u_true, axis=-1)[near].mean())
+  assert plain > identity and masked < 0.5 * identity and masked < 0.4 * plain, (
+      plain, masked, identity)
+  assert both == pytest.approx(masked, abs=0.05)   # an all-ones moving mask changes nothing
+  with pytest.raises(ValueError, match='fixed_mask'):
+    ncc_refiner.refine(moving, implant, (1.0, 1.0, 1.0), fixed_mask=0 * mask)

@@ -273,11 +273,37 @@ def test_the_linear_stage_finds_a_moved_header_and_warps_once(run_dir, pair, tmp
   moved = t_mm @ aff            # voxel v at T(y) for the fixed voxel v at y
   moving = nifti.save_nifti(str(tmp_path / 'moved.nii.gz'), img, moved)
   moving_lab = nifti.save_nifti(str(tmp_path / 'moved_gt.nii.gz'), lab, moved)
+  # landmarks: heart voxels p and their known partners T(p) (LPS on one side, RAS on the other)
+  p_ras = (np.argwhere(lab > 0)[::37] @ aff[:3, :3].T + aff[:3, 3])[:12]
+  q_ras = p_ras @ t_mm[:3, :3].T + t_mm[:3, 3]
+  (tmp_path / 'f.csv').write_text('name,x_ras,y_ras,z_ras\n' + ''.join(
+      f'p{i},{x},{y},{z}\n' for i, (x, y, z) in enumerate(p_ras)))
+  (tmp_path / 'm.csv').write_text('x_lps,y_lps,z_lps\n' + ''.join(
+      f'{-x},{-y},{z}\n' for x, y, z in q_ras))
+  # a fixed mask leaving out one corner block of the image (its own grid: any grid works)
+  body = np.ones(img.shape, np.uint8)
+  body[:4, :4] = 0
+  fmask = nifti.save_nifti(str(tmp_path / 'fmask.nii.gz'), body, aff)
   out = tmp_path / 'out'
   assert cli.main(['register', '--fixed', pair['fixed'], '--moving', moving, '--fixed-labels',
                    pair['fixed_labels'], '--moving-labels', moving_lab, '--checkpoint', run_dir,
-                   '--out', str(out), '--linear', 'rigid', '--quiet', '--no-cache']) == 0
+                   '--out', str(out), '--linear', 'rigid', '--quiet', '--no-cache',
+                   '--fixed-mask', fmask, '--fixed-landmarks', str(tmp_path / 'f.csv'),
+                   '--moving-landmarks', str(tmp_path / 'm.csv')]) == 0
   rep = register_lib.PairReport.from_json(json.loads((out / 'report.json').read_text()))
+  assert rep.fixed_mask == fmask and rep.moving_mask is None
+  lm = rep.landmarks
+  assert lm['points'] == 12 and lm['outside_fixed_grid'] == 0
+  assert lm['before_mm']['mean'] == pytest.approx(
+      np.linalg.norm(p_ras - q_ras, axis=1).mean(), rel=1e-6)
+  assert lm['after_linear_mm']['mean'] < 1.0 < lm['before_mm']['mean']
+  # after: p + disp_mm(p) from the written field (scipy, trilinear) against T(p)
+  d5, _ = _load(out / 'disp_mm.nii.gz')
+  vox = (p_ras @ np.linalg.inv(aff)[:3, :3].T + np.linalg.inv(aff)[:3, 3]).T
+  mapped = p_ras + np.stack([ndimage.map_coordinates(d5[:, :, :, 0, k], vox, order=1)
+                             for k in range(3)], -1)
+  np.testing.assert_allclose(lm['after_mm_per_point'],
+                             np.linalg.norm(mapped - q_ras, axis=1), atol=1e-3)
   found = np.asarray(rep.linear['matrix_mm'])
   heart = np.argwhere(lab > 0) @ aff[:3, :3].T + aff[:3, 3]
   err = (heart @ found[:3, :3].T + found[:3, 3]) - (heart @ t_mm[:3, :3].T + t_mm[:3, 3])

@@ -92,6 +92,36 @@ def _ncc_map(a: jax.Array, b: jax.Array, window: tuple[int, int, int],
   return cross * cross / (var_a * var_b + eps)
 
 
+def masked_ncc_map(a: jax.Array, b: jax.Array, w: jax.Array, window: int | Sequence[int],
+                   eps: float = 1e-5) -> jax.Array:
+  """``ncc_map`` with each window's statistics taken over the weights ``w`` >= 0 only (a
+  mask: voxels of weight 0 neither count nor colour their neighbours' local means).
+
+  With S = box sums of w, wa, wb, wa², wb², wab: cross = S_wab - S_wa S_wb / S_w,
+  var_a = S_wa² - S_wa² / S_w, and the map is cross² / (var_a var_b + eps) (0 where a
+  window holds no weight). With w = 1 it equals ``ncc_map`` away from the border.
+
+  Args:
+    a, b, w: ``(B, H, W, D, C)``.
+  """
+  a, b, w = jnp.asarray(a), jnp.asarray(b), jnp.asarray(w)
+  _check_rank5(a, 'a')
+  if not a.shape == b.shape == w.shape:
+    raise ValueError(f'masked ncc: a {a.shape}, b {b.shape}, w {w.shape} must be equal.')
+  return _masked_ncc_map(a, b, w, _window3(window), float(eps))
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _masked_ncc_map(a, b, w, window, eps):
+  stacked = jnp.concatenate([w, w * a, w * b, w * a * a, w * b * b, w * a * b], axis=-1)
+  sw, sa, sb, saa, sbb, sab = jnp.split(box_sum(stacked, window), 6, axis=-1)
+  inv = 1.0 / jnp.maximum(sw, 1e-6)
+  cross = sab - sa * sb * inv
+  var_a = jnp.maximum(saa - sa * sa * inv, 0.0)
+  var_b = jnp.maximum(sbb - sb * sb * inv, 0.0)
+  return jnp.where(sw > 1e-6, cross * cross / (var_a * var_b + eps), 0.0)
+
+
 def ncc_loss(a: jax.Array, b: jax.Array, window: int | Sequence[int],
              eps: float = 1e-5) -> jax.Array:
   """Negative mean local NCC (VoxelMorph NCC loss), a scalar in [-1, 0].

@@ -85,28 +85,39 @@ def apply_image(result: str, moving: str, out: str, *, labels: bool = False,
   return os.path.abspath(out)
 
 
-def read_points(path: str) -> tuple[list[dict], str, np.ndarray]:
-  """(rows, 'ras' or 'lps', (N, 3) RAS mm points) of a points CSV, or a one-line refusal."""
+def read_points(path: str, flag: str = '--points') -> tuple[list[dict], str, np.ndarray]:
+  """(rows, 'ras' or 'lps', (N, 3) RAS mm points) of a points CSV, or a one-line refusal
+  naming ``flag``."""
   try:
     with open(path, newline='', encoding='utf-8-sig') as f:
       rows = list(csv.DictReader(f))
       header = rows and list(rows[0]) or []
   except (OSError, UnicodeDecodeError, csv.Error) as e:
-    raise RegisterError(f'--points {path}: cannot be read ({e}).') from e
+    raise RegisterError(f'{flag} {path}: cannot be read ({e}).') from e
   space = [s for s, cols in POINT_COLUMNS.items() if set(cols) <= set(header)]
   if not rows or len(space) != 1:
-    raise RegisterError(f'--points {path}: needs a header with x_ras,y_ras,z_ras (RAS mm, '
+    raise RegisterError(f'{flag} {path}: needs a header with x_ras,y_ras,z_ras (RAS mm, '
                         'as nibabel) or x_lps,y_lps,z_lps (LPS mm, as ITK/ANTs) and one row '
                         'per point.')
   cols = POINT_COLUMNS[space[0]]
   try:
     pts = np.array([[float(r[c]) for c in cols] for r in rows], np.float64)
   except (TypeError, ValueError):
-    raise RegisterError(f'--points {path}: every row needs three numbers in '
+    raise RegisterError(f'{flag} {path}: every row needs three numbers in '
                         f'{",".join(cols)}.') from None
   if not np.isfinite(pts).all():
-    raise RegisterError(f'--points {path}: a coordinate is not a finite number.')
+    raise RegisterError(f'{flag} {path}: a coordinate is not a finite number.')
   return rows, space[0], pts * (_LPS if space[0] == 'lps' else 1.0)
+
+
+def map_ras(disp_mm: np.ndarray, affine: np.ndarray, p_ras: np.ndarray) -> np.ndarray:
+  """(N, 3) fixed-world points p -> p + disp_mm(p) (linear interpolation on the grid of
+  ``affine``), NaN for a point outside the grid."""
+  inv = np.linalg.inv(affine)
+  vox = (p_ras @ inv[:3, :3].T + inv[:3, 3]).T
+  disp = np.stack([resample.sample_voxels(disp_mm[..., k], vox, order=1, cval=np.nan)
+                   for k in range(3)], -1)
+  return p_ras + disp
 
 
 def map_points(result: str, points: str, out: str, *, overwrite: bool = False) -> dict:
@@ -117,11 +128,7 @@ def map_points(result: str, points: str, out: str, *, overwrite: bool = False) -
   files.check_result_file(out, overwrite, '--out')
   rows, space, p_ras = read_points(points)
   field = load_field(result)
-  inv = np.linalg.inv(field.affine)
-  vox = (p_ras @ inv[:3, :3].T + inv[:3, 3]).T
-  disp = np.stack([resample.sample_voxels(field.disp_mm[..., k], vox, order=1, cval=np.nan)
-                   for k in range(3)], -1)
-  q = (p_ras + disp) * (_LPS if space == 'lps' else 1.0)
+  q = map_ras(field.disp_mm, field.affine, p_ras) * (_LPS if space == 'lps' else 1.0)
   names = [f'{a}_moving' for a in 'xyz']
   for row, point in zip(rows, q):
     row.update({n: '' if np.isnan(v) else f'{v:.6f}' for n, v in zip(names, point)})
@@ -130,7 +137,7 @@ def map_points(result: str, points: str, out: str, *, overwrite: bool = False) -
   writer.writeheader()
   writer.writerows(rows)
   files.write_result_file(out, text.getvalue(), overwrite, '--out')
-  return {'points': len(rows), 'outside': int(np.isnan(disp[:, 0]).sum()), 'space': space}
+  return {'points': len(rows), 'outside': int(np.isnan(q[:, 0]).sum()), 'space': space}
 
 
 INVERSE_FILES = (OUT_FILES['disp'], 'inverse.json')

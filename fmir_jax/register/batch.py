@@ -19,13 +19,14 @@ from fmir_jax.register.records import BatchSummary, PairReport
 from fmir_jax.register.registrar import PairFiles, RegisterError
 
 
-BATCH_COLUMNS = ('fixed', 'moving', 'fixed_labels', 'moving_labels')
+BATCH_COLUMNS = tuple(f.name for f in dataclasses.fields(PairFiles))   # fixed, moving, ...
 SUMMARY_FILES = ('summary.csv', 'summary.json')
 
 
 def read_pairs_csv(path: str, log: Callable[[str], None] = lambda s: None
                    ) -> list[PairFiles]:
-  """Rows of a pairs CSV (header: fixed, moving[, fixed_labels, moving_labels]); relative
+  """Rows of a pairs CSV (header: fixed, moving and any of fixed_labels, moving_labels,
+  fixed_mask, moving_mask, fixed_landmarks, moving_landmarks); relative
   paths are resolved against the CSV's folder. A UTF-8 byte-order mark is allowed; a row
   with more fields than the header is refused; blank lines are skipped and said."""
   try:
@@ -39,7 +40,7 @@ def read_pairs_csv(path: str, log: Callable[[str], None] = lambda s: None
   header = [c.strip() for c in lines[0]] if lines else []
   if not {'fixed', 'moving'} <= set(header) or len(lines) < 2:
     raise RegisterError(f'--pairs {path}: needs a header row with columns fixed,moving '
-                        '(optional fixed_labels,moving_labels) and at least one pair.')
+                        f'(optional {",".join(BATCH_COLUMNS[2:])}) and at least one pair.')
   unknown = set(header) - set(BATCH_COLUMNS)
   if unknown:
     raise RegisterError(f'--pairs {path}: unknown columns {sorted(unknown)}; use '
@@ -57,7 +58,7 @@ def read_pairs_csv(path: str, log: Callable[[str], None] = lambda s: None
     r = dict(zip(header, fields))
     if not (r.get('fixed') or '').strip() or not (r.get('moving') or '').strip():
       raise RegisterError(f'--pairs {path} line {i}: fixed and moving are required.')
-    out.append(PairFiles(*(resolve(r.get(c)) for c in BATCH_COLUMNS)))
+    out.append(PairFiles(**{c: resolve(r.get(c)) for c in BATCH_COLUMNS}))
   if blank:
     log(f'--pairs {path}: skipped blank line{"s" if len(blank) > 1 else ""} '
         f'{", ".join(map(str, blank))}')
@@ -80,7 +81,10 @@ def batch_row(index: int, paths: PairFiles, report: PairReport | None, error: st
                          'error': error or ''}
   if report:
     d = report.dice or {}
+    tre = report.landmarks or {}
     row.update({'dice_before': d.get('mean_before'), 'dice_after': d.get('mean_after'),
+                'tre_before_mm': (tre.get('before_mm') or {}).get('mean'),
+                'tre_after_mm': (tre.get('after_mm') or {}).get('mean'),
                 'hd95_before_mm': d.get('hd95_mean_before'),
                 'hd95_after_mm': d.get('hd95_mean_after'),
                 'folding_fraction': report.jacobian['folding_fraction'],
@@ -93,7 +97,10 @@ def batch_key(pairs: list[PairFiles], checkpoint: str | None,
               options: register_lib.RegisterOptions) -> str:
   """What makes two batch runs the same work: the pairs, the run and every option (but
   --overwrite). A rerun with the same key resumes; another key needs --overwrite."""
-  what = {'pairs': [dataclasses.astuple(p) for p in pairs],
+  # the four first files as a list, then only the optional files given (earlier keys stay)
+  what = {'pairs': [list(dataclasses.astuple(p)[:4]) + [
+              [k, v] for k, v in dataclasses.asdict(p).items() if k in BATCH_COLUMNS[4:] and v]
+                    for p in pairs],
           'checkpoint': checkpoint and os.path.abspath(checkpoint),
           'options': dataclasses.asdict(dataclasses.replace(options, overwrite=False))}
   return hashlib.sha256(json.dumps(what, sort_keys=True, default=repr).encode()).hexdigest()

@@ -8,7 +8,8 @@ upper-triangular shear H; "rigid" keeps S = H = I. The similarity is the squared
 correlation of the whole images. Start: t from the centres of mass (with
 ``principal_axes``, the better of no rotation and the principal-axes rotations, each with
 the four sign choices that keep it proper). Then Adam over an image pyramid, coarse to fine;
-"affine" runs the coarsest scale's first half rigid. A ``LinearAligner`` compiles a grid
+"affine" runs the coarsest scale's first half rigid. Optional masks weight the similarity
+(a fixed point counts by its fixed mask and the moving mask where the map takes it). A ``LinearAligner`` compiles a grid
 shape's programs once and reuses them for every pair of that shape (the grid's affine and
 the images are arguments).
 
@@ -135,12 +136,25 @@ def _index_grid(shape: Sequence[int]) -> jax.Array:
                                 indexing='ij'))
 
 
-def _loss(opts, mov, fix, t_mm, vox_to_mm, idx):
+def weighted_correlation2(warped: jax.Array, fix: jax.Array, w: jax.Array) -> jax.Array:
+  """Squared correlation of two images under voxel weights w >= 0 (all of one shape)."""
+  total = jnp.sum(w) + 1e-12
+  a = warped - jnp.sum(w * warped) / total
+  b = fix - jnp.sum(w * fix) / total
+  return jnp.square(jnp.sum(w * a * b)) / (jnp.sum(w * a * a) * jnp.sum(w * b * b) + 1e-12)
+
+
+def _loss(opts, mov, fix, t_mm, vox_to_mm, idx, fmask, mmask, use_mmask):
   """Minus the squared correlation of the moving image sampled through ``t_mm`` and the
-  fixed one."""
-  warped = sampling.sample_cf(mov, _disp_vox(t_mm, vox_to_mm, idx))
-  a, b = warped - jnp.mean(warped), fix - jnp.mean(fix)
-  return -jnp.square(jnp.sum(a * b)) / (jnp.sum(a * a) * jnp.sum(b * b) + 1e-12)
+  fixed one, over the fixed mask (and, with ``use_mmask``, the points the map takes into
+  the moving mask: a weight, not a gradient, as ANTs' masks)."""
+  disp = _disp_vox(t_mm, vox_to_mm, idx)
+  if use_mmask:
+    both = sampling.sample_cf(jnp.concatenate([mov, mmask]), disp)
+    warped, w = both[:1], fmask * lax.stop_gradient(both[1:])
+  else:
+    warped, w = sampling.sample_cf(mov, disp), fmask
+  return -weighted_correlation2(warped, fix, w)
 
 
 # --------------------------------------------------------------------------- the start
@@ -178,7 +192,8 @@ def start_rotations(axes_fixed: np.ndarray, axes_moving: np.ndarray) -> np.ndarr
 # --------------------------------------------------------------------------- optimisation
 
 
-def _run_scale(opts, n_rigid, steps, lr, mov, fix, vox_to_mm, centre, rot0, q0):
+def _run_scale(opts, use_mmask, n_rigid, steps, lr, mov, fix, fmask, mmask, vox_to_mm,
+               centre, rot0, q0):
   """Adam over one scale; returns (q, loss at the first step, loss at the last)."""
   idx = _index_grid(mov.shape[1:])
   units = jnp.asarray(_UNITS)
@@ -186,7 +201,8 @@ def _run_scale(opts, n_rigid, steps, lr, mov, fix, vox_to_mm, centre, rot0, q0):
   tx = optax.adam(optax.linear_schedule(lr, lr / 5, max(steps, 1)))
 
   def objective(q):
-    return _loss(opts, mov, fix, matrix_mm(q * units, centre, rot0), vox_to_mm, idx)
+    return _loss(opts, mov, fix, matrix_mm(q * units, centre, rot0), vox_to_mm, idx,
+                 fmask, mmask, use_mmask)
 
   def step(i, carry):
     q, state, first, _ = carry
@@ -200,12 +216,12 @@ def _run_scale(opts, n_rigid, steps, lr, mov, fix, vox_to_mm, centre, rot0, q0):
   return q, first, last
 
 
-def _prepare(opts, shapes, factors, moving, fixed):
-  """Pyramids of the (1, H_i, W_i, D_i) images, fine to coarse."""
-  pyramid = [jnp.stack([moving, fixed])]
+def _prepare(opts, shapes, factors, moving, fixed, fixed_mask, moving_mask):
+  """Pyramids of the (1, H_i, W_i, D_i) images and masks, fine to coarse: four lists."""
+  pyramid = [jnp.stack([moving, fixed, fixed_mask, moving_mask])]
   for shape, factor in zip(shapes[1:], factors):
     pyramid.append(refine.downsample(pyramid[-1], shape, factor, opts.blur_sigma))
-  return [p[:1] for p in pyramid], [p[1:] for p in pyramid]
+  return tuple([p[k:k + 1] for p in pyramid] for k in range(4))
 
 
 class LinearAligner:
@@ -226,41 +242,48 @@ class LinearAligner:
     used = max(1, sum(math.prod(s) <= opts.max_voxels for s in shapes))
     return shapes, factors, tuple(steps[:used]), tuple(opts.lr[dropped:][:used])
 
-  def _compiled(self, shape, spacing_mm):
+  def _compiled(self, shape, spacing_mm, use_mmask: bool):
     plan = self._plan(shape, spacing_mm)
-    if plan not in self._programs:
+    key = plan + (use_mmask,)
+    if key not in self._programs:
       opts, f32 = self.options, lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
       shapes, factors, steps, lrs = plan
-      prep = jax.jit(lambda m, f: _prepare(opts, shapes, factors, m, f))
-      programs = [prep.lower(f32(*shape), f32(*shape)).compile()]
+      prep = jax.jit(lambda *a: _prepare(opts, shapes, factors, *a))
+      programs = [prep.lower(*[f32(*shape)] * 4).compile()]
       coarsest = shapes[-1]
 
-      def starts(mov, fix, vox_to_mm, centre, rots, q0):
+      def starts(mov, fix, fmask, mmask, vox_to_mm, centre, rots, q0):
         idx = _index_grid(coarsest)
         return jax.vmap(lambda r: _loss(opts, mov, fix,
                                         matrix_mm(q0 * jnp.asarray(_UNITS), centre, r),
-                                        vox_to_mm, idx))(rots)
+                                        vox_to_mm, idx, fmask, mmask, use_mmask))(rots)
       feat = f32(1, *coarsest)
       n_starts = 5 if opts.principal_axes else 1
-      programs.append(jax.jit(starts).lower(feat, feat, f32(4, 4), f32(3),
+      programs.append(jax.jit(starts).lower(feat, feat, feat, feat, f32(4, 4), f32(3),
                                             f32(n_starts, 3, 3), f32(12)).compile())
       for i, (n, lr) in enumerate(zip(steps, lrs)):
         level_shape = shapes[len(shapes) - 1 - i]
         n_rigid = n // 2 if (i == 0 and opts.kind == 'affine') else 0
-        run = jax.jit(lambda *a, s=n, l=lr, nr=n_rigid: _run_scale(opts, nr, s, l, *a))
+        run = jax.jit(lambda *a, s=n, l=lr, nr=n_rigid: _run_scale(opts, use_mmask, nr, s,
+                                                                   l, *a))
         feat = f32(1, *level_shape)
-        programs.append(run.lower(feat, feat, f32(4, 4), f32(3), f32(3, 3), f32(12)).compile())
+        programs.append(run.lower(feat, feat, feat, feat, f32(4, 4), f32(3), f32(3, 3),
+                                  f32(12)).compile())
       self.compiles += len(programs)
-      self._programs[plan] = programs
-    return plan, self._programs[plan]
+      self._programs[key] = programs
+    return plan, self._programs[key]
 
-  def align(self, moving: np.ndarray, fixed: np.ndarray, grid_affine: np.ndarray
+  def align(self, moving: np.ndarray, fixed: np.ndarray, grid_affine: np.ndarray,
+            fixed_mask: np.ndarray | None = None, moving_mask: np.ndarray | None = None
             ) -> tuple[np.ndarray, LinearRecord]:
     """Aligns two images on one grid.
 
     Args:
       moving, fixed: (H, W, D) images on the grid, normalised (e.g. to [0, 1]).
       grid_affine: the grid's 4x4 voxel -> world (mm).
+      fixed_mask, moving_mask: optional (H, W, D) weights in [0, 1] on the grid (the moving
+        one in the moving image's frame): the similarity counts a fixed point y with weight
+        fixed_mask(y) x moving_mask(T(y)), and the centres of mass are the masked images'.
 
     Returns:
       (4x4 float64 fixed world -> moving world map, record).
@@ -270,27 +293,35 @@ class LinearAligner:
       raise ValueError(f'moving {moving.shape} and fixed {fixed.shape} must be one (H, W, D).')
     affine = np.asarray(grid_affine, np.float64)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    masks = [np.ones_like(moving) if m is None else _check_mask(m, moving.shape, what)
+             for m, what in ((fixed_mask, 'fixed_mask'), (moving_mask, 'moving_mask'))]
     t0 = time.perf_counter()
-    (shapes, *_), programs = self._compiled(moving.shape, tuple(spacing))
+    (shapes, *_), programs = self._compiled(moving.shape, tuple(spacing),
+                                            moving_mask is not None)
     compile_s, t0 = time.perf_counter() - t0, time.perf_counter()
-    movs, fixs = programs[0](moving, fixed)
+    movs, fixs, fmasks, mmasks = programs[0](moving, fixed, *masks)
     scale_affines = [np.asarray(_scale_affine(jnp.asarray(affine, jnp.float32), shapes[0], s))
                      for s in shapes]
-    com_f, axes_f = moments(np.asarray(fixs[-1][0]), scale_affines[-1])   # coarsest: cheap
-    com_m, axes_m = moments(np.asarray(movs[-1][0]), scale_affines[-1])
+    # Centres of mass of the masked images (coarsest scale: cheap); one mask alone serves
+    # both images (its region, at the identity, is where the other's anatomy is too).
+    fm = fmasks[-1][0] if fixed_mask is not None else mmasks[-1][0]
+    mm = mmasks[-1][0] if moving_mask is not None else fmasks[-1][0]
+    com_f, axes_f = moments(np.asarray(fixs[-1][0] * fm), scale_affines[-1])
+    com_m, axes_m = moments(np.asarray(movs[-1][0] * mm), scale_affines[-1])
     rots = start_rotations(axes_f, axes_m) if self.options.principal_axes else \
         np.eye(3, dtype=np.float32)[None]
     q0 = np.zeros(12, np.float32)
     q0[:3] = (com_m - com_f) / _UNITS[:3]
     centre = com_f.astype(np.float32)
-    start_losses = np.asarray(programs[1](movs[-1], fixs[-1], scale_affines[-1], centre,
-                                          rots, q0))
+    start_losses = np.asarray(programs[1](movs[-1], fixs[-1], fmasks[-1], mmasks[-1],
+                                          scale_affines[-1], centre, rots, q0))
     best = int(np.argmin(start_losses))
     rot0, q = rots[best], jnp.asarray(q0)
     before, after = [], []
     for i, run in enumerate(programs[2:]):
       level = len(shapes) - 1 - i
-      q, first, last = run(movs[level], fixs[level], scale_affines[level], centre, rot0, q)
+      q, first, last = run(movs[level], fixs[level], fmasks[level], mmasks[level],
+                           scale_affines[level], centre, rot0, q)
       before.append(float(first))
       after.append(float(last))
     params = np.asarray(q, np.float64) * _UNITS
@@ -307,6 +338,15 @@ class LinearAligner:
         loss_after=tuple(after), seconds_total=time.perf_counter() - t0,
         compile_seconds=compile_s)
     return t_mm, record
+
+
+def _check_mask(mask: np.ndarray, shape, what: str) -> np.ndarray:
+  mask = np.asarray(mask, np.float32)
+  if mask.shape != tuple(shape):
+    raise ValueError(f'{what} {mask.shape} must be on the images\' grid {tuple(shape)}.')
+  if not mask.max() > 0:
+    raise ValueError(f'{what} is empty (no voxel > 0 on the grid).')
+  return mask
 
 
 def _shear(h: np.ndarray) -> np.ndarray:

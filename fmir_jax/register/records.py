@@ -26,7 +26,8 @@ class PairReport:
   in when the result files are written (``outputs.write_outputs``).
 
   dice: label overlap before/after (``pair_metrics.label_overlap_before_after``) or None
-  without both label maps. jacobian: folding and SDlogJ of the deformable part on the
+  without both label maps. landmarks: the target registration error before, after the linear
+  stage and after, or None without landmarks. jacobian: folding and SDlogJ of the deformable part on the
   registration grid (the linear part's Jacobian is det(matrix_mm), constant).
   instance_optimisation: its options and losses per scale, or None when off.
   """
@@ -34,6 +35,10 @@ class PairReport:
   moving: str
   fixed_labels: str | None
   moving_labels: str | None
+  fixed_mask: str | None
+  moving_mask: str | None
+  fixed_landmarks: str | None
+  moving_landmarks: str | None
   checkpoint: str
   checkpoint_step: int
   head: str | None                # the shipped head's card 'what', else None
@@ -45,6 +50,7 @@ class PairReport:
   warnings: list[str]
   fixed_grid: dict[str, Any]      # {'shape', 'affine'} of the fixed image's own grid
   dice: dict[str, Any] | None
+  landmarks: dict[str, Any] | None  # target registration error (``inputs.landmark_errors``)
   jacobian: dict[str, Any]
   linear: dict[str, Any] | None   # the linear stage's ``linear.LinearRecord``, or None (off)
   instance_optimisation: dict[str, Any] | None
@@ -66,6 +72,12 @@ class PairReport:
       lines.append(f"Dice: before {d['mean_before']:.4f}, after {d['mean_after']:.4f} "
                    f"(classes {d['classes']}); HD95 {d['hd95_mean_before']:.2f} -> "
                    f"{d['hd95_mean_after']:.2f} mm")
+    if self.landmarks and self.landmarks['after_mm']:
+      lm = self.landmarks
+      lines.append(f"landmarks ({lm['points']}): TRE mean before {lm['before_mm']['mean']:.2f}"
+                   f" mm, after {lm['after_mm']['mean']:.2f} mm" + (
+                       f" ({lm['outside_fixed_grid']} outside the fixed grid)"
+                       if lm['outside_fixed_grid'] else ''))
     if self.linear:
       lin = self.linear
       lines.append(f"linear ({lin['kind']}, from the {lin['start']}): loss "
@@ -85,8 +97,10 @@ class PairReport:
   @classmethod
   def from_json(cls, d: dict[str, Any]) -> 'PairReport':
     """The record of a report.json (keys it does not know are an error: another version;
-    ``linear`` is None in a report written before the linear stage)."""
-    return cls(**{'linear': None, **d, 'grid': GridRecord(**d['grid'])})
+    what a report written before the linear stage, masks and landmarks lacks is None)."""
+    older = dict.fromkeys(('linear', 'landmarks', 'fixed_mask', 'moving_mask',
+                           'fixed_landmarks', 'moving_landmarks'))
+    return cls(**{**older, **d, 'grid': GridRecord(**d['grid'])})
 
 
 @dataclasses.dataclass

@@ -240,15 +240,30 @@ def _displacement(opts: RefineOptions, param: jax.Array, init: jax.Array) -> jax
   return init + param
 
 
-def _objective(opts, scale, mov, fix, init, param):
+def _objective(opts, scale, masks, mov, fix, init, param):
   """Similarity of the warped moving features to the fixed ones + smooth x diffusion of the
-  correction. mov, fix: (C, H, W, D) image or MIND; init, param: (3, H, W, D)."""
+  correction. mov, fix: (C, H, W, D) image or MIND; init, param: (3, H, W, D). ``masks``:
+  None, or (use_moving_mask, fixed mask (1, H, W, D), moving mask (1, H, W, D)): the
+  similarity is then the mean over voxels weighted by the fixed mask times the moving mask
+  sampled where the field takes each voxel (a weight without gradient, as ANTs' masks)."""
   disp = _displacement(opts, param, init)
-  warped = sampling.sample_cf(mov, disp)
-  if opts.similarity == 'ncc':
-    sim = losses.ncc_loss(warped[..., None], fix[..., None], scale.windows)
+  w = None
+  if masks is not None and masks[0]:
+    both = sampling.sample_cf(jnp.concatenate([mov, masks[2]]), disp)
+    warped, w = both[:-1], masks[1][0] * lax.stop_gradient(both[-1])
   else:
-    sim = jnp.mean(jnp.square(warped - fix))
+    warped = sampling.sample_cf(mov, disp)
+    w = None if masks is None else masks[1][0]
+  if opts.similarity == 'ncc' and w is not None:      # window statistics over the mask
+    per_voxel = -losses.masked_ncc_map(warped[..., None], fix[..., None],
+                                       jnp.broadcast_to(w, warped.shape)[..., None],
+                                       scale.windows)[..., 0]
+  elif opts.similarity == 'ncc':
+    per_voxel = -losses.ncc_map(warped[..., None], fix[..., None], scale.windows)[..., 0]
+  else:
+    per_voxel = jnp.mean(jnp.square(warped - fix), axis=0, keepdims=True)
+  sim = jnp.mean(per_voxel) if w is None else (
+      jnp.sum(w * per_voxel) / (jnp.sum(w) * per_voxel.shape[0] + 1e-12))
   # (3, H, W, D, 1): components as the batch; the same mean as (1, H, W, D, 3).
   loss = sim + opts.smooth_weight * losses.diffusion_loss(param[..., None])
   if opts.fold:
@@ -272,7 +287,7 @@ def fold_penalty(disp_vox: jax.Array, margin: float = 0.2) -> jax.Array:
   return jnp.mean(jnp.square(jax.nn.relu(margin - jacobian_det_cf(disp_vox))))
 
 
-def _run_scale(opts, scale, mov, fix, init, coarser=None):
+def _run_scale(opts, scale, use_masks, mov, fix, init, fmask, mmask, coarser=None):
   """Adam over one scale (``lax.fori_loop``), from the coarser scale's upsampled parameter.
 
   Returns (param, disp_vox, loss at the first step, loss at the last step), fields
@@ -283,10 +298,12 @@ def _run_scale(opts, scale, mov, fix, init, coarser=None):
             else sampling.resize_field_cf(coarser, scale.shape, scale.up_ratio))
   lr = optax.linear_schedule(scale.lr_vox, scale.lr_vox * opts.lr_end, max(scale.steps, 1))
   tx = optax.adam(lr)
+  masks = None if not use_masks else (use_masks == 'both', fmask, mmask)
 
   def step(i, carry):
     p, state, first, _ = carry
-    value, grad = jax.value_and_grad(lambda q: _objective(opts, scale, mov, fix, init, q))(p)
+    value, grad = jax.value_and_grad(
+        lambda q: _objective(opts, scale, masks, mov, fix, init, q))(p)
     updates, state = tx.update(grad, state, p)
     return optax.apply_updates(p, updates), state, jnp.where(i == 0, value, first), value
 
@@ -296,10 +313,11 @@ def _run_scale(opts, scale, mov, fix, init, coarser=None):
   return param, _displacement(opts, param, init), first, last
 
 
-def _prepare(opts, shapes, factors, moving, fixed, init):
+def _prepare(opts, shapes, factors, moving, fixed, init, fixed_mask, moving_mask):
   """Per scale, fine to coarse: moving and fixed features (C, H_i, W_i, D_i) (the image, or
-  MIND-SSC at full resolution then resized without blur: it is box-filtered already) and
-  the initial field (3, H_i, W_i, D_i). The two images travel stacked as channels."""
+  MIND-SSC at full resolution then resized without blur: it is box-filtered already), the
+  initial field (3, H_i, W_i, D_i) and the masks (1, H_i, W_i, D_i), blurred as images. The
+  two images travel stacked as channels."""
   feats = jnp.stack([moving, fixed])
   if opts.similarity == 'mind':
     feats = jax.vmap(lambda im: mind_ssc(im, opts.mind_radius, opts.mind_dilation))(feats)
@@ -311,7 +329,11 @@ def _prepare(opts, shapes, factors, moving, fixed, init):
     inits.append(sampling.resize_field_cf(inits[0], shape,
                                           [1 / r for r in align_corners_ratio(shapes[0], shape)]))
   half = feats.shape[0] // 2
-  return [p[:half] for p in pyramid], [p[half:] for p in pyramid], inits
+  masks = [jnp.stack([fixed_mask, moving_mask])]
+  for shape, factor in zip(shapes[1:], factors):
+    masks.append(downsample(masks[-1], shape, factor, opts.blur_sigma))
+  return ([p[:half] for p in pyramid], [p[half:] for p in pyramid], inits,
+          [m[:1] for m in masks], [m[1:] for m in masks])
 
 
 class Refiner:
@@ -343,26 +365,30 @@ class Refiner:
                            float(lr), up))
     return shapes, factors, tuple(scales)
 
-  def _compiled(self, shape: Shape3, spacing_mm):
-    """(prepare, [scale programs coarse to fine], scales) of a grid, compiled once."""
+  def _compiled(self, shape: Shape3, spacing_mm, use_masks: str | None = None):
+    """(prepare, [scale programs coarse to fine], scales) of a grid, compiled once per
+    mask use (None, 'fixed' or 'both')."""
     shapes, factors, scales = self.plan(shape, spacing_mm)
-    key = (shapes, factors, scales)
+    key = (shapes, factors, scales, use_masks)
     if key not in self._programs:
       opts, f32 = self.options, lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
-      prep = jax.jit(lambda m, f, u: _prepare(opts, shapes, factors, m, f, u))
-      programs = [prep.lower(f32(*shape), f32(*shape), f32(*shape, 3)).compile()]
+      prep = jax.jit(lambda *a: _prepare(opts, shapes, factors, *a))
+      programs = [prep.lower(f32(*shape), f32(*shape), f32(*shape, 3), f32(*shape),
+                             f32(*shape)).compile()]
       channels, coarser = (12 if opts.similarity == 'mind' else 1), ()
       for scale in scales:
         feat, field = f32(channels, *scale.shape), f32(3, *scale.shape)
-        run = jax.jit(lambda *a, s=scale: _run_scale(opts, s, *a))
-        programs.append(run.lower(feat, feat, field, *coarser).compile())
+        mask = f32(1, *scale.shape)
+        run = jax.jit(lambda *a, s=scale: _run_scale(opts, s, use_masks, *a))
+        programs.append(run.lower(feat, feat, field, mask, mask, *coarser).compile())
         coarser = (field,)
       self.compiles += len(programs)
       self._programs[key] = (programs[0], programs[1:], scales)
     return self._programs[key]
 
   def refine(self, moving: np.ndarray, fixed: np.ndarray, spacing_mm: Sequence[float],
-             init_disp_vox: np.ndarray | None = None) -> tuple[np.ndarray, RefineRecord]:
+             init_disp_vox: np.ndarray | None = None, fixed_mask: np.ndarray | None = None,
+             moving_mask: np.ndarray | None = None) -> tuple[np.ndarray, RefineRecord]:
     """Refines the displacement of one pair.
 
     Args:
@@ -370,6 +396,9 @@ class Refiner:
       spacing_mm: that grid's voxel spacing (per-axis pyramid factors and NCC windows).
       init_disp_vox: (H, W, D, 3) initial displacement in voxels (the network's
         prediction), or None for zero.
+      fixed_mask, moving_mask: optional (H, W, D) weights in [0, 1] on the grid: the
+        similarity counts voxel x by fixed_mask(x) x moving_mask(x + disp(x)) (ANTs' -x);
+        the regularisers keep the whole field.
 
     Returns:
       (disp_vox, record): (H, W, D, 3) float32 numpy displacement in voxels,
@@ -382,14 +411,24 @@ class Refiner:
         np.asarray(init_disp_vox, np.float32))
     if init.shape != (*moving.shape, 3):
       raise ValueError(f'init_disp_vox must be {(*moving.shape, 3)}, got {init.shape}.')
+    masks = []
+    for m, what in ((fixed_mask, 'fixed_mask'), (moving_mask, 'moving_mask')):
+      m = np.ones_like(moving) if m is None else np.asarray(m, np.float32)
+      if m.shape != moving.shape or not m.max() > 0:
+        raise ValueError(f'{what} {m.shape} must be on the grid {moving.shape}, not empty.')
+      masks.append(m)
+    use = None if fixed_mask is None and moving_mask is None else (
+        'both' if moving_mask is not None else 'fixed')
     t0 = time.perf_counter()
-    prepare, programs, scales = self._compiled(moving.shape, spacing_mm)
+    prepare, programs, scales = self._compiled(moving.shape, spacing_mm, use)
     compile_s, t0 = time.perf_counter() - t0, time.perf_counter()
-    movs, fixs, inits = jax.block_until_ready(prepare(moving, fixed, init))
+    movs, fixs, inits, fmasks, mmasks = jax.block_until_ready(
+        prepare(moving, fixed, init, *masks))
     prepare_s, param, seconds, losses_ = time.perf_counter() - t0, (), [], []
     for level, run in zip(reversed(range(len(scales))), programs):
       ts = time.perf_counter()
-      out = jax.block_until_ready(run(movs[level], fixs[level], inits[level], *param))
+      out = jax.block_until_ready(run(movs[level], fixs[level], inits[level], fmasks[level],
+                                      mmasks[level], *param))
       seconds.append(time.perf_counter() - ts)
       param, disp = out[:1], out[1]
       losses_.append((float(out[2]), float(out[3])))

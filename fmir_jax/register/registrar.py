@@ -33,16 +33,17 @@ import numpy as np
 from fmir_jax.core import files
 from fmir_jax.ops import pyramid
 from fmir_jax.train import head_card
-from fmir_jax.core import nifti
 from fmir_jax.core import metrics as metrics_lib
 from fmir_jax.core import pair_metrics
 from fmir_jax.register import encode as encode_lib
+from fmir_jax.register import inputs
 from fmir_jax.register import grid as register_grid
 from fmir_jax.register import outputs
 from fmir_jax.train import runs
 from fmir_jax.core import world
 from fmir_jax.core.errors import RegisterError  # noqa: F401  (re-exported: register.RegisterError)
 from fmir_jax.register.grid import GRIDS, plan_grid
+from fmir_jax.register.inputs import LoadedPair, PairFiles, load_pair  # noqa: F401 (re-exported)
 from fmir_jax.register.records import GridRecord, PairReport
 
 DATASET_GRIDS = ('acdc', 'abdomen')
@@ -91,62 +92,6 @@ class RegisterOptions:
   l2r_fixed_id: str | None = None
   l2r_moving_id: str | None = None
   overwrite: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class PairFiles:
-  """One pair's input files (labels optional)."""
-  fixed: str
-  moving: str
-  fixed_labels: str | None = None
-  moving_labels: str | None = None
-
-
-@dataclasses.dataclass
-class LoadedPair:
-  """Inputs read from disk: images float32 (H, W, D), labels integer or None."""
-  fixed: np.ndarray
-  fixed_header: nifti.NiftiHeader
-  moving: np.ndarray
-  moving_header: nifti.NiftiHeader
-  fixed_labels: np.ndarray | None
-  moving_labels: np.ndarray | None
-
-
-# --------------------------------------------------------------------------- load
-
-def load_pair(paths: PairFiles) -> LoadedPair:
-  """Reads and validates the images and (optional) label maps.
-
-  Both images must be placed in world space (a qform or an sform: registration resamples
-  through world coordinates). Header warnings (pixdim vs affine) are not issued here but
-  kept in the headers: ``register_grid.check_inputs`` logs and reports them.
-  """
-  def image(path):
-    data, _, hdr = nifti.load_nifti(path, what='image', warn=False)
-    nifti.require_world_placement(hdr, 'image')
-    if min(hdr.shape) < 2:
-      raise RegisterError(f'{path}: image has shape {hdr.shape}: a single slice is a 2D '
-                          'image; registration needs a 3D volume with at least 2 voxels per '
-                          'axis.')
-    return data, hdr
-
-  def labels(path, hdr):
-    if path is None:
-      return None
-    # A label map's voxel size is its image's (check_same_grid): its pixdim is not used.
-    lab, lab_affine, lab_hdr = nifti.load_nifti(path, what='label', warn=False)
-    nifti.check_same_grid(hdr.path, hdr.affine, hdr.shape, lab_hdr.path, lab_affine,
-                       lab_hdr.shape)
-    return lab
-
-  f, fh = image(paths.fixed)
-  m, mh = image(paths.moving)
-  return LoadedPair(f, fh, m, mh, labels(paths.fixed_labels, fh),
-                    labels(paths.moving_labels, mh))
-
-
-# --------------------------------------------------------------------------- score + write
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -260,11 +205,15 @@ class Registrar:
     times: dict[str, float] = {}
     pair, grid, factors, images = self._load(paths, times)
     t_mm, aligned = self._linear(pair, grid, images, times)
-    disp_vox, enc, refined = self._field(images, grid, factors, times)
+    masks = self._masks(pair, grid, t_mm) if self.refiner is not None else (None, None)
+    disp_vox, enc, refined = self._field(images, grid, factors, times, masks)
     t0 = time.perf_counter()
     arrays, labels = self._resample(pair, grid, disp_vox, t_mm)
-    report = self._report(paths, pair, grid, factors, enc, disp_vox, labels, aligned,
-                          refined, times)
+    landmarks = None if pair.fixed_points_mm is None else inputs.landmark_errors(
+        pair.fixed_points_mm, pair.moving_points_mm, arrays['disp_mm'],
+        pair.fixed_header.affine, t_mm)
+    report = self._report(paths, pair, grid, factors, enc, disp_vox, labels, landmarks,
+                          aligned, refined, times)
     faff = pair.fixed_header.affine
     l2r_field = world.l2r_disp_vox(arrays['disp_mm'], faff, pair.moving_header.affine) \
         if l2r_names else None
@@ -277,6 +226,10 @@ class Registrar:
     """Refuses unwritable or foreign outputs before any work; the Learn2Reg paths (or [])."""
     opts = self.options
     outputs.check_out_dir(out, opts.overwrite)
+    if (paths.fixed_mask or paths.moving_mask) and self.aligner is self.refiner is None:
+      raise RegisterError('--fixed-mask/--moving-mask restrict the similarity of the linear '
+                          'stage and of instance optimisation (the head sees whole images): '
+                          'add --linear affine and/or --io.')
     l2r_names = []
     if opts.l2r_dir:
       files.check_writable_dir(opts.l2r_dir, '--l2r-export')
@@ -317,7 +270,8 @@ class Registrar:
     if self.aligner is None:
       return None, None
     t0 = time.perf_counter()
-    t_mm, rec = self.aligner.align(images['moving'], images['fixed'], grid.affine)
+    t_mm, rec = self.aligner.align(images['moving'], images['fixed'], grid.affine,
+                                   *self._masks(pair, grid, None))
     header = dataclasses.replace(pair.moving_header,
                                  affine=np.linalg.inv(t_mm) @ pair.moving_header.affine)
     images['moving'] = self.reader.preprocess(pair.moving, header, grid.shape, grid.affine,
@@ -330,9 +284,17 @@ class Registrar:
              + ', '.join(f'{v:.3f}' for v in rec.scale))
     return t_mm, rec
 
-  def _field(self, images: dict[str, np.ndarray], grid, factors, times: dict[str, float]):
+  def _masks(self, pair: LoadedPair, grid, t_mm) -> tuple[Any, Any]:
+    """(fixed, moving) mask weights on the registration grid or None each; the moving one
+    through the linear map ``t_mm`` (None: as given), as the moving image."""
+    return (inputs.mask_on_grid(pair.fixed_mask, grid.shape, grid.affine, '--fixed-mask'),
+            inputs.mask_on_grid(pair.moving_mask, grid.shape, grid.affine, '--moving-mask',
+                                t_mm))
+
+  def _field(self, images: dict[str, np.ndarray], grid, factors, times: dict[str, float],
+             masks=(None, None)):
     """(disp_vox (H, W, D, 3) on the registration grid, encoder input, IO result or None):
-    encode -> head -> instance optimisation."""
+    encode -> head -> instance optimisation (its similarity over the masks)."""
     opts = self.options
     t0 = time.perf_counter()
     enc = encode_lib.encoding_for(grid.shape[:2], self.header, self.train_slice,
@@ -351,7 +313,7 @@ class Registrar:
     refined, times['refine_s'] = None, 0.0
     if self.refiner is not None:
       disp_vox, refined = self.refiner.refine(images['moving'], images['fixed'],
-                                              grid.spacing_mm, disp_vox)
+                                              grid.spacing_mm, disp_vox, *masks)
       times['compile_s'] += refined.compile_seconds
       times['refine_s'] = refined.seconds_total
       self.log('instance optimisation, loss per scale (coarse to fine): ' + ', '.join(
@@ -385,7 +347,7 @@ class Registrar:
     return arrays, labels
 
   def _report(self, paths: PairFiles, pair: LoadedPair, grid, factors, enc, disp_vox,
-              labels, aligned, refined, times: dict[str, float]) -> PairReport:
+              labels, landmarks, aligned, refined, times: dict[str, float]) -> PairReport:
     """The report of one pair (``files`` filled in when they are written)."""
     opts = self.options
     crop = 2 if min(grid.shape) > 4 else 0
@@ -402,7 +364,7 @@ class Registrar:
         warnings=list(grid.warnings),
         fixed_grid={'shape': list(pair.fixed_header.shape),
                     'affine': np.asarray(pair.fixed_header.affine).tolist()},
-        dice=labels,
+        dice=labels, landmarks=landmarks,
         jacobian={'grid': 'registration grid', 'border_crop_vox': crop,
                   **metrics_lib.field_regularity(disp_vox, crop)},
         linear=aligned and dataclasses.asdict(aligned),
@@ -414,10 +376,11 @@ class Registrar:
         times_s=times)
 
 def register(fixed: str, moving: str, checkpoint: str | None, out: str, *,
-             fixed_labels: str | None = None, moving_labels: str | None = None,
              options: RegisterOptions = RegisterOptions(),
-             log: Callable[[str], None] = lambda s: None) -> PairReport:
-  """Registers ``moving`` onto ``fixed`` into ``out`` (one pair; see ``Registrar``)."""
+             log: Callable[[str], None] = lambda s: None, **optional: str | None
+             ) -> PairReport:
+  """Registers ``moving`` onto ``fixed`` into ``out`` (one pair; see ``Registrar``);
+  ``optional``: the other ``PairFiles`` fields (labels, masks, landmarks)."""
   return Registrar(checkpoint, options, log).register(
-      PairFiles(fixed, moving, fixed_labels, moving_labels), out)
+      PairFiles(fixed, moving, **optional), out)
 
