@@ -3,8 +3,9 @@ imports nothing from this project), one process for a whole set of pairs.
 
   .venv-ants/bin/python bench/ants_worker.py JOBS.json [--seed N]
 
-JOBS.json: a list of {"name", "fixed", "moving", "moving_labels", "out"} (NIfTI paths and an
-output folder). Per job, with antspyx defaults:
+JOBS.json: a list of {"name", "fixed", "moving", "moving_labels", "out",
+"fixed_points_lps"} (NIfTI paths, an output folder and fixed landmarks, LPS mm). Per job,
+with antspyx defaults:
 
   reg = ants.registration(fixed, moving, type_of_transform='SyN')
   ants.apply_transforms(fixed, moving_labels, reg['fwdtransforms'], interpolator='genericLabel')
@@ -15,7 +16,9 @@ the fixed grid, LPS mm, (X, Y, Z, 1, 3); ``ants_1Affine.mat``/``ants_0GenericAff
 the affine stage; ``ants_0InverseWarp.nii.gz``).
 
 Prints one JSON line per job on stdout: {"name", "seconds", "registration_s", "warp",
-"warped_labels"} or {"name", "error"}. ``seconds`` is wall time from reading the inputs to
+"warped_labels", "mapped_points_lps"} or {"name", "error"}. The landmarks are mapped fixed ->
+moving by ``ants.apply_transforms_to_points(3, points, fwdtransforms)`` (ITK maps the
+output's points into the input's space: the fixed-to-moving direction, as the images). ``seconds`` is wall time from reading the inputs to
 the warped labels written; interpreter start-up and the antspyx import are not counted.
 If antspyx cannot be imported it prints {"fatal": "..."} and exits 3.
 """
@@ -57,10 +60,15 @@ def register_one(ants, nib, np, job: dict) -> dict:
   img.set_sform(fixed_affine, code=1)
   nib.save(img, out_labels)
   seconds = time.perf_counter() - t0
+  import pandas as pd                      # antspyx's own dependency
+  pts = np.asarray(job.get('fixed_points_lps') or np.zeros((0, 3)), float)
+  mapped = ants.apply_transforms_to_points(
+      3, pd.DataFrame(pts, columns=['x', 'y', 'z']), reg['fwdtransforms'])
   warp = [p for p in reg['fwdtransforms'] if p.endswith('.nii.gz')]
   return {'name': job['name'], 'seconds': seconds, 'registration_s': registration_s,
           'warp': warp[0] if warp else None, 'warped_labels': out_labels,
-          'fwdtransforms': list(reg['fwdtransforms'])}
+          'fwdtransforms': list(reg['fwdtransforms']),
+          'mapped_points_lps': mapped[['x', 'y', 'z']].to_numpy().tolist()}
 
 
 def main(argv=None) -> int:

@@ -16,17 +16,24 @@ and squaring, i.e. diffeomorphic, peak 5-8 mm), so the labels are exact ground t
             along z: ``torso_profile``), 80x96x80 at 2 mm.
   inverted  as abdomen, but the moving image's intensities inverted (max - x): NCC cannot
             match the pair; its instance optimisation uses MIND-SSC.
+  <set>_misaligned  the same pairs with the moving scan's header moved by a random rotation
+            (<= 15 degrees per axis), translation (<= 15 mm) and scale (+-10 %), seeded:
+            scans as they arrive from two visits (``phantom_pairs.misalignment``).
+Every pair has 20 landmarks with known correspondences (inside the labelled structures):
+each method's target registration error (TRE, mm) maps the fixed landmarks through its map.
 Each pair is written as NIfTI (image + labels, proper affines) under OUT/data/<set>/ and
 every method registers from those files (the real CLI path).
 
 Methods:
   identity      the moving labels as they are.
-  ANTs SyN      ants.registration(fixed, moving, type_of_transform='SyN') (antspyx defaults),
-                labels warped with 'genericLabel'; bench/ants_worker.py inside .venv-ants,
+  ANTs SyN      ants.registration(fixed, moving, type_of_transform='SyN') (antspyx defaults:
+                its rigid + affine stages, then SyN), labels warped with 'genericLabel',
+                landmarks with apply_transforms_to_points; bench/ants_worker.py in .venv-ants,
                 ONE subprocess per set, each pair timed inside it (bench/setup_ants.sh).
   fmir head     register.Registrar, grid native (the fixed grid), pyramid factors (2,2,1)
                 cardiac / (2,2,2) abdomen-like; one Registrar per option set, so the head
-                compiles once per grid shape.
+                compiles once per grid shape; ``--linear`` (default: fmir register's)
+                sets the linear stage of every fmir method.
   fmir head+IO  the same plus instance optimisation: refine.RefineOptions defaults
                 (similarity 'mind' for the inverted set).
   fmir --fast   `fmir register --fast`: the head down to pyramid level 1 only, then a
@@ -71,6 +78,7 @@ from fmir_jax.core import files  # noqa: E402
 from fmir_jax.core import nifti  # noqa: E402
 from fmir_jax.core import metrics as metrics_lib  # noqa: E402
 from fmir_jax.core import world  # noqa: E402
+from fmir_jax.register import apply as apply_lib  # noqa: E402
 
 ANTS_PYTHON = os.path.join(ROOT, '.venv-ants', 'bin', 'python')
 ANTS_WORKER = os.path.join(ROOT, 'bench', 'ants_worker.py')
@@ -94,6 +102,8 @@ class Reference:
   classes: list[int]
   affine: np.ndarray
   spacing_mm: tuple[float, float, float]
+  fixed_points_mm: np.ndarray     # (N, 3) RAS landmarks and their moving partners
+  moving_points_mm: np.ndarray
 
 
 def load_reference(pair: Pair) -> Reference:
@@ -102,19 +112,28 @@ def load_reference(pair: Pair) -> Reference:
   moving, m_aff, _ = nifti.load_nifti(pair.moving_labels, what='label')
   initial = world.warp_to_fixed(moving, m_aff, fixed.shape, f_aff, None, order=0)
   classes = sorted((set(np.unique(fixed).tolist()) & set(np.unique(moving).tolist())) - {0})
-  return Reference(fixed, initial, classes, f_aff, f_hdr.spacing_mm)
+  points = [np.loadtxt(p, delimiter=',', skiprows=1, ndmin=2)
+            for p in (pair.fixed_landmarks, pair.moving_landmarks)]
+  return Reference(fixed, initial, classes, f_aff, f_hdr.spacing_mm, *points)
 
 
-def score(ref: Reference, warped_labels: np.ndarray, disp_vox: np.ndarray) -> dict[str, Any]:
+def tre_mm(ref: Reference, mapped_mm: np.ndarray) -> float:
+  """Mean target registration error (mm) of the fixed landmarks mapped to ``mapped_mm``."""
+  return float(np.linalg.norm(mapped_mm - ref.moving_points_mm, axis=-1).mean())
+
+
+def score(ref: Reference, warped_labels: np.ndarray, disp_vox: np.ndarray,
+          mapped_mm: np.ndarray) -> dict[str, Any]:
   """Metrics of one result. warped_labels: (H, W, D) on the fixed grid; disp_vox:
-  (H, W, D, 3) displacement in fixed-grid voxels (component k along axis k)."""
+  (H, W, D, 3) displacement in fixed-grid voxels (component k along axis k); mapped_mm:
+  the fixed landmarks mapped to the moving world (N, 3) RAS mm."""
   dice = metrics_lib.dice_per_class(warped_labels, ref.fixed_labels, ref.classes)
   hd = metrics_lib.hd95_per_class(warped_labels, ref.fixed_labels, ref.classes,
                                   ref.spacing_mm)
   return {'dice': metrics_lib.mean_dice(dice),
           'hd95_mm': float(np.nanmean(list(hd.values()))),
           'folding_fraction': metrics_lib.folding_fraction(disp_vox),
-          'sdlogj': metrics_lib.sdlogj(disp_vox),
+          'sdlogj': metrics_lib.sdlogj(disp_vox), 'tre_mm': tre_mm(ref, mapped_mm),
           'dice_per_class': {str(c): v for c, v in dice.items()}}
 
 
@@ -142,7 +161,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
   """Mean, std (ddof 1) and median over pairs of each metric (None/NaN skipped), and the
   first pair's compile seconds."""
   out: dict[str, Any] = {'n': len(rows)}
-  for key in ('dice', 'hd95_mm', 'folding_fraction', 'sdlogj', 'seconds'):
+  for key in ('dice', 'hd95_mm', 'folding_fraction', 'sdlogj', 'tre_mm', 'seconds'):
     vals = np.asarray([r[key] for r in rows if r.get(key) is not None], float)
     vals = vals[np.isfinite(vals)]
     out[key] = {'mean': float(vals.mean()) if vals.size else math.nan,
@@ -161,7 +180,8 @@ def run_identity(spec: SetSpec, pairs: list[Pair], refs: list[Reference],
   rows = []
   for i, (pair, ref) in enumerate(zip(pairs, refs), start=1):
     row = {'pair': pair.name, 'seconds': None,
-           **score(ref, ref.initial, np.zeros(ref.initial.shape + (3,), np.float32))}
+           **score(ref, ref.initial, np.zeros(ref.initial.shape + (3,), np.float32),
+                   ref.fixed_points_mm)}
     rows.append(row)
     progress(_pair_line(spec.name, 'identity', i, len(pairs), row))
   return rows
@@ -171,7 +191,8 @@ def _pair_line(set_name: str, method: str, i: int, n: int, row: dict[str, Any]) 
   sec = '' if row.get('seconds') is None else f', {row["seconds"]:.2f} s'
   comp = f' (+ compile {row["compile_s"]:.1f} s)' if row.get('compile_s') else ''
   return (f'[{set_name}] {METHOD_NAMES[method]:<15} pair {i}/{n}: Dice '
-          f'{100 * row["dice"]:.1f}%, HD95 {row["hd95_mm"]:.1f} mm, folding '
+          f'{100 * row["dice"]:.1f}%, HD95 {row["hd95_mm"]:.1f} mm, TRE '
+          f'{row["tre_mm"]:.2f} mm, folding '
           f'{100 * row["folding_fraction"]:.3f}%{sec}{comp}')
 
 
@@ -190,14 +211,18 @@ def run_fmir(method: str, registrar, spec: SetSpec, pairs: list[Pair],
     t0 = time.perf_counter()
     # Fixed labels left out: register would score Dice/HD95 itself (timed); we score below.
     report = registrar.register(register_lib.PairFiles(
-        pair.fixed, pair.moving, None, pair.moving_labels), out)
+        pair.fixed, pair.moving, None, pair.moving_labels,
+        fixed_landmarks=pair.fixed_landmarks, moving_landmarks=pair.moving_landmarks), out)
     wall = time.perf_counter() - t0
     compile_s = float(report.times_s['compile_s'])       # head + refinement programs
     warped, _, _ = nifti.load_nifti(os.path.join(out, 'warped_moving_labels.nii.gz'),
                                  what='label')
-    disp_vox = read_field(os.path.join(out, 'disp_mm.nii.gz'), ref.affine, lps=False)
+    disp_mm = nib.load(os.path.join(out, 'disp_mm.nii.gz'))
+    disp_mm = np.asarray(disp_mm.dataobj, np.float64)[:, :, :, 0, :]
+    disp_vox = ras_mm_to_vox(disp_mm, ref.affine)
+    mapped = apply_lib.map_ras(disp_mm, ref.affine, ref.fixed_points_mm)
     row = {'pair': pair.name, 'seconds': wall - compile_s, 'compile_s': compile_s,
-           **score(ref, warped, disp_vox), 'times_s': report.times_s,
+           **score(ref, warped, disp_vox, mapped), 'times_s': report.times_s,
            'jacobian_registration_grid': report.jacobian,
            'registration_grid': report.grid.shape}
     rows.append(row)
@@ -212,8 +237,9 @@ def run_ants(python: str, spec: SetSpec, pairs: list[Pair], refs: list[Reference
   results are scored after the worker exits, so scoring never competes with ANTs for CPU."""
   os.makedirs(out_root, exist_ok=True)
   jobs = [{'name': p.name, 'fixed': p.fixed, 'moving': p.moving,
-           'moving_labels': p.moving_labels, 'out': os.path.join(out_root, p.name)}
-          for p in pairs]
+           'moving_labels': p.moving_labels, 'out': os.path.join(out_root, p.name),
+           'fixed_points_lps': (ref.fixed_points_mm * [-1.0, -1.0, 1.0]).tolist()}
+          for p, ref in zip(pairs, refs)]
   jobs_path = os.path.join(out_root, 'jobs.json')
   with open(jobs_path, 'w') as f:
     json.dump(jobs, f, indent=1)
@@ -244,9 +270,10 @@ def run_ants(python: str, spec: SetSpec, pairs: list[Pair], refs: list[Reference
     rec = records[pair.name]
     warped, _, _ = nifti.load_nifti(rec['warped_labels'], what='label')
     disp_vox = read_field(rec['warp'], ref.affine, lps=True)
+    mapped = np.asarray(rec['mapped_points_lps'], np.float64) * [-1.0, -1.0, 1.0]
     rows.append({'pair': pair.name, 'seconds': rec['seconds'],
                  'registration_s': rec['registration_s'], 'compile_s': None,
-                 **score(ref, warped, disp_vox)})
+                 **score(ref, warped, disp_vox, mapped)})
   return rows
 
 
@@ -281,10 +308,11 @@ def table(spec: SetSpec, set_result: dict[str, Any]) -> str:
   lines = [f'### {spec.name}: {n} pairs, {"x".join(map(str, spec.shape))} voxels at '
            f'{"x".join(f"{s:g}" for s in spec.spacing_mm)} mm, peak deformation '
            f'{min(peaks):.1f}-{max(peaks):.1f} mm'
-           + (', moving intensities inverted' if spec.invert else ''), '',
-           '| method | Dice % | HD95 mm | folding % | SDlogJ | s/pair | compile s '
+           + (', moving intensities inverted' if spec.invert else '')
+           + (', moving scan misaligned' if spec.misalign else ''), '',
+           '| method | Dice % | HD95 mm | TRE mm | folding % | SDlogJ | s/pair | compile s '
            '| ΔDice vs SyN (points) | time vs SyN |',
-           '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+           '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
   for method, res in methods.items():
     s = res['summary']
     sec = s['seconds']['median']
@@ -296,7 +324,7 @@ def table(spec: SetSpec, set_result: dict[str, Any]) -> str:
         t_ratio = f'{sec / syn["seconds"]["median"]:.2f}x'
     lines.append(
         f'| {METHOD_NAMES[method]} | {_pm(s["dice"], 100, 1)} | {_pm(s["hd95_mm"], 1, 2)} '
-        f'| {_pm(s["folding_fraction"], 100, 3)} | {_pm(s["sdlogj"], 1, 3)} '
+        f'| {_pm(s["tre_mm"], 1, 2)} | {_pm(s["folding_fraction"], 100, 3)} | {_pm(s["sdlogj"], 1, 3)} '
         f'| {"–" if not np.isfinite(sec) else f"{sec:.2f}"} '
         f'| {"–" if comp is None else f"{comp:.1f}"} | {d_dice} | {t_ratio} |')
   if set_result.get('io_curve'):
@@ -334,8 +362,10 @@ class Registrars:
   """One ``Registrar`` per option set (pyramid factors, refinement), shared by the sets
   that need the same options, so the head compiles once per grid shape."""
 
-  def __init__(self, checkpoint: str, smoke: bool, progress: Callable[[str], None]):
+  def __init__(self, checkpoint: str, smoke: bool, progress: Callable[[str], None],
+               linear: str | None = None):
     self.checkpoint, self.smoke, self.progress = checkpoint, smoke, progress
+    self.linear = linear
     self.cache: dict[Any, Any] = {}
     self.seen: set[str] = set()
 
@@ -349,9 +379,10 @@ class Registrars:
     if refine:
       io_opts = refine_lib.RefineOptions(similarity=spec.similarity).with_budget(
           budget / 20 if self.smoke else budget)           # smoke: ~1/20 of the steps
+    linear = {} if self.linear is None else {'linear': self.linear}
     return register_lib.RegisterOptions(grid='native', pyramid_factors=spec.factors,
                                         refine=io_opts, io_init=init, overwrite=True,
-                                        head_finest_level=finest)
+                                        head_finest_level=finest, **linear)
 
   def _log(self, line: str) -> None:
     if 'warning' in line and line not in self.seen:       # each warning once
@@ -377,7 +408,10 @@ def parse_args(argv):
   p.add_argument('--pairs', type=int, help='pairs per set (default 6; --smoke 2)')
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--smoke', action='store_true', help='tiny sizes, few refine steps')
-  p.add_argument('--sets', default='cardiac,abdomen,inverted')
+  p.add_argument('--sets', default=','.join(s.name for s in set_specs(False, True)),
+                 help='default: the three sets and their misaligned variants')
+  p.add_argument('--linear', choices=('affine', 'rigid', 'none'), default=None,
+                 help="the fmir methods' linear stage (default: fmir register's default)")
   p.add_argument('--methods', default=','.join(DEFAULT_METHODS),
                  help=f'subset of {METHODS} (default: all but the last)')
   p.add_argument('--io-curve', default='',
@@ -476,7 +510,7 @@ def main(argv=None) -> int:
   # Before torch loads: with OpenMP's default (active) waiting, the encoder's threads on
   # shared, busy cores ran up to 15x slower than with passive waiting.
   os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
-  specs = [s for s in set_specs(args.smoke) if s.name in args.sets]
+  specs = [s for s in set_specs(args.smoke, misaligned=True) if s.name in args.sets]
   os.makedirs(args.out, exist_ok=True)
   args.ants = None
   if 'ants_syn' in args.methods:
@@ -486,11 +520,12 @@ def main(argv=None) -> int:
   registrars = None
   if any(m.startswith('fmir') for m in args.methods):
     checkpoint = args.checkpoint or demo_checkpoint(args.smoke, progress)
-    registrars = Registrars(checkpoint, args.smoke, progress)
+    registrars = Registrars(checkpoint, args.smoke, progress, args.linear)
   results: dict[str, Any] = {
       'settings': {'checkpoint': registrars and registrars.checkpoint, 'seed': args.seed,
                    'smoke': args.smoke, 'pairs_per_set': args.pairs,
                    'methods': args.methods, 'ants_python': args.ants,
+                   'linear': args.linear,
                    'cpu_count': os.cpu_count(), 'platform': platform.platform(),
                    'env': {k: os.environ.get(k) for k in ('OMP_WAIT_POLICY', 'XLA_FLAGS')},
                    'load_average_start': list(os.getloadavg())},

@@ -4,7 +4,11 @@ Fixed = a phantom (ACDC-like cardiac or CT-like abdomen, ``phantoms``); moving =
 phantom warped by a random smooth diffeomorphism (a Gaussian-smoothed random velocity field
 integrated by scaling and squaring), so the labels are exact ground truth. Three sets
 (``set_specs``): cardiac (112x112x12 at 1.6x1.6x8 mm, deformation mostly in-plane), abdomen
-(80x96x80 at 2 mm) and inverted (abdomen with the moving contrast inverted).
+(80x96x80 at 2 mm) and inverted (abdomen with the moving contrast inverted); with
+``misaligned=True`` also each set's misaligned variant: the same pairs with the moving scan
+placed elsewhere in world space by a random rotation (<= 15 degrees about each axis),
+translation (<= 15 mm) and per-axis scale (+-10 %) of its header, as scans of two visits
+arrive. Every pair has landmarks with known correspondences (CSV, RAS mm).
 
 Used by ``bench/register_bench.py`` (the benchmark, seed 0) and by the general head's
 out-of-domain validation (``fmir_jax.general``, another seed). ``random_deformation`` and
@@ -48,20 +52,45 @@ class SetSpec:
   max_disp_mm: tuple[float, float] = (5.0, 8.0)
   smooth_mm: float = 16.0
   through_plane: float = 1.0
+  misalign: bool = False
 
 
-def set_specs(smoke: bool) -> list[SetSpec]:
-  """The three sets at benchmark (or --smoke) size."""
+MISALIGN = dict(rotation_deg=15.0, translation_mm=15.0, scale=0.10)   # the issue's ranges
+LANDMARKS = 20                # landmarks per pair, drawn inside the labelled structures
+
+
+def set_specs(smoke: bool, misaligned: bool = False) -> list[SetSpec]:
+  """The three sets at benchmark (or --smoke) size, then (``misaligned``) their misaligned
+  variants ('<set>_misaligned': the same pairs, the moving header moved)."""
   if smoke:
     cardiac = dict(shape=(32, 32, 8), spacing_mm=(4.0, 4.0, 10.0))
     abdomen = dict(shape=(32, 32, 16), spacing_mm=(2.0, 2.0, 2.0), smooth_mm=10.0)
   else:
     cardiac = dict(shape=(112, 112, 12), spacing_mm=(1.6, 1.6, 8.0))
     abdomen = dict(shape=(80, 96, 80), spacing_mm=(2.0, 2.0, 2.0))
-  return [SetSpec('cardiac', 'cardiac', factors=(2, 2, 1), through_plane=0.3, **cardiac),
-          SetSpec('abdomen', 'abdomen', factors=(2, 2, 2), **abdomen),
-          SetSpec('inverted', 'abdomen', factors=(2, 2, 2), invert=True, similarity='mind',
-                  **abdomen)]
+  sets = [SetSpec('cardiac', 'cardiac', factors=(2, 2, 1), through_plane=0.3, **cardiac),
+            SetSpec('abdomen', 'abdomen', factors=(2, 2, 2), **abdomen),
+            SetSpec('inverted', 'abdomen', factors=(2, 2, 2), invert=True, similarity='mind',
+                    **abdomen)]
+  if misaligned:
+    sets += [dataclasses.replace(s, name=s.name + '_misaligned', misalign=True) for s in sets]
+  return sets
+
+
+def misalignment(shape, affine: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """A random 4x4 world map about the grid's centre: rotation, translation, scale in
+  ``MISALIGN``'s ranges (uniform)."""
+  r = np.radians(rng.uniform(-1, 1, 3) * MISALIGN['rotation_deg'])
+  c, s = np.cos(r), np.sin(r)
+  rx = np.array([[1, 0, 0], [0, c[0], -s[0]], [0, s[0], c[0]]])
+  ry = np.array([[c[1], 0, s[1]], [0, 1, 0], [-s[1], 0, c[1]]])
+  rz = np.array([[c[2], -s[2], 0], [s[2], c[2], 0], [0, 0, 1]])
+  m = rz @ ry @ rx @ np.diag(1 + rng.uniform(-1, 1, 3) * MISALIGN['scale'])
+  centre = affine[:3, :3] @ ((np.asarray(shape) - 1) / 2) + affine[:3, 3]
+  out = np.eye(4)
+  out[:3, :3] = m
+  out[:3, 3] = centre + rng.uniform(-1, 1, 3) * MISALIGN['translation_mm'] - m @ centre
+  return out
 
 
 def cardiac_phantom(pid: int, seed: int, shape, spacing_mm
@@ -182,18 +211,24 @@ class Pair:
   moving: str
   fixed_labels: str
   moving_labels: str
+  fixed_landmarks: str
+  moving_landmarks: str
   peak_mm: float
   peak_mm_volume: float
   gt_folding: float
 
 
 def write_pair(spec: SetSpec, index: int, seed: int, folder: str) -> Pair:
-  """Draws and writes pair ``index`` of a set: fixed = phantom, moving = phantom(x + u(x)).
+  """Draws and writes pair ``index`` of a set: fixed = phantom, moving = phantom(x + u(x)),
+  its header moved by ``misalignment`` for a misaligned set (moving voxel x then lies at
+  world M A x). Landmarks: moving voxels x inside the moving labels at M A x, and their
+  partners at A (x + u(x)) (RAS mm; row i matches row i).
 
   Volume ids: cardiac patient / abdomen scan ``index + 1`` (the inverted set uses scans
-  101+, other subjects than the abdomen set). Deformation rng: [seed, set, index].
+  101+, other subjects than the abdomen set). Deformation rng: [seed, set, index] (a
+  misaligned set has its set's deformations); misalignment rng: [seed, set, index, 1].
   """
-  set_id = {'cardiac': 0, 'abdomen': 1, 'inverted': 2}[spec.name]
+  set_id = {'cardiac': 0, 'abdomen': 1, 'inverted': 2}[spec.name.replace('_misaligned', '')]
   if spec.phantom == 'cardiac':
     img, lab, affine = cardiac_phantom(index + 1, seed, spec.shape, spec.spacing_mm)
   else:
@@ -208,10 +243,27 @@ def write_pair(spec: SetSpec, index: int, seed: int, folder: str) -> Pair:
   name = f'pair{index + 1:02d}'
   paths = {k: os.path.join(folder, f'{name}_{k}.nii.gz')
            for k in ('fixed', 'moving', 'fixed_labels', 'moving_labels')}
+  paths.update({k: os.path.join(folder, f'{name}_{k}.csv')
+                for k in ('fixed_landmarks', 'moving_landmarks')})
+  moved = np.eye(4)
+  if spec.misalign:
+    moved = misalignment(spec.shape, affine, np.random.default_rng([seed, set_id, index, 1]))
   nifti.save_nifti(paths['fixed'], img, affine)
-  nifti.save_nifti(paths['moving'], moving.astype(np.float32), affine)
+  nifti.save_nifti(paths['moving'], moving.astype(np.float32), moved @ affine)
   nifti.save_nifti(paths['fixed_labels'], lab, affine, intent='label')
-  nifti.save_nifti(paths['moving_labels'], sample(lab, u, 0), affine, intent='label')
+  moving_lab = sample(lab, u, 0)
+  nifti.save_nifti(paths['moving_labels'], moving_lab, moved @ affine, intent='label')
+  # moving(x) = fixed(x + u(x)): moving voxel x and fixed voxel x + u(x) are one point
+  inside = np.argwhere(moving_lab > 0)
+  picks = inside[np.random.default_rng([seed, set_id, index, 2]).choice(
+      len(inside), min(LANDMARKS, len(inside)), replace=False)].astype(np.float64)
+  partners = picks + np.stack([ndimage.map_coordinates(u[..., k], picks.T, order=1)
+                               for k in range(3)], -1)
+  to_world = lambda a, v: v @ a[:3, :3].T + a[:3, 3]  # noqa: E731
+  for key, pts in (('fixed_landmarks', to_world(affine, partners)),
+                   ('moving_landmarks', to_world(moved @ affine, picks))):
+    with open(paths[key], 'w') as f:
+      f.write('x_ras,y_ras,z_ras\n' + ''.join(f'{x:.4f},{y:.4f},{z:.4f}\n' for x, y, z in pts))
   norm_mm = np.linalg.norm(u * np.asarray(spec.spacing_mm, np.float32), axis=-1)
   return Pair(name, **paths, peak_mm=float(norm_mm[lab > 0].max()),
               peak_mm_volume=float(norm_mm.max()),

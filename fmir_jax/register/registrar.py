@@ -35,6 +35,7 @@ from fmir_jax.ops import pyramid
 from fmir_jax.train import head_card
 from fmir_jax.core import metrics as metrics_lib
 from fmir_jax.core import pair_metrics
+from fmir_jax.core import resample
 from fmir_jax.register import encode as encode_lib
 from fmir_jax.register import inputs
 from fmir_jax.register import grid as register_grid
@@ -270,8 +271,14 @@ class Registrar:
     if self.aligner is None:
       return None, None
     t0 = time.perf_counter()
-    t_mm, rec = self.aligner.align(images['moving'], images['fixed'], grid.affine,
-                                   *self._masks(pair, grid, None))
+    # Each image's field of view weights the similarity too: where the moving scan has no
+    # data (0 after resampling) is no evidence, least of all for an inverted contrast.
+    masks = []
+    for hdr, mask in zip((pair.fixed_header, pair.moving_header), self._masks(pair, grid, None)):
+      fov = resample.resample_to_grid(np.ones(hdr.shape, np.float32), hdr.affine, grid.affine,
+                                      grid.shape, order=1, cval=0.0)
+      masks.append(fov if mask is None else fov * mask)
+    t_mm, rec = self.aligner.align(images['moving'], images['fixed'], grid.affine, *masks)
     header = dataclasses.replace(pair.moving_header,
                                  affine=np.linalg.inv(t_mm) @ pair.moving_header.affine)
     images['moving'] = self.reader.preprocess(pair.moving, header, grid.shape, grid.affine,
