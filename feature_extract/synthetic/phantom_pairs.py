@@ -24,6 +24,7 @@ from typing import Callable
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial.transform import Rotation
 
 from feature_extract.synthetic import phantoms
 from fmir_jax.core import nifti
@@ -69,9 +70,9 @@ def set_specs(smoke: bool, misaligned: bool = False) -> list[SetSpec]:
     cardiac = dict(shape=(112, 112, 12), spacing_mm=(1.6, 1.6, 8.0))
     abdomen = dict(shape=(80, 96, 80), spacing_mm=(2.0, 2.0, 2.0))
   sets = [SetSpec('cardiac', 'cardiac', factors=(2, 2, 1), through_plane=0.3, **cardiac),
-            SetSpec('abdomen', 'abdomen', factors=(2, 2, 2), **abdomen),
-            SetSpec('inverted', 'abdomen', factors=(2, 2, 2), invert=True, similarity='mind',
-                    **abdomen)]
+          SetSpec('abdomen', 'abdomen', factors=(2, 2, 2), **abdomen),
+          SetSpec('inverted', 'abdomen', factors=(2, 2, 2), invert=True, similarity='mind',
+                  **abdomen)]
   if misaligned:
     sets += [dataclasses.replace(s, name=s.name + '_misaligned', misalign=True) for s in sets]
   return sets
@@ -80,12 +81,9 @@ def set_specs(smoke: bool, misaligned: bool = False) -> list[SetSpec]:
 def misalignment(shape, affine: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   """A random 4x4 world map about the grid's centre: rotation, translation, scale in
   ``MISALIGN``'s ranges (uniform)."""
-  r = np.radians(rng.uniform(-1, 1, 3) * MISALIGN['rotation_deg'])
-  c, s = np.cos(r), np.sin(r)
-  rx = np.array([[1, 0, 0], [0, c[0], -s[0]], [0, s[0], c[0]]])
-  ry = np.array([[c[1], 0, s[1]], [0, 1, 0], [-s[1], 0, c[1]]])
-  rz = np.array([[c[2], -s[2], 0], [s[2], c[2], 0], [0, 0, 1]])
-  m = rz @ ry @ rx @ np.diag(1 + rng.uniform(-1, 1, 3) * MISALIGN['scale'])
+  angles = rng.uniform(-1, 1, 3) * MISALIGN['rotation_deg']
+  m = Rotation.from_euler('xyz', angles, degrees=True).as_matrix() @ np.diag(
+      1 + rng.uniform(-1, 1, 3) * MISALIGN['scale'])
   centre = affine[:3, :3] @ ((np.asarray(shape) - 1) / 2) + affine[:3, 3]
   out = np.eye(4)
   out[:3, :3] = m

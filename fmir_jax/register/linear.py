@@ -9,7 +9,8 @@ correlation of the whole images. Start: t from the centres of mass (with
 ``principal_axes``, the better of no rotation and the principal-axes rotations, each with
 the four sign choices that keep it proper). Then Adam over an image pyramid, coarse to fine;
 "affine" runs the coarsest scale's first half rigid. Optional masks weight the similarity
-(a fixed point counts by its fixed mask and the moving mask where the map takes it). A ``LinearAligner`` compiles a grid
+(a fixed point counts by its fixed mask and the moving mask where the map takes it). A
+``LinearAligner`` compiles a grid
 shape's programs once and reuses them for every pair of that shape (the grid's affine and
 the images are arguments).
 
@@ -53,9 +54,9 @@ class LinearOptions:
   principal_axes: also try the principal-axes rotations as starting points (large
     rotations; off by default: on rounded anatomy they can start in a wrong minimum).
   blur_sigma: Gaussian sigma (voxels) along an axis before halving it.
-  shape_weight: weight of the squared log-scales and shears added to the loss: the
-    correlation alone can be raised by collapsing an axis (thick slices, an inverted
-    contrast); 0.1 costs a true 10 % scale 0.001 against a loss in [-1, 0].
+  shape_weight: weight of the squared spread of the three log-scales (about their mean: a
+    common scale is free) and of the squared shears, added to the loss: the correlation
+    alone can be raised by collapsing one axis (thick slices, an inverted contrast).
   """
   kind: str = 'affine'
   steps: tuple[int, ...] = (300, 200, 100)
@@ -206,9 +207,9 @@ def _run_scale(opts, use_mmask, n_rigid, steps, lr, mov, fix, fmask, mmask, vox_
 
   def objective(q):
     p = q * units
+    shape = jnp.sum(jnp.square(p[6:9] - jnp.mean(p[6:9]))) + jnp.sum(jnp.square(p[9:]))
     return _loss(opts, mov, fix, matrix_mm(p, centre, rot0), vox_to_mm, idx, fmask, mmask,
-                 use_mmask) + opts.shape_weight * (jnp.sum(jnp.square(p[6:9] - jnp.mean(p[6:9])))
-                                              + jnp.sum(jnp.square(p[9:])))
+                 use_mmask) + opts.shape_weight * shape
 
   def step(i, carry):
     q, state, first, _ = carry
@@ -299,8 +300,7 @@ class LinearAligner:
       raise ValueError(f'moving {moving.shape} and fixed {fixed.shape} must be one (H, W, D).')
     affine = np.asarray(grid_affine, np.float64)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    masks = [np.ones_like(moving) if m is None else _check_mask(m, moving.shape, what)
-             for m, what in ((fixed_mask, 'fixed_mask'), (moving_mask, 'moving_mask'))]
+    masks = refine.check_masks(moving.shape, fixed_mask, moving_mask)
     t0 = time.perf_counter()
     (shapes, *_), programs = self._compiled(moving.shape, tuple(spacing),
                                             moving_mask is not None)
@@ -344,15 +344,6 @@ class LinearAligner:
         loss_after=tuple(after), seconds_total=time.perf_counter() - t0,
         compile_seconds=compile_s)
     return t_mm, record
-
-
-def _check_mask(mask: np.ndarray, shape, what: str) -> np.ndarray:
-  mask = np.asarray(mask, np.float32)
-  if mask.shape != tuple(shape):
-    raise ValueError(f'{what} {mask.shape} must be on the images\' grid {tuple(shape)}.')
-  if not mask.max() > 0:
-    raise ValueError(f'{what} is empty (no voxel > 0 on the grid).')
-  return mask
 
 
 def _shear(h: np.ndarray) -> np.ndarray:

@@ -240,20 +240,19 @@ def _displacement(opts: RefineOptions, param: jax.Array, init: jax.Array) -> jax
   return init + param
 
 
-def _objective(opts, scale, masks, mov, fix, init, param):
+def _objective(opts, scale, weights, mov, fix, init, param):
   """Similarity of the warped moving features to the fixed ones + smooth x diffusion of the
-  correction. mov, fix: (C, H, W, D) image or MIND; init, param: (3, H, W, D). ``masks``:
-  None, or (use_moving_mask, fixed mask (1, H, W, D), moving mask (1, H, W, D)): the
+  correction. mov, fix: (C, H, W, D) image or MIND; init, param: (3, H, W, D).
+  ``weights``: None, or (fixed mask (1, H, W, D), moving mask (1, H, W, D) or None): the
   similarity is then the mean over voxels weighted by the fixed mask times the moving mask
   sampled where the field takes each voxel (a weight without gradient, as ANTs' masks)."""
   disp = _displacement(opts, param, init)
-  w = None
-  if masks is not None and masks[0]:
-    both = sampling.sample_cf(jnp.concatenate([mov, masks[2]]), disp)
-    warped, w = both[:-1], masks[1][0] * lax.stop_gradient(both[-1])
+  if weights is not None and weights[1] is not None:
+    both = sampling.sample_cf(jnp.concatenate([mov, weights[1]]), disp)
+    warped, w = both[:-1], weights[0][0] * lax.stop_gradient(both[-1])
   else:
     warped = sampling.sample_cf(mov, disp)
-    w = None if masks is None else masks[1][0]
+    w = None if weights is None else weights[0][0]
   if opts.similarity == 'ncc' and w is not None:      # window statistics over the mask
     per_voxel = -losses.masked_ncc_map(warped[..., None], fix[..., None],
                                        jnp.broadcast_to(w, warped.shape)[..., None],
@@ -298,12 +297,12 @@ def _run_scale(opts, scale, use_masks, mov, fix, init, fmask, mmask, coarser=Non
             else sampling.resize_field_cf(coarser, scale.shape, scale.up_ratio))
   lr = optax.linear_schedule(scale.lr_vox, scale.lr_vox * opts.lr_end, max(scale.steps, 1))
   tx = optax.adam(lr)
-  masks = None if not use_masks else (use_masks == 'both', fmask, mmask)
+  weights = None if not use_masks else (fmask, mmask if use_masks == 'both' else None)
 
   def step(i, carry):
     p, state, first, _ = carry
     value, grad = jax.value_and_grad(
-        lambda q: _objective(opts, scale, masks, mov, fix, init, q))(p)
+        lambda q: _objective(opts, scale, weights, mov, fix, init, q))(p)
     updates, state = tx.update(grad, state, p)
     return optax.apply_updates(p, updates), state, jnp.where(i == 0, value, first), value
 
@@ -334,6 +333,17 @@ def _prepare(opts, shapes, factors, moving, fixed, init, fixed_mask, moving_mask
     masks.append(downsample(masks[-1], shape, factor, opts.blur_sigma))
   return ([p[:half] for p in pyramid], [p[half:] for p in pyramid], inits,
           [m[:1] for m in masks], [m[1:] for m in masks])
+
+
+def check_masks(shape, fixed_mask, moving_mask) -> list[np.ndarray]:
+  """[fixed, moving] float32 weights on a grid of ``shape`` (None: ones), checked."""
+  out = []
+  for m, what in ((fixed_mask, 'fixed_mask'), (moving_mask, 'moving_mask')):
+    m = np.ones(shape, np.float32) if m is None else np.asarray(m, np.float32)
+    if m.shape != tuple(shape) or not m.max() > 0:
+      raise ValueError(f'{what} {m.shape} must be on the grid {tuple(shape)}, not empty.')
+    out.append(m)
+  return out
 
 
 class Refiner:
@@ -411,16 +421,10 @@ class Refiner:
         np.asarray(init_disp_vox, np.float32))
     if init.shape != (*moving.shape, 3):
       raise ValueError(f'init_disp_vox must be {(*moving.shape, 3)}, got {init.shape}.')
-    masks = []
-    for m, what in ((fixed_mask, 'fixed_mask'), (moving_mask, 'moving_mask')):
-      m = np.ones_like(moving) if m is None else np.asarray(m, np.float32)
-      if m.shape != moving.shape or not m.max() > 0:
-        raise ValueError(f'{what} {m.shape} must be on the grid {moving.shape}, not empty.')
-      masks.append(m)
-    use = None if fixed_mask is None and moving_mask is None else (
-        'both' if moving_mask is not None else 'fixed')
+    masks = check_masks(moving.shape, fixed_mask, moving_mask)
     t0 = time.perf_counter()
-    prepare, programs, scales = self._compiled(moving.shape, spacing_mm, use)
+    prepare, programs, scales = self._compiled(moving.shape, spacing_mm, 'both' if (
+        moving_mask is not None) else None if fixed_mask is None else 'fixed')
     compile_s, t0 = time.perf_counter() - t0, time.perf_counter()
     movs, fixs, inits, fmasks, mmasks = jax.block_until_ready(
         prepare(moving, fixed, init, *masks))

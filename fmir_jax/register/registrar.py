@@ -205,8 +205,10 @@ class Registrar:
     l2r_names = self._check_outputs(paths, out)
     times: dict[str, float] = {}
     pair, grid, factors, images = self._load(paths, times)
-    t_mm, aligned = self._linear(pair, grid, images, times)
-    masks = self._masks(pair, grid, t_mm) if self.refiner is not None else (None, None)
+    fixed_w = inputs.mask_on_grid(pair.fixed_mask, grid.shape, grid.affine, '--fixed-mask')
+    t_mm, aligned = self._linear(pair, grid, images, times, fixed_w)
+    masks = (None, None) if self.refiner is None else (fixed_w, inputs.mask_on_grid(
+        pair.moving_mask, grid.shape, grid.affine, '--moving-mask', t_mm))  # as the image
     disp_vox, enc, refined = self._field(images, grid, factors, times, masks)
     t0 = time.perf_counter()
     arrays, labels = self._resample(pair, grid, disp_vox, t_mm)
@@ -263,9 +265,9 @@ class Registrar:
     return pair, grid, factors, images
 
   def _linear(self, pair: LoadedPair, grid, images: dict[str, np.ndarray],
-              times: dict[str, float]):
+              times: dict[str, float], fixed_w: np.ndarray | None):
     """(4x4 fixed -> moving world map or None, its record or None): the linear stage on the
-    grid's images; the moving one is then preprocessed again from the original through the
+    grid's images (``fixed_w``: the fixed mask on the grid, or None); the moving one is then preprocessed again from the original through the
     map (so the head sees it aligned, and the output is still one interpolation)."""
     times['linear_s'] = 0.0
     if self.aligner is None:
@@ -273,8 +275,9 @@ class Registrar:
     t0 = time.perf_counter()
     # Each image's field of view weights the similarity too: where the moving scan has no
     # data (0 after resampling) is no evidence, least of all for an inverted contrast.
+    moving_w = inputs.mask_on_grid(pair.moving_mask, grid.shape, grid.affine, '--moving-mask')
     masks = []
-    for hdr, mask in zip((pair.fixed_header, pair.moving_header), self._masks(pair, grid, None)):
+    for hdr, mask in ((pair.fixed_header, fixed_w), (pair.moving_header, moving_w)):
       fov = resample.resample_to_grid(np.ones(hdr.shape, np.float32), hdr.affine, grid.affine,
                                       grid.shape, order=1, cval=0.0)
       masks.append(fov if mask is None else fov * mask)
@@ -290,13 +293,6 @@ class Registrar:
              + ', '.join(f'{v:.1f}' for v in rec.rotation_deg) + ' deg, scale '
              + ', '.join(f'{v:.3f}' for v in rec.scale))
     return t_mm, rec
-
-  def _masks(self, pair: LoadedPair, grid, t_mm) -> tuple[Any, Any]:
-    """(fixed, moving) mask weights on the registration grid or None each; the moving one
-    through the linear map ``t_mm`` (None: as given), as the moving image."""
-    return (inputs.mask_on_grid(pair.fixed_mask, grid.shape, grid.affine, '--fixed-mask'),
-            inputs.mask_on_grid(pair.moving_mask, grid.shape, grid.affine, '--moving-mask',
-                                t_mm))
 
   def _field(self, images: dict[str, np.ndarray], grid, factors, times: dict[str, float],
              masks=(None, None)):
