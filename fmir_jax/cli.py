@@ -128,10 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
   r.add_argument('--batch-size', type=int, default=16,
                  help='slices per encoder forward (default: 16)')
   lin = r.add_argument_group('linear pre-alignment (before the head)')
-  lin.add_argument('--linear', choices=register_lib.LINEAR, default='none',
-                   help='affine: rigid, then affine, coarse to fine, from the centres of '
-                        'mass (pairs of the same contrast); rigid; none (default): the pair '
-                        'is aligned already')
+  lin.add_argument('--linear', choices=register_lib.LINEAR, default='affine',
+                   help='affine (default): rigid, then affine, coarse to fine, from the '
+                        'centres of mass; rigid; none: the pair is aligned already')
+  lin.add_argument('--linear-similarity', choices=('correlation', 'mi'), default='correlation',
+                   help='correlation (default): squared correlation, one contrast or its '
+                        'inverse; mi: mutual information, any two contrasts (CT/MR, T1/T2)')
   io_default = _refine_lib().RefineOptions()      # the defaults shown below
   fmt = lambda xs: ','.join(f'{x:g}' for x in xs)
   io_g = r.add_argument_group('instance optimisation (refines the head\'s field on each pair)')
@@ -340,6 +342,7 @@ def register_options(args: argparse.Namespace):
       checkpoint_step=args.checkpoint_step, device=args.device, dtype=args.dtype,
       batch_size=args.batch_size, refine=refine_options(args), io_init=args.io_init,
       head_finest_level=finest, linear=args.linear,
+      linear_similarity=args.linear_similarity,
       l2r_dir=args.l2r_export, l2r_fixed_id=args.l2r_fixed_id,
       l2r_moving_id=args.l2r_moving_id, overwrite=args.overwrite)
 

@@ -416,10 +416,10 @@ def test_masks_and_landmarks_are_checked_before_any_work(registrar, tmp_path, mo
   (tmp_path / 'two.csv').write_text(points)
   (tmp_path / 'one.csv').write_text(points.rsplit('4', 1)[0])
   if case == 'mask_without_stage':
-    reg = registrar
+    reg.aligner = None                             # --linear none, no --io
     files['fixed_mask'] = _save(tmp_path / 'mask.nii.gz', np.ones((24, 24, 16), np.uint8),
                                 np.diag([2.0, 2.0, 2.0, 1.0]))
-    expect = 'add --linear affine and/or --io'
+    expect = 'drop --linear none, or add --io'
   elif case == 'empty_mask':
     files['moving_mask'] = _save(tmp_path / 'mask.nii.gz', np.zeros((24, 24, 16), np.uint8),
                                  np.diag([2.0, 2.0, 2.0, 1.0]))

@@ -5,7 +5,7 @@ The map is in world millimetres, fixed -> moving: a fixed point y is matched wit
 moving point T(y) = M (y - c) + c + t, with c the fixed image's centre of mass. M = R S H:
 a rotation R (Euler angles about x, y, z), per-axis scales S = diag(exp(s)) and a unit
 upper-triangular shear H; "rigid" keeps S = H = I. The similarity is the squared
-correlation of the whole images. Start: t from the centres of mass (with
+correlation of the whole images (one contrast) or their mutual information (any). Start: t from the centres of mass (with
 ``principal_axes``, the better of no rotation and the principal-axes rotations, each with
 the four sign choices that keep it proper). Then Adam over an image pyramid, coarse to fine;
 "affine" runs the coarsest scale's first half rigid. Optional masks weight the similarity
@@ -28,14 +28,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from scipy import ndimage
 
-from fmir_jax.ops import sampling
+from fmir_jax.ops import losses, sampling
 from fmir_jax.register import refine
 
 # Parameter units for Adam (one unit of q moves the map by about this much): t in 10 mm,
 # angles in 0.1 rad (5.7 degrees), log-scales and shears in 0.1.
 _UNITS = np.array([10.0] * 3 + [0.1] * 3 + [0.1] * 3 + [0.1] * 3, np.float32)
 _RIGID = np.array([1.0] * 6 + [0.0] * 6, np.float32)
+SIMILARITIES = ('correlation', 'mi')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +48,10 @@ class LinearOptions:
   kind: 'affine' or 'rigid' ('none' is the registrar's switch to skip the stage).
   steps: Adam steps per scale, coarse to fine.
   lr: Adam step size per scale in parameter units (``_UNITS``), decaying to a fifth.
-  The similarity is the squared correlation of the whole images (pairs of one contrast; a
-  local NCC is flat over uniform tissue and biased there by interpolation).
+  similarity: 'correlation', the squared correlation of the whole images (pairs of one
+    contrast, or one inverted; a local NCC is flat over uniform tissue and biased there by
+    interpolation), or 'mi', their mutual information (Parzen windows,
+    ``losses.mutual_information``): any monotone or non-monotone intensity relation.
   max_voxels: scales of more voxels are skipped (the alignment ends on the finest scale
     at most this large).
   min_size: an axis is halved only if it keeps at least this many voxels.
@@ -66,10 +70,13 @@ class LinearOptions:
   principal_axes: bool = False
   blur_sigma: float = 1.0
   shape_weight: float = 1.0
+  similarity: str = 'correlation'
 
   def __post_init__(self):
     if self.kind not in ('affine', 'rigid'):
       raise ValueError(f'kind must be affine or rigid, got {self.kind!r}.')
+    if self.similarity not in SIMILARITIES:
+      raise ValueError(f'similarity must be one of {SIMILARITIES}, got {self.similarity!r}.')
     if not self.steps or len(self.lr) != len(self.steps) or min(self.steps) < 0:
       raise ValueError(f'steps {self.steps!r} and lr {self.lr!r}: one lr per scale, steps >= 0.')
 
@@ -84,6 +91,7 @@ class LinearRecord:
   first and last step.
   """
   kind: str
+  similarity: str
   matrix_mm: tuple[tuple[float, ...], ...]
   start: str
   translation_mm: tuple[float, float, float]
@@ -150,15 +158,17 @@ def weighted_correlation2(warped: jax.Array, fix: jax.Array, w: jax.Array) -> ja
 
 
 def _loss(opts, mov, fix, t_mm, vox_to_mm, idx, fmask, mmask, use_mmask):
-  """Minus the squared correlation of the moving image sampled through ``t_mm`` and the
-  fixed one, over the fixed mask (and, with ``use_mmask``, the points the map takes into
-  the moving mask: a weight, not a gradient, as ANTs' masks)."""
+  """Minus the similarity (squared correlation or mutual information) of the moving image
+  sampled through ``t_mm`` and the fixed one, over the fixed mask (and, with ``use_mmask``,
+  the points the map takes into the moving mask: a weight, not a gradient, as ANTs')."""
   disp = _disp_vox(t_mm, vox_to_mm, idx)
   if use_mmask:
     both = sampling.sample_cf(jnp.concatenate([mov, mmask]), disp)
     warped, w = both[:1], fmask * lax.stop_gradient(both[1:])
   else:
     warped, w = sampling.sample_cf(mov, disp), fmask
+  if opts.similarity == 'mi':
+    return -losses.mutual_information(warped, fix, w)
   return -weighted_correlation2(warped, fix, w)
 
 
@@ -180,6 +190,17 @@ def moments(image: np.ndarray, vox_to_mm: np.ndarray) -> tuple[np.ndarray, np.nd
   cov = (d * w[:, None]).T @ d
   vals, vecs = np.linalg.eigh(cov)
   return com, vecs[:, ::-1]
+
+
+def foreground(image, weight) -> np.ndarray:
+  """|image - background| x weight: the background level is the median over the outer
+  shell (2 voxels) of the region weight > 0.5, so that a bright background (an inverted
+  contrast, MR noise) does not pull the centre of mass off the body."""
+  image, weight = np.asarray(image, np.float64), np.asarray(weight, np.float64)
+  inside = weight > 0.5
+  shell = inside & ~ndimage.binary_erosion(inside, iterations=2, border_value=0)
+  level = np.median(image[shell]) if shell.any() else 0.0
+  return np.abs(image - level) * weight
 
 
 def start_rotations(axes_fixed: np.ndarray, axes_moving: np.ndarray) -> np.ndarray:
@@ -249,6 +270,19 @@ class LinearAligner:
     used = max(1, sum(math.prod(s) <= opts.max_voxels for s in shapes))
     return shapes, factors, tuple(steps[:used]), tuple(opts.lr[dropped:][:used])
 
+  def field_of_view(self, fov: np.ndarray, spacing_mm, moving: bool) -> np.ndarray:
+    """A weight (H, W, D) of 0 and 1 from where an image has data on the grid (``fov``:
+    its all-ones volume resampled there), shrunk by one voxel of the coarsest scale per axis:
+    the blurred ramp from the image to the 0 beyond its data would otherwise count, and
+    drag the map wherever the background is not dark (an inverted contrast). The grid's
+    faces are an edge of data only for the moving image (sampled there through the map)."""
+    shapes = self._plan(fov.shape, spacing_mm)[0]
+    radius = [math.ceil(n / c) for n, c in zip(shapes[0], shapes[-1])]
+    inside = np.asarray(fov) >= 0.999
+    box = np.ones([2 * r + 1 for r in radius], bool)
+    return ndimage.binary_erosion(inside, box, border_value=0 if moving else 1
+                                  ).astype(np.float32)
+
   def _compiled(self, shape, spacing_mm, use_mmask: bool):
     plan = self._plan(shape, spacing_mm)
     key = plan + (use_mmask,)
@@ -312,8 +346,8 @@ class LinearAligner:
     # both images (its region, at the identity, is where the other's anatomy is too).
     fm = fmasks[-1][0] if fixed_mask is not None else mmasks[-1][0]
     mm = mmasks[-1][0] if moving_mask is not None else fmasks[-1][0]
-    com_f, axes_f = moments(np.asarray(fixs[-1][0] * fm), scale_affines[-1])
-    com_m, axes_m = moments(np.asarray(movs[-1][0] * mm), scale_affines[-1])
+    com_f, axes_f = moments(foreground(fixs[-1][0], fm), scale_affines[-1])
+    com_m, axes_m = moments(foreground(movs[-1][0], mm), scale_affines[-1])
     rots = start_rotations(axes_f, axes_m) if self.options.principal_axes else \
         np.eye(3, dtype=np.float32)[None]
     q0 = np.zeros(12, np.float32)
@@ -335,7 +369,7 @@ class LinearAligner:
     r = _euler_deg(t_mm[:3, :3] @ np.linalg.inv(np.diag(np.exp(params[6:9]))
                                                  @ _shear(params[9:])))
     record = LinearRecord(
-        kind=self.options.kind, matrix_mm=tuple(tuple(float(v) for v in row) for row in t_mm),
+        kind=self.options.kind, similarity=self.options.similarity, matrix_mm=tuple(tuple(float(v) for v in row) for row in t_mm),
         start='centres of mass' if best == 0 else 'principal axes',
         translation_mm=tuple(float(v) for v in t_mm[:3, 3] + t_mm[:3, :3] @ com_f - com_f),
         rotation_deg=r, scale=tuple(float(v) for v in np.exp(params[6:9])),

@@ -71,8 +71,9 @@ class RegisterOptions:
   head_finest_level: the finest pyramid level the head runs (0: all; 1 skips the
     full-resolution level, the costliest, and upsamples the level-1 field: with ``refine``
     the instance optimisation adds the fine detail).
-  linear: the linear stage before the head, 'affine', 'rigid' or 'none' (off until the
-    register benchmark's misaligned sets measure it; ``linear.LinearAligner``).
+  linear: the linear stage before the head, 'affine' (default), 'rigid' or 'none'
+    (``linear.LinearAligner``).
+  linear_similarity: its similarity, 'correlation' or 'mi' (``linear.LinearOptions``).
   """
   grid: str | None = None
   dataset_grid: str | None = None
@@ -88,7 +89,8 @@ class RegisterOptions:
   refine: Any = None
   io_init: str = 'head'
   head_finest_level: int = 0
-  linear: str = 'none'
+  linear: str = 'affine'
+  linear_similarity: str = 'correlation'
   l2r_dir: str | None = None
   l2r_fixed_id: str | None = None
   l2r_moving_id: str | None = None
@@ -120,6 +122,9 @@ class Registrar:
                           f'{DATASET_GRIDS}.')
     if options.linear not in LINEAR:
       raise RegisterError(f'--linear {options.linear!r}: use one of {LINEAR}.')
+    if options.linear_similarity not in linear.SIMILARITIES:
+      raise RegisterError(f'--linear-similarity {options.linear_similarity!r}: use one of '
+                          f'{linear.SIMILARITIES}.')
     if options.io_init not in ('head', 'zero'):
       raise RegisterError(f'--io-init {options.io_init!r}: use head or zero.')
     if options.io_init == 'zero' and options.refine is None:
@@ -160,7 +165,7 @@ class Registrar:
     self._compiled: dict[Any, Any] = {}
     self.refiner = None if opts.refine is None else refine.Refiner(opts.refine)
     self.aligner = None if opts.linear == 'none' else linear.LinearAligner(
-        linear.LinearOptions(kind=opts.linear))
+        linear.LinearOptions(kind=opts.linear, similarity=opts.linear_similarity))
     self.setup_s = time.perf_counter() - t0
     train_shape = self.reader.target_shape(**self.reader_options)
     self.train_slice = None if train_shape is None else tuple(train_shape[:2])
@@ -232,7 +237,7 @@ class Registrar:
     if (paths.fixed_mask or paths.moving_mask) and self.aligner is self.refiner is None:
       raise RegisterError('--fixed-mask/--moving-mask restrict the similarity of the linear '
                           'stage and of instance optimisation (the head sees whole images): '
-                          'add --linear affine and/or --io.')
+                          'drop --linear none, or add --io.')
     l2r_names = []
     if opts.l2r_dir:
       files.check_writable_dir(opts.l2r_dir, '--l2r-export')
@@ -277,9 +282,12 @@ class Registrar:
     # data (0 after resampling) is no evidence, least of all for an inverted contrast.
     moving_w = inputs.mask_on_grid(pair.moving_mask, grid.shape, grid.affine, '--moving-mask')
     masks = []
-    for hdr, mask in ((pair.fixed_header, fixed_w), (pair.moving_header, moving_w)):
-      fov = resample.resample_to_grid(np.ones(hdr.shape, np.float32), hdr.affine, grid.affine,
-                                      grid.shape, order=1, cval=0.0)
+    for is_moving, hdr, mask in ((False, pair.fixed_header, fixed_w),
+                                 (True, pair.moving_header, moving_w)):
+      fov = self.aligner.field_of_view(
+          resample.resample_to_grid(np.ones(hdr.shape, np.float32), hdr.affine, grid.affine,
+                                    grid.shape, order=1, cval=0.0),
+          grid.spacing_mm, moving=is_moving)
       masks.append(fov if mask is None else fov * mask)
     t_mm, rec = self.aligner.align(images['moving'], images['fixed'], grid.affine, *masks)
     header = dataclasses.replace(pair.moving_header,
