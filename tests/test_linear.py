@@ -93,6 +93,54 @@ def test_a_known_map_is_recovered_to_half_a_millimetre(kind, angles, shift, scal
   assert aligner.compiles == compiles
 
 
+def test_mutual_information_is_numpys_histogram_where_the_bins_are_hard():
+  from fmir_jax.ops import losses
+  rng = np.random.default_rng(3)
+  a = rng.integers(0, 8, 4000).astype(np.float32)           # values on the 8 bin centres
+  b = np.where(rng.random(4000) < 0.7, (a * 3) % 8, rng.integers(0, 8, 4000)).astype(np.float32)
+  w = rng.random(4000).astype(np.float32)
+  joint = np.histogram2d(a, b, bins=8, range=[[-0.5, 7.5]] * 2, weights=w)[0]
+  p = joint / joint.sum()
+  pa, pb = p.sum(1, keepdims=True), p.sum(0, keepdims=True)
+  want = np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1) / (pa * pb)), 0))
+  got = float(losses.mutual_information(a, b, w, bins=8, sigma_bins=0.05))
+  assert got == pytest.approx(want, rel=1e-4) and want > 0.3
+  # an intensity map that is invertible keeps it (a relabelling of b's bins)
+  assert float(losses.mutual_information(a, 7 - b, w, bins=8, sigma_bins=0.05)) == \
+      pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_mutual_information_aligns_a_contrast_correlation_cannot():
+  fixed, body = _phantom()
+  truth = _known_map((5.0, -6.0, 7.0), (4.0, -5.0, 3.0), (1.04, 0.96, 1.02))
+  moving = _moving(np.square(fixed - 0.4), truth)          # not monotone: tissue goes dark
+  found = {}
+  for sim in linear.SIMILARITIES:                   # the moving grid's edge weighted out, as
+    aligner = linear.LinearAligner(linear.LinearOptions(similarity=sim))   # the registrar
+    fov = aligner.field_of_view(np.ones(SHAPE, np.float32), (2.0, 2.2, 2.5), moving=True)
+    found[sim] = aligner.align(moving, fixed, AFFINE, moving_mask=fov)[0]
+  errors = {k: _rms_mm(v, truth, body) for k, v in found.items()}
+  assert errors['mi'] < 1.5 and errors['correlation'] > 5.0, errors
+
+
+def test_the_field_of_view_weight_leaves_out_one_coarsest_voxel_of_its_edge():
+  aligner = linear.LinearAligner()
+  fov = np.zeros(SHAPE, np.float32)
+  fov[5:35, :, 4:] = 1.0
+  fov[4] = 0.5                                               # a soft edge counts as outside
+  shapes = aligner._plan(SHAPE, (2.0, 2.2, 2.5))[0]
+  r = [int(np.ceil(n / c)) for n, c in zip(SHAPE, shapes[-1])]
+  want = np.zeros(SHAPE, bool)
+  want[5 + r[0]:35 - r[0], r[1]:SHAPE[1] - r[1], 4 + r[2]:SHAPE[2] - r[2]] = True
+  got = aligner.field_of_view(fov, (2.0, 2.2, 2.5), moving=True)
+  assert max(r) > 1 and np.array_equal(got > 0, want)
+  want = np.zeros(SHAPE, bool)                              # the fixed grid's faces stay
+  want[5 + r[0]:35 - r[0], :, 4 + r[2]:] = True
+  got = aligner.field_of_view(fov, (2.0, 2.2, 2.5), moving=False)
+  assert np.array_equal(got > 0, want)
+
+
 @pytest.mark.slow
 def test_masks_keep_a_static_table_out_of_the_alignment():
   """A bright table that does not move with the body (the same in both scans) pulls the
