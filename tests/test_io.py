@@ -70,6 +70,29 @@ def test_resample_to_grid_matches_map_coordinates_oracle():
   ref, inside = oracles.resample_at(data, src_vox, order=1, cval=-7.0)
   assert 0 < inside.sum() < inside.size  # both cases exercised
   np.testing.assert_allclose(out.reshape(-1), ref, atol=1e-5)
+  np.testing.assert_array_equal(resample.inside_grid(data.shape, src, dst_shape, dst),
+                                inside.reshape(dst_shape))
+
+
+def test_fill_nearest_gives_each_unknown_voxel_its_nearest_known_value():
+  """Brute force over the known voxels: the ramp's values name their voxel, so the copied
+  one's distance must be the least (ties on the integer grid may take either voxel)."""
+  idx = np.indices((9, 8, 7)).astype(float)
+  image = (idx[0] * 100 + idx[1] * 10 + idx[2]).astype(np.float32)
+  known = np.linalg.norm(idx - np.array([4.3, 3.6, 2.8])[:, None, None, None], axis=0) < 2.7
+  out = resample.fill_nearest(image, known)
+  src = np.stack([out // 100, out // 10 % 10, out % 10], -1).reshape(-1, 3)
+  assert known[tuple(src.astype(int).T)].all()
+  pts, ref_pts = idx.reshape(3, -1).T, idx[:, known].T
+  least = np.sqrt(((pts[:, None] - ref_pts[None]) ** 2).sum(-1).min(1))
+  np.testing.assert_allclose(np.linalg.norm(pts - src, axis=1), least, atol=1e-9)
+  np.testing.assert_array_equal(out[known], image[known])
+  # A slab known on x < 5 extends its last row: a closed form.
+  slab = np.zeros(image.shape, bool)
+  slab[:5] = True
+  np.testing.assert_array_equal(resample.fill_nearest(image, slab)[5:],
+                                np.broadcast_to(image[4], image[5:].shape))
+  assert resample.fill_nearest(image, np.zeros_like(known)) is image
 
 
 def test_label_upsample_round_trip_is_exact():

@@ -258,6 +258,73 @@ def test_instance_optimisation_recovers_a_known_translation(run_dir, pair, tmp_p
 
 
 @pytest.mark.slow
+def test_the_registrar_hands_each_mask_on_its_grid_to_both_stages(run_dir, pair, tmp_path,
+                                                                   monkeypatch):
+  """Each mask is a ball in world mm written on its own grid (1.5 mm, the world's axes); the
+  linear stage and instance optimisation receive it as weights on the registration grid,
+  the moving one carried through the linear map for the latter. Oracle: the ball evaluated
+  at the grid's voxel centres, away from its surface by more than a mask voxel (where linear
+  interpolation of the mask is exactly 0 or 1)."""
+  def ball(name, image, radius_mm):
+    img, aff, _ = nifti.load_nifti(image)
+    corners = np.array([[i, j, k, 1.0] for i in (0, img.shape[0] - 1)
+                        for j in (0, img.shape[1] - 1) for k in (0, img.shape[2] - 1)])
+    lo, hi = (corners @ aff.T)[:, :3].min(0) - 5.0, (corners @ aff.T)[:, :3].max(0) + 5.0
+    own = np.diag([1.5, 1.5, 1.5, 1.0])    # its own grid: 1.5 mm, world axes, not the image's
+    own[:3, 3] = lo
+    shape = tuple(int(n) for n in np.ceil((hi - lo) / 1.5))
+    centre = (aff @ np.r_[(np.array(img.shape) - 1) / 2.0, 1.0])[:3]
+    idx = np.indices(shape).reshape(3, -1)
+    world = (own[:3, :3] @ idx).T + own[:3, 3]
+    inside = (np.linalg.norm(world - centre, axis=1) < radius_mm).reshape(shape)
+    path = nifti.save_nifti(str(tmp_path / name), inside.astype(np.uint8), own)
+    return path, centre, 1.5 * np.sqrt(3), (own, shape)
+
+  fmask, f_centre, f_tol, f_grid = ball('fmask.nii.gz', pair['fixed'], 40.0)
+  mmask, m_centre, m_tol, m_grid = ball('mmask.nii.gz', pair['shift'], 45.0)
+  reg = register_lib.Registrar(run_dir, register_lib.RegisterOptions(
+      refine=refine.RefineOptions(), linear='affine'))
+  seen = {}
+  align, refine_ = reg.aligner.align, reg.refiner.refine
+
+  def spy_align(moving, fixed, grid_affine, fixed_w, moving_w):
+    seen['align'] = (grid_affine, fixed_w, moving_w)
+    seen['t_mm'], rec = align(moving, fixed, grid_affine, fixed_w, moving_w)
+    return seen['t_mm'], rec
+
+  def spy_refine(moving, fixed, spacing, init, fixed_w, moving_w):
+    seen['refine'] = (fixed_w, moving_w)
+    return refine_(moving, fixed, spacing, init, fixed_w, moving_w)
+
+  monkeypatch.setattr(reg.aligner, 'align', spy_align)
+  monkeypatch.setattr(reg.refiner, 'refine', spy_refine)
+  reg.register(register_lib.PairFiles(pair['fixed'], pair['shift'], fixed_mask=fmask,
+                                      moving_mask=mmask), str(tmp_path / 'out'))
+  grid_affine, f_lin, m_lin = seen['align']
+  f_io, m_io = seen['refine']
+  idx = np.indices(f_io.shape).reshape(3, -1)
+  world = (grid_affine[:3, :3] @ idx).T + grid_affine[:3, 3]
+  t = seen['t_mm']
+  for got, pts, centre, radius, tol, (mask_affine, mask_shape) in (
+      (f_io, world, f_centre, 40.0, f_tol, f_grid),
+      (m_io, world @ t[:3, :3].T + t[:3, 3], m_centre, 45.0, m_tol, m_grid),
+      (f_lin, world, f_centre, 40.0, f_tol, f_grid), (m_lin, world, m_centre, 45.0, m_tol, m_grid)):
+    dist = np.linalg.norm(pts - centre, axis=1)
+    vox = (pts - mask_affine[:3, 3]) @ np.linalg.inv(mask_affine[:3, :3]).T
+    inside_grid = np.all((vox >= -0.5) & (vox <= np.array(mask_shape) - 0.5), 1)
+    edge = np.min(np.minimum(vox + 0.5, np.array(mask_shape) - 0.5 - vox), 1)
+    far = (np.abs(dist - radius) > tol) & (np.abs(edge) > 1.0)
+    ref = (dist < radius) & inside_grid
+    assert ref[far].sum() > 200 and (~ref[far]).sum() > 200
+    if got is f_lin or got is m_lin:    # the stage's field-of-view weights also apply there
+      np.testing.assert_array_equal(got.reshape(-1)[far] > 0.5, ref[far] & (
+          got.reshape(-1)[far] > 0))
+    else:
+      np.testing.assert_array_equal(got.reshape(-1)[far], ref[far].astype(np.float32))
+  assert not np.allclose(t, np.eye(4))   # the moving check above used a real map
+
+
+@pytest.mark.slow
 def test_the_linear_stage_finds_a_moved_header_and_warps_once(run_dir, pair, tmp_path):
   """The moving scan is the fixed one placed elsewhere in world space (its header moved by a
   known rigid map T, its voxels untouched, so moving(T(y)) = fixed(y) exactly): --linear

@@ -82,6 +82,23 @@ def _inside_mask(m: np.ndarray, dst_shape: tuple[int, ...], src_shape: tuple[int
   return inside
 
 
+def inside_grid(src_shape: Sequence[int], src_affine: np.ndarray, dst_shape: Sequence[int],
+                dst_affine: np.ndarray) -> np.ndarray:
+  """(H', W', D') bool: the destination voxels that ``resample_to_grid`` samples inside the
+  source grid (the others take its ``cval``)."""
+  m = np.linalg.inv(np.asarray(src_affine, np.float64)) @ np.asarray(dst_affine, np.float64)
+  return _inside_mask(m, tuple(int(n) for n in dst_shape), tuple(int(n) for n in src_shape))
+
+
+def fill_nearest(image: np.ndarray, known: np.ndarray) -> np.ndarray:
+  """``image`` with each voxel outside ``known`` (bool, same shape) given the value of the
+  nearest voxel inside it (Euclidean, in voxels): an edge extension of any shape."""
+  if known.all() or not known.any():
+    return image
+  idx = ndimage.distance_transform_edt(~known, return_distances=False, return_indices=True)
+  return image[tuple(idx)]
+
+
 def sample_voxels(data: np.ndarray, coords_vox: np.ndarray, order: int,
                   cval: float = 0.0) -> np.ndarray:
   """Samples a volume at arbitrary voxel positions with ``resample_to_grid``'s edge rule.

@@ -272,8 +272,9 @@ class Registrar:
   def _linear(self, pair: LoadedPair, grid, images: dict[str, np.ndarray],
               times: dict[str, float], fixed_w: np.ndarray | None):
     """(4x4 fixed -> moving world map or None, its record or None): the linear stage on the
-    grid's images (``fixed_w``: the fixed mask on the grid, or None); the moving one is then preprocessed again from the original through the
-    map (so the head sees it aligned, and the output is still one interpolation)."""
+    grid's images (``fixed_w``: the fixed mask on the grid, or None); the moving one is then
+    preprocessed again from the original through the map (so the head sees it aligned, and
+    the output is still one interpolation)."""
     times['linear_s'] = 0.0
     if self.aligner is None:
       return None, None
@@ -292,8 +293,13 @@ class Registrar:
     t_mm, rec = self.aligner.align(images['moving'], images['fixed'], grid.affine, *masks)
     header = dataclasses.replace(pair.moving_header,
                                  affine=np.linalg.inv(t_mm) @ pair.moving_header.affine)
-    images['moving'] = self.reader.preprocess(pair.moving, header, grid.shape, grid.affine,
-                                              **self.reader_options)[0]
+    # Where the map leaves the moving scan, the nearest value inside it: the reader's fill
+    # (the image's minimum) would add an edge the fixed scan lacks (a dark slab beside the
+    # bright background of an inverted contrast) and the head and --io would follow it.
+    images['moving'] = resample.fill_nearest(
+        self.reader.preprocess(pair.moving, header, grid.shape, grid.affine,
+                               **self.reader_options)[0],
+        resample.inside_grid(header.shape[:3], header.affine, grid.shape, grid.affine))
     times['linear_s'] = time.perf_counter() - t0 - rec.compile_seconds
     times['compile_s'] = rec.compile_seconds
     self.log(f'linear ({rec.kind}, from the {rec.start}): shift '
