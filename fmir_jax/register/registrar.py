@@ -293,13 +293,18 @@ class Registrar:
     t_mm, rec = self.aligner.align(images['moving'], images['fixed'], grid.affine, *masks)
     header = dataclasses.replace(pair.moving_header,
                                  affine=np.linalg.inv(t_mm) @ pair.moving_header.affine)
-    # Where the map leaves the moving scan, the nearest value inside it: the reader's fill
-    # (the image's minimum) would add an edge the fixed scan lacks (a dark slab beside the
-    # bright background of an inverted contrast) and the head and --io would follow it.
-    images['moving'] = resample.fill_nearest(
-        self.reader.preprocess(pair.moving, header, grid.shape, grid.affine,
-                               **self.reader_options)[0],
-        resample.inside_grid(header.shape[:3], header.affine, grid.shape, grid.affine))
+    # Where the map leaves the moving scan but the fixed one has data, the nearest value
+    # inside the moving scan: the reader's fill (the image's minimum) would add an edge the
+    # fixed scan lacks (a dark slab beside the bright background of an inverted contrast)
+    # and the head and --io would follow it. Where neither has data (the grid's padding)
+    # both keep the fill.
+    moved = self.reader.preprocess(pair.moving, header, grid.shape, grid.affine,
+                                   **self.reader_options)[0]
+    inside_m = resample.inside_grid(header.shape[:3], header.affine, grid.shape, grid.affine)
+    inside_f = resample.inside_grid(pair.fixed_header.shape[:3], pair.fixed_header.affine,
+                                    grid.shape, grid.affine)
+    images['moving'] = np.where(inside_f & ~inside_m, resample.fill_nearest(moved, inside_m),
+                                moved)
     times['linear_s'] = time.perf_counter() - t0 - rec.compile_seconds
     times['compile_s'] = rec.compile_seconds
     self.log(f'linear ({rec.kind}, from the {rec.start}): shift '
