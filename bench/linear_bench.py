@@ -9,6 +9,7 @@ alignment after compilation (the grid's programs compile once, on the first pair
 
   python bench/linear_bench.py                   # affine, 6 pairs
   python bench/linear_bench.py --kind rigid --pairs 3 --shape 40,48,40 --spacing 4
+  python bench/linear_bench.py --shape-weight 0.1  # fmir register --linear-shape-weight 0.1
 """
 from __future__ import annotations
 
@@ -63,12 +64,16 @@ def main(argv=None) -> int:
   p.add_argument('--max-mm', type=float, default=10.0)
   p.add_argument('--max-scale', type=float, default=0.08)
   p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--shape-weight', type=float, default=linear.LinearOptions.shape_weight,
+                 help="the penalty on per-axis scales and shears (fmir register's "
+                      '--linear-shape-weight; default: its default)')
   a = p.parse_args(argv)
   shape = tuple(int(v) for v in a.shape.split(','))
   fixed, body, affine = phantom(shape, (a.spacing,) * 3)
   pts = np.argwhere(body) @ affine[:3, :3].T + affine[:3, 3]
   rng = np.random.default_rng(a.seed)
-  aligner = linear.LinearAligner(linear.LinearOptions(kind=a.kind))
+  aligner = linear.LinearAligner(linear.LinearOptions(kind=a.kind,
+                                                      shape_weight=a.shape_weight))
   rows = []
   for i in range(a.pairs):
     truth = random_map(rng, a.kind, a.max_deg, a.max_mm, a.max_scale)
@@ -83,7 +88,7 @@ def main(argv=None) -> int:
           f"{r['seconds']:.2f} s (+ {r['compile_s']:.1f} s compiling)", flush=True)
   err = [r['error_mm'] for r in rows]
   secs = [r['seconds'] for r in rows]
-  print(json.dumps({'kind': a.kind, 'shape': shape, 'spacing_mm': a.spacing,
+  print(json.dumps({'kind': a.kind, 'shape_weight': a.shape_weight, 'shape': shape, 'spacing_mm': a.spacing,
                     'pairs': a.pairs, 'error_mm_median': float(np.median(err)),
                     'error_mm_max': float(np.max(err)),
                     'seconds_median': float(np.median(secs)), 'rows': rows}))

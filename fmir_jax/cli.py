@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
   lin.add_argument('--linear-similarity', choices=('correlation', 'mi'), default='correlation',
                    help='correlation (default): squared correlation, one contrast or its '
                         'inverse; mi: mutual information, any two contrasts (CT/MR, T1/T2)')
+  lin.add_argument('--linear-shape-weight', type=float, default=1.0,
+                   help='penalty on per-axis scale differences and shears (default: 1.0, '
+                        'best before the head on deformed anatomy; 0.1 for a pair that '
+                        'differs by a true anisotropic affine)')
   io_default = _refine_lib().RefineOptions()      # the defaults shown below
   fmt = lambda xs: ','.join(f'{x:g}' for x in xs)
   io_g = r.add_argument_group('instance optimisation (refines the head\'s field on each pair)')
@@ -343,6 +347,7 @@ def register_options(args: argparse.Namespace):
       batch_size=args.batch_size, refine=refine_options(args), io_init=args.io_init,
       head_finest_level=finest, linear=args.linear,
       linear_similarity=args.linear_similarity,
+      linear_shape_weight=args.linear_shape_weight,
       l2r_dir=args.l2r_export, l2r_fixed_id=args.l2r_fixed_id,
       l2r_moving_id=args.l2r_moving_id, overwrite=args.overwrite)
 

@@ -175,3 +175,45 @@ def test_the_bench_prints_its_figures(capsys):
                             '--kind', 'rigid']) == 0
   out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert out['pairs'] == 1 and out['error_mm_max'] < 1.0 < out['rows'][0]['before_mm']
+
+
+def test_each_scale_takes_at_most_its_share_of_voxel_steps():
+  """The plan of an 80x96x80 grid at 2 mm: the full grid is over max_voxels (left out);
+  the two coarser scales keep min(steps, max_voxel_steps // voxels) Adam steps."""
+  aligner = linear.LinearAligner()
+  shapes, _, steps, lrs = aligner._plan((80, 96, 80), (2.0, 2.0, 2.0))
+  assert shapes == ((80, 96, 80), (40, 48, 40), (20, 24, 20))
+  opts = aligner.options
+  assert steps == (min(opts.steps[0], opts.max_voxel_steps // (20 * 24 * 20)),
+                   min(opts.steps[1], opts.max_voxel_steps // (40 * 48 * 40)))
+  assert steps[1] < opts.steps[1] and lrs == opts.lr[:2]
+
+
+def test_the_shape_penalty_pulls_a_true_anisotropic_scale_towards_a_common_one():
+  """A known affine with per-axis scales 1.08, 0.93, 1.0: a weight of 0 recovers it; the
+  default weight recovers scales closer to their common value, a smaller weight between."""
+  fixed, body = _phantom()
+  scales = np.array([1.08, 0.93, 1.0])
+  truth = _known_map((3.0, -2.0, 4.0), (2.0, -3.0, 1.0), scales)
+  moving = _moving(fixed, truth)
+  spread = {}
+  for w in (0.0, 0.1, 1.0):
+    found, rec = linear.LinearAligner(linear.LinearOptions(shape_weight=w)).align(
+        moving, fixed, AFFINE)
+    spread[w] = np.ptp(np.log(rec.scale))
+    if w == 0.0:
+      assert _rms_mm(found, truth, body) < 0.3
+      np.testing.assert_allclose(rec.scale, scales, atol=0.01)
+  assert spread[1.0] < spread[0.1] < spread[0.0], spread
+
+
+def test_fmir_register_hands_linear_shape_weight_to_the_stage():
+  from fmir_jax import cli
+  from fmir_jax.core.errors import RegisterError
+  from fmir_jax.register import registrar
+  args = cli.build_parser().parse_args(['register', '--fixed', 'f.nii.gz', '--moving',
+                                        'm.nii.gz', '--out', 'o', '--linear-shape-weight',
+                                        '0.1'])
+  assert cli.register_options(args).linear_shape_weight == 0.1
+  with pytest.raises(RegisterError, match='--linear-shape-weight -1.0: use a number >= 0'):
+    registrar.Registrar('no_such_run', registrar.RegisterOptions(linear_shape_weight=-1.0))

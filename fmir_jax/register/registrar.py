@@ -74,6 +74,8 @@ class RegisterOptions:
   linear: the linear stage before the head, 'affine' (default), 'rigid' or 'none'
     (``linear.LinearAligner``).
   linear_similarity: its similarity, 'correlation' or 'mi' (``linear.LinearOptions``).
+  linear_shape_weight: its penalty on per-axis scale differences and shears
+    (``linear.LinearOptions.shape_weight``).
   """
   grid: str | None = None
   dataset_grid: str | None = None
@@ -91,6 +93,7 @@ class RegisterOptions:
   head_finest_level: int = 0
   linear: str = 'affine'
   linear_similarity: str = 'correlation'
+  linear_shape_weight: float = 1.0
   l2r_dir: str | None = None
   l2r_fixed_id: str | None = None
   l2r_moving_id: str | None = None
@@ -125,6 +128,9 @@ class Registrar:
     if options.linear_similarity not in linear.SIMILARITIES:
       raise RegisterError(f'--linear-similarity {options.linear_similarity!r}: use one of '
                           f'{linear.SIMILARITIES}.')
+    if not options.linear_shape_weight >= 0:
+      raise RegisterError(f'--linear-shape-weight {options.linear_shape_weight}: use a '
+                          'number >= 0.')
     if options.io_init not in ('head', 'zero'):
       raise RegisterError(f'--io-init {options.io_init!r}: use head or zero.')
     if options.io_init == 'zero' and options.refine is None:
@@ -165,7 +171,8 @@ class Registrar:
     self._compiled: dict[Any, Any] = {}
     self.refiner = None if opts.refine is None else refine.Refiner(opts.refine)
     self.aligner = None if opts.linear == 'none' else linear.LinearAligner(
-        linear.LinearOptions(kind=opts.linear, similarity=opts.linear_similarity))
+        linear.LinearOptions(kind=opts.linear, similarity=opts.linear_similarity,
+                             shape_weight=opts.linear_shape_weight))
     self.setup_s = time.perf_counter() - t0
     train_shape = self.reader.target_shape(**self.reader_options)
     self.train_slice = None if train_shape is None else tuple(train_shape[:2])
