@@ -248,7 +248,9 @@ def run_invert(args: argparse.Namespace) -> int:
     return 2
   ic = res['inverse_consistency_mm']
   print(f"inverse on {res['points']} points of {res['reference']}: inverse-consistency error "
-        f"median {ic['median']} mm, max {ic['max']} mm; {res['outside_fixed_grid']} points map "
+        f"median {ic['median']} mm, max {ic['max']} mm, above a tenth of a voxel at "
+        f"{100 * (ic['over_tenth_voxel_fraction'] or 0):.2f} % of the points; "
+        f"{res['outside_fixed_grid']} points map "
         f"outside the fixed grid (left at 0); {os.path.abspath(args.out)}")
   return 0
 

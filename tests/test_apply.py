@@ -131,6 +131,7 @@ def test_invert_of_an_affine_map_is_its_inverse_and_apply_takes_it_back(result, 
   import json
   stats = json.loads((inv / 'inverse.json').read_text())
   assert stats['inverse_consistency_mm']['p95'] < 1e-3 and stats['outside_fixed_grid'] > 0
+  assert stats['inverse_consistency_mm']['over_tenth_voxel_fraction'] < 0.01
   # a smooth non-linear map: the fixed point iteration still inverts it
   rng = np.random.default_rng(1)
   bumpy = tmp_path / 'bumpy'
@@ -142,6 +143,23 @@ def test_invert_of_an_affine_map_is_its_inverse_and_apply_takes_it_back(result, 
                    '--out', str(tmp_path / 'bumpy_inv')]) == 0
   stats = json.loads((tmp_path / 'bumpy_inv' / 'inverse.json').read_text())
   assert stats['inverse_consistency_mm']['median'] < 0.01, stats
+  # too steep a map (|grad u| > 1 in places): the share of points where the iteration did
+  # not settle, above a tenth of a voxel, as scipy finds it from the written inverse
+  u = u * 8
+  nifti.save_dispvect(str(bumpy / 'disp_mm.nii.gz'), u.astype(np.float32), F_AFF)
+  assert cli.main(['invert', '--transform', str(bumpy), '--reference', str(ref),
+                   '--out', str(tmp_path / 'bumpy_inv'), '--overwrite']) == 0
+  stats = json.loads((tmp_path / 'bumpy_inv' / 'inverse.json').read_text())
+  v, _, _ = _dispvect(tmp_path / 'bumpy_inv' / 'disp_mm.nii.gz')
+  vox = np.moveaxis((q + v - F_AFF[:3, 3]) / np.diag(F_AFF)[:3], -1, 0)
+  u_at = np.stack([ndimage.map_coordinates(u[..., k], vox, order=1, mode='nearest')
+                   for k in range(3)], -1)
+  inside = np.all((vox >= -0.5) & (vox <= np.array(F_SHAPE)[:, None, None, None] - 0.5), 0)
+  inside &= np.abs(v).sum(-1) > 0
+  over = np.linalg.norm(v + u_at, axis=-1)[inside] > 0.1 * np.diag(F_AFF)[:3].min()
+  assert 0.01 < over.mean() < 0.99
+  assert stats['inverse_consistency_mm']['over_tenth_voxel_fraction'] == pytest.approx(
+      over.mean(), abs=2e-3)
 
 
 def _dispvect(path):
