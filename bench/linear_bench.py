@@ -67,13 +67,17 @@ def main(argv=None) -> int:
   p.add_argument('--shape-weight', type=float, default=linear.LinearOptions.shape_weight,
                  help="the penalty on per-axis scales and shears (fmir register's "
                       '--linear-shape-weight; default: its default)')
+  p.add_argument('--max-voxel-steps', type=int, default=linear.LinearOptions.max_voxel_steps,
+                 help='the cap on steps x voxels per scale (default: the stage\'s; a large '
+                      'number lifts it)')
   a = p.parse_args(argv)
   shape = tuple(int(v) for v in a.shape.split(','))
   fixed, body, affine = phantom(shape, (a.spacing,) * 3)
   pts = np.argwhere(body) @ affine[:3, :3].T + affine[:3, 3]
   rng = np.random.default_rng(a.seed)
   aligner = linear.LinearAligner(linear.LinearOptions(kind=a.kind,
-                                                      shape_weight=a.shape_weight))
+                                                      shape_weight=a.shape_weight,
+                                                      max_voxel_steps=a.max_voxel_steps))
   rows = []
   for i in range(a.pairs):
     truth = random_map(rng, a.kind, a.max_deg, a.max_mm, a.max_scale)
@@ -88,7 +92,8 @@ def main(argv=None) -> int:
           f"{r['seconds']:.2f} s (+ {r['compile_s']:.1f} s compiling)", flush=True)
   err = [r['error_mm'] for r in rows]
   secs = [r['seconds'] for r in rows]
-  print(json.dumps({'kind': a.kind, 'shape_weight': a.shape_weight, 'shape': shape, 'spacing_mm': a.spacing,
+  print(json.dumps({'kind': a.kind, 'shape_weight': a.shape_weight,
+                    'max_voxel_steps': a.max_voxel_steps, 'shape': shape, 'spacing_mm': a.spacing,
                     'pairs': a.pairs, 'error_mm_median': float(np.median(err)),
                     'error_mm_max': float(np.max(err)),
                     'seconds_median': float(np.median(secs)), 'rows': rows}))

@@ -189,6 +189,7 @@ def test_each_scale_takes_at_most_its_share_of_voxel_steps():
   assert steps[1] < opts.steps[1] and lrs == opts.lr[:2]
 
 
+@pytest.mark.slow
 def test_the_shape_penalty_pulls_a_true_anisotropic_scale_towards_a_common_one():
   """A known affine with per-axis scales 1.08, 0.93, 1.0: a weight of 0 recovers it; the
   default weight recovers scales closer to their common value, a smaller weight between."""
@@ -201,6 +202,7 @@ def test_the_shape_penalty_pulls_a_true_anisotropic_scale_towards_a_common_one()
     found, rec = linear.LinearAligner(linear.LinearOptions(shape_weight=w)).align(
         moving, fixed, AFFINE)
     spread[w] = np.ptp(np.log(rec.scale))
+    assert rec.shape_weight == w                   # report.json's linear record says it
     if w == 0.0:
       assert _rms_mm(found, truth, body) < 0.3
       np.testing.assert_allclose(rec.scale, scales, atol=0.01)

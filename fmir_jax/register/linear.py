@@ -97,6 +97,7 @@ class LinearRecord:
   """
   kind: str
   similarity: str
+  shape_weight: float
   matrix_mm: tuple[tuple[float, ...], ...]
   start: str
   translation_mm: tuple[float, float, float]
@@ -379,7 +380,9 @@ class LinearAligner:
     r = _euler_deg(t_mm[:3, :3] @ np.linalg.inv(np.diag(np.exp(params[6:9]))
                                                  @ _shear(params[9:])))
     record = LinearRecord(
-        kind=self.options.kind, similarity=self.options.similarity, matrix_mm=tuple(tuple(float(v) for v in row) for row in t_mm),
+        kind=self.options.kind, similarity=self.options.similarity,
+        shape_weight=self.options.shape_weight,
+        matrix_mm=tuple(tuple(float(v) for v in row) for row in t_mm),
         start='centres of mass' if best == 0 else 'principal axes',
         translation_mm=tuple(float(v) for v in t_mm[:3, 3] + t_mm[:3, :3] @ com_f - com_f),
         rotation_deg=r, scale=tuple(float(v) for v in np.exp(params[6:9])),
