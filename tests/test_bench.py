@@ -149,3 +149,21 @@ def test_corner_by_corner_warp_matches_scipy(monkeypatch):
   grad_loop = jax.grad(lambda v, d: jnp.sum(W._warp_batched(v, d) ** 2), (0, 1))(vol, disp)  # pylint: disable=protected-access
   for a, b in zip(grad_one, grad_loop):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+
+
+def test_the_register_profile_prints_the_stages_of_its_batch(tmp_path, capsys):
+  """bench/register_profile.py on two smoke pairs: its medians are those of the batch's
+  summary.json (the second pair's report), and the write stage's parts are its whole."""
+  from bench import register_profile
+  out = tmp_path / 'prof'
+  assert register_profile.main(['--smoke', '--pairs', '2', '--io', '--out', str(out)]) == 0
+  res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  rows = json.loads((out / 'runs' / 'summary.json').read_text())['rows']
+  assert len(rows) == 2 and all(r['status'] == 'ok' for r in rows)
+  second = rows[1]
+  for k in register_profile.STAGES:
+    assert res['median_s'][k] == pytest.approx(second[k])
+  assert second['write_s'] == pytest.approx(
+      second['write_resample_s'] + second['write_metrics_s'] + second['write_files_s'])
+  assert res['total_s'] == pytest.approx(sum(second[k] for k in register_profile.STAGES))
+  assert res['median_s']['refine_s'] > 0 and res['route'] == 'io'

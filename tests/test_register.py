@@ -206,7 +206,12 @@ def test_cli_native_grid_outputs_match_independent_resampler_and_l2r(run_dir, pa
   report = json.loads((out / 'report.json').read_text())
   assert all(n % m == 0 for n, m in zip(report['grid']['shape'], (2, 2, 1)))
   assert set(report['times_s']) == {'load_preprocess_s', 'linear_s', 'features_s', 'compile_s',
-                                    'head_s', 'refine_s', 'write_s'}
+                                    'head_s', 'refine_s', 'write_s', 'write_resample_s',
+                                    'write_metrics_s', 'write_files_s'}
+  t = report['times_s']                  # the write stage's three parts make up its whole
+  assert min(t['write_resample_s'], t['write_metrics_s'], t['write_files_s']) > 0
+  assert t['write_s'] == pytest.approx(t['write_resample_s'] + t['write_metrics_s']
+                                       + t['write_files_s'], rel=1e-9, abs=1e-9)
   assert 0.0 <= report['dice']['mean_before'] <= 1.0
   assert np.isfinite(report['jacobian']['sdlogj'])
   # Output grids are the fixed image's.
