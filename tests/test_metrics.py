@@ -77,6 +77,25 @@ def test_hd95_equals_brute_force_kdtree_oracle(seed, mode):
   assert got > 0
 
 
+@pytest.mark.parametrize("mode", ["union", "max"])
+def test_hd95_of_small_structures_anywhere_in_a_large_grid_equals_the_oracle(mode):
+  """Structures far smaller than the grid, one inside, one across the grid's edge (whose
+  voxels there are surface): the cropped computation equals the brute-force KD-tree."""
+  rng = np.random.default_rng(7)
+  shape, spacing = (60, 50, 30), (1.5, 1.2, 3.0)
+  for corner_a, corner_b in (((20, 15, 10), (24, 18, 12)), ((0, 30, 20), (2, 33, 23)),
+                             ((48, 0, 0), (50, 1, 3))):
+    a = np.zeros(shape, bool)
+    b = np.zeros(shape, bool)
+    a[tuple(slice(c, c + 10) for c in corner_a)] = True
+    b[tuple(slice(c, c + 9) for c in corner_b)] = True
+    a &= rng.random(shape) < 0.9
+    b = ndimage.binary_closing(b | (a & (rng.random(shape) < 0.3)))
+    got = metrics.hd95(a, b, spacing, mode=mode)
+    np.testing.assert_allclose(got, oracles.hd95(a, b, spacing, mode=mode), rtol=1e-12)
+    assert got > 0
+
+
 def test_hd95_of_parallel_slabs_is_their_offset_in_mm_along_each_axis():
   shape = (9, 8, 7)
   for axis in range(3):

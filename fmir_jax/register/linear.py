@@ -288,10 +288,11 @@ class LinearAligner:
     faces are an edge of data only for the moving image (sampled there through the map)."""
     shapes = self._plan(fov.shape, spacing_mm)[0]
     radius = [math.ceil(n / c) for n, c in zip(shapes[0], shapes[-1])]
-    inside = np.asarray(fov) >= 0.999
-    box = np.ones([2 * r + 1 for r in radius], bool)
-    return ndimage.binary_erosion(inside, box, border_value=0 if moving else 1
-                                  ).astype(np.float32)
+    inside = (np.asarray(fov) >= 0.999).astype(np.uint8)
+    # a box erosion as a separable minimum filter: the same voxels, ~50x faster than
+    # binary_erosion with a (2r + 1)^3 structure
+    return ndimage.minimum_filter(inside, size=[2 * r + 1 for r in radius], mode='constant',
+                                  cval=0 if moving else 1).astype(np.float32)
 
   def _compiled(self, shape, spacing_mm, use_mmask: bool):
     plan = self._plan(shape, spacing_mm)
