@@ -156,7 +156,7 @@ def test_the_register_profile_prints_the_stages_of_its_batch(tmp_path, capsys):
   summary.json (the second pair's report), and the write stage's parts are its whole."""
   from bench import register_profile
   out = tmp_path / 'prof'
-  assert register_profile.main(['--smoke', '--pairs', '2', '--io', '--out', str(out)]) == 0
+  assert register_profile.main(['--smoke', '--pairs', '2', '--out', str(out)]) == 0
   res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   rows = json.loads((out / 'runs' / 'summary.json').read_text())['rows']
   assert len(rows) == 2 and all(r['status'] == 'ok' for r in rows)
@@ -166,4 +166,4 @@ def test_the_register_profile_prints_the_stages_of_its_batch(tmp_path, capsys):
   assert second['write_s'] == pytest.approx(
       second['write_resample_s'] + second['write_metrics_s'] + second['write_files_s'])
   assert res['total_s'] == pytest.approx(sum(second[k] for k in register_profile.STAGES))
-  assert res['median_s']['refine_s'] > 0 and res['route'] == 'io'
+  assert res['median_s']['head_s'] > 0 and res['route'] == 'head'
