@@ -209,7 +209,7 @@ def test_the_shape_penalty_pulls_a_true_anisotropic_scale_towards_a_common_one()
   assert spread[1.0] < 0.8 * spread[0.0], spread
 
 
-def test_fmir_register_hands_linear_shape_weight_to_the_stage():
+def test_fmir_register_parses_linear_shape_weight_and_refuses_a_negative_one():
   from fmir_jax import cli
   from fmir_jax.core.errors import RegisterError
   from fmir_jax.register import registrar

@@ -220,7 +220,7 @@ def hd95(pred_mask: np.ndarray, true_mask: np.ndarray, spacing_mm: Sequence[floa
   # Both masks cropped to their joint bounding box: the same surfaces (a voxel on the box's
   # face has no mask beyond it, so it is surface either way) and the same distances (every
   # surface voxel is in the box), at the cost of the structures' size, not the grid's.
-  box = _bounding_box(pred_mask | true_mask)
+  box = ndimage.find_objects((pred_mask | true_mask).astype(np.uint8))[0]
   pred_surf = surface_mask(pred_mask[box], connectivity)
   true_surf = surface_mask(true_mask[box], connectivity)
   d_pt = directed_surface_distances(pred_surf, true_surf, spacing)
@@ -228,15 +228,6 @@ def hd95(pred_mask: np.ndarray, true_mask: np.ndarray, spacing_mm: Sequence[floa
   if mode == "union":
     return float(np.percentile(np.concatenate([d_pt, d_tp]), percentile))
   return float(max(np.percentile(d_pt, percentile), np.percentile(d_tp, percentile)))
-
-
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
-  """Slices of the smallest box holding ``mask``'s voxels (``mask`` not empty)."""
-  box = []
-  for axis in range(mask.ndim):
-    hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-    box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-  return tuple(box)
 
 
 def hd95_per_class(pred_labels: np.ndarray, true_labels: np.ndarray,
