@@ -23,10 +23,12 @@ pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, 'bench', 'register_bench.py')
 ANTS_PYTHON = os.path.join(ROOT, '.venv-ants', 'bin', 'python')
-SETS = ('cardiac', 'abdomen', 'inverted', 'abdomen_misaligned')
+# One set of each kind the bench writes: inverted contrast (its own similarity) and a
+# misaligned variant (the moving header moved); the others run the same code.
+SETS = ('inverted', 'abdomen_misaligned')
 
 
-def _bench(*args, timeout=120):
+def _bench(*args, timeout=300):
   return subprocess.run([sys.executable, BENCH, *args], cwd=ROOT, capture_output=True,
                         text=True, timeout=timeout)
 
@@ -50,10 +52,10 @@ def test_smoke_bench_scores_every_method_on_every_set(run_dir, tmp_path):
   out = tmp_path / 'bench'
   r = _bench('--smoke', '--checkpoint', run_dir, '--out', str(out), '--sets', ','.join(SETS),
              '--methods',
-             'identity,ants_syn,fmir_head,fmir_head_io,fmir_io_zero', '--io-curve', '1')
+             'identity,ants_syn,fmir_head_io,fmir_io_zero', '--io-curve', '1')
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   res = json.loads((out / 'results.json').read_text())
-  methods = ['identity', 'fmir_head', 'fmir_head_io', 'fmir_io_zero']
+  methods = ['identity', 'fmir_head_io', 'fmir_io_zero']
   if _ants_available():
     methods.append('ants_syn')
   else:
