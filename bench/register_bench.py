@@ -82,10 +82,12 @@ from fmir_jax.register import apply as apply_lib  # noqa: E402
 
 ANTS_PYTHON = os.path.join(ROOT, '.venv-ants', 'bin', 'python')
 ANTS_WORKER = os.path.join(ROOT, 'bench', 'ants_worker.py')
-METHODS = ('identity', 'ants_syn', 'fmir_head', 'fmir_head_io', 'fmir_fast', 'fmir_io_zero')
+METHODS = ('identity', 'ants_syn', 'fmir_head', 'fmir_head_io', 'fmir_fast', 'fmir_io_zero',
+           'fmir_head_l1')
 METHOD_NAMES = {'identity': 'identity', 'ants_syn': 'ANTs SyN', 'fmir_head': 'fmir head',
                 'fmir_head_io': 'fmir head + IO', 'fmir_fast': 'fmir --fast',
-                'fmir_io_zero': 'IO from zero'}
+                'fmir_io_zero': 'IO from zero',
+                'fmir_head_l1': 'fmir head to level 1'}   # --head-finest-level 1, no IO
 DEFAULT_METHODS = METHODS[:5]
 
 
@@ -413,7 +415,7 @@ def parse_args(argv):
   p.add_argument('--linear', choices=('affine', 'rigid', 'none'), default=None,
                  help="the fmir methods' linear stage (default: fmir register's default)")
   p.add_argument('--methods', default=','.join(DEFAULT_METHODS),
-                 help=f'subset of {METHODS} (default: all but the last)')
+                 help=f'subset of {METHODS} (default: the first five)')
   p.add_argument('--io-curve', default='',
                  help="fractions of the default IO steps, e.g. '0.1,0.25,0.5': mean Dice of "
                       'IO started from the head and from zero at each budget (per set)')
@@ -455,10 +457,11 @@ def run_set(spec: SetSpec, args, registrars: Registrars | None,
     else:
       from fmir_jax import cli
       fast = method == 'fmir_fast'
-      registrar = registrars.get(spec, refine=method != 'fmir_head',
+      registrar = registrars.get(spec, refine=method not in ('fmir_head', 'fmir_head_l1'),
                                  init='zero' if method == 'fmir_io_zero' else 'head',
                                  budget=cli.FAST_IO_BUDGET if fast else 1.0,
-                                 finest=cli.FAST_HEAD_FINEST_LEVEL if fast else 0)
+                                 finest=cli.FAST_HEAD_FINEST_LEVEL if fast
+                                 else 1 if method == 'fmir_head_l1' else 0)
       rows = run_fmir(method, registrar, spec, pairs, refs, out_root, progress)
     result['methods'][method] = {'pairs': rows, 'summary': summarize(rows)}
   if args.io_curve:

@@ -167,3 +167,26 @@ def test_the_register_profile_prints_the_stages_of_its_batch(tmp_path, capsys):
       second['write_resample_s'] + second['write_metrics_s'] + second['write_files_s'])
   assert res['total_s'] == pytest.approx(sum(second[k] for k in register_profile.STAGES))
   assert res['median_s']['head_s'] > 0 and res['route'] == 'head'
+
+
+
+@pytest.mark.slow
+def test_the_head_profile_times_pieces_that_are_the_forward(tmp_path, capsys):
+  """bench/head_profile.py at smoke size: its pieces, run one after another, give the whole
+  forward's field, and each convolution row's multiply-adds are the closed form
+  27 x cin x cout per voxel (two volumes for the compressor)."""
+  from bench import head_profile
+  assert head_profile.main(['--smoke', '--set', 'cardiac', '--repeats', '1',
+                            '--out', str(tmp_path)]) == 0
+  res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert res['pieces_error_vox'] < 1e-4
+  n, c, levels = res['n'], res['feature_channels'], res['levels']
+  rows = {r['piece']: r for r in res['rows']}
+  voxels = int(np.prod(res['shape']))
+  per_voxel = 27 * ((c + 1) * n + n * 2 * n + 2 * n * n)
+  assert rows['compressor, level 0, both volumes']['macs'] == 2 * per_voxel * voxels
+  blocks = [r for name, r in rows.items() if ': block ' in name]
+  assert len(blocks) == levels
+  level0 = next(r for name, r in rows.items() if name.startswith('level 0: block'))
+  assert level0['macs'] == 27 * (2 * n * 2 * n + 2 * n * 27 + 27 * 3) * voxels
+  assert all(r['s'] > 0 for r in res['rows'])
