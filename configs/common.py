@@ -41,6 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.exact_feature_path = True
   c.model.kernel_init = 'torch'        # authors' PyTorch default; 'he' learns faster
   c.model.flow_init = 'torch'          # field layer init; 'small' = VoxelMorph's N(0, 1e-5)
+  c.model.finest_level = 0             # >0: compressor and head start at that level (lighter)
   c.model.conv_impl = 'auto'           # 'split2d' on CPU (fast XLA:CPU path), 'xla' elsewhere
 
   c.loss = ml_collections.ConfigDict()

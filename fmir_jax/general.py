@@ -2,6 +2,7 @@
 
   python -m fmir_jax.general --out general_out                 # ~1-2 h on 2 CPU cores
   python -m fmir_jax.general --out general_out --ship DIR      # + copy the run for shipping
+  python -m fmir_jax.general --config general_v2 --out general_v2_out   # version 2
 
 Stages, each resumable (run the same command again after a kill):
 1. data: domain-randomised pairs (``feature_extract.synthetic.randomised``, train split) for each
@@ -20,6 +21,7 @@ Writes only under OUT (marked with ``.fmir-general.json``); never deletes anythi
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -40,6 +42,9 @@ from fmir_jax.train import loop
 from fmir_jax.train.head_card import CARD, SHIPPED, seal
 
 MARKER = '.fmir-general.json'
+CONFIGS = ('general', 'general_v2')      # modules of configs/ this command builds
+
+
 class GeneralError(errors.UserError, ValueError):
   """OUT or DIR cannot be used: the message names the folder and the fix."""
 
@@ -58,21 +63,23 @@ def prepare_out(out: str) -> None:
 
 
 def write_data(out: str, *, train_pairs: int, val_pairs: int, seed: int,
-               train_settings=None, val_sets=None, log=print) -> dict[str, tuple[str, dict]]:
+               train_settings=None, val_sets=None, log=print,
+               config=cfg) -> dict[str, tuple[str, dict]]:
   """Stage 1: pairs on disk. Returns {store name: (pairs.csv, custom reader options)}.
 
   train_settings / val_sets: ``randomised.Setting`` and ``phantom_pairs.SetSpec`` lists in the
-  order of ``configs.general.TRAIN`` / ``VAL`` (default: the full-size ones; tests pass
-  small ones).
+  order of ``config.TRAIN`` / ``VAL`` (default: the full-size ones; tests pass small ones).
+  config: the configs/ module (``configs.general`` or ``configs.general_v2``).
   """
   lists = {}
-  settings = train_settings or [randomised.SETTINGS[n.removeprefix('synth_')] for n in cfg.TRAIN]
-  for name, s in zip(cfg.TRAIN, settings):
+  settings = train_settings or [randomised.SETTINGS[n.removeprefix('synth_')]
+                                for n in config.TRAIN]
+  for name, s in zip(config.TRAIN, settings):
     csv_path = randomised.write_pairs(os.path.join(out, 'data', 'synth'), s, train_pairs, seed,
                                  progress=log)
     lists[name] = (csv_path, {'shape': list(s.shape), 'spacing_mm': list(s.spacing_mm)})
   specs = {sp.name: sp for sp in (val_sets or phantom_pairs.set_specs(smoke=False))}
-  for name in cfg.VAL:
+  for name in config.VAL:
     spec = specs[name.removeprefix('val_')]
     folder = os.path.join(out, 'data', name)
     csv_path = os.path.join(folder, 'pairs.csv')
@@ -105,10 +112,10 @@ def extract(out: str, lists: dict[str, tuple[str, dict]], log=print) -> dict[str
   return stores
 
 
-def config_for(stores: dict[str, str], steps: int = 0, seed: int = 0):
-  c = cfg.get_config()
-  c.data.train_stores = tuple(stores[n] for n in cfg.TRAIN)
-  c.data.eval_stores = tuple(stores[n] for n in cfg.VAL)
+def config_for(stores: dict[str, str], steps: int = 0, seed: int = 0, config=cfg):
+  c = config.get_config()
+  c.data.train_stores = tuple(stores[n] for n in config.TRAIN)
+  c.data.eval_stores = tuple(stores[n] for n in config.VAL)
   if steps:
     c.train.num_steps = steps
   c.train.seed = seed
@@ -178,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog='python -m fmir_jax.general',
                               description=__doc__.splitlines()[0],
                               formatter_class=entry.HelpFormatter)
+  p.add_argument('--config', default='general', choices=CONFIGS,
+                 help='the recipe: configs/general.py (the shipped head) or '
+                      'configs/general_v2.py (version 2)')
   p.add_argument('--out', default='general_out', help='working folder (resumable)')
   p.add_argument('--train-pairs', type=int, default=200, help='synthetic pairs per grid')
   p.add_argument('--val-pairs', type=int, default=3, help='validation pairs per phantom set')
@@ -194,10 +204,12 @@ def main(argv=None) -> int:
   workdir = os.path.join(a.out, 'run')
   try:
     prepare_out(a.out)
-    lists = write_data(a.out, train_pairs=a.train_pairs, val_pairs=a.val_pairs, seed=a.seed)
+    config = importlib.import_module(f'configs.{a.config}')
+    lists = write_data(a.out, train_pairs=a.train_pairs, val_pairs=a.val_pairs, seed=a.seed,
+                       config=config)
     stores = extract(a.out, lists)
     t0 = time.perf_counter()
-    loop.train_and_evaluate(config_for(stores, a.steps, a.seed), workdir)
+    loop.train_and_evaluate(config_for(stores, a.steps, a.seed, config), workdir)
     print(f'[train] {workdir}: {time.perf_counter() - t0:.0f} s')
     _, best = ckpt.best_or_latest(workdir, 'best')
     print(f'[train] best checkpoint: step {best}: {loop.read_val_log(workdir).get(best)}')

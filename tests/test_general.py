@@ -58,6 +58,82 @@ def test_images_follow_their_labels_with_one_contrast_or_its_inverse(p_invert, s
   assert within < 0.5 * fixed.var()
 
 
+
+SMALL_V2 = dataclasses.replace(randomised.SETTINGS['iso2'], shape=(28, 24, 20), p_fov_cut=0.0)
+
+
+def test_residual_linear_map_is_scipys_affine_transform():
+  """compose_linear with no deformation: sampling at its field is scipy's affine_transform
+  of the mm map A(p) = M (p - c) + c + t in voxel coordinates; with the identity map it
+  returns the deformation itself."""
+  from scipy import ndimage
+  s = SMALL_V2
+  m, t = randomised.misalignment(np.random.default_rng(4), s)
+  assert np.abs(m - np.eye(3)).max() > 1e-3 and np.abs(t).max() > 0.1
+  sp = np.asarray(s.spacing_mm)
+  img = ndimage.gaussian_filter(np.random.default_rng(1).random(s.shape), 2.0)
+  u = randomised.compose_linear(np.zeros(s.shape + (3,), np.float32), m, t, sp)
+  centre = (np.asarray(s.shape) - 1) / 2 * sp
+  want = ndimage.affine_transform(img, np.diag(1 / sp) @ m @ np.diag(sp),
+                                  offset=(centre - m @ centre + t) / sp, order=1,
+                                  mode='nearest')
+  np.testing.assert_allclose(phantom_pairs.sample(img, u, 1), want, atol=1e-4)
+  v = np.random.default_rng(2).normal(size=s.shape + (3,)).astype(np.float32)
+  np.testing.assert_allclose(randomised.compose_linear(v, np.eye(3), np.zeros(3), sp), v,
+                             atol=1e-5)
+
+
+def test_version2_structures_nest_wall_and_tube_inside_the_blobs():
+  """Cores lie inside one parent label (their 6-neighbours are the core or the parent),
+  walls lie within their thickness of another label, tubes inside the body; ids stay at
+  most max_label."""
+  from scipy import ndimage
+  rng = np.random.default_rng(0)
+  for kind, s in (('core', dataclasses.replace(SMALL_V2, shells=(0, 0), tubes=(0, 0),
+                                                nested=(2, 2))),
+                  ('wall', dataclasses.replace(SMALL_V2, nested=(0, 0), tubes=(0, 0),
+                                                shells=(2, 2))),
+                  ('tube', dataclasses.replace(SMALL_V2, nested=(0, 0), shells=(0, 0),
+                                                tubes=(2, 2)))):
+    base = randomised.label_map(rng, s)
+    out = randomised.add_structures(rng, base, s)
+    new_ids = [k for k in np.unique(out) if k > base.max()]
+    assert new_ids and max(new_ids) <= s.max_label, kind
+    for k in new_ids:
+      part = out == k
+      if kind == 'core':
+        (parent,) = np.unique(base[part])
+        ring = ndimage.binary_dilation(part) & ~part
+        assert set(np.unique(out[ring])) <= {k, int(parent)} | set(new_ids), kind
+      elif kind == 'wall':
+        (parent,) = np.unique(base[part])
+        dist = ndimage.distance_transform_edt(base == parent, sampling=s.spacing_mm)
+        assert dist[part].max() <= s.shell_mm[1] + 1e-6
+        assert ((out == parent).sum()) > 0              # the wall encloses a remainder
+      else:
+        assert (base[part] > 0).all()
+
+
+def test_version2_pairs_follow_the_total_map_and_cut_one_field_of_view():
+  """A version-2 pair's moving labels are the fixed labels at x + u(x) (deformation and
+  residual linear map; scipy nearest neighbour); with a field-of-view cut one image and
+  its labels are 0 on a slab at one side."""
+  fixed, moving, fixed_lab, moving_lab, u = randomised.draw_pair(SMALL_V2, 1, 3)
+  np.testing.assert_array_equal(
+      moving_lab, oracles.warp_nearest(fixed_lab, u, mode='nearest', coord_dtype=np.float32))
+  assert metrics.folding_fraction(u, crop=0) == 0.0
+  s = dataclasses.replace(SMALL_V2, p_fov_cut=1.0)
+  cut = randomised.draw_pair(s, 1, 3)
+  slabs = []
+  for img, lab in ((cut[0], cut[2]), (cut[1], cut[3])):
+    for axis in range(3):
+      for side in (0, -1):
+        face = np.take(img, side, axis=axis)
+        if np.all(face == 0) and np.all(np.take(lab, side, axis=axis) == 0):
+          slabs.append(axis)
+  assert slabs, 'no image lost a slab of its field of view'
+
+
 def test_pair_lists_resume_and_the_custom_reader_reads_them(tmp_path):
   csv = randomised.write_pairs(str(tmp_path), SMALL, 2, seed=0)
   first = tmp_path / 'iso' / 'pair0000_fixed.nii.gz'
@@ -115,16 +191,20 @@ def test_validation_store_settings_match_by_dataset_and_spacing():
 
 @pytest.fixture(scope='module')
 def general_run(tmp_path_factory):
-  """configs/general.py shrunk: 3 generated pairs per grid, 1 validation pair per phantom
-  set, 12 steps."""
+  """configs/general_v2.py shrunk (its three grids small, the head from level 1): 3 generated
+  pairs per grid, 1 validation pair per phantom set, 12 steps."""
+  from configs import general_v2
   from fmir_jax.train import loop
   out = str(tmp_path_factory.mktemp('general'))
   general.prepare_out(out)
-  lists = general.write_data(out, train_pairs=3, val_pairs=1, seed=0,
-                             train_settings=[SMALL, SMALL_ANISO],
-                             val_sets=phantom_pairs.set_specs(smoke=True), log=lambda s: None)
+  small = [dataclasses.replace(randomised.SETTINGS[n.removeprefix('synth_')], shape=shape)
+           for n, shape in zip(general_v2.TRAIN, ((24, 24, 20), (32, 32, 6), (24, 24, 10)))]
+  lists = general.write_data(out, train_pairs=3, val_pairs=1, seed=0, train_settings=small,
+                             val_sets=phantom_pairs.set_specs(smoke=True), log=lambda s: None,
+                             config=general_v2)
   stores = general.extract(out, lists, log=lambda s: None)
-  c = general.config_for(stores, steps=12)
+  c = general.config_for(stores, steps=12, config=general_v2)
+  assert c.model.finest_level == 1
   c.model.n, c.model.levels, c.feature_channels = 4, 3, 8
   c.loss.ncc_windows = c.loss.ncc_windows[:3]
   c.train.eval_every = c.train.checkpoint_every = 6
@@ -142,7 +222,8 @@ def test_short_general_training_lowers_the_loss_and_validates_out_of_domain(gene
   assert len(losses) == 12 and np.isfinite(losses).all()
   assert np.mean(losses[-4:]) < np.mean(losses[:4])
   info = json.load(open(os.path.join(workdir, 'run.json')))
-  assert [s['factors'] for s in info['store_settings']] == [[2, 2, 2], [2, 2, 1]]
+  assert [s['factors'] for s in info['store_settings']] == [[2, 2, 2], [2, 2, 1], [2, 2, 1]]
+  assert info['model']['finest_level'] == 1
   val = [json.loads(line) for line in open(os.path.join(workdir, 'val.jsonl'))]
   assert [v['step'] for v in val] == [6, 12]
   assert all(0 < v['initial_dice'] < 1 for v in val)

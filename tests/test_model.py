@@ -178,3 +178,57 @@ def test_head_stopping_at_level_1_upsamples_that_levels_field():
   slab = nnx.jit(lambda m, a, b: S.forward_in_slabs(m, a, b, rows=4, finest=1).disp)(
       model, moving, fixed)
   np.testing.assert_allclose(slab, fast.disp, rtol=0, atol=2e-6)
+
+
+def test_inputs_at_a_coarser_grid_are_the_resized_level0_volumes():
+  """inputs_at: the image and the upsampled features on a coarser grid equal scipy's
+  align-corners linear resize of the level-0 image and upsampled feature volume."""
+  from fmir_jax.ops import upsample
+  moving, _ = _random_pair(np.random.default_rng(3), (16, 12, 6))
+  coarse = M.inputs_at(moving, (8, 6, 3))
+  full_feat = np.asarray(upsample.upsample_features(moving['feat'], moving['interp_h'],
+                                                    moving['interp_w'])[0], np.float64)
+  got = upsample.upsample_features(coarse['feat'], coarse['interp_h'], coarse['interp_w'])
+  np.testing.assert_allclose(got[0], oracles.resize(full_feat, (8, 6, 3), backend='scipy'),
+                             rtol=0, atol=1e-5)
+  image = np.asarray(moving['image'][0], np.float64)[..., None]
+  np.testing.assert_allclose(coarse['image'][0],
+                             oracles.resize(image, (8, 6, 3), backend='scipy')[..., 0],
+                             rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_head_trained_from_level_1_has_no_level0_arithmetic_and_upsamples_its_field():
+  """finest_level=1: the compressor runs on the level-1 grid (its parameters are those of a
+  level-0 compressor applied to inputs_at), the output is the level-1 field upsampled
+  (scipy oracle), level 0 carries that field and a zero residual for the loss, and the
+  training loss has finite gradients for every block but level 0's."""
+  cfg = M.FMIRConfig(feature_channels=5, n=4, levels=3, factors=(2, 2, 1), integration_steps=2,
+                     kernel_init='he', finest_level=1)
+  model = M.FMIR(cfg, rngs=nnx.Rngs(2))
+  h, w, d = 16, 12, 5
+  moving, fixed = _random_pair(np.random.default_rng(5), (h, w, d))
+  out = nnx.jit(lambda m, a, b: m(a, b))(model, moving, fixed)
+  _, shapes = model.plan(moving['image'].shape)
+  both = {k: jnp.concatenate([moving[k], fixed[k]], 0) for k in M.INPUT_KEYS}
+  f1 = model.encode(*(M.inputs_at(both, shapes[1])[k] for k in M.INPUT_KEYS))
+  assert f1.shape[1:4] == shapes[1]
+  u1 = np.asarray(out.u_levels[1][0], np.float64)
+  ref = model.level_loop([None, (f1[:1], f1[1:])] + [
+      tuple(M.W.resize(f, s) for f in (f1[:1], f1[1:])) for s in shapes[2:]],
+      shapes, model.plan(moving['image'].shape)[0], finest=1)
+  np.testing.assert_allclose(u1, ref.u_levels[1][0], rtol=0, atol=1e-5)
+  want = oracles.resize(u1, (h, w, d), backend='scipy') * np.array([2, 2, 1])
+  np.testing.assert_allclose(out.disp[0], want, rtol=0, atol=1e-5)
+  np.testing.assert_array_equal(out.u_levels[0], out.disp)
+  assert float(jnp.abs(out.v_levels[0]).max()) == 0.0 and out.v_levels[0].shape[1:4] == (h, w, d)
+  spec = step_lib.LossSpec(ncc=1.0, smooth=1.0, windows=(5, 3, 3))
+
+  def loss(params):
+    m = nnx.merge(nnx.graphdef(model), params)
+    return step_lib.registration_loss(m(moving, fixed), moving, fixed, spec)[0]
+
+  grads = jax.grad(loss)(nnx.state(model, nnx.Param))
+  norms = {k: float(optax.tree.norm(v)) for k, v in grads['blocks'].items()}
+  assert np.isfinite(float(loss(nnx.state(model, nnx.Param))))
+  assert norms[0] == 0.0 and all(norms[i] > 0 for i in (1, 2)), norms

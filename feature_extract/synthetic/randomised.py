@@ -49,6 +49,19 @@ class Setting:
   through_plane: float = 1.0                  # scale of the last-axis displacement
   p_invert: float = 0.3
   p_body: float = 0.6                         # probability of a body outline in air
+  # Version 2 (``anatomy``): structures real anatomy has and blobs do not, and the residual
+  # misalignment a linear stage leaves; all off in the version-1 settings, whose pairs stay
+  # the same draw for draw.
+  nested: tuple[int, int] = (0, 0)            # labels that grow an inner structure (core)
+  shells: tuple[int, int] = (0, 0)            # labels that grow a thin wall (sheet, mm below)
+  shell_mm: tuple[float, float] = (1.5, 3.0)
+  tubes: tuple[int, int] = (0, 0)             # tubular structures (vessels, bowel, airways)
+  tube_mm: tuple[float, float] = (1.5, 4.0)   # their radius
+  misalign_deg: float = 0.0                   # residual rotation, uniform +- per axis
+  misalign_mm: float = 0.0                    # residual translation, uniform +- per axis
+  misalign_scale: float = 0.0                 # residual per-axis scale, uniform 1 +-
+  p_fov_cut: float = 0.0                      # one image loses a slab of its field of view
+  max_label: int = 15                         # labels 1..max_label (the Dice's classes)
 
 
 SETTINGS = {
@@ -57,6 +70,17 @@ SETTINGS = {
     # anisotropic stacks of thick slices, the scale of cine cardiac MR
     'aniso': Setting('aniso', (80, 80, 12), (1.6, 1.6, 8.0), through_plane=0.3),
 }
+# Version 2 (configs/general_v2.py): fewer blobs, nested cores, thin walls and tubes among
+# them, larger deformations, a residual linear misalignment of the size the linear stage
+# leaves (a few degrees, mm and per cent), field-of-view cuts, and a third, moderately
+# anisotropic grid between the two.
+_V2 = dict(labels=(4, 9), nested=(0, 2), shells=(0, 2), tubes=(0, 3), disp_mm=(2.0, 14.0),
+           misalign_deg=4.0, misalign_mm=4.0, misalign_scale=0.04, p_fov_cut=0.3)
+SETTINGS.update({
+    'iso2': Setting('iso2', (48, 48, 48), (2.0, 2.0, 2.0), **_V2),
+    'aniso2': Setting('aniso2', (80, 80, 12), (1.6, 1.6, 8.0), through_plane=0.3, **_V2),
+    'mid2': Setting('mid2', (56, 56, 28), (1.8, 1.8, 3.5), through_plane=0.6, **_V2),
+})
 
 
 def _smooth_noise(rng: np.random.Generator, shape, sigma_vox) -> np.ndarray:
@@ -87,6 +111,97 @@ def label_map(rng: np.random.Generator, s: Setting) -> np.ndarray:
   return labels
 
 
+def _count(rng: np.random.Generator, bounds: tuple[int, int]) -> int:
+  """A count uniform in ``bounds``; no draw when the feature is off (version-1 streams)."""
+  return int(rng.integers(bounds[0], bounds[1] + 1)) if bounds[1] > 0 else 0
+
+
+def add_structures(rng: np.random.Generator, labels: np.ndarray, s: Setting) -> np.ndarray:
+  """Nested cores, thin walls and tubes as new labels K+1, ... (at most ``max_label``).
+
+  core: the part of a label deeper than 35-65 % of its largest depth (mm); wall: the part
+  of a label within ``shell_mm`` of another label (an enclosing sheet, at least a voxel
+  thick in-plane); tube: the voxels within a radius of a random smooth curve, inside the body.
+  """
+  spacing = np.asarray(s.spacing_mm, float)
+  out = labels.copy()
+  next_id = int(labels.max()) + 1
+  kinds = ['core'] * _count(rng, s.nested) + ['wall'] * _count(rng, s.shells) \
+      + ['tube'] * _count(rng, s.tubes)
+  for kind in kinds:
+    if next_id > s.max_label:
+      break
+    if kind == 'tube':
+      part = _tube(rng, s, spacing) & (labels > 0)
+      rest = 8
+    else:
+      present = [int(k) for k in np.unique(out) if 0 < k <= labels.max()]
+      region = out == int(rng.choice(present))
+      depth = ndimage.distance_transform_edt(region, sampling=spacing)
+      if kind == 'core':
+        part = depth > rng.uniform(0.35, 0.65) * depth.max()
+      else:
+        part = region & (depth <= max(rng.uniform(*s.shell_mm), spacing.min()))
+      rest = int((region & ~part).sum())      # a wall around nothing is a relabel
+    if part.sum() >= 8 and rest >= 8:         # structures a Dice can see
+      out[part] = next_id
+      next_id += 1
+  return out
+
+
+def _tube(rng: np.random.Generator, s: Setting, spacing: np.ndarray) -> np.ndarray:
+  """(H, W, D) bool: a tube of radius ``tube_mm`` around a smoothly turning random path."""
+  extent = np.asarray(s.shape) * spacing
+  step = 0.5 * spacing.min()
+  n = int(rng.uniform(0.5, 1.5) * extent.max() / step)
+  d0 = rng.standard_normal(3)
+  dirs = d0 / np.linalg.norm(d0) + 0.05 * np.cumsum(rng.standard_normal((n, 3)), axis=0)
+  dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+  path_mm = rng.uniform(0.2, 0.8, 3) * extent + step * np.cumsum(dirs, axis=0)
+  idx = np.round(path_mm / spacing).astype(int)
+  idx = idx[np.all((idx >= 0) & (idx < np.asarray(s.shape)), axis=1)]
+  centre = np.ones(s.shape, bool)
+  centre[tuple(idx.T)] = False
+  return ndimage.distance_transform_edt(centre, sampling=spacing) <= rng.uniform(*s.tube_mm)
+
+
+def misalignment(rng: np.random.Generator, s: Setting) -> tuple[np.ndarray, np.ndarray]:
+  """(M (3, 3), t_mm (3,)): a residual linear map about the grid centre, rotations about
+  the in-plane axes scaled by ``through_plane`` (a tilt of the slice stack is small)."""
+  ang = np.deg2rad(rng.uniform(-1.0, 1.0, 3) * s.misalign_deg)
+  ang[:2] *= s.through_plane
+  c, n = np.cos(ang), np.sin(ang)
+  rx = np.array([[1, 0, 0], [0, c[0], -n[0]], [0, n[0], c[0]]])
+  ry = np.array([[c[1], 0, n[1]], [0, 1, 0], [-n[1], 0, c[1]]])
+  rz = np.array([[c[2], -n[2], 0], [n[2], c[2], 0], [0, 0, 1]])
+  scale = np.diag(1.0 + rng.uniform(-1.0, 1.0, 3) * s.misalign_scale)
+  return rx @ ry @ rz @ scale, rng.uniform(-1.0, 1.0, 3) * s.misalign_mm
+
+
+def compose_linear(u_vox: np.ndarray, m: np.ndarray, t_mm: np.ndarray,
+                   spacing_mm) -> np.ndarray:
+  """The displacement (voxels) of x -> A(x + u(x)), A(p) = M (p - c) + c + t in mm about
+  the grid centre c: the deformation first, then the residual linear map."""
+  spacing = np.asarray(spacing_mm, float)
+  shape = u_vox.shape[:3]
+  grid_mm = np.moveaxis(np.indices(shape, dtype=np.float64), 0, -1) * spacing
+  centre = (np.asarray(shape) - 1) / 2 * spacing
+  p = grid_mm + u_vox * spacing
+  out_mm = (p - centre) @ m.T + centre + t_mm - grid_mm
+  return (out_mm / spacing).astype(np.float32)
+
+
+def fov_cut(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray) -> None:
+  """In place: a slab of 5-20 % of one axis at one side is outside this image's field of
+  view (background 0, label 0), as a scan shorter than its partner's."""
+  axis, side = int(rng.integers(3)), int(rng.integers(2))
+  depth = max(1, int(round(rng.uniform(0.05, 0.2) * image.shape[axis])))
+  cut = [slice(None)] * 3
+  cut[axis] = slice(0, depth) if side == 0 else slice(image.shape[axis] - depth, None)
+  image[tuple(cut)] = 0.0
+  labels[tuple(cut)] = 0
+
+
 def render(rng: np.random.Generator, labels: np.ndarray, means: np.ndarray,
            texture: np.ndarray, spacing_mm) -> np.ndarray:
   """One image of a label map: per-label means (K + 1,) + texture (H, W, D; it moves with
@@ -105,13 +220,17 @@ def render(rng: np.random.Generator, labels: np.ndarray, means: np.ndarray,
 def draw_pair(s: Setting, index: int, seed: int
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """(fixed image, moving image, fixed labels, moving labels, disp_vox (H, W, D, 3)):
-  moving = fixed structures at x + disp_vox(x). Random stream [seed, setting, index]."""
+  moving = fixed structures at x + disp_vox(x) (deformation, then the residual linear map
+  when the setting has one). Random stream [seed, setting, index]."""
   stream = list(SETTINGS).index(s.name) if s.name in SETTINGS else zlib.crc32(s.name.encode())
   rng = np.random.default_rng([seed, stream, index])
   fixed_lab = label_map(rng, s)
+  fixed_lab = add_structures(rng, fixed_lab, s)
   u = random_deformation(s.shape, s.spacing_mm, rng.uniform(*s.disp_mm),
                          rng.uniform(*s.smooth_mm), s.through_plane,
                          np.ones(s.shape, bool), rng)
+  if s.misalign_deg or s.misalign_mm or s.misalign_scale:
+    u = compose_linear(u, *misalignment(rng, s), s.spacing_mm)
   moving_lab = sample(fixed_lab, u, 0).astype(np.uint8)
   k = int(fixed_lab.max()) + 1
   means = rng.uniform(0.0, 1.0, size=k).astype(np.float32)
@@ -122,6 +241,9 @@ def draw_pair(s: Setting, index: int, seed: int
   moving = render(rng, moving_lab, means, sample(texture, u, 1), s.spacing_mm)
   if rng.uniform() < s.p_invert:
     moving = 1.0 - moving
+  if s.p_fov_cut and rng.uniform() < s.p_fov_cut:
+    image, labels = ((fixed, fixed_lab), (moving, moving_lab))[int(rng.integers(2))]
+    fov_cut(rng, image, labels)
   return fixed, moving, fixed_lab, moving_lab, u
 
 

@@ -35,7 +35,8 @@ def make_predict(graphdef, *, c_prime: int, factors=None, slab_rows='auto',
     moving, fixed = dict(moving, feat=fm), dict(fixed, feat=ff)
     rows = slab_rows
     if rows == 'auto':
-      rows = None if model.cfg.head_instance_norm else slabs.auto_slab_rows(
+      whole = model.cfg.head_instance_norm or model.cfg.finest_level
+      rows = None if whole else slabs.auto_slab_rows(
           moving['image'].shape[1:4], moving['image'].shape[0], model.cfg.n)
     if rows is None:
       return model(moving, fixed, factors=factors, finest=finest_level).disp

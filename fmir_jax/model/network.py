@@ -66,6 +66,10 @@ class FMIRConfig:
   kernel_init: str = 'torch'          # 'torch' (authors: PyTorch default) or 'he' (hidden convs)
   conv_impl: str = 'auto'             # 3D conv kernels: 'auto' | 'split2d' | 'xla' (conv.py)
   flow_init: str = 'torch'            # last conv (27 -> 3): 'torch' or 'small' (VoxelMorph)
+  # The compressor and the head start at this pyramid level; the finer levels get its
+  # field upsampled (0: the paper). Level 0 holds most of the arithmetic (bench/head_profile.py).
+  # The blocks below it are kept untrained, so that every level keeps its index.
+  finest_level: int = 0
 
   @classmethod
   def from_dict(cls, d) -> 'FMIRConfig':
@@ -82,6 +86,22 @@ def check_same_grid(moving, fixed) -> None:
   if moving['image'].shape != fixed['image'].shape:
     raise ValueError(f'moving {moving["image"].shape} and fixed {fixed["image"].shape} '
                      'images must share one grid')
+
+
+def inputs_at(inputs: dict, shape) -> dict:
+  """The model's inputs of a volume on a coarser grid ``shape`` (H', W', D'): the image and
+  the upsampled features are what ``W.resize`` of the level-0 volumes gives, without the
+  level-0 feature volume: the slice axis is resized on the patch grid and the in-plane
+  interpolation matrices are composed with the resize's (everything is linear)."""
+  h, w, d = shape
+  feat = inputs['feat']                                  # (B, D, h, w, c)
+  m_d = jnp.asarray(W.lerp_matrix(feat.shape[1], d), feat.dtype)
+  m_h = jnp.asarray(W.lerp_matrix(inputs['interp_h'].shape[1], h))
+  m_w = jnp.asarray(W.lerp_matrix(inputs['interp_w'].shape[1], w))
+  return {'image': W.resize(inputs['image'][..., None].astype(jnp.float32), shape)[..., 0],
+          'feat': jnp.einsum('eD,bDhwc->behwc', m_d, feat),
+          'interp_h': jnp.einsum('Hk,bkh->bHh', m_h, inputs['interp_h']),
+          'interp_w': jnp.einsum('Wk,bkw->bWw', m_w, inputs['interp_w'])}
 
 
 class FMIROutput(NamedTuple):
@@ -161,6 +181,9 @@ class FMIR(nnx.Module):
   """Compressor + pyramid head. Inputs are channel-regularised patch-grid features."""
 
   def __init__(self, cfg: FMIRConfig, *, rngs: nnx.Rngs):
+    if not 0 <= cfg.finest_level < cfg.levels:
+      raise ValueError(f'finest_level {cfg.finest_level}: use 0..{cfg.levels - 1} for a '
+                       f'{cfg.levels}-level head')
     self.cfg = cfg
     self.compressor = Compressor(cfg, rngs=rngs)
     self.blocks = nnx.List([LevelBlock(cfg, rngs=rngs) for _ in range(cfg.levels)])
@@ -189,7 +212,10 @@ class FMIR(nnx.Module):
       ``blocks[0](warp(x_moving, u_up), y_fixed)`` (slab-wise execution, ``fmir_jax.model.slabs``).
     finest: the finest level whose block runs (inference only; 0: all). The field of that
       level is upsampled to level 0 as the level loop upsamples it between levels, and the
-      levels below it have no ``v_levels``/``u_levels`` entry.
+      levels below it have no ``v_levels``/``u_levels`` entry, except those below the
+      config's ``finest_level`` (a head trained without them): the upsampled field and a
+      zero residual, which the training loss reads.
+    pyramid: per level (moving, fixed) features; entries below ``finest`` are not read.
     """
     cfg = self.cfg
     if not 0 <= finest < cfg.levels:
@@ -211,8 +237,11 @@ class FMIR(nnx.Module):
       v_levels[i], u_levels[i] = v, u
       if i > 0:
         u_up = W.resize_field(u, shapes[i - 1], fac[i - 1])
-    for i in range(finest - 1, 0, -1):
-      u_up = W.resize_field(u_up, shapes[i - 1], fac[i - 1])
+    for j in range(finest - 1, -1, -1):          # u_up: level j's field
+      if j < cfg.finest_level:
+        v_levels[j], u_levels[j] = jnp.zeros_like(u_up), u_up
+      if j > 0:
+        u_up = W.resize_field(u_up, shapes[j - 1], fac[j - 1])
     disp = u_levels[0] if finest == 0 else u_up
     return FMIROutput(disp=disp, v_levels=tuple(v_levels), u_levels=tuple(u_levels))
 
@@ -231,7 +260,10 @@ class FMIR(nnx.Module):
     check_same_grid(moving, fixed)
     fac, shapes = self.plan(moving['image'].shape, factors)
     b = moving['image'].shape[0]
+    start = self.cfg.finest_level
     both = {k: jnp.concatenate([moving[k], fixed[k]], axis=0) for k in INPUT_KEYS}
-    f0 = self.encode(*(both[k] for k in INPUT_KEYS))      # one pass for moving and fixed
-    return self.level_loop(self.feature_pyramid(f0[:b], f0[b:], shapes), shapes, fac,
-                           finest=finest)
+    if start:
+      both = inputs_at(both, shapes[start])
+    f = self.encode(*(both[k] for k in INPUT_KEYS))      # one pass for moving and fixed
+    pyramid = [None] * start + self.feature_pyramid(f[:b], f[b:], shapes[start:])
+    return self.level_loop(pyramid, shapes, fac, finest=max(finest, start))

@@ -94,6 +94,8 @@ def forward_in_slabs(model: model_lib.FMIR, moving, fixed, *, rows: int,
   if model.cfg.head_instance_norm:
     raise ValueError('slab-wise inference needs head_instance_norm=False (instance norm '
                      'takes statistics over the whole volume): use whole volumes')
+  if model.cfg.finest_level:        # no level-0 activation to bound: the whole volume
+    return model(moving, fixed, factors=factors, finest=finest)
   model_lib.check_same_grid(moving, fixed)
   fac, shapes = model.plan(moving['image'].shape, factors)
   comp = model.compressor

@@ -273,6 +273,16 @@ def _axis_lerp(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
   return i0, i1, w
 
 
+def lerp_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """(n_out, n_in) float32 matrix of an align-corners linear resize of one axis (``resize``
+  along that axis is this matrix applied to it)."""
+  i0, i1, w = _axis_lerp(n_in, n_out)
+  m = np.zeros((n_out, n_in), np.float64)
+  np.add.at(m, (np.arange(n_out), i0), 1.0 - w)
+  np.add.at(m, (np.arange(n_out), i1), w)
+  return m.astype(np.float32)
+
+
 def resize(vol: jax.Array, out_shape: Sequence[int]) -> jax.Array:
   """Trilinear align-corners resize of the 3 spatial axes (separable gather + lerp).
 

@@ -108,7 +108,7 @@ def _field_problem(field: dataclasses.Field, v) -> str | None:
   if isinstance(default, bool):
     return None if isinstance(v, bool) else 'must be true or false'
   if isinstance(default, int):
-    low = 0 if field.name == 'integration_steps' else 1
+    low = 0 if field.name in ('integration_steps', 'finest_level') else 1
     return None if isinstance(v, int) and not isinstance(v, bool) and v >= low else \
         f'must be an integer >= {low}'
   if isinstance(default, str):

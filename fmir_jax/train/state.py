@@ -32,7 +32,8 @@ def model_config(config, feature_channels_in: int) -> model_lib.FMIRConfig:
       exact_feature_path=bool(m.exact_feature_path),
       kernel_init=str(m.get('kernel_init', 'torch')),
       conv_impl=str(m.get('conv_impl', 'auto')),
-      flow_init=str(m.get('flow_init', 'torch')))
+      flow_init=str(m.get('flow_init', 'torch')),
+      finest_level=int(m.get('finest_level', 0)))
 
 
 def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
