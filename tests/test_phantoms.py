@@ -119,3 +119,40 @@ def test_abdomen_phantoms(tmp_path):
   assert v.image.shape == (96, 80, 128) and v.labels.max() <= 13
   with pytest.raises(ValueError, match="layout='nii'"):
     phantoms.write_abdomen_phantoms(tmp_path, 1, seed=0, layout="nii")
+
+
+def test_acdc_cine_holds_the_cycle_with_the_frame_files_at_ed_and_es(tmp_path):
+  """cine=True: patientNNN_4d.nii.gz has NbFrame frames on the frames' grid; its ED and ES
+  frames are the frame files voxel for voxel, and those files are the same as without the
+  cine; the LV cavity (label 3 of each frame's heart, counted in voxels) is largest at ED
+  and smallest at ES, and every other frame lies between."""
+  import nibabel as nib
+  plain, with_cine = tmp_path / 'plain', tmp_path / 'cine'
+  phantoms.write_acdc_phantoms(str(plain), 1, seed=3, first_id=7, inplane_size=(40, 48))
+  (p,) = phantoms.write_acdc_phantoms(str(with_cine), 1, seed=3, first_id=7,
+                                      inplane_size=(40, 48), cine=True)
+  folder = with_cine / 'training' / 'patient007'
+  series = nib.load(str(folder / 'patient007_4d.nii.gz'))
+  data = np.asarray(series.dataobj)
+  info = open(folder / 'Info.cfg').read()
+  assert f'NbFrame: {phantoms.n_frames(p)}\n' in info
+  assert data.shape == p.shape + (phantoms.n_frames(p),) and data.dtype == np.int16
+  for number in (p.ed_frame, p.es_frame):
+    name = f'patient007_frame{number:02d}.nii.gz'
+    frame = np.asarray(nib.load(str(folder / name)).dataobj)
+    np.testing.assert_array_equal(data[..., number - 1], frame)
+    np.testing.assert_array_equal(
+        frame, np.asarray(nib.load(str(plain / 'training' / 'patient007' / name)).dataobj))
+  np.testing.assert_allclose(series.affine, p.affine)
+  assert phantoms.contraction(p, p.ed_frame) == 0.0
+  assert phantoms.contraction(p, p.es_frame) == 1.0
+  nx, ny, nz = p.shape
+  s, _, t = p.spacing_mm
+  x = ((np.arange(nx) - (nx - 1) / 2) * s)[:, None, None]
+  y = ((np.arange(ny) - (ny - 1) / 2) * s)[None, :, None]
+  z = (np.arange(nz) * t)[None, None, :]
+  lv = [int(np.sum(phantoms.heart_labels(phantoms.heart_at(p, f), x, y, z) == 3))
+        for f in range(1, phantoms.n_frames(p) + 1)]
+  assert int(np.argmax(lv)) + 1 == p.ed_frame and int(np.argmin(lv)) + 1 == p.es_frame
+  assert lv[p.es_frame - 1] < 0.8 * lv[p.ed_frame - 1]
+  assert not np.array_equal(data[..., p.ed_frame], data[..., p.ed_frame - 1])

@@ -220,8 +220,34 @@ def _acdc_frame(p: AcdcPhantom, h: HeartParams, rng: np.random.Generator,
   return img * body["gain"], lab
 
 
+def n_frames(p: AcdcPhantom) -> int:
+  """Frames of the phantom's cardiac cycle (Info.cfg's NbFrame)."""
+  return p.es_frame + 12
+
+
+def contraction(p: AcdcPhantom, frame: int) -> float:
+  """How far frame ``frame`` (1-based) is from ED towards ES, in [0, 1]: a half cosine
+  from ED (0) to ES (1), then back over the rest of the cycle (frame NbFrame + ED is ED
+  again); frames before ED belong to the end of the previous cycle."""
+  cycle = n_frames(p)
+  t = frame if frame >= p.ed_frame else frame + cycle
+  if t <= p.es_frame:
+    return float(0.5 * (1 - np.cos(np.pi * (t - p.ed_frame) / (p.es_frame - p.ed_frame))))
+  return float(0.5 * (1 + np.cos(np.pi * (t - p.es_frame) / (cycle + p.ed_frame - p.es_frame))))
+
+
+def heart_at(p: AcdcPhantom, frame: int) -> HeartParams:
+  """The heart of any frame: every parameter between ED's and ES's by ``contraction``."""
+  w = contraction(p, frame)
+  mix = lambda a, b: tuple(mix(x, y) for x, y in zip(a, b)) if isinstance(a, tuple) \
+      else (1 - w) * a + w * b                                    # noqa: E731
+  return HeartParams(**{f.name: mix(getattr(p.ed, f.name), getattr(p.es, f.name))
+                        for f in dataclasses.fields(HeartParams)})
+
+
 def write_acdc_phantoms(root: str, n_patients: int, seed: int, first_id: int = 1, *,
-                        inplane_size: tuple[int, int] = (160, 260)) -> list[AcdcPhantom]:
+                        inplane_size: tuple[int, int] = (160, 260),
+                        cine: bool = False) -> list[AcdcPhantom]:
   """Writes phantom patients ``first_id .. first_id + n_patients - 1`` in the raw layout.
 
   ROOT/training/patientNNN (ids 1-100) or ROOT/testing/patientNNN (101-150), each with
@@ -234,6 +260,10 @@ def write_acdc_phantoms(root: str, n_patients: int, seed: int, first_id: int = 1
     seed: random seed; patient ``i`` is the same for a given seed whatever ``n_patients``.
     first_id: first patient number (1-150).
     inplane_size: (min, max) in-plane voxel count per axis (smaller is faster).
+    cine: also the whole cycle as ``patientNNN_4d.nii.gz`` (X, Y, Z, T; int16, as the
+      release), NbFrame frames whose heart is ``heart_at`` each frame; its ED and ES
+      frames are the frame files, voxel for voxel (the other frames' noise is drawn from
+      a stream of their own, so the ED/ES files are the same with or without it).
 
   Returns:
     The drawn phantom parameters, one per patient.
@@ -255,14 +285,23 @@ def write_acdc_phantoms(root: str, n_patients: int, seed: int, first_id: int = 1
     texture = _waves(rng, 6, (8, 30))
     folder = os.path.join(root, "training" if pid <= 100 else "testing", f"patient{pid:03d}")
     os.makedirs(folder, exist_ok=True)
+    frames = {}
     for number, h in ((p.ed_frame, p.ed), (p.es_frame, p.es)):
       img, lab = _acdc_frame(p, h, rng, texture, body)
       stem = os.path.join(folder, f"patient{pid:03d}_frame{number:02d}")
-      _write(stem + ".nii.gz", np.round(img).astype(np.int16), p.affine)
+      frames[number] = np.round(img).astype(np.int16)
+      _write(stem + ".nii.gz", frames[number], p.affine)
       _write(stem + "_gt.nii.gz", lab, p.affine)
+    if cine:
+      cine_rng = np.random.default_rng([seed, pid, 2])
+      series = [frames[t] if t in frames else np.round(
+          _acdc_frame(p, heart_at(p, t), cine_rng, texture, body)[0]).astype(np.int16)
+          for t in range(1, n_frames(p) + 1)]
+      _write(os.path.join(folder, f"patient{pid:03d}_4d.nii.gz"), np.stack(series, -1),
+             p.affine)
     with open(os.path.join(folder, "Info.cfg"), "w") as f:
       f.write(f"ED: {p.ed_frame}\nES: {p.es_frame}\nGroup: NOR\n"
-              f"Height: {rng.uniform(150, 195):.1f}\nNbFrame: {p.es_frame + 12}\n"
+              f"Height: {rng.uniform(150, 195):.1f}\nNbFrame: {n_frames(p)}\n"
               f"Weight: {rng.uniform(50, 100):.1f}\n")
     out.append(p)
   return out
