@@ -17,6 +17,11 @@ unsupervised NCC-trained head). Pair ``i`` of a setting is drawn from
    inverted (the loss's squared local NCC and MIND-SSC features are both blind to the sign,
    so the head learns pairs of opposite contrast too).
 
+Version 2 (the ``*2`` settings, configs/general_v2.py) adds, in the same stream: nested
+cores, thin walls and tubes among the blobs (``add_structures``), a residual linear
+misalignment composed after the deformation (``misalignment``, ``compose_linear``: the
+few degrees, mm and per cent a linear stage leaves), and field-of-view cuts (``fov_cut``).
+
 ``write_pairs`` writes each setting's pairs as NIfTI (float32 images, uint8 labels, RAS
 affines at the setting's spacing) and a ``pairs.csv`` for the "custom" reader, so features
 are extracted by the normal path (``feature_extract/run.py --dataset custom``).
