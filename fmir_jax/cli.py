@@ -4,6 +4,7 @@
   fmir register --pairs pairs.csv --out OUT/ [--checkpoint RUN_DIR] [options]
   fmir apply --transform OUT/ (--moving X.nii.gz [--labels] | --points P.csv) --out Y
   fmir invert --transform OUT/ --out OUT_INV/ [--reference IMAGE]
+  fmir track --series S_4d.nii.gz --out OUT/ [--labels L.nii.gz] [--reference-frame N] [options]
 
 Without --checkpoint the general head shipped in the package registers the pair (trained on
 domain-randomised synthetic pairs with `mind` features; not a foundation model).
@@ -24,6 +25,7 @@ from typing import Callable, Sequence
 from fmir_jax.core import errors
 from fmir_jax.core import files
 from fmir_jax.core.errors import RegisterError
+from fmir_jax import cli_track
 from fmir_jax.register import apply as apply_lib
 from fmir_jax.register import batch as register_batch
 from fmir_jax.register import registrar as register_lib
@@ -95,12 +97,32 @@ def build_parser() -> argparse.ArgumentParser:
                       'moving_landmarks (paths relative to the CSV); each pair goes to '
                       'OUT/NNNN_<moving>_to_<fixed>/, plus OUT/summary.csv and summary.json; '
                       'the run is restored once and compiled once per grid shape')
-  r.add_argument('--checkpoint', default=None,
-                 help='training run directory (train.py --workdir); default: the general '
-                      'head shipped with fmir-jax (mind features, not a foundation model)')
   r.add_argument('--out', required=True,
                  help='output folder: created whole when new; in an existing folder only '
                       "register's own files are written (other files are never touched)")
+  add_method_options(r)
+  l2r = r.add_argument_group('Learn2Reg export')
+  l2r.add_argument('--l2r-export', metavar='DIR',
+                   help='also write DIR/disp_FFFF_MMMM.nii.gz (fixed case first; plus '
+                        'disp_FFFF_ffff_MMMM_mmmm.nii.gz when the modality ids are known), '
+                        'X,Y,Z,3 float32 voxels, moving_index = fixed_index + disp')
+  l2r.add_argument('--l2r-fixed-id', help='Learn2Reg case id NNNN[_MMMM] of the fixed scan '
+                                          '(default: from a Learn2Reg file name)')
+  l2r.add_argument('--l2r-moving-id', help='Learn2Reg case id of the moving scan')
+  r.add_argument('--overwrite', action='store_true',
+                 help='replace an earlier register result in OUT (its files only)')
+  _add_apply(sub)
+  _add_invert(sub)
+  cli_track.add_parser(sub, add_method_options)
+  return parser
+
+
+def add_method_options(r, linear_default: str = 'affine') -> None:
+  """The options of how a pair is registered (run, grid, encoder, linear stage,
+  instance optimisation, head, cache), shared by `fmir register` and `fmir track`."""
+  r.add_argument('--checkpoint', default=None,
+                 help='training run directory (train.py --workdir); default: the general '
+                      'head shipped with fmir-jax (mind features, not a foundation model)')
   r.add_argument('--grid', choices=('model', 'native'), default=None,
                  help="model: the run's training grid and preprocessing; native: the fixed "
                       'image field of view at --spacing (default: model, or native for a run '
@@ -128,9 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
   r.add_argument('--batch-size', type=int, default=16,
                  help='slices per encoder forward (default: 16)')
   lin = r.add_argument_group('linear pre-alignment (before the head)')
-  lin.add_argument('--linear', choices=register_lib.LINEAR, default='affine',
-                   help='affine (default): rigid, then affine, coarse to fine, from the '
-                        'centres of mass; rigid; none: the pair is aligned already')
+  lin.add_argument('--linear', choices=register_lib.LINEAR, default=linear_default,
+                   help=f'affine: rigid, then affine, coarse to fine, from the centres of '
+                        f'mass; rigid; none: the images are aligned already (default: '
+                        f'{linear_default})')
   lin.add_argument('--linear-similarity', choices=('correlation', 'mi'), default='correlation',
                    help='correlation (default): squared correlation, one contrast or its '
                         'inverse; mi: mutual information, any two contrasts (CT/MR, T1/T2)')
@@ -175,24 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
                  help='finest pyramid level the head runs: 0 (default) all; 1 skips the '
                       'full-resolution level (about half the head\'s time; instance '
                       'optimisation adds the fine detail)')
-  l2r = r.add_argument_group('Learn2Reg export')
-  l2r.add_argument('--l2r-export', metavar='DIR',
-                   help='also write DIR/disp_FFFF_MMMM.nii.gz (fixed case first; plus '
-                        'disp_FFFF_ffff_MMMM_mmmm.nii.gz when the modality ids are known), '
-                        'X,Y,Z,3 float32 voxels, moving_index = fixed_index + disp')
-  l2r.add_argument('--l2r-fixed-id', help='Learn2Reg case id NNNN[_MMMM] of the fixed scan '
-                                          '(default: from a Learn2Reg file name)')
-  l2r.add_argument('--l2r-moving-id', help='Learn2Reg case id of the moving scan')
-  r.add_argument('--overwrite', action='store_true',
-                 help='replace an earlier register result in OUT (its files only)')
   r.add_argument('--cache-dir', default=None,
                  help='JAX compilation cache, so a later call on the same grid shape skips '
                       'compiling (default: $FMIR_CACHE_DIR or ~/.cache/fmir-jax/jax)')
   r.add_argument('--no-cache', action='store_true', help='do not use the compilation cache')
   r.add_argument('--quiet', action='store_true', help='print nothing but errors')
-  _add_apply(sub)
-  _add_invert(sub)
-  return parser
 
 
 def _add_apply(sub) -> None:
@@ -350,8 +360,9 @@ def register_options(args: argparse.Namespace):
       head_finest_level=finest, linear=args.linear,
       linear_similarity=args.linear_similarity,
       linear_shape_weight=args.linear_shape_weight,
-      l2r_dir=args.l2r_export, l2r_fixed_id=args.l2r_fixed_id,
-      l2r_moving_id=args.l2r_moving_id, overwrite=args.overwrite)
+      l2r_dir=getattr(args, 'l2r_export', None),
+      l2r_fixed_id=getattr(args, 'l2r_fixed_id', None),
+      l2r_moving_id=getattr(args, 'l2r_moving_id', None), overwrite=args.overwrite)
 
 
 def run_register(args: argparse.Namespace) -> int:
@@ -408,6 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_apply(args)
   if args.command == 'invert':
     return run_invert(args)
+  if args.command == 'track':
+    return cli_track.run(args, register_options, enable_compilation_cache)
   raise AssertionError(args.command)
 
 

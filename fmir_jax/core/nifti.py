@@ -374,13 +374,15 @@ DISPVECT_INTENT = 1006   # NIFTI_INTENT_DISPVECT
 
 
 def save_dispvect(path: str, disp_mm: np.ndarray, affine: np.ndarray) -> str:
-  """Writes a displacement field as NIfTI-1 (X, Y, Z, 1, 3) float32, intent DISPVECT, mm.
+  """Writes a displacement field as NIfTI-1 (X, Y, Z, 1, 3) float32, intent DISPVECT, mm;
+  a series of fields (X, Y, Z, T, 3) keeps its time axis (``fmir track``).
 
-  ``disp_mm[i, j, k, 0, :]`` is a RAS vector (mm) such that, with p = affine @ (i, j, k, 1),
+  ``disp_mm[i, j, k, t, :]`` is a RAS vector (mm) such that, with p = affine @ (i, j, k, 1),
   warped(p) = moving(p + disp_mm); ITK/ANTs/SimpleITK (LPS) read it as
   (-d0, -d1, d2). Written atomically with the user's umask.
   """
-  img = nib.Nifti1Image(np.asarray(disp_mm, np.float32)[:, :, :, None, :], affine)
+  disp_mm = np.asarray(disp_mm, np.float32)
+  img = nib.Nifti1Image(disp_mm if disp_mm.ndim == 5 else disp_mm[:, :, :, None, :], affine)
   img.set_qform(affine, code=1)
   img.set_sform(affine, code=1)
   img.header.set_intent(DISPVECT_INTENT, name="disp_mm_RAS")

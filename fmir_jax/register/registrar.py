@@ -261,11 +261,33 @@ class Registrar:
       self.log(f'removed {stale} (left by a killed earlier run)')
     return l2r_names
 
+  def register_arrays(self, pair: LoadedPair, times: dict[str, float] | None = None,
+                      log_grid: bool = True):
+    """One pair already in memory (``fmir track``'s frames): the stages of ``register``
+    (grid, linear stage, head, instance optimisation, resampling), no files and no report.
+
+    Returns (arrays on the fixed image's grid: disp_mm, warped, jacobian_det and, with
+    moving labels, warped_labels; the label overlap before/after or None; times).
+    """
+    times = {} if times is None else times
+    t0 = time.perf_counter()
+    grid, factors, images = self._grid_and_images(pair, times, t0, log_grid)
+    t_mm, _ = self._linear(pair, grid, images, times, None)
+    disp_vox, _, _ = self._field(images, grid, factors, times)
+    arrays, labels = self._resample(pair, grid, disp_vox, t_mm, times)
+    return arrays, labels, times
+
   def _load(self, paths: PairFiles, times: dict[str, float]):
     """(pair, registration grid, pyramid factors, both images preprocessed on the grid)."""
-    opts = self.options
     t0 = time.perf_counter()
     pair = load_pair(paths)
+    grid, factors, images = self._grid_and_images(pair, times, t0)
+    return pair, grid, factors, images
+
+  def _grid_and_images(self, pair: LoadedPair, times: dict[str, float], t0: float,
+                       log_grid: bool = True):
+    """(registration grid, pyramid factors, both images preprocessed on the grid)."""
+    opts = self.options
     factors = self.factors_for(opts.spacing_mm or pair.fixed_header.spacing_mm)
     grid = plan_grid(pair.fixed_header, self.reader, self.reader_options, opts, factors,
                      self.levels, self.train_spacings_mm)
@@ -276,11 +298,12 @@ class Registrar:
               for name, img, hdr in (('fixed', pair.fixed, pair.fixed_header),
                                      ('moving', pair.moving, pair.moving_header))}
     times['load_preprocess_s'] = time.perf_counter() - t0
-    self.log(f'registration grid {grid.shape} at '
-             f'{tuple(round(s, 3) for s in grid.spacing_mm)} mm ({grid.mode})')
-    for w in grid.warnings:
-      self.log(f'warning: {w}')
-    return pair, grid, factors, images
+    if log_grid:
+      self.log(f'registration grid {grid.shape} at '
+               f'{tuple(round(s, 3) for s in grid.spacing_mm)} mm ({grid.mode})')
+      for w in grid.warnings:
+        self.log(f'warning: {w}')
+    return grid, factors, images
 
   def _linear(self, pair: LoadedPair, grid, images: dict[str, np.ndarray],
               times: dict[str, float], fixed_w: np.ndarray | None):
