@@ -36,13 +36,23 @@ def add_parser(sub, add_method_options) -> None:
                       'drift against a direct registration is reported)')
   t.add_argument('--overwrite', action='store_true',
                  help='replace an earlier track result in OUT (its files only)')
+  t.add_argument('--head-only', action='store_true',
+                 help='the head alone, without instance optimisation (fastest; it '
+                      'under-registers large contractions: docs/track.md)')
   add_method_options(t, linear_default='none')
+  t.set_defaults(io=True)       # instance optimisation by default: the cycle's large motions
 
 
 def run(args: argparse.Namespace, register_options, enable_compilation_cache) -> int:
   """``register_options``, ``enable_compilation_cache``: cli's (shared with register)."""
   say = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
   try:
+    if args.head_only:
+      if (args.fast or args.io_budget is not None or args.io_steps or args.io_diffeomorphic
+          or args.io_similarity or args.io_fold is not None):
+        raise track_lib.TrackError('--head-only runs no instance optimisation: leave out '
+                                   '--fast and the --io-* options.')
+      args.io = False
     inputs = track_lib.check_inputs(       # before the model loads
         args.series, args.labels, args.frame_labels, args.reference_frame,
         None if args.reference_frame else track_lib.acdc_ed_frame(args.series))

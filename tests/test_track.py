@@ -48,6 +48,7 @@ def test_bad_series_labels_and_frames_are_one_line_errors(cine, tmp_path, capsys
       (['--series', series, '--frame-labels', f'3:{frame}'], 'add --labels'),
       (['--series', series, '--labels', str(folder / 'patient101_frame01_gt.nii.gz'),
         '--frame-labels', 'x'], 'expected FRAME:PATH'),
+      (['--series', series, '--head-only', '--fast'], '--head-only runs no instance'),
   ]
   for args, says in cases:
     out = tmp_path / 'out'
@@ -94,6 +95,17 @@ def _labels_from_field(ref_labels, disp_mm, affine):
                                  mode='grid-constant', cval=0)
 
 
+def _true_volumes(p, label):
+  """Voxels of a label in every frame's heart (phantoms.heart_at), the cine's truth."""
+  nx, ny, nz = p.shape
+  s, _, t = p.spacing_mm
+  x = ((np.arange(nx) - (nx - 1) / 2) * s)[:, None, None]
+  y = ((np.arange(ny) - (ny - 1) / 2) * s)[None, :, None]
+  z = (np.arange(nz) * t)[None, None, :]
+  return np.array([np.sum(phantoms.heart_labels(phantoms.heart_at(p, f), x, y, z) == label)
+                   for f in range(1, phantoms.n_frames(p) + 1)], float)
+
+
 @pytest.mark.slow
 def test_track_propagates_labels_from_its_field_and_resumes(cine, tmp_path, capsys,
                                                             monkeypatch):
@@ -130,7 +142,18 @@ def test_track_propagates_labels_from_its_field_and_resumes(cine, tmp_path, caps
   assert e['ed_frame'] == p.ed_frame and e['es_frame'] == int(np.argmin(lv)) + 1
   assert e['ef_percent'] == pytest.approx(100 * (lv[p.ed_frame - 1] - lv.min())
                                           / lv[p.ed_frame - 1])
-  assert 0 < rep['dice'][str(p.es_frame)]['mean_after'] <= 1
+  # The phantom's truth: the curve's minimum at its ES frame, the EF within 3 points.
+  true_lv = _true_volumes(p, 3)
+  assert e['es_frame'] == p.es_frame
+  assert abs(e['ef_percent'] - 100 * (1 - true_lv.min() / true_lv[p.ed_frame - 1])) <= 3.0
+  # ES labels as fmir register's ED -> ES pair with the same options scores them.
+  direct = tmp_path / 'register'
+  assert cli.main(['register', '--fixed', str(folder / f'patient101_frame{p.es_frame:02d}.nii.gz'),
+                   '--moving', str(folder / f'patient101_frame{p.ed_frame:02d}.nii.gz'),
+                   '--fixed-labels', es_truth, '--moving-labels', labels, '--linear', 'none',
+                   '--io', '--out', str(direct), '--no-cache', '--quiet']) == 0
+  want = json.loads((direct / 'report.json').read_text())['dice']['mean_after']
+  assert abs(rep['dice'][str(p.es_frame)]['mean_after'] - want) <= 0.01
   assert os.path.getsize(out / 'volumes.png') > 0
   assert not (out / track.PARTIAL).exists()
   # Killed after three frames, then the same command: the frames done are kept, the rest
@@ -158,13 +181,15 @@ def test_track_propagates_labels_from_its_field_and_resumes(cine, tmp_path, caps
 
 @pytest.mark.slow
 def test_sequential_mode_finds_the_true_end_systole(cine, tmp_path):
-  """Frame to frame and composed: the LV volume curve of the phantom is lowest at its ES
-  frame (within one frame), and the drift against a direct registration is reported."""
+  """Frame to frame and composed (the head alone): the LV volume curve of the phantom is
+  lowest at its ES frame (within one frame), and the drift against a direct registration
+  is reported."""
   p, folder = cine
   out = tmp_path / 'seq'
   assert cli.main(['track', '--series', str(folder / 'patient101_4d.nii.gz'), '--labels',
                    str(folder / f'patient101_frame{p.ed_frame:02d}_gt.nii.gz'),
-                   '--mode', 'sequential', '--out', str(out), '--no-cache', '--quiet']) == 0
+                   '--mode', 'sequential', '--head-only', '--out', str(out), '--no-cache',
+                   '--quiet']) == 0
   rep = json.loads((out / 'track.json').read_text())
   assert abs(rep['ejection']['lv']['es_frame'] - p.es_frame) <= 1
   err = rep['composition_error_mm']
