@@ -190,3 +190,20 @@ def test_the_head_profile_times_pieces_that_are_the_forward(tmp_path, capsys):
   level0 = next(r for name, r in rows.items() if name.startswith('level 0: block'))
   assert level0['macs'] == 27 * (2 * n * 2 * n + 2 * n * 27 + 27 * 3) * voxels
   assert all(r['s'] > 0 for r in res['rows'])
+
+
+@pytest.mark.slow
+def test_the_track_bench_scores_a_cine_against_the_phantoms_truth(tmp_path, capsys):
+  """bench/track_bench.py at a tiny size: one row per route, the truth's EF the closed form
+  of the phantom's own LV volumes (ED frame and the smallest), the tracked EF finite."""
+  from bench import track_bench
+  from feature_extract.synthetic import phantoms
+  assert track_bench.main(['--shape', '32,32,8', '--patients', '1', '--routes', 'head',
+                           '--out', str(tmp_path)]) == 0
+  (row,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  p = phantoms.draw_acdc_phantom(101, 0, (112, 144))
+  lv = track_bench.true_lv_ml(p)
+  assert row['true_ef'] == pytest.approx(100 * (lv[p.ed_frame - 1] - lv.min())
+                                         / lv[p.ed_frame - 1])
+  assert row['frames'] == phantoms.n_frames(p) and row['true_es'] == p.es_frame
+  assert 0 < row['ef'] < 100 and row['s_per_frame'] > 0
