@@ -306,7 +306,7 @@ def _outputs(out, inputs, frames, disp_series, options, registrar, results, firs
   labels_series = None
   rows = []
   if ref_labels is not None:
-    labels_series = np.stack([warp(ref_labels, t, 0) for t in range(n)], 3).astype(np.uint8)
+    labels_series = np.stack([warp(ref_labels, t, 0) for t in range(n)], 3)
     voxel_ml = float(abs(np.linalg.det(aff[:3, :3]))) / 1000.0
     ids = sorted(int(k) for k in np.unique(ref_labels) if k > 0)
     counts = {k: [int(np.sum(labels_series[..., t] == k)) for t in range(n)] for k in ids}
@@ -314,8 +314,12 @@ def _outputs(out, inputs, frames, disp_series, options, registrar, results, firs
              'volume_ml': counts[k][t] * voxel_ml} for t in range(n) for k in ids]
     report['volumes_ml'] = {str(k): [c * voxel_ml for c in counts[k]] for k in ids}
     report['ejection'] = _ejection(report['volumes_ml'], ids, ref, inputs.reference_from)
-    report['dice'] = {str(t): pair_metrics.label_overlap_before_after(
-        labels_series[..., t - 1], ref_labels, lab, hdr.spacing_mm) for t, lab in truth.items()}
+    try:
+      report['dice'] = {str(t): pair_metrics.label_overlap_before_after(
+          labels_series[..., t - 1], ref_labels, lab, hdr.spacing_mm)
+          for t, lab in truth.items()}
+    except ValueError as e:                  # frame labels sharing no class with --labels
+      raise TrackError(f'--frame-labels: {e}') from e
   report['seconds_total'] = time.perf_counter() - t_start
   _write(out, report, disp_series, warped, labels_series, rows, aff, options.overwrite)
   return report
