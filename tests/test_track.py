@@ -39,6 +39,7 @@ def test_bad_series_labels_and_frames_are_one_line_errors(cine, tmp_path, capsys
   frame = str(folder / f'patient101_frame{p.ed_frame:02d}.nii.gz')
   one = _save(tmp_path / 'one.nii.gz', np.zeros(p.shape + (1,), np.int16), p.affine)
   other = _save(tmp_path / 'other.nii.gz', np.zeros((5, 5, 5), np.uint8), p.affine)
+  empty = _save(tmp_path / 'empty.nii.gz', np.zeros(p.shape, np.uint8), p.affine)
   cases = [
       (['--series', frame], 'a 3D image'),
       (['--series', one], 'a series of one frame'),
@@ -49,6 +50,8 @@ def test_bad_series_labels_and_frames_are_one_line_errors(cine, tmp_path, capsys
       (['--series', series, '--labels', str(folder / 'patient101_frame01_gt.nii.gz'),
         '--frame-labels', 'x'], 'expected FRAME:PATH'),
       (['--series', series, '--head-only', '--fast'], '--head-only runs no instance'),
+      (['--series', series, '--labels', str(folder / 'patient101_frame01_gt.nii.gz'),
+        '--frame-labels', f'2:{empty}'], 'shares no foreground label'),
   ]
   for args, says in cases:
     out = tmp_path / 'out'

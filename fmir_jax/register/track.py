@@ -221,6 +221,11 @@ def check_inputs(series_path: str, labels_path: str | None = None,
   if truth and ref_labels is None:
     raise TrackError('--frame-labels scores the propagated labels: add --labels (the labels '
                      'of the reference frame).')
+  ref_ids = set() if ref_labels is None else set(np.unique(ref_labels).tolist()) - {0}
+  for t, lab in truth.items():
+    if not (set(np.unique(lab).tolist()) & ref_ids):
+      raise TrackError(f'--frame-labels {t}: its label map shares no foreground label with '
+                       '--labels; pass the segmentation of the same structures.')
   return SeriesInputs(series_path, series, hdr, ref, source, labels_path, ref_labels, truth)
 
 
