@@ -28,6 +28,7 @@ from flax import nnx
 from feature_extract.synthetic import phantom_pairs
 from fmir_jax.core import nifti
 from fmir_jax.model import inference
+from fmir_jax.model import network as M
 from fmir_jax.model.channel_reg import regularise_channels
 from fmir_jax.ops import warp as W
 from fmir_jax.register import encode as encode_lib
@@ -97,14 +98,19 @@ def main(argv=None) -> int:
       mv['feat'], fx['feat'], pca)
   both = {k: jnp.concatenate([dict(mv, feat=fm)[k], dict(fx, feat=ff)[k]], axis=0)
           for k in ('image', 'feat', 'interp_h', 'interp_w')}
-  vox0 = int(np.prod(shapes[0]))
-  f0 = add('compressor, level 0, both volumes',
+  start = cfg.finest_level           # a head trained without the finer levels starts here
+  if start:
+    both = add(f'inputs on the level-{start} grid', lambda b: M.inputs_at(b, shapes[start]),
+               both)
+  vox_start = int(np.prod(shapes[start]))
+  f0 = add(f'compressor, level {start}, both volumes',
            lambda i, f, h, w: model.encode(i, f, h, w),
            both['image'], both['feat'], both['interp_h'], both['interp_w'],
-           macs=conv_macs(model.compressor, vox0, 2))
-  pyr = add('feature pyramid', lambda f: model.feature_pyramid(f[:1], f[1:], shapes), f0)
+           macs=conv_macs(model.compressor, vox_start, 2))
+  pyr = [None] * start + add('feature pyramid', lambda f: model.feature_pyramid(
+      f[:1], f[1:], shapes[start:]), f0)
   u_up = None
-  for i in reversed(range(cfg.levels)):
+  for i in reversed(range(start, cfg.levels)):
     vox = int(np.prod(shapes[i]))
     x, y = pyr[i]
     if u_up is not None:
@@ -118,6 +124,10 @@ def main(argv=None) -> int:
     if i > 0:
       u_up = add(f'level {i}: upsample field', lambda u, i=i: W.resize_field(
           u, shapes[i - 1], fac[i - 1]), u)
+  for j in range(start - 1, 0, -1):                 # the finer levels: the field upsampled
+    u_up = add(f'level {j}: upsample field', lambda u, j=j: W.resize_field(
+        u, shapes[j - 1], fac[j - 1]), u_up)
+  u = u if start == 0 else u_up
   whole, disp = {}, {}
   for finest in (0, 1):
     predict = inference.make_predict(run.graphdef, c_prime=c_prime, factors=factors,
@@ -135,13 +145,15 @@ def main(argv=None) -> int:
     print(f'| {name} | {s:.3f} | {100 * s / total:.0f} % | '
           f'{macs / 1e9:.2f} | {rate} |' if macs else
           f'| {name} | {s:.3f} | {100 * s / total:.0f} % | | |')
-  level0 = sum(s for n, s, _ in rows if n.startswith('level 0') or n.startswith('compressor'))
+  level0 = sum(s for n, s, _ in rows
+               if n.startswith('level 0') or n.startswith('compressor, level 0'))
   print(f'| sum of pieces | {total:.3f} | | | |')
   print(f'whole forward: {whole[0]:.3f} s (finest level 0), {whole[1]:.3f} s (finest level 1); '
         f'level-0 pieces (compressor + level 0) {level0:.3f} s = {100 * level0 / total:.0f} % '
         f'of the pieces; encoder {encoder_s:.3f} s per volume; pieces vs whole forward: '
         f'{pieces_error:.1e} voxels')
   print(json.dumps({'set': a.set, 'shape': list(spec.shape), 'levels': cfg.levels,
+                    'finest_level': start, 'level_shapes': [list(x) for x in shapes],
                     'n': cfg.n, 'feature_channels': c_prime, 'rows': [{'piece': n, 's': s, 'macs': m} for n, s, m in rows],
                     'whole_s': {'finest0': whole[0], 'finest1': whole[1]},
                     'encoder_s_per_volume': encoder_s, 'pieces_error_vox': pieces_error}))

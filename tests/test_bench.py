@@ -180,15 +180,17 @@ def test_the_head_profile_times_pieces_that_are_the_forward(tmp_path, capsys):
                             '--out', str(tmp_path)]) == 0
   res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert res['pieces_error_vox'] < 1e-4
-  n, c, levels = res['n'], res['feature_channels'], res['levels']
+  n, c, levels, start = res['n'], res['feature_channels'], res['levels'], res['finest_level']
   rows = {r['piece']: r for r in res['rows']}
-  voxels = int(np.prod(res['shape']))
+  voxels = [int(np.prod(s)) for s in res['level_shapes']]
+  assert res['level_shapes'][0] == res['shape']
   per_voxel = 27 * ((c + 1) * n + n * 2 * n + 2 * n * n)
-  assert rows['compressor, level 0, both volumes']['macs'] == 2 * per_voxel * voxels
+  assert rows[f'compressor, level {start}, both volumes']['macs'] == \
+      2 * per_voxel * voxels[start]
   blocks = [r for name, r in rows.items() if ': block ' in name]
-  assert len(blocks) == levels
-  level0 = next(r for name, r in rows.items() if name.startswith('level 0: block'))
-  assert level0['macs'] == 27 * (2 * n * 2 * n + 2 * n * 27 + 27 * 3) * voxels
+  assert len(blocks) == levels - start          # the shipped head starts at level 1
+  first = next(r for name, r in rows.items() if name.startswith(f'level {start}: block'))
+  assert first['macs'] == 27 * (2 * n * 2 * n + 2 * n * 27 + 27 * 3) * voxels[start]
   assert all(r['s'] > 0 for r in res['rows'])
 
 
