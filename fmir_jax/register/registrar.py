@@ -24,6 +24,7 @@ ITK/ANTs LPS: negate components 0 and 1) and ``nifti.l2r_names`` for the Learn2R
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import time
 from typing import Any, Callable
@@ -262,18 +263,26 @@ class Registrar:
     return l2r_names
 
   def register_arrays(self, pair: LoadedPair, times: dict[str, float] | None = None,
-                      log_grid: bool = True):
+                      log_grid: bool = True, encoded: dict | None = None,
+                      field_only: bool = False):
     """One pair already in memory (``fmir track``'s frames): the stages of ``register``
     (grid, linear stage, head, instance optimisation, resampling), no files and no report.
 
     Returns (arrays on the fixed image's grid: disp_mm, warped, jacobian_det and, with
     moving labels, warped_labels; the label overlap before/after or None; times).
+    ``encoded``: as ``_field``'s; ``field_only``: disp_mm alone (no warping, no metrics).
     """
     times = {} if times is None else times
     t0 = time.perf_counter()
     grid, factors, images = self._grid_and_images(pair, times, t0, log_grid)
     t_mm, _ = self._linear(pair, grid, images, times, None)
-    disp_vox, _, _ = self._field(images, grid, factors, times)
+    disp_vox, _, _ = self._field(images, grid, factors, times, encoded=encoded)
+    if field_only:
+      deform = world.disp_to_fixed_world(disp_vox, grid.affine, pair.fixed_header.shape,
+                                         pair.fixed_header.affine)
+      disp_mm = deform if t_mm is None else world.after_linear(
+          deform, pair.fixed_header.affine, t_mm)
+      return {'disp_mm': disp_mm}, None, times
     arrays, labels = self._resample(pair, grid, disp_vox, t_mm, times)
     return arrays, labels, times
 
@@ -283,6 +292,18 @@ class Registrar:
     pair = load_pair(paths)
     grid, factors, images = self._grid_and_images(pair, times, t0)
     return pair, grid, factors, images
+
+  def _encode(self, image: np.ndarray, enc, encoded: dict | None) -> dict[str, np.ndarray]:
+    if encoded is None:
+      return encode_lib.encode(image, self.backbone, enc, self.options.batch_size)
+    key = (image.shape, hashlib.sha1(np.ascontiguousarray(image).data).hexdigest())
+    value = encoded.pop(key, None)           # least recently used first: the reference stays
+    if value is None:
+      while len(encoded) >= 3:
+        encoded.pop(next(iter(encoded)))
+      value = encode_lib.encode(image, self.backbone, enc, self.options.batch_size)
+    encoded[key] = value
+    return value
 
   def _grid_and_images(self, pair: LoadedPair, times: dict[str, float], t0: float,
                        log_grid: bool = True):
@@ -350,9 +371,11 @@ class Registrar:
     return t_mm, rec
 
   def _field(self, images: dict[str, np.ndarray], grid, factors, times: dict[str, float],
-             masks=(None, None)):
+             masks=(None, None), encoded: dict | None = None):
     """(disp_vox (H, W, D, 3) on the registration grid, encoder input, IO result or None):
-    encode -> head -> instance optimisation (its similarity over the masks)."""
+    encode -> head -> instance optimisation (its similarity over the masks). ``encoded``:
+    a dict the caller keeps across pairs, the encoder's inputs by image content (a series'
+    reference frame is encoded once)."""
     opts = self.options
     t0 = time.perf_counter()
     enc = encode_lib.encoding_for(grid.shape[:2], self.header, self.train_slice,
@@ -362,8 +385,7 @@ class Registrar:
       times['features_s'], times['head_s'] = 0.0, 0.0
       disp_vox = np.zeros(grid.shape + (3,), np.float32)
     else:
-      inputs = {k: encode_lib.encode(v, self.backbone, enc, opts.batch_size)
-                for k, v in images.items()}
+      inputs = {k: self._encode(v, enc, encoded) for k, v in images.items()}
       times['features_s'] = time.perf_counter() - t0
       disp_vox, head_compile_s, times['head_s'] = self._head(inputs['moving'],
                                                              inputs['fixed'], factors)

@@ -246,7 +246,7 @@ def track(registrar, inputs: SeriesInputs, out: str, options: TrackOptions = Tra
   order = ([t for t in range(ref + 1, n + 1)] + [t for t in range(ref - 1, 0, -1)])
   results: dict[int, dict[str, np.ndarray]] = {ref: {
       'disp_mm': np.zeros(hdr.shape + (3,), np.float32), 'seconds': np.zeros(())}}
-  first_done = None
+  first_done, encoded = None, {}
   t_start = time.perf_counter()
   for count, t in enumerate(order, start=1):
     kept = partial.load(t)
@@ -255,10 +255,10 @@ def track(registrar, inputs: SeriesInputs, out: str, options: TrackOptions = Tra
       continue
     t0 = time.perf_counter()
     if options.mode == 'direct':
-      disp = _register(registrar, frames[t - 1], frames[ref - 1], hdr)
+      disp = _register(registrar, frames[t - 1], frames[ref - 1], hdr, encoded)
     else:
       toward = t - 1 if t > ref else t + 1
-      step = _register(registrar, frames[t - 1], frames[toward - 1], hdr)
+      step = _register(registrar, frames[t - 1], frames[toward - 1], hdr, encoded)
       disp = compose_mm(step, results[toward]['disp_mm'], hdr.affine)
     seconds = time.perf_counter() - t0
     first_done = t if first_done is None else first_done
@@ -272,10 +272,13 @@ def track(registrar, inputs: SeriesInputs, out: str, options: TrackOptions = Tra
   return report
 
 
-def _register(registrar, fixed: np.ndarray, moving: np.ndarray, hdr) -> np.ndarray:
-  """disp_mm (X, Y, Z, 3) of one pair of frames on the series' grid."""
+def _register(registrar, fixed: np.ndarray, moving: np.ndarray, hdr,
+              encoded: dict | None = None) -> np.ndarray:
+  """disp_mm (X, Y, Z, 3) of one pair of frames on the series' grid; ``encoded``: the
+  encoder's inputs of the last frames, kept by the caller (the reference encoded once)."""
   pair = LoadedPair(fixed, hdr, moving, hdr, None, None)
-  arrays, _, _ = registrar.register_arrays(pair, log_grid=False)
+  arrays, _, _ = registrar.register_arrays(pair, log_grid=False, field_only=True,
+                                           encoded=encoded)
   return arrays['disp_mm'].astype(np.float32)
 
 
