@@ -47,58 +47,11 @@ from fmir_jax.core.errors import RegisterError  # noqa: F401  (re-exported: regi
 from fmir_jax.register.grid import GRIDS, plan_grid
 from fmir_jax.register.inputs import LoadedPair, PairFiles, load_pair  # noqa: F401 (re-exported)
 from fmir_jax.register.records import GridRecord, PairReport
+from fmir_jax.register.records import RegisterOptions  # noqa: F401  (re-exported)
 
 DATASET_GRIDS = ('acdc', 'abdomen')
 LINEAR = ('affine', 'rigid', 'none')   # the linear stage before the head (``linear``)
 OUT_FILES = outputs.OUT_FILES   # the result files' names (one home: register.outputs)
-
-
-@dataclasses.dataclass(frozen=True)
-class RegisterOptions:
-  """Everything registration needs besides the file paths.
-
-  grid: "model", "native" or None (the run's default: "native" for a run trained on several
-  grids, e.g. the general head, else "model"); dataset_grid: None (the run's reader) or
-  "acdc"/"abdomen".
-  spacing_mm: native-grid voxel size (None: the fixed image's spacing).
-  pyramid_factors: per-level factors override (one triple or levels-1 triples), or None
-    (model grid: the run's; native grid: those of the training store with the grid's
-    spacing, else ``pyramid.factors_for_spacing``).
-  backbone/weights/layer: encoder override (None: the run's encoder).
-  checkpoint_step: "best", "last"/"latest" or a step number.
-  refine: instance optimisation options (``refine.RefineOptions``) or None (off).
-  io_init: 'head' (instance optimisation starts from the head's field) or 'zero' (from the
-    identity, the head not run: the comparison of what the head's start is worth).
-  head_finest_level: the finest pyramid level the head runs (0: all; 1 skips the
-    full-resolution level, the costliest, and upsamples the level-1 field: with ``refine``
-    the instance optimisation adds the fine detail).
-  linear: the linear stage before the head, 'affine' (default), 'rigid' or 'none'
-    (``linear.LinearAligner``).
-  linear_similarity: its similarity, 'correlation' or 'mi' (``linear.LinearOptions``).
-  linear_shape_weight: its penalty on per-axis scale differences and shears
-    (``linear.LinearOptions.shape_weight``).
-  """
-  grid: str | None = None
-  dataset_grid: str | None = None
-  spacing_mm: tuple[float, float, float] | None = None
-  pyramid_factors: Any = None
-  backbone: str | None = None
-  weights: str | None = None
-  layer: int | str | None = None
-  checkpoint_step: str = 'best'
-  device: str = 'auto'
-  dtype: str = 'float32'
-  batch_size: int = 16
-  refine: Any = None
-  io_init: str = 'head'
-  head_finest_level: int = 0
-  linear: str = 'affine'
-  linear_similarity: str = 'correlation'
-  linear_shape_weight: float = 1.0
-  l2r_dir: str | None = None
-  l2r_fixed_id: str | None = None
-  l2r_moving_id: str | None = None
-  overwrite: bool = False
 
 
 # --------------------------------------------------------------------------- the pipeline
