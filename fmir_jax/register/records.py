@@ -1,5 +1,5 @@
-"""The typed records ``fmir register`` returns and writes: one pair's report (report.json) and
-a batch's summary (summary.json). Their JSON is ``to_json()``: the fields in order, nested
+"""The typed records ``fmir register`` takes, returns and writes: its options
+(``RegisterOptions``), one pair's report (report.json) and a batch's summary (summary.json). Their JSON is ``to_json()``: the fields in order, nested
 records as objects, so the files other tools read keep their keys.
 """
 from __future__ import annotations
