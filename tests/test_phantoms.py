@@ -144,6 +144,11 @@ def test_acdc_cine_holds_the_cycle_with_the_frame_files_at_ed_and_es(tmp_path):
     np.testing.assert_array_equal(
         frame, np.asarray(nib.load(str(plain / 'training' / 'patient007' / name)).dataobj))
   np.testing.assert_allclose(series.affine, p.affine)
+  # the ACDC reader lists the cine with the patient's files (and none without it)
+  files = acdc.patient_files(str(folder))
+  assert files.series == str(folder / 'patient007_4d.nii.gz')
+  assert files.frame_numbers == {'ed': p.ed_frame, 'es': p.es_frame}
+  assert acdc.patient_files(str(plain / 'training' / 'patient007')).series is None
   assert phantoms.contraction(p, p.ed_frame) == 0.0
   assert phantoms.contraction(p, p.es_frame) == 1.0
   nx, ny, nz = p.shape

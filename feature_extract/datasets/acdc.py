@@ -4,7 +4,8 @@ Layouts (``layout="auto"`` picks one):
 
 * "raw" (official release): ROOT/{training,testing}/patientNNN/{Info.cfg,
   patientNNN_frameFF.nii.gz, patientNNN_frameFF_gt.nii.gz}, or ROOT itself holding the
-  patientNNN folders. The 4D ``patientNNN_4d.nii.gz`` is ignored.
+  patientNNN folders. The 4D ``patientNNN_4d.nii.gz`` (the whole cine) is listed as
+  ``PatientFiles.series`` for ``fmir track``; the reader's volumes are the ED/ES frames.
 * "flat" (preprocessed): ROOT/patientNNN_{ed,es}_{img,seg}.nii.gz.
 
 Preprocessing: resample with the header spacing to 1.8x1.8x10 mm (linear image, nearest
@@ -98,6 +99,7 @@ class PatientFiles:
   labels: dict[str, str | None]
   frame_numbers: dict[str, int | None]
   layout: str
+  series: str | None = None        # raw layout: patientNNN_4d.nii.gz, when present
 
 
 def _find_file(folder: str, stem: str) -> str | None:
@@ -162,7 +164,15 @@ def _raw_patient(pid: int, folder: str, require_labels: bool) -> PatientFiles:
     if labels[frame] is None and require_labels:
       raise DatasetError(f"{os.path.join(folder, stem)}_gt.nii.gz: {frame.upper()} label file "
                          "is missing. Restore it, or pass require_labels=False.")
-  return PatientFiles(pid, images, labels, {"ed": ed, "es": es}, "raw")
+  return PatientFiles(pid, images, labels, {"ed": ed, "es": es}, "raw",
+                      _find_file(folder, f"{subject_name(pid)}_4d"))
+
+
+def patient_files(folder: str, require_labels: bool = False) -> PatientFiles:
+  """The files of one raw-layout patient folder (``patientNNN/`` with its Info.cfg): the ED/ES
+  frames, their labels and the cine (``series``)."""
+  return _raw_patient(parse_patient_id(os.path.basename(os.path.normpath(folder))), folder,
+                      require_labels)
 
 
 def _flat_patient(pid: int, files: dict[tuple[str, str], str], root: str,

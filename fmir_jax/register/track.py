@@ -72,13 +72,19 @@ def load_series(path: str) -> tuple[np.ndarray, nifti.NiftiHeader]:
 
 
 def acdc_ed_frame(series_path: str) -> int | None:
-  """The ED frame of ACDC's Info.cfg beside a ``patientNNN_4d.nii.gz``, or None."""
-  info = os.path.join(os.path.dirname(os.path.abspath(series_path)), 'Info.cfg')
+  """The ED frame of the ACDC patient folder a series is the cine of (its Info.cfg, read by
+  the ACDC reader), or None for any other series."""
+  folder = os.path.dirname(os.path.abspath(series_path))
   if not (re.match(r'patient\d+_4d\.nii(\.gz)?$', os.path.basename(series_path))
-          and os.path.isfile(info)):
+          and os.path.isfile(os.path.join(folder, 'Info.cfg'))):
     return None
-  from feature_extract.datasets import acdc   # Info.cfg's parser is the ACDC reader's
-  return acdc.parse_info_cfg(info)[0]
+  from feature_extract.datasets import acdc   # Info.cfg and the cine: the ACDC reader's
+  try:
+    patient = acdc.patient_files(folder)
+  except acdc.DatasetError:            # e.g. the ED/ES frame files left out: Info.cfg alone
+    return acdc.parse_info_cfg(os.path.join(folder, 'Info.cfg'))[0]
+  same = patient.series and os.path.samefile(patient.series, series_path)
+  return patient.frame_numbers['ed'] if same else None
 
 
 def parse_frame_labels(items: list[str], n_frames: int) -> dict[int, str]:
