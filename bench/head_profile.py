@@ -148,9 +148,11 @@ def main(argv=None) -> int:
   level0 = sum(s for n, s, _ in rows
                if n.startswith('level 0') or n.startswith('compressor, level 0'))
   print(f'| sum of pieces | {total:.3f} | | | |')
+  share = (f'level-0 pieces (compressor + level 0) {level0:.3f} s = '
+           f'{100 * level0 / total:.0f} % of the pieces; ' if start == 0 else
+           f'no level-0 pieces (the head starts at level {start}); ')
   print(f'whole forward: {whole[0]:.3f} s (finest level 0), {whole[1]:.3f} s (finest level 1); '
-        f'level-0 pieces (compressor + level 0) {level0:.3f} s = {100 * level0 / total:.0f} % '
-        f'of the pieces; encoder {encoder_s:.3f} s per volume; pieces vs whole forward: '
+        f'{share}encoder {encoder_s:.3f} s per volume; pieces vs whole forward: '
         f'{pieces_error:.1e} voxels')
   print(json.dumps({'set': a.set, 'shape': list(spec.shape), 'levels': cfg.levels,
                     'finest_level': start, 'level_shapes': [list(x) for x in shapes],
